@@ -1,0 +1,32 @@
+"""Architecture knowledge as data: one :class:`ArchSpec` per supported diffusers transformer class.
+
+Example (FLUX.1-dev)::
+
+    spec = get_spec(transformer)             # raises UnsupportedModelError for unknown classes
+    spec.num_blocks(transformer)             # 57
+    spec.locate(transformer, 20)             # ("single_transformer_blocks", 1)
+"""
+
+from ppcl.arch.flux import FLUX_SPEC
+from ppcl.arch.qwenimage import QWENIMAGE_SPEC
+from ppcl.arch.registry import get_spec, register_spec, spec_by_name, supported_classes
+from ppcl.arch.sd3 import SD3_SPEC
+from ppcl.arch.spec import STREAMS, ArchSpec, StackSpec, WidthTargets
+
+for _spec in (QWENIMAGE_SPEC, FLUX_SPEC, SD3_SPEC):
+    register_spec(_spec, replace=True)
+del _spec
+
+__all__ = [
+    "FLUX_SPEC",
+    "QWENIMAGE_SPEC",
+    "SD3_SPEC",
+    "STREAMS",
+    "ArchSpec",
+    "StackSpec",
+    "WidthTargets",
+    "get_spec",
+    "register_spec",
+    "spec_by_name",
+    "supported_classes",
+]

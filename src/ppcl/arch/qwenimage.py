@@ -1,0 +1,58 @@
+"""ArchSpec of diffusers ``QwenImageTransformer2DModel`` (Qwen-Image: 60 dual-stream blocks in the real model).
+
+The model calls its blocks with keywords normally and positionally under gradient checkpointing; each
+``QwenImageTransformerBlock`` returns ``(encoder_hidden_states, hidden_states)``.
+"""
+
+from __future__ import annotations
+
+from ppcl.arch.spec import ArchSpec, StackSpec, WidthTargets
+
+QWENIMAGE_BLOCK_INPUTS: tuple[str, ...] = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "encoder_hidden_states_mask",
+    "temb",
+    "image_rotary_emb",
+    "joint_attention_kwargs",
+    "modulate_index",
+)
+
+QWENIMAGE_WIDTH = WidthTargets(
+    text=(
+        "txt_mod",
+        "txt_norm1",
+        "txt_norm2",
+        "txt_mlp",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.norm_added_q",
+        "attn.norm_added_k",
+    ),
+    text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
+    ffn=(("image", "img_mlp"), ("text", "txt_mlp")),
+    modulation=(("image", "img_mod"), ("text", "txt_mod")),
+)
+
+QWENIMAGE_SPEC = ArchSpec(
+    name="qwenimage",
+    model_class_name="QwenImageTransformer2DModel",
+    stacks=(
+        StackSpec(
+            attr="transformer_blocks",
+            block_class_name="QwenImageTransformerBlock",
+            config_key="num_layers",
+            input_names=QWENIMAGE_BLOCK_INPUTS,
+            roles=(
+                ("text_mask", "encoder_hidden_states_mask"),
+                ("temb", "temb"),
+                ("rotary", "image_rotary_emb"),
+                ("attention_kwargs", "joint_attention_kwargs"),
+                ("modulate_index", "modulate_index"),
+            ),
+            width=QWENIMAGE_WIDTH,
+        ),
+    ),
+)

@@ -1,0 +1,53 @@
+"""ArchSpec of diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5 MMDiT).
+
+Every ``JointTransformerBlock`` returns ``(encoder_hidden_states, hidden_states)``, except the last one: the model
+builds block ``num_layers - 1`` with ``context_pre_only=True`` (no text FFN, no text output projection), and it
+returns ``(None, hidden_states)``. Because the config decides that by position, a depth-pruned SD3 must keep its last
+block (``protect_last_block``). SD3.5 lists the blocks with a second, image-only attention in
+``dual_attention_layers``; those indices are renumbered when blocks are removed.
+"""
+
+from __future__ import annotations
+
+from ppcl.arch.spec import ArchSpec, StackSpec, WidthTargets
+
+SD3_BLOCK_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "temb", "joint_attention_kwargs")
+
+SD3_WIDTH = WidthTargets(
+    text=(
+        "norm1_context",
+        "norm2_context",
+        "ff_context",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.norm_added_q",
+        "attn.norm_added_k",
+    ),
+    text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
+    ffn=(("image", "ff"), ("text", "ff_context")),
+    modulation=(("image", "norm1"), ("text", "norm1_context")),
+    # q/k norms exist only with `qk_norm` set (SD3.5); the last block has no text FFN and no text output projection.
+    optional=frozenset(
+        {"attn.norm_added_q", "attn.norm_added_k", "norm2_context", "ff_context", "attn.to_add_out"}
+    ),
+)
+
+SD3_SPEC = ArchSpec(
+    name="sd3",
+    model_class_name="SD3Transformer2DModel",
+    stacks=(
+        StackSpec(
+            attr="transformer_blocks",
+            block_class_name="JointTransformerBlock",
+            config_key="num_layers",
+            input_names=SD3_BLOCK_INPUTS,
+            roles=(("temb", "temb"), ("attention_kwargs", "joint_attention_kwargs")),
+            text_output_flag="context_pre_only",
+            index_config_keys=("dual_attention_layers",),
+            width=SD3_WIDTH,
+        ),
+    ),
+    protect_last_block=True,
+)

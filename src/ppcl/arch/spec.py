@@ -1,0 +1,351 @@
+"""Architecture knowledge as data: where a transformer's blocks live, how they are called and what they return.
+
+An :class:`ArchSpec` names the block stacks of one diffusers transformer class (in execution order, forming one flat
+depth axis), the parameter names of each block's ``forward``, the order of the tensors a block returns, the two token
+streams (``"image"`` and ``"text"``) and the submodules later width-pruning stages target. Everything that depends on a
+particular model (counts, the SD3 last-block special case) is read from the model or its config at call time, so one
+spec serves every size of that architecture, including depth-pruned ones.
+
+Flat block index ``i`` runs over all stacks in order: for FLUX.1 (19 double + 38 single blocks) ``i = 0..18`` are
+``transformer_blocks[0..18]`` and ``i = 19..56`` are ``single_transformer_blocks[0..37]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppcl.arch import pruning
+from ppcl.errors import ConfigError, UnsupportedModelError
+
+STREAMS: tuple[str, str] = ("image", "text")
+"""The two token streams of an MMDiT block. Image tokens are ``(B, N_img, D)``, text tokens ``(B, N_txt, D)``."""
+
+
+@dataclass(frozen=True)
+class WidthTargets:
+    """Dotted submodule names (relative to one block) that width pruning replaces.
+
+    Attributes:
+        text: every module that exists only to update the text stream (modulation, norms, text FFN, the text
+            attention projections and text q/k norms). Text-stream pruning drops these.
+        text_kv: the subset of ``text`` that the *image* stream still reads through joint attention (text keys and
+            values). A text-pruned block must keep these.
+        ffn: ``(stream, name)`` pairs naming each stream's separate feed-forward network. Empty when the block has no
+            separate FFN (FLUX.1 single blocks fuse the MLP into ``proj_out``).
+        modulation: ``(stream, name)`` pairs naming the module that produces each stream's shift/scale/gate.
+        optional: names above that a block may legitimately lack (diffusers sets them to ``None`` depending on the
+            config, e.g. ``qk_norm=None`` or SD3's last block). Only these are filtered out when resolving; a missing
+            name not listed here is a spec bug and raises.
+    """
+
+    text: tuple[str, ...] = ()
+    text_kv: tuple[str, ...] = ()
+    ffn: tuple[tuple[str, str], ...] = ()
+    modulation: tuple[tuple[str, str], ...] = ()
+    optional: frozenset[str] = frozenset()
+
+    def names(self) -> tuple[str, ...]:
+        """All distinct names, in declaration order."""
+        seen: dict[str, None] = {}
+        for name in (*self.text, *self.text_kv, *(n for _, n in self.ffn), *(n for _, n in self.modulation)):
+            seen.setdefault(name, None)
+        return tuple(seen)
+
+    def ffn_of(self, stream: str) -> str | None:
+        """Name of ``stream``'s FFN, or ``None`` when there is no separate one."""
+        return dict(self.ffn).get(stream)
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """One ``nn.ModuleList`` of blocks on the model.
+
+    Attributes:
+        attr: attribute of the model holding the ``nn.ModuleList`` (e.g. ``"transformer_blocks"``).
+        block_class_name: class name of its blocks, checked by :meth:`ArchSpec.validate`.
+        config_key: config entry holding the number of blocks in this stack (e.g. ``"num_layers"``).
+        input_names: parameter names of the block's ``forward``, in positional order. The model may call a block
+            with keywords (normal path) or positionally (gradient-checkpointing path); both bind through these.
+        stream_inputs: ``(stream, parameter name)`` pairs: which parameter carries which stream.
+        output_order: stream names in the order the block returns its tensors.
+        roles: ``(role, parameter name)`` pairs for shared conditioning: ``temb``, ``rotary``, ``text_mask``,
+            ``attention_kwargs``, ``modulate_index``; absent roles are not taken by this block.
+        dual_stream: whether the block has separate weights per stream. FLUX.1 single blocks are single-stream (one
+            set of weights over the concatenated ``[text, image]`` tokens) but still take and return the two streams
+            as separate tensors, so passthrough and recording treat them exactly like dual-stream blocks.
+        text_output_flag: a boolean block attribute that, when true, means the block returns ``None`` for the text
+            stream (SD3's last block, ``context_pre_only=True``).
+        index_config_keys: config entries holding lists of *local* indices into this stack that must be re-indexed
+            when blocks are removed (SD3.5 ``dual_attention_layers``).
+        width: submodules width pruning targets in these blocks.
+    """
+
+    attr: str
+    block_class_name: str
+    config_key: str
+    input_names: tuple[str, ...]
+    stream_inputs: tuple[tuple[str, str], ...] = (("image", "hidden_states"), ("text", "encoder_hidden_states"))
+    output_order: tuple[str, ...] = ("text", "image")
+    roles: tuple[tuple[str, str], ...] = ()
+    dual_stream: bool = True
+    text_output_flag: str | None = None
+    index_config_keys: tuple[str, ...] = ()
+    width: WidthTargets = field(default_factory=WidthTargets)
+
+    def input_name(self, stream_or_role: str) -> str | None:
+        """Parameter name carrying a stream (``"image"``/``"text"``) or a role (``"temb"``...), or ``None``."""
+        return dict(self.stream_inputs).get(stream_or_role) or dict(self.roles).get(stream_or_role)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything ppcl needs to know about one diffusers transformer class.
+
+    Attributes:
+        name: short architecture name (``"qwenimage"``, ``"flux"``, ``"sd3"``).
+        model_class_name: the diffusers class name this spec applies to.
+        stacks: the block stacks in execution order; together they form the flat depth axis.
+        protect_last_block: the last flat block is built differently from the others (SD3: ``context_pre_only``), so a
+            depth-pruned model must keep it: removing it would change which block the config builds that way.
+        streams: the token streams, always ``("image", "text")``.
+    """
+
+    name: str
+    model_class_name: str
+    stacks: tuple[StackSpec, ...]
+    protect_last_block: bool = False
+    streams: tuple[str, ...] = STREAMS
+
+    # ----------------------------------------------------------------------------------------------- block access
+    def stack_lists(self, model: nn.Module) -> list[nn.ModuleList]:
+        """The model's block lists, one per stack, in execution order."""
+        lists = []
+        for stack in self.stacks:
+            blocks = getattr(model, stack.attr, None)
+            if not isinstance(blocks, nn.ModuleList):
+                raise UnsupportedModelError(
+                    f"The model has no block list `{stack.attr}`",
+                    expected=f"a {self.model_class_name} with an nn.ModuleList `{stack.attr}`",
+                    found=type(model).__name__,
+                    fix="pass the bare diffusers transformer (not a pipeline or a wrapper such as DDP/torch.compile)",
+                )
+            lists.append(blocks)
+        return lists
+
+    def stack_sizes(self, model: nn.Module) -> list[int]:
+        """Number of blocks in each stack of ``model``."""
+        return [len(blocks) for blocks in self.stack_lists(model)]
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The flat, ordered list of all blocks (length :meth:`num_blocks`)."""
+        return [block for blocks in self.stack_lists(model) for block in blocks]
+
+    def num_blocks(self, model: nn.Module) -> int:
+        """Total number of blocks over all stacks."""
+        return sum(self.stack_sizes(model))
+
+    def locate(self, model: nn.Module, i: int) -> tuple[str, int]:
+        """``(stack attr, local index)`` of flat block ``i``; negative ``i`` counts from the end."""
+        stack_index, local = _locate(self.stack_sizes(model), i)
+        return self.stacks[stack_index].attr, local
+
+    def stack_of(self, model: nn.Module, i: int) -> StackSpec:
+        """The :class:`StackSpec` flat block ``i`` belongs to."""
+        return self.stacks[_locate(self.stack_sizes(model), i)[0]]
+
+    def block(self, model: nn.Module, i: int) -> nn.Module:
+        """Flat block ``i``."""
+        stack_index, local = _locate(self.stack_sizes(model), i)
+        return self.stack_lists(model)[stack_index][local]
+
+    def block_name(self, model: nn.Module, i: int) -> str:
+        """Qualified module name of flat block ``i`` (e.g. ``"single_transformer_blocks.3"``)."""
+        attr, local = self.locate(model, i)
+        return f"{attr}.{local}"
+
+    # ---------------------------------------------------------------------------------------- calls and outputs
+    def bind_call(self, model: nn.Module, i: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Map a call of block ``i`` (positional and/or keyword) to ``{parameter name: value}``."""
+        names = self.stack_of(model, i).input_names
+        if len(args) > len(names):
+            raise ConfigError(
+                f"Block {i} was called with too many positional arguments",
+                expected=f"at most {len(names)} ({', '.join(names)})",
+                found=str(len(args)),
+                fix="call the block as the diffusers model does, or update the ArchSpec for this diffusers version",
+            )
+        bound = dict(zip(names, args, strict=False))
+        clash = bound.keys() & kwargs.keys()
+        if clash:
+            raise ConfigError(
+                f"Block {i} got {sorted(clash)} both positionally and as keywords",
+                expected="each argument once",
+                found=f"args={len(args)}, kwargs={sorted(kwargs)}",
+            )
+        bound.update(kwargs)
+        return bound
+
+    def split_inputs(
+        self, model: nn.Module, i: int, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The streams of one block call: ``{"image": (B, N_img, D), "text": (B, N_txt, D)}``."""
+        bound = self.bind_call(model, i, args, kwargs)
+        out = {}
+        for stream, name in self.stack_of(model, i).stream_inputs:
+            if name not in bound:
+                raise ConfigError(
+                    f"Block {i} was called without its {stream} stream `{name}`",
+                    expected=f"`{name}` positionally or as a keyword",
+                    found=f"{len(args)} positional, keywords {sorted(kwargs)}",
+                )
+            out[stream] = bound[name]
+        return out
+
+    def output_order(self, model: nn.Module, i: int) -> tuple[str, ...]:
+        """Stream names in the order block ``i`` returns them (``("text", "image")`` for all supported models)."""
+        return self.stack_of(model, i).output_order
+
+    def returns_text(self, model: nn.Module, i: int) -> bool:
+        """Whether block ``i`` returns a text tensor (``False`` for SD3's ``context_pre_only`` last block)."""
+        flag = self.stack_of(model, i).text_output_flag
+        return not (flag is not None and bool(getattr(self.block(model, i), flag, False)))
+
+    def split_outputs(self, model: nn.Module, i: int, output: Sequence[Any]) -> dict[str, torch.Tensor | None]:
+        """``{"image": (B, N_img, D), "text": (B, N_txt, D) or None}`` from what block ``i`` returned."""
+        order = self.output_order(model, i)
+        if not isinstance(output, tuple | list) or len(output) != len(order):
+            raise ConfigError(
+                f"Block {i} returned an unexpected value",
+                expected=f"a tuple of {len(order)} tensors ordered {order}",
+                found=type(output).__name__ if not isinstance(output, tuple | list) else f"{len(output)} values",
+                fix="update the ArchSpec for this diffusers version",
+            )
+        return dict(zip(order, output, strict=True))
+
+    def join_outputs(self, model: nn.Module, i: int, streams: Mapping[str, torch.Tensor | None]) -> tuple[Any, ...]:
+        """Inverse of :meth:`split_outputs`: a tuple shaped like block ``i``'s own return value.
+
+        The text slot is ``None`` when block ``i`` returns no text, whatever ``streams`` holds, so a replacement of
+        SD3's last block hands the model exactly what the original did.
+        """
+        has_text = self.returns_text(model, i)
+        return tuple(
+            None if (stream == "text" and not has_text) else streams[stream] for stream in self.output_order(model, i)
+        )
+
+    def passthrough(self, model: nn.Module, i: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        """What skipped block ``i`` returns: its own stream inputs, in its own output order.
+
+        For SD3's last block this is ``(None, hidden_states)``, exactly like the real block.
+        """
+        return self.join_outputs(model, i, self.split_inputs(model, i, args, kwargs))
+
+    # --------------------------------------------------------------------------------------------- width targets
+    def width_targets(self, model: nn.Module, i: int) -> WidthTargets:
+        """The width targets that exist on block ``i`` (optional ones it lacks are removed)."""
+        targets = self.stack_of(model, i).width
+        block = self.block(model, i)
+        present = {name for name in targets.names() if _has_submodule(block, name, optional=name in targets.optional)}
+        return WidthTargets(
+            text=tuple(n for n in targets.text if n in present),
+            text_kv=tuple(n for n in targets.text_kv if n in present),
+            ffn=tuple((s, n) for s, n in targets.ffn if n in present),
+            modulation=tuple((s, n) for s, n in targets.modulation if n in present),
+            optional=targets.optional,
+        )
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def validate(self, model: nn.Module) -> None:
+        """Check that ``model`` really has the structure this spec describes (guards against diffusers drift).
+
+        Raises:
+            UnsupportedModelError: a block list, block class or block ``forward`` signature differs.
+        """
+        for stack, blocks in zip(self.stacks, self.stack_lists(model), strict=True):
+            for block in blocks[:1]:
+                if type(block).__name__ != stack.block_class_name:
+                    raise UnsupportedModelError(
+                        f"`{stack.attr}` holds unexpected blocks",
+                        expected=stack.block_class_name,
+                        found=type(block).__name__,
+                        fix="use a diffusers version this ppcl release supports",
+                    )
+                params = tuple(inspect.signature(type(block).forward).parameters)[1:]
+                if params != stack.input_names:
+                    raise UnsupportedModelError(
+                        f"{stack.block_class_name}.forward has an unexpected signature",
+                        expected=", ".join(stack.input_names),
+                        found=", ".join(params),
+                        fix="use a diffusers version this ppcl release supports",
+                    )
+
+    # ------------------------------------------------------------------------------------------- depth pruning
+    def rewrite_config(self, config: Mapping[str, Any], kept: Sequence[int]) -> dict[str, Any]:
+        """The config of the model that keeps only flat blocks ``kept`` (indices into ``config``'s model).
+
+        Block counts per stack and index lists (SD3.5 ``dual_attention_layers``) are rewritten; everything else is
+        copied. Raises :class:`~ppcl.errors.ConfigError` for invalid ``kept`` (see :func:`check_kept`).
+        """
+        return pruning.rewrite_config(self, config, kept)
+
+    def kept_state_dict(
+        self, model: nn.Module, kept: Sequence[int], state_dict: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``model``'s state dict (or ``state_dict``) without removed blocks, block keys renumbered.
+
+        ``transformer_blocks.7.x`` becomes ``transformer_blocks.3.x`` when block 7 is the 4th kept block of its stack,
+        so ``type(model).from_config(spec.rewrite_config(model.config, kept))`` loads it with ``strict=True``.
+        """
+        return pruning.kept_state_dict(self, model, kept, state_dict)
+
+    def check_kept(self, sizes: Sequence[int], kept: Sequence[int]) -> list[list[int]]:
+        """Validate ``kept`` for stacks of ``sizes``; return the kept local indices per stack."""
+        return pruning.check_kept(self, sizes, kept)
+
+    def check_pruned_compatible(self, model: nn.Module, kept: Sequence[int]) -> None:
+        """Check that the blocks ``kept`` from ``model`` have exactly the parameters the rewritten config builds.
+
+        Builds the pruned model on the meta device (no memory) and compares parameter names and shapes block by
+        block, so a mismatch is reported by block index before any weights are copied.
+        """
+        pruning.check_pruned_compatible(self, model, kept)
+
+
+def _locate(sizes: Sequence[int], i: int) -> tuple[int, int]:
+    total = sum(sizes)
+    if not -total <= i < total:
+        raise ConfigError(
+            f"Block index {i} is out of range",
+            expected=f"an index in [0, {total})",
+            found=str(i),
+        )
+    i %= total
+    for stack_index, size in enumerate(sizes):
+        if i < size:
+            return stack_index, i
+        i -= size
+    raise AssertionError("unreachable: index checked against the total")
+
+
+def _has_submodule(block: nn.Module, dotted: str, *, optional: bool) -> bool:
+    obj: Any = block
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            break
+    if isinstance(obj, nn.Module):
+        return True
+    if optional:
+        return False
+    raise UnsupportedModelError(
+        f"{type(block).__name__} has no submodule `{dotted}`",
+        expected=f"`{dotted}` to be an nn.Module",
+        found=type(obj).__name__,
+        fix="use a diffusers version this ppcl release supports",
+    )

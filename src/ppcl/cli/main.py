@@ -1,0 +1,41 @@
+"""The ``ppcl`` command: one sub-command per verb, each in its own module.
+
+A :class:`~ppcl.errors.PPCLError` ends the command with exit code 2 and a one-line message, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ppcl.errors import PPCLError
+from ppcl.logging import configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ppcl.cli import demo, toy
+
+    parser = argparse.ArgumentParser(prog="ppcl", description="Pluggable Pruning with Contiguous Layer Distillation")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for module in (demo, toy):
+        module.register(verbs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ppcl`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except PPCLError as exc:
+        print(f"ppcl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

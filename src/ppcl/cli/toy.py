@@ -1,0 +1,47 @@
+"""``ppcl toy``: the toy world's own tools (train the teacher, sample, evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    toy = verbs.add_parser("toy", help="the embedded toy world: train-teacher, sample, eval")
+    sub = toy.add_subparsers(dest="toy_verb", required=True, metavar="TOY_VERB")
+
+    train = sub.add_parser("train-teacher", help="train the toy teacher from scratch (deterministic)")
+    train.add_argument("--out", required=True, help="output folder (resumes if it holds a trainer state)")
+    train.add_argument("--steps", type=int, default=6000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--eval", action="store_true", help="score the result with ShapesEval and add it to the card")
+    train.set_defaults(func=_train)
+
+    try:
+        from ppcl.cli import toy_eval
+    except ImportError:  # pragma: no cover - present once ShapesEval lands
+        return
+    toy_eval.register(sub)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ppcl.toy.train_teacher import TeacherTrainConfig, train_teacher
+
+    if args.threads is not None:
+        # Float reductions depend on the thread count: fixing it makes the run reproducible bit for bit.
+        torch.set_num_threads(args.threads)
+
+    cfg = TeacherTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    command = "ppcl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    teacher = train_teacher(cfg, args.out, command=command)
+    if args.eval:
+        from ppcl.cli.toy_eval import score_teacher_into_card
+
+        score_teacher_into_card(teacher, args.out)
+    return 0

@@ -1,0 +1,38 @@
+"""Scoring a toy model on the ShapesEval benchmark (teacher or any pruned variant)."""
+
+from __future__ import annotations
+
+import torch
+
+from ppcl.toy.sampler import SamplerConfig, sample
+from ppcl.toy.shapes_eval import benchmark_prompts, evaluate, ground_truth_images
+from ppcl.toy.teacher import ToyTeacher
+
+#: Benchmark defaults: 60 prompts per category (240 in all) x 2 seeds = 480 images.
+N_PER_CATEGORY = 60
+SEEDS = (0, 1)
+
+
+def score_ground_truth(n_per_category: int = N_PER_CATEGORY, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """ShapesEval of rendered ground truth for the benchmark prompts (1.0 by construction)."""
+    rows, images = ground_truth_images(benchmark_prompts(n_per_category), list(seeds))
+    return evaluate(rows, images)
+
+
+def score_model(
+    teacher: ToyTeacher,
+    transformer: torch.nn.Module | None = None,
+    n_per_category: int = N_PER_CATEGORY,
+    seeds: tuple[int, ...] = SEEDS,
+    sampler: SamplerConfig = SamplerConfig(),
+) -> dict:
+    """ShapesEval of images sampled from ``transformer`` (default: the teacher) for every prompt and seed.
+
+    The noise of (prompt i, seed s) is seeded by ``s * 100_000 + i``, so teacher and pruned models are compared on
+    exactly the same starting noise.
+    """
+    prompts = benchmark_prompts(n_per_category)
+    rows = [p for _ in seeds for p in prompts]
+    noise_seeds = [s * 100_000 + i for s in seeds for i in range(len(prompts))]
+    images = sample(teacher, [p.text for p in rows], noise_seeds, sampler, transformer=transformer)
+    return evaluate(rows, images)

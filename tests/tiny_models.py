@@ -1,0 +1,122 @@
+"""Tiny *real* diffusers transformers (Qwen-Image, FLUX.1, SD3, SD3.5) built from scratch configs, for tests.
+
+No hub access; every model has 6 flat blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+TINY_ARCH_NAMES: tuple[str, ...] = ("qwenimage", "flux", "sd3", "sd35")
+
+
+@dataclass
+class TinyCase:
+    """A tiny model plus a deterministic input batch for it."""
+
+    name: str
+    model: nn.Module
+    make_inputs: Callable[[int], dict[str, Any]]
+
+    def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's output sample for ``inputs``."""
+        return self.model(**inputs, return_dict=False)[0]
+
+
+def _qwen_inputs(seed: int, batch: int = 2, h: int = 4, w: int = 4, n_txt: int = 7) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, n_txt, dtype=torch.long)
+    mask[1:, n_txt - 2 :] = 0  # padded text tokens in the second sample exercise the mask path
+    return {
+        "hidden_states": torch.randn(batch, h * w, 16, generator=g),
+        "encoder_hidden_states": torch.randn(batch, n_txt, 16, generator=g),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.rand(batch, generator=g),
+        "img_shapes": [(1, h, w)] * batch,
+    }
+
+
+def _flux_inputs(seed: int, batch: int = 2, n_img: int = 16, n_txt: int = 7) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(n_img, 3)
+    img_ids[:, 1] = torch.arange(n_img) // 4
+    img_ids[:, 2] = torch.arange(n_img) % 4
+    return {
+        "hidden_states": torch.randn(batch, n_img, 4, generator=g),
+        "encoder_hidden_states": torch.randn(batch, n_txt, 32, generator=g),
+        "pooled_projections": torch.randn(batch, 32, generator=g),
+        "timestep": torch.rand(batch, generator=g),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(n_txt, 3),
+    }
+
+
+def _sd3_inputs(seed: int, batch: int = 2, n_txt: int = 7) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+        "encoder_hidden_states": torch.randn(batch, n_txt, 32, generator=g),
+        "pooled_projections": torch.randn(batch, 32, generator=g),
+        "timestep": torch.rand(batch, generator=g) * 1000,
+    }
+
+
+def build_tiny(name: str) -> TinyCase:
+    """Build the tiny model ``name`` (one of :data:`TINY_ARCH_NAMES`) with seeded weights."""
+    torch.manual_seed(0)
+    if name == "qwenimage":
+        from diffusers import QwenImageTransformer2DModel
+
+        model = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=6,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            axes_dims_rope=(8, 4, 4),
+        )
+        make = _qwen_inputs
+    elif name == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=3,
+            num_single_layers=3,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(4, 4, 8),
+        )
+        make = _flux_inputs
+    elif name in ("sd3", "sd35"):
+        from diffusers import SD3Transformer2DModel
+
+        extra: dict[str, Any] = {"dual_attention_layers": (0, 1, 2), "qk_norm": "rms_norm"} if name == "sd35" else {}
+        model = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=1,
+            in_channels=4,
+            num_layers=6,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
+            out_channels=4,
+            pos_embed_max_size=16,
+            **extra,
+        )
+        make = _sd3_inputs
+    else:
+        raise ValueError(name)
+    return TinyCase(name=name, model=model.eval(), make_inputs=make)
