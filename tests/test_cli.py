@@ -34,3 +34,23 @@ def test_bad_caption_is_rejected_before_sampling(tmp_path):
     out = tmp_path / "grid.png"
     assert main(["-q", "toy", "sample", "--prompt", "a purple blob", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_calibrate_analyze_plan_on_the_toy_teacher(tmp_path):
+    cal, rep, plan = tmp_path / "cal", tmp_path / "rep", tmp_path / "plan"
+    assert main(["-q", "calibrate", "--out", str(cal), "--num-prompts", "8", "--timesteps", "3"]) == 0
+    assert main(["-q", "analyze", "--calibration", str(cal), "--out", str(rep)]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    assert report["kind"] == "ppcl.RedundancyReport" and len(report["per_block"]["probe_rel_error"]["image"]) == 16
+    assert (rep / "report.md").is_file() and (rep / "plots" / "depth_axis.png").is_file()
+    assert (rep / "plan" / "plan.json").is_file()
+    assert main(["-q", "plan", "--report", str(rep), "--out", str(plan), "--targets", "2,4",
+                 "--target-kind", "blocks"]) == 0
+    levels = json.loads((plan / "plan.json").read_text())["levels"]
+    assert [lv["name"] for lv in levels] == ["b2", "b4"]
+    assert main(["-q", "plan", "--validate", str(plan)]) == 0
+
+
+def test_analyze_refuses_a_missing_calibration(tmp_path):
+    assert main(["-q", "analyze", "--calibration", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()

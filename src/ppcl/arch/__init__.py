@@ -11,7 +11,7 @@ from ppcl.arch.flux import FLUX_SPEC
 from ppcl.arch.qwenimage import QWENIMAGE_SPEC
 from ppcl.arch.registry import get_spec, register_spec, spec_by_name, supported_classes
 from ppcl.arch.sd3 import SD3_SPEC
-from ppcl.arch.spec import STREAMS, ArchSpec, StackSpec, WidthTargets
+from ppcl.arch.spec import STREAMS, ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 for _spec in (QWENIMAGE_SPEC, FLUX_SPEC, SD3_SPEC):
     register_spec(_spec, replace=True)
@@ -23,6 +23,7 @@ __all__ = [
     "SD3_SPEC",
     "STREAMS",
     "ArchSpec",
+    "ModelInputs",
     "StackSpec",
     "WidthTargets",
     "get_spec",

@@ -8,7 +8,7 @@ concatenated with the MLP branch), so they have no separate FFN width target.
 
 from __future__ import annotations
 
-from ppcl.arch.spec import ArchSpec, StackSpec, WidthTargets
+from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 FLUX_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",
@@ -39,6 +39,7 @@ FLUX_DOUBLE_WIDTH = WidthTargets(
     text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
     ffn=(("image", "ff"), ("text", "ff_context")),
     modulation=(("image", "norm1"), ("text", "norm1_context")),
+    ffn_input=(("image", "norm2"), ("text", "norm2_context")),
 )
 
 # One set of weights serves both streams: nothing is text-only, and the MLP (proj_mlp + act_mlp) is fused into
@@ -66,5 +67,9 @@ FLUX_SPEC = ArchSpec(
             dual_stream=False,
             width=FLUX_SINGLE_WIDTH,
         ),
+    ),
+    model_inputs=ModelInputs(
+        batched=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+        shared=("img_ids", "txt_ids"),
     ),
 )

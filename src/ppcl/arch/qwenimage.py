@@ -6,7 +6,7 @@ The model calls its blocks with keywords normally and positionally under gradien
 
 from __future__ import annotations
 
-from ppcl.arch.spec import ArchSpec, StackSpec, WidthTargets
+from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 QWENIMAGE_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",
@@ -34,6 +34,7 @@ QWENIMAGE_WIDTH = WidthTargets(
     text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
     ffn=(("image", "img_mlp"), ("text", "txt_mlp")),
     modulation=(("image", "img_mod"), ("text", "txt_mod")),
+    ffn_input=(("image", "img_norm2"), ("text", "txt_norm2")),
 )
 
 QWENIMAGE_SPEC = ArchSpec(
@@ -54,5 +55,10 @@ QWENIMAGE_SPEC = ArchSpec(
             ),
             width=QWENIMAGE_WIDTH,
         ),
+    ),
+    model_inputs=ModelInputs(
+        batched=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep"),
+        per_sample_lists=("img_shapes",),
+        text_mask="encoder_hidden_states_mask",
     ),
 )

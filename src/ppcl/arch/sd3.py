@@ -9,7 +9,7 @@ block (``protect_last_block``). SD3.5 lists the blocks with a second, image-only
 
 from __future__ import annotations
 
-from ppcl.arch.spec import ArchSpec, StackSpec, WidthTargets
+from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 SD3_BLOCK_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "temb", "joint_attention_kwargs")
 
@@ -28,6 +28,7 @@ SD3_WIDTH = WidthTargets(
     text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
     ffn=(("image", "ff"), ("text", "ff_context")),
     modulation=(("image", "norm1"), ("text", "norm1_context")),
+    ffn_input=(("image", "norm2"), ("text", "norm2_context")),
     # q/k norms exist only with `qk_norm` set (SD3.5); the last block has no text FFN and no text output projection.
     optional=frozenset(
         {"attn.norm_added_q", "attn.norm_added_k", "norm2_context", "ff_context", "attn.to_add_out"}
@@ -50,4 +51,5 @@ SD3_SPEC = ArchSpec(
         ),
     ),
     protect_last_block=True,
+    model_inputs=ModelInputs(batched=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
 )

@@ -39,6 +39,9 @@ class WidthTargets:
         ffn: ``(stream, name)`` pairs naming each stream's separate feed-forward network. Empty when the block has no
             separate FFN (FLUX.1 single blocks fuse the MLP into ``proj_out``).
         modulation: ``(stream, name)`` pairs naming the module that produces each stream's shift/scale/gate.
+        ffn_input: ``(stream, name)`` pairs naming the norm that opens each stream's second half (norm2 → modulate →
+            FFN → gate → residual): its *input* is the hidden state g after the attention residual, the point an
+            FFN-to-linear replacement starts from.
         optional: names above that a block may legitimately lack (diffusers sets them to ``None`` depending on the
             config, e.g. ``qk_norm=None`` or SD3's last block). Only these are filtered out when resolving; a missing
             name not listed here is a spec bug and raises.
@@ -48,18 +51,40 @@ class WidthTargets:
     text_kv: tuple[str, ...] = ()
     ffn: tuple[tuple[str, str], ...] = ()
     modulation: tuple[tuple[str, str], ...] = ()
+    ffn_input: tuple[tuple[str, str], ...] = ()
     optional: frozenset[str] = frozenset()
 
     def names(self) -> tuple[str, ...]:
         """All distinct names, in declaration order."""
         seen: dict[str, None] = {}
-        for name in (*self.text, *self.text_kv, *(n for _, n in self.ffn), *(n for _, n in self.modulation)):
+        pairs = (*self.ffn, *self.modulation, *self.ffn_input)
+        for name in (*self.text, *self.text_kv, *(n for _, n in pairs)):
             seen.setdefault(name, None)
         return tuple(seen)
 
     def ffn_of(self, stream: str) -> str | None:
         """Name of ``stream``'s FFN, or ``None`` when there is no separate one."""
         return dict(self.ffn).get(stream)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """How the model's own ``forward`` arguments relate to the batch, for capturing and replaying calibration inputs.
+
+    Attributes:
+        batched: tensor arguments whose first dimension is the batch (split and concatenated per sample).
+        shared: tensor arguments shared by the whole batch (e.g. FLUX.1 ``img_ids``); equal across captured calls.
+        per_sample_lists: list arguments with one entry per sample (Qwen-Image ``img_shapes``).
+        text: the prompt-embedding argument ``(B, T, D_text)``.
+        text_mask: its padding mask ``(B, T)`` when the model takes one (Qwen-Image); then prompts of different
+            lengths can share a batch by padding with masked tokens.
+    """
+
+    batched: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "timestep")
+    shared: tuple[str, ...] = ()
+    per_sample_lists: tuple[str, ...] = ()
+    text: str = "encoder_hidden_states"
+    text_mask: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +139,7 @@ class ArchSpec:
         protect_last_block: the last flat block is built differently from the others (SD3: ``context_pre_only``), so a
             depth-pruned model must keep it: removing it would change which block the config builds that way.
         streams: the token streams, always ``("image", "text")``.
+        model_inputs: which arguments of the model's ``forward`` are per-sample, shared or per-sample lists.
     """
 
     name: str
@@ -121,6 +147,7 @@ class ArchSpec:
     stacks: tuple[StackSpec, ...]
     protect_last_block: bool = False
     streams: tuple[str, ...] = STREAMS
+    model_inputs: ModelInputs = field(default_factory=ModelInputs)
 
     # ----------------------------------------------------------------------------------------------- block access
     def stack_lists(self, model: nn.Module) -> list[nn.ModuleList]:
@@ -257,6 +284,7 @@ class ArchSpec:
             text_kv=tuple(n for n in targets.text_kv if n in present),
             ffn=tuple((s, n) for s, n in targets.ffn if n in present),
             modulation=tuple((s, n) for s, n in targets.modulation if n in present),
+            ffn_input=tuple((s, n) for s, n in targets.ffn_input if n in present),
             optional=targets.optional,
         )
 

@@ -1,0 +1,46 @@
+"""The PruningPlan artefact: which blocks are replaced, grouped into named levels, with parameter counts.
+
+Example (the authors' public Qwen-Image plan, paper notation)::
+
+    reps = [DepthReplacement(Span.from_inclusive(u, v)) for u, v in [(3, 4), (5, 7), ...]]
+    plan = PruningPlan("qwenimage", "QwenImageTransformer2DModel", (60,), reps,
+                       [Level("public", tuple(r.id for r in reps))]).validate()
+    plan.save("runs/plan")                                   # runs/plan/plan.json, written atomically
+    plan.param_count(transformer.config, "public").after     # 11_934_618_688 for the 20B model
+
+Spans are half-open flat block ranges (``transformer_blocks[3:5]``); the paper's inclusive ``[3, 4]`` is the same span.
+"""
+
+from ppcl.plan.count import ParamCount, ParamTable, block_param_fraction, param_count, param_table
+from ppcl.plan.plan import PLAN_FILE, Level, PruningPlan
+from ppcl.plan.propose import propose_plan
+from ppcl.plan.replacements import (
+    DepthReplacement,
+    Issue,
+    Replacement,
+    register_replacement,
+    replacement_from_json,
+    replacement_kinds,
+)
+from ppcl.plan.span import BlockLayout, Span, describe
+
+__all__ = [
+    "PLAN_FILE",
+    "BlockLayout",
+    "DepthReplacement",
+    "Issue",
+    "Level",
+    "ParamCount",
+    "ParamTable",
+    "PruningPlan",
+    "Replacement",
+    "Span",
+    "block_param_fraction",
+    "describe",
+    "param_count",
+    "param_table",
+    "propose_plan",
+    "register_replacement",
+    "replacement_from_json",
+    "replacement_kinds",
+]

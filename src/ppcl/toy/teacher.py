@@ -132,8 +132,11 @@ class ToyTeacher:
         tokenizer = WordTokenizer()
         text_encoder = ToyTextEncoder(**json.loads(e_meta["config"]))
         text_encoder.load_state_dict({k: v.to(dtype) for k, v in e_state.items()}, strict=True)
-        transformer.to(dtype).eval().requires_grad_(False)
-        text_encoder.to(dtype).eval().requires_grad_(False)
+        if dtype != torch.float32:  # diffusers warns about .to(dtype) even when nothing changes
+            transformer.to(dtype)
+            text_encoder.to(dtype)
+        transformer.eval().requires_grad_(False)
+        text_encoder.eval().requires_grad_(False)
         return cls(transformer, text_encoder, tokenizer)
 
 

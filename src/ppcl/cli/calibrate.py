@@ -1,0 +1,88 @@
+"""``ppcl calibrate``: capture the transformer's inputs from sampling runs into a CalibrationSet."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ppcl.errors import ConfigError
+from ppcl.logging import get_logger
+
+log = get_logger("cli.calibrate")
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("calibrate", help="capture calibration inputs (toy teacher or a local pipeline)")
+    p.add_argument("--out", required=True, help="output folder (CalibrationSet)")
+    p.add_argument("--pipeline", default=None, help="local diffusers pipeline folder (default: the toy world)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (pipelines; toy: optional)")
+    p.add_argument("--num-prompts", type=int, default=32, help="toy: ShapesWorld prompts to draw")
+    p.add_argument("--seeds", default="0", help="comma-separated noise seeds")
+    p.add_argument("--timesteps", type=int, default=6, help="denoising steps kept per run, spread over the schedule")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps per run")
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale")
+    p.add_argument("--height", type=int, default=None, help="pipelines: image height")
+    p.add_argument("--width", type=int, default=None, help="pipelines: image width")
+    p.add_argument("--dtype", default="float32", help="pipelines: float32 | bf16 | fp16")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as exc:
+        raise ConfigError("cannot parse --seeds", expected="comma-separated integers", found=text) from exc
+    if not seeds:
+        raise ConfigError("no seeds given", expected="at least one seed", found=repr(text))
+    return seeds
+
+
+def _read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("prompt file not found", expected="a text file, one prompt per line", found=path)
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("prompt file is empty", expected="one prompt per line", found=f"no prompts in {path}",
+                          fix="add prompts to the file")
+    return prompts
+
+
+def _run(args: argparse.Namespace) -> int:
+    seeds = _seeds(args.seeds)
+    if args.pipeline is None:
+        calib = _toy(args, seeds)
+    else:
+        calib = _pipeline(args, seeds)
+    calib.save(args.out)
+    log.info("calibrate: %d samples → %s (content %s)", len(calib), args.out, calib.content_hash[:12])
+    print(args.out)
+    return 0
+
+
+def _toy(args: argparse.Namespace, seeds: tuple[int, ...]):
+    from ppcl.toy.calibrate import calibrate_toy
+    from ppcl.toy.sampler import SamplerConfig
+    from ppcl.toy.teacher import ToyTeacher
+
+    teacher = ToyTeacher.load()
+    sampler = SamplerConfig(steps=args.steps, guidance=args.guidance)
+    if args.prompts is not None:
+        from ppcl.toy.calibrate import calibrate_toy_prompts
+
+        return calibrate_toy_prompts(teacher, _read_prompts(args.prompts), seeds, args.timesteps, sampler)
+    return calibrate_toy(teacher, args.num_prompts, seeds, args.timesteps, sampler)
+
+
+def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
+    from ppcl.data.loading import load_pipeline_folder, parse_dtype
+    from ppcl.data.pipeline_capture import calibrate_pipeline
+
+    if args.prompts is None:
+        raise ConfigError("--prompts is required with --pipeline", expected="a prompt file", found="none",
+                          fix="pass --prompts prompts.txt")
+    prompts = _read_prompts(args.prompts)
+    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(args.device)
+    extra = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    return calibrate_pipeline(pipe, prompts, seeds, args.steps, args.timesteps, **extra)

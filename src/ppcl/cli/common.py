@@ -1,0 +1,41 @@
+"""Argument helpers shared by the CLI verbs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ppcl.errors import ConfigError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local transformer or pipeline folder (default: the embedded toy teacher)")
+    parser.add_argument("--dtype", default="float32", help="model dtype: float32 | bf16 | fp16")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The transformer named by ``--model`` (or the toy teacher's), on ``--device`` in ``--dtype``."""
+    from ppcl.data.loading import load_transformer, parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    if args.model is None:
+        from ppcl.toy.teacher import ToyTeacher
+
+        model = ToyTeacher.load(dtype=dtype).transformer
+    else:
+        model = load_transformer(args.model, dtype)
+    return model.to(args.device)
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """``"0.25,0.4"`` → ``[0.25, 0.4]`` with a clear error."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"cannot parse {what}", expected="comma-separated numbers, e.g. 0.25,0.4,0.5",
+                          found=text) from exc
+    if not values:
+        raise ConfigError(f"no {what} given", expected="at least one number", found=repr(text))
+    return values

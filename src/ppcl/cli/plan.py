@@ -1,0 +1,39 @@
+"""``ppcl plan``: a PruningPlan with nested levels from a RedundancyReport and a budget."""
+
+from __future__ import annotations
+
+import argparse
+
+from ppcl.cli.analyze import add_budget_args
+from ppcl.cli.common import add_model_args, load_model, parse_floats
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("plan", help="budget → nested levels from a report's intervals (or validate a plan)")
+    p.add_argument("--report", default=None, help="RedundancyReport folder (from `ppcl analyze`)")
+    p.add_argument("--out", default=None, help="plan folder to write")
+    p.add_argument("--validate", default=None, help="only validate this plan folder/file and print it")
+    add_model_args(p)
+    add_budget_args(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ppcl.errors import ConfigError
+    from ppcl.plan import PruningPlan
+
+    if args.validate is not None:
+        print(PruningPlan.load(args.validate).summary())
+        return 0
+    if args.report is None or args.out is None:
+        raise ConfigError("ppcl plan needs a report and an output", expected="--report DIR --out DIR",
+                          found=f"--report {args.report} --out {args.out}", fix="or use --validate PLAN")
+    from ppcl.analysis import RedundancyReport, plan_from_report
+
+    report = RedundancyReport.load(args.report)
+    model = load_model(args)
+    plan = plan_from_report(report, model.config, parse_floats(args.targets, "targets"), args.target_kind,
+                            args.level_names.split(",") if args.level_names else None, args.init)
+    plan.save(args.out)
+    print(plan.summary())
+    return 0

@@ -1,0 +1,143 @@
+"""Artefact files: atomic folder writes, safetensors reading with clear errors, content hashes.
+
+Every artefact is a folder of JSON + safetensors. A folder is written into a temporary sibling and renamed into place
+only when complete, so a failed or killed run never leaves a partial artefact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ppcl.errors import ArtefactError
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ArtefactError(
+            "output folder already exists",
+            expected="a new folder",
+            found=str(path),
+            fix="choose another --out or remove the folder",
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    _check_writable(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists():
+            # Swap through a second name so a reader never sees a missing folder for long.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_writable(parent: Path) -> None:
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtefactError("cannot create the output folder", expected="a writable location",
+                            found=f"{parent}: {exc.strerror}", fix="choose another --out") from exc
+    if not os.access(parent, os.W_OK):
+        raise ArtefactError("output location is not writable", expected="a writable folder", found=str(parent),
+                            fix="choose another --out or fix its permissions")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """Read a JSON object; a missing or malformed file raises :class:`ArtefactError` naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"{what} not found", expected=f"a file {path.name}", found=f"nothing at {path}",
+                            fix=f"pass the folder a ppcl command wrote for the {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtefactError(f"{what} is not valid JSON", expected="a JSON object", found=f"{path}: {exc}",
+                            fix="re-create it with ppcl or fix the file by hand") from exc
+    if not isinstance(data, dict):
+        raise ArtefactError(f"{what} is not a JSON object", expected="a JSON object",
+                            found=type(data).__name__, fix="re-create it with ppcl")
+    return data
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors (made contiguous, on CPU) to a safetensors file; tensors sharing memory are stored separately."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        if value.numel() and value.data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.data_ptr())
+        out[key] = value
+    save_file(out, str(path), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file raises :class:`ArtefactError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"{what} weights not found", expected=f"a file {path.name}", found=f"nothing at {path}",
+                            fix="re-create the artefact with ppcl")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise ArtefactError(f"{what} weights are unreadable", expected="a complete safetensors file",
+                            found=f"{path}: {type(exc).__name__}: {exc}",
+                            fix="the file is truncated or corrupt; re-create the artefact") from exc
+
+
+def content_hash(tensors: Mapping[str, torch.Tensor], meta: Any = None) -> str:
+    """SHA-256 over tensor names, dtypes, shapes and bytes (sorted by name) plus canonical JSON of ``meta``."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if meta is not None:
+        digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Short stable hash of a model config (keys starting with ``_`` ignored)."""
+    clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]

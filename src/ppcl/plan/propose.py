@@ -1,0 +1,223 @@
+"""Turn scored contiguous intervals into a PruningPlan with nested levels (the budget rule of METHOD.md, stage 1.2).
+
+Intervals are accepted cheapest-first (lowest score, ties by position) until each target is met; the levels are
+prefixes of that one order, so every level contains all cheaper ones, which is also the order in which the pluggable
+variants enable intervals. Intervals touching protected blocks, crossing a stack boundary, covering a single block or
+overlapping an accepted one are skipped and recorded in the plan's provenance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, Protocol
+
+from ppcl.errors import ConfigError
+from ppcl.logging import get_logger
+from ppcl.plan.count import ParamTable, human
+from ppcl.plan.plan import Level, PruningPlan
+from ppcl.plan.replacements import INITS, DepthReplacement, Init
+from ppcl.plan.span import Span
+
+_log = get_logger(__name__)
+
+TargetKind = Literal["fraction", "params", "blocks"]
+TARGET_KINDS: tuple[str, ...] = ("fraction", "params", "blocks")
+_TARGET_MEANING = {
+    "fraction": "fraction of block parameters removed",
+    "params": "number of parameters removed",
+    "blocks": "number of blocks removed",
+}
+
+
+class IntervalLike(Protocol):
+    """Anything with an inclusive flat range ``[u, v]`` and a ``score`` (lower = cheaper to replace)."""
+
+    @property
+    def u(self) -> int: ...
+
+    @property
+    def v(self) -> int: ...
+
+    @property
+    def score(self) -> float: ...
+
+
+def propose_plan(
+    intervals: Iterable[IntervalLike],
+    spec_name: str,
+    model_class: str,
+    stack_sizes: Sequence[int],
+    per_block_params: Sequence[int] | None,
+    targets: Sequence[float],
+    target_kind: TargetKind = "fraction",
+    level_names: Sequence[str] | None = None,
+    protect_first: int = 2,
+    protect_last: int = 2,
+    init: Init = "first",
+    provenance: Mapping[str, Any] | None = None,
+) -> PruningPlan:
+    """Select intervals cheapest-first into nested levels, one per target.
+
+    Args:
+        intervals: candidates with inclusive flat ``u``, ``v`` and ``score`` (e.g. ``ppcl.analysis`` intervals).
+        spec_name: ArchSpec name (``"qwenimage"``...).
+        model_class: diffusers class name of the base transformer.
+        stack_sizes: blocks per stack of the base model.
+        per_block_params: parameters of each flat block; only optional for ``target_kind="blocks"``.
+        targets: one per level. ``"fraction"``: share of *block* parameters removed, in (0, 1]; ``"params"``: number
+            of parameters removed; ``"blocks"``: number of blocks removed. A span of n blocks replaced by a student
+            removes n - 1 blocks and the span's block parameters minus the student's (its init block's).
+        target_kind: how ``targets`` are measured.
+        level_names: one per target; default ``p25``/``p40`` (fractions), ``b10`` (blocks), ``r8.50B`` (params).
+        protect_first: the first this-many flat blocks are never replaced.
+        protect_last: the last this-many flat blocks are never replaced (SD3's last block always is protected).
+        init: which teacher block initialises each student (``"first"``, ``"middle"``, ``"last"``).
+        provenance: extra provenance to record (e.g. the report's path or hash).
+
+    Returns:
+        A validated plan; levels ordered by target, ascending. A target the candidates cannot reach gets all of them,
+        with a warning in ``plan.notes`` and the log.
+    """
+    if target_kind not in TARGET_KINDS:
+        raise ConfigError(f"Unknown target kind {target_kind!r}", expected=f"one of {', '.join(TARGET_KINDS)}",
+                          found=repr(target_kind))
+    if init not in INITS:
+        raise ConfigError(f"Unknown student initialisation {init!r}", expected=f"one of {', '.join(INITS)}",
+                          found=repr(init))
+    plan = PruningPlan(spec_name, model_class, tuple(int(s) for s in stack_sizes),
+                       protect_first=protect_first, protect_last=protect_last)
+    spec = plan.spec()
+    table = _table(per_block_params, plan.stack_sizes, target_kind)
+    named = _named_targets(targets, target_kind, level_names)
+    layout = plan.layout(spec)
+
+    candidates: list[tuple[float, DepthReplacement]] = []
+    skipped: list[dict[str, Any]] = []
+    for interval in intervals:
+        u, v, score = int(interval.u), int(interval.v), float(interval.score)
+        if not (0 <= u <= v < plan.num_blocks) or math.isnan(score):
+            raise ConfigError("An interval is out of range or has no score",
+                              expected=f"inclusive 0 <= u <= v < {plan.num_blocks} and a number score",
+                              found=f"[{u}, {v}] (inclusive), score {score}", fix="check the report's intervals")
+        rep = DepthReplacement(Span.from_inclusive(u, v), init)
+        issues = rep.issues(layout)
+        if issues:
+            skipped.append({"inclusive": [u, v], "score": score, "reason": "; ".join(i.what for i in issues)})
+        else:
+            candidates.append((score, rep))
+    candidates.sort(key=lambda c: (c[0], c[1].span))
+
+    accepted: list[tuple[float, DepthReplacement]] = []
+    position = 0
+    levels: list[Level] = []
+    for name, target in named:
+        reached = _measure(accepted, table, target_kind)
+        while reached < target * (1 - 1e-12) and position < len(candidates):
+            score, rep = candidates[position]
+            position += 1
+            clash = next((a.id for _, a in accepted if a.span.overlaps(rep.span)), None)
+            if clash is not None:
+                skipped.append({"inclusive": list(rep.span.inclusive), "score": score, "reason": f"overlaps {clash}"})
+                continue
+            accepted.append((score, rep))
+            reached = _measure(accepted, table, target_kind)
+        met = reached >= target * (1 - 1e-12)
+        levels.append(Level(name, tuple(rep.id for _, rep in accepted),
+                            _describe_level(accepted, table, plan.num_blocks, target_kind, target, met)))
+        if not met:
+            note = (f"level {name}: target {_format_target(target_kind, target)} not reached; all {len(accepted)} "
+                    f"usable intervals give {_format_target(target_kind, reached)}")
+            plan.notes.append(note)
+            _log.warning("%s", note)
+
+    plan.replacements = sorted((rep for _, rep in accepted), key=lambda r: r.span)
+    plan.levels = levels
+    plan.provenance = {
+        "selector": "ppcl.plan.propose_plan",
+        "rule": "intervals accepted cheapest-first (score ascending, ties by position) until each target is met; "
+                "levels are nested prefixes of that order",
+        "target_kind": target_kind,
+        "target_meaning": _TARGET_MEANING[target_kind],
+        "targets": {name: target for name, target in named},
+        "init": init,
+        "order": [{"id": rep.id, "inclusive": list(rep.span.inclusive), "score": score} for score, rep in accepted],
+        "skipped": skipped,
+        "per_block_params": list(table.per_block) if table is not None else None,
+        **dict(provenance or {}),
+    }
+    plan.validate(spec)
+    _log.info("Proposed %d level(s) from %d candidate interval(s): %s", len(levels), len(candidates),
+              ", ".join(f"{lvl.name} ({len(lvl.replacement_ids)} spans)" for lvl in levels))
+    return plan
+
+
+def _table(per_block: Sequence[int] | None, sizes: tuple[int, ...], kind: str) -> ParamTable | None:
+    if per_block is None:
+        if kind != "blocks":
+            raise ConfigError(f"Target kind {kind!r} needs per-block parameter counts",
+                              expected="per_block_params (one count per flat block)", found="None",
+                              fix="pass per_block_params (see ppcl.plan.count.param_table), "
+                              "or use target_kind='blocks'")
+        return None
+    return ParamTable.from_per_block(per_block, sizes)
+
+
+def _named_targets(targets: Sequence[float], kind: str, names: Sequence[str] | None) -> list[tuple[str, float]]:
+    values = list(targets)
+    if not values:
+        raise ConfigError("No targets were given", expected="at least one target", found="[]")
+    for t in values:
+        bad = (not isinstance(t, int | float) or isinstance(t, bool) or not t > 0
+               or (kind == "fraction" and t > 1) or (kind == "blocks" and t != int(t)))
+        if bad:
+            allowed = {"fraction": "a number in (0, 1]", "params": "a positive parameter count",
+                       "blocks": "a positive whole number"}[kind]
+            raise ConfigError(f"Invalid {kind} target {t!r}", expected=allowed, found=repr(t))
+    if len(set(values)) != len(values):
+        raise ConfigError("Targets repeat", expected="distinct targets (one level each)", found=str(values))
+    if names is None:
+        names = [_default_name(kind, t) for t in values]
+    elif len(names) != len(values):
+        raise ConfigError("level_names and targets differ in length", expected=f"{len(values)} names",
+                          found=str(list(names)))
+    # Levels are nested, so they are listed from the least to the most pruned.
+    return sorted(zip(names, values, strict=True), key=lambda nt: nt[1])
+
+
+def _default_name(kind: str, target: float) -> str:
+    if kind == "fraction":
+        return f"p{round(target * 100, 6):g}"
+    if kind == "blocks":
+        return f"b{int(target)}"
+    return f"r{human(target)}"
+
+
+def _removed_params(accepted: list[tuple[float, DepthReplacement]], table: ParamTable | None) -> int | None:
+    return None if table is None else sum(rep.removed_params(table) for _, rep in accepted)
+
+
+def _measure(accepted: list[tuple[float, DepthReplacement]], table: ParamTable | None, kind: str) -> float:
+    if kind == "blocks":
+        return float(sum(rep.span.removed for _, rep in accepted))
+    removed = _removed_params(accepted, table) or 0
+    assert table is not None  # checked by _table for parameter targets
+    return removed / table.block_total if kind == "fraction" else float(removed)
+
+
+def _format_target(kind: str, value: float) -> str:
+    if kind == "fraction":
+        return f"{100 * value:.1f}% of block parameters removed"
+    if kind == "params":
+        return f"{human(value)} parameters removed"
+    return f"{int(value)} blocks removed"
+
+
+def _describe_level(accepted: list[tuple[float, DepthReplacement]], table: ParamTable | None, total: int, kind: str,
+                    target: float, met: bool) -> str:
+    blocks = sum(rep.span.removed for _, rep in accepted)
+    text = f"{len(accepted)} spans, {total} → {total - blocks} blocks"
+    removed = _removed_params(accepted, table)
+    if removed is not None and table is not None:
+        text += f", {human(removed)} parameters ({100 * removed / table.block_total:.1f}% of block parameters) removed"
+    return f"{text}; target {_format_target(kind, target)}{'' if met else ' (NOT reached)'}"
