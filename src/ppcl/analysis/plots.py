@@ -72,7 +72,7 @@ def depth_axis(num_blocks: int, intervals: Sequence[tuple[int, int]], accepted: 
         ax.text(u + (v - u + 0.9) / 2, 0.875, f"#{n + 1}", ha="center", va="center", fontsize=7, color="white")
     ax.set_xlim(-0.5, num_blocks + 0.5)
     ax.set_ylim(0, 1.05)
-    ax.set_yticks([0.175, 0.575, 0.875], ["blocks (red: protected)", "detected", "plan (order)"])
+    ax.set_yticks([0.175, 0.575, 0.875], ["blocks (red: protected)", "detected", "order (#1 = cheapest)"])
     ax.set_xticks(range(num_blocks))
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("block index")

@@ -116,10 +116,11 @@ class RedundancyReport:
         folder.mkdir(parents=True, exist_ok=True)
         cka = self.cka_used.numpy()
         spans = [(i.u, i.v) for i in self.intervals]
+        cheapest_first = [(i.u, i.v) for i in sorted(self.intervals, key=lambda x: (x.score, x.u))]
         made = {
             "cka_heatmap": plots.cka_heatmap(cka, spans, folder / "cka_heatmap.png", self.settings["cka_streams"]),
             "delta_curves": plots.delta_curves(cka, spans, folder / "delta_curves.png"),
-            "depth_axis": plots.depth_axis(self.num_blocks, spans, accepted if accepted is not None else spans,
+            "depth_axis": plots.depth_axis(self.num_blocks, spans, accepted if accepted is not None else cheapest_first,
                                            self.protected(), folder / "depth_axis.png"),
             "probe_errors": plots.per_block(self.probe_rel_error, folder / "probe_errors.png",
                                             "Residual linear probe fit error per block",

@@ -139,7 +139,7 @@ def train_teacher(
         nn.utils.clip_grad_norm_(modules.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(params, step)
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         if (step + 1) % 10 == 0:
             _append_jsonl(out / "loss.jsonl", {"step": step + 1, "loss": float(np.mean(window)),
                                                "lr": _lr_at(cfg, step), "elapsed_s": round(time.time() - t0, 1)})
