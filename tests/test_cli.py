@@ -54,3 +54,29 @@ def test_calibrate_analyze_plan_on_the_toy_teacher(tmp_path):
 def test_analyze_refuses_a_missing_calibration(tmp_path):
     assert main(["-q", "analyze", "--calibration", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_distill_eval_merge_inspect_on_the_toy_teacher(tmp_path, capsys):
+    from diffusers import QwenImageTransformer2DModel
+
+    cal, rep, run, merged = (tmp_path / n for n in ("cal", "rep", "run", "merged"))
+    assert main(["-q", "calibrate", "--out", str(cal), "--num-prompts", "4", "--timesteps", "2"]) == 0
+    assert main(["-q", "analyze", "--calibration", str(cal), "--out", str(rep), "--targets", "2,4",
+                 "--target-kind", "blocks"]) == 0
+    assert main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(run), "--steps", "3",
+                 "--batch-size", "4"]) == 0
+    assert (run / "addon" / "ppcl_addon.json").is_file() and (run / "metrics.jsonl").is_file()
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", "--addon", str(run / "addon"), "--out", str(out), "--repeats", "2", "--batches", "1",
+                 "--batch-size", "4", "--per-category", "1"]) == 0
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["teacher", "b2", "b4"]
+    assert rows["b4"]["blocks"] < rows["b2"]["blocks"] < rows["teacher"]["blocks"] == 16
+    assert rows["teacher"]["R"] == 0 and "overall" in rows["b4"]["shapes_eval"]
+    assert main(["-q", "merge", "--addon", str(run / "addon"), "--level", "b4", "--out", str(merged)]) == 0
+    stock = QwenImageTransformer2DModel.from_pretrained(str(merged), local_files_only=True)
+    assert stock.config.num_layers == rows["b4"]["blocks"]
+    capsys.readouterr()
+    assert main(["inspect", str(run / "addon"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format_version"] == 1
+    assert main(["inspect", str(tmp_path)]) == 2

@@ -6,13 +6,18 @@ Data flows through artefacts: CalibrationSet → RedundancyReport → PruningPla
     calib = ppcl.calibrate(pipeline, prompts, seeds=(0, 1))        # or a ppcl.toy ToyTeacher
     report = ppcl.analyze(pipeline.transformer, calib)
     plan = ppcl.propose_plan(report, pipeline.transformer.config, targets=(0.25, 0.4, 0.5))
+    addon = ppcl.PruningAddon.from_plan(pipeline.transformer, plan)   # then train it (ppcl.distill)
+    ppcl.apply_addon(pipeline.transformer, addon, level="p40")      # in place, reversible
+    small = ppcl.merge(pipeline.transformer, addon, "p40")          # a new, smaller stock diffusers model
 """
 
+from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, RedundancyReport
 from ppcl.api import analyze, calibrate, propose_plan
 from ppcl.data.calibration import CalibrationSet
 from ppcl.errors import PPCLError
 from ppcl.plan import PruningPlan
+from ppcl.runtime import apply_addon, disabled, merge, remap_lora_state_dict, remove_addon, set_level
 
 __version__ = "0.1.0"
 
@@ -20,10 +25,17 @@ __all__ = [
     "AnalysisConfig",
     "CalibrationSet",
     "PPCLError",
+    "PruningAddon",
     "PruningPlan",
     "RedundancyReport",
     "__version__",
     "analyze",
+    "apply_addon",
     "calibrate",
+    "disabled",
+    "merge",
     "propose_plan",
+    "remap_lora_state_dict",
+    "remove_addon",
+    "set_level",
 ]

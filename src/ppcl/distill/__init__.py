@@ -1,0 +1,32 @@
+"""Distillation of the add-on's students against the frozen teacher (METHOD.md stage 1.3).
+
+Example (toy world)::
+
+    from ppcl.addon import PruningAddon
+    from ppcl.distill import DistillConfig, ToyDistillData, distill_depth
+
+    addon = PruningAddon.from_plan(teacher.transformer, plan)
+    data = ToyDistillData(teacher, batch_size=16, seed=0)
+    addon = distill_depth(teacher.transformer, addon, data, DistillConfig(steps=500, batch_size=16), "runs/distill")
+
+``losses`` is pure maths; ``data`` hands out seeded batches; ``depth`` computes one step's per-span losses from ONE
+teacher pass; ``trainer`` runs the accelerate loop with atomic checkpoints and exact resume.
+"""
+
+from ppcl.distill.data import CalibrationData, DistillData, ToyDistillData
+from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
+from ppcl.distill.losses import depth_loss, normalized_mse
+from ppcl.distill.trainer import DistillConfig, distill_depth
+
+__all__ = [
+    "CalibrationData",
+    "DepthStep",
+    "DistillConfig",
+    "DistillData",
+    "ToyDistillData",
+    "depth_loss",
+    "depth_replacements",
+    "distill_depth",
+    "normalized_mse",
+    "sequential_level",
+]

@@ -1,0 +1,41 @@
+"""Use an add-on: plug it into the base model in place (reversible) or merge a level into a new, smaller model.
+
+Example::
+
+    from ppcl.runtime import apply_addon, set_level, disabled, remove_addon, merge
+    apply_addon(transformer, addon, level="p40")   # in place; base parameters untouched
+    set_level(transformer, None)                    # the original model again (O(1))
+    with disabled(transformer): ...                 # temporarily the original model (the distillation teacher)
+    small = merge(transformer, addon, "p40")        # new stock diffusers model with fewer blocks
+    remove_addon(transformer)                       # exactly the original module again
+"""
+
+from ppcl.runtime.apply import (
+    ADDON_ATTR,
+    SKIP,
+    STATE_ATTR,
+    RuntimeState,
+    active_level,
+    apply_addon,
+    disabled,
+    remove_addon,
+    runtime_state,
+    set_level,
+)
+from ppcl.runtime.lora import remap_lora_state_dict
+from ppcl.runtime.merge import merge
+
+__all__ = [
+    "ADDON_ATTR",
+    "SKIP",
+    "STATE_ATTR",
+    "RuntimeState",
+    "active_level",
+    "apply_addon",
+    "disabled",
+    "merge",
+    "remap_lora_state_dict",
+    "remove_addon",
+    "runtime_state",
+    "set_level",
+]

@@ -1,0 +1,266 @@
+"""The PruningAddon artefact: one student block per depth replacement of a plan, plus what the base model must be.
+
+Example::
+
+    addon = PruningAddon.from_plan(transformer, plan)           # students = copies of teacher blocks
+    ...                                                          # ppcl distill trains addon.parameters()
+    addon.save_pretrained("runs/addon")                          # ppcl_addon.json + .safetensors + README.md
+    addon = PruningAddon.from_pretrained("runs/addon", transformer)
+
+A student is the same class as the teacher block it replaces (e.g. ``QwenImageTransformerBlock``) and is called with
+exactly the arguments that block receives, so it maps the span's input ``(B, N_img, D)`` / ``(B, N_txt, D)`` streams
+to the span's output in the block's own output order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppcl.addon.blocks import block_state, plain_block_copy
+from ppcl.addon.card import model_card
+from ppcl.addon.fingerprint import check_fingerprint, fingerprint_of
+from ppcl.addon.manifest import (
+    ADDON_FILE,
+    CARD_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    check_format,
+    check_plan_kinds,
+    level_summaries,
+    ppcl_version,
+    student_entry,
+)
+from ppcl.arch import ArchSpec, get_spec
+from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
+from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from ppcl.plan import DepthReplacement, PruningPlan
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z_]")
+_INITS = ("first", "middle", "last")
+
+
+def student_key(replacement_id: str) -> str:
+    """``nn.ModuleDict``-safe key of a replacement's student: ``"depth:3-5"`` → ``"depth_3_5"``."""
+    return _UNSAFE.sub("_", replacement_id)
+
+
+@dataclass(eq=False)
+class PruningAddon:
+    """Student blocks for the depth replacements of ``plan``, with the fingerprint of the base model they fit.
+
+    Attributes:
+        plan: the plan (replacements and levels); its depth replacements' ``init`` says which teacher block each
+            student copies and therefore its structure.
+        students: ``student_key(rep.id)`` → a block of the teacher's block class at the span start.
+        fingerprint: see :func:`~ppcl.addon.fingerprint.fingerprint_of`.
+        provenance: how the add-on was made (training config, data, steps...), free-form JSON.
+        metrics: measured quality, free-form JSON; ``{level: {metric: value}}`` renders as a table in the card.
+    """
+
+    plan: PruningPlan
+    students: nn.ModuleDict
+    fingerprint: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------------ creation
+    @classmethod
+    def from_plan(cls, model: nn.Module, plan: PruningPlan, init: str | None = None) -> PruningAddon:
+        """One fresh student per depth replacement: a detached copy of the teacher block its ``init`` names.
+
+        Args:
+            model: the base transformer (left unchanged; an add-on may already be applied to it).
+            plan: a plan made for ``model``.
+            init: ``"first" | "middle" | "last"`` for every replacement, overriding the plan's choice (the add-on's
+                plan records the override, so reloading rebuilds the same structure).
+
+        Raises:
+            AddonMismatchError: the plan was made for another architecture, class or block count.
+            ConfigError: the plan is invalid, ``init`` is unknown or holds replacements add-ons cannot hold yet.
+        """
+        spec = check_plan_fits(model, plan)
+        if init is not None:
+            if init not in _INITS:
+                raise ConfigError(f"Unknown student initialisation {init!r}", expected=f"one of {_INITS} or None",
+                                  found=repr(init))
+            plan = dataclasses.replace(plan, replacements=[
+                dataclasses.replace(r, init=init) if isinstance(r, DepthReplacement) else r for r in plan.replacements
+            ]).validate(spec)
+        students = nn.ModuleDict()
+        for rep in _unique_keys(check_plan_kinds(plan)):
+            student = plain_block_copy(spec.block(model, rep.init_block))
+            student.requires_grad_(True)
+            students[student_key(rep.id)] = student
+        provenance = {"created_by": "PruningAddon.from_plan", "ppcl_version": ppcl_version(), "init_override": init}
+        return cls(plan, students, fingerprint_of(model, plan), provenance, {})
+
+    # -------------------------------------------------------------------------------------------------- access
+    @property
+    def level_names(self) -> list[str]:
+        """The plan's level names, in order."""
+        return self.plan.level_names
+
+    def student(self, replacement_id: str) -> nn.Module:
+        """The student of replacement ``replacement_id``."""
+        key = student_key(replacement_id)
+        if key not in self.students:
+            raise ConfigError(f"The add-on has no student for {replacement_id!r}",
+                              expected=f"one of {[r.id for r in self.plan.replacements]}", found=repr(replacement_id))
+        return self.students[key]
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The students' parameters (what the distillation optimiser gets)."""
+        return self.students.parameters(recurse)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """``("<student key>.<param>", parameter)`` pairs, named as in the saved safetensors file."""
+        return self.students.named_parameters(prefix=prefix, recurse=recurse)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached student tensors keyed ``"<student key>.<param>"`` (parameters and persistent buffers)."""
+        return {f"{key}.{name}": value for key, s in self.students.items() for name, value in block_state(s).items()}
+
+    def to(self, *args: Any, **kwargs: Any) -> PruningAddon:
+        """Move/cast the students in place (parameter objects are kept, so optimisers stay valid); returns self."""
+        self.students.to(*args, **kwargs)
+        return self
+
+    def fingerprint_of(self, model: nn.Module) -> dict[str, Any]:
+        """Fingerprint of ``model`` over the blocks this add-on's plan touches."""
+        return fingerprint_of(model, self.plan)
+
+    def check_base(self, model: nn.Module) -> None:
+        """Raise :class:`~ppcl.errors.AddonMismatchError` naming the field (expected, found) where ``model`` differs."""
+        check_plan_fits(model, self.plan)
+        check_fingerprint(self.fingerprint, fingerprint_of(model, self.plan))
+
+    # ------------------------------------------------------------------------------------------------------ I/O
+    def manifest(self) -> dict[str, Any]:
+        """The JSON object written to ``ppcl_addon.json``."""
+        reps = check_plan_kinds(self.plan)
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "ppcl_version": ppcl_version(),
+            "arch": self.plan.arch,
+            "base_model_class": self.plan.model_class,
+            "fingerprint": self.fingerprint,
+            "plan": self.plan.to_json(),
+            "levels": level_summaries(self.plan, self.fingerprint.get("config")),
+            "students": {student_key(r.id): student_entry(self.plan, r, self.students[student_key(r.id)])
+                         for r in reps},
+            "provenance": self.provenance,
+            "metrics": self.metrics,
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write the add-on folder atomically: manifest, safetensors weights and a README.md model card."""
+        manifest = self.manifest()
+        with atomic_folder(folder) as tmp:
+            write_json(manifest, tmp / ADDON_FILE)
+            save_tensors(self.state_dict(), tmp / WEIGHTS_FILE,
+                         metadata={"format": "pt", "ppcl_format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            (tmp / CARD_FILE).write_text(model_card(manifest), encoding="utf-8")
+        return Path(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], model: nn.Module) -> PruningAddon:
+        """Load an add-on saved by :meth:`save_pretrained` for the base transformer ``model``.
+
+        Students are rebuilt by copying ``model``'s init blocks (so they get its dtype and device) and then loading
+        the saved weights strictly. ``model`` is not changed; call :func:`ppcl.runtime.apply_addon` to use it.
+
+        Raises:
+            ArtefactError: missing/malformed/truncated files, a newer format version, missing or extra weights.
+            AddonMismatchError: ``model`` is not the base the add-on was made for (checked before any weight loads).
+        """
+        folder = Path(folder)
+        manifest = read_json(folder / ADDON_FILE, "add-on manifest")
+        check_format(manifest, str(folder / ADDON_FILE))
+        plan = PruningPlan.from_json(manifest["plan"])
+        spec = check_plan_fits(model, plan)
+        check_fingerprint(manifest["fingerprint"], fingerprint_of(model, plan))
+        tensors = load_tensors(folder / WEIGHTS_FILE, "add-on")
+        students = _load_students(spec, model, plan, tensors, folder / WEIGHTS_FILE)
+        return cls(plan, students, dict(manifest["fingerprint"]), dict(manifest.get("provenance") or {}),
+                   dict(manifest.get("metrics") or {}))
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return (f"PruningAddon({self.plan.model_class}, {len(self.students)} students, {n:,} params, "
+                f"levels={self.level_names})")
+
+
+def check_plan_fits(model: nn.Module, plan: PruningPlan) -> ArchSpec:
+    """The model's ArchSpec after checking ``plan`` was made for ``model`` (arch, class, stack sizes) and is valid."""
+    spec = get_spec(model)
+    in_mro = plan.model_class in {c.__name__ for c in type(model).__mro__}
+    for field_name, want, have in (
+        ("arch", plan.arch, spec.name),
+        ("class", plan.model_class, plan.model_class if in_mro else type(model).__name__),
+        ("stack_sizes", list(plan.stack_sizes), spec.stack_sizes(model)),
+    ):
+        if want != have:
+            raise AddonMismatchError(
+                f"The plan was made for another base model: `{field_name}` differs",
+                expected=f"{field_name} = {want!r}", found=f"{field_name} = {have!r}",
+                fix="use the plan/add-on made for this transformer (same checkpoint and config)",
+            )
+    plan.validate(spec)
+    return spec
+
+
+def _unique_keys(reps: list[DepthReplacement]) -> list[DepthReplacement]:
+    seen: dict[str, str] = {}
+    for rep in reps:
+        key = student_key(rep.id)
+        if key in seen:
+            raise ConfigError(f"Replacement ids {seen[key]!r} and {rep.id!r} map to the same student key {key!r}",
+                              expected="ids that differ in letters, digits or underscores",
+                              found=f"{seen[key]!r}, {rep.id!r}", fix="rename one of the replacements")
+        seen[key] = rep.id
+    return reps
+
+
+def _load_students(spec: ArchSpec, model: nn.Module, plan: PruningPlan, tensors: dict[str, torch.Tensor],
+                   path: Path) -> nn.ModuleDict:
+    students = nn.ModuleDict()
+    for rep in _unique_keys(check_plan_kinds(plan)):
+        # The saved weights overwrite everything, so merged adapters on the base do not matter here.
+        students[student_key(rep.id)] = plain_block_copy(spec.block(model, rep.init_block), allow_merged_adapters=True)
+    expected = {f"{key}.{name}": value for key, s in students.items() for name, value in s.state_dict().items()}
+    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or extra:
+        raise ArtefactError(
+            f"{path} does not hold the add-on's student weights",
+            expected=f"{len(expected)} tensors named '<student key>.<param>'",
+            found=f"missing {_few(missing)}, unexpected {_few(extra)}",
+            fix="re-save the add-on; do not mix weight files of different add-ons",
+        )
+    wrong = [k for k, v in expected.items() if tuple(v.shape) != tuple(tensors[k].shape)]
+    if wrong:
+        raise ArtefactError(f"{path} has student weights of the wrong shape", expected=str(
+            {k: list(expected[k].shape) for k in wrong[:3]}), found=str({k: list(tensors[k].shape) for k in wrong[:3]}),
+            fix="re-save the add-on for this base model")
+    for key, student in students.items():
+        prefix = key + "."
+        student.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+        student.requires_grad_(True)
+    return students
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"

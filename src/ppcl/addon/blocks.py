@@ -1,0 +1,119 @@
+"""Plain copies of teacher blocks, and their parameter shapes seen through any adapter wrappers.
+
+A student block is a deep copy of a teacher block. The teacher may carry things that must not travel with the copy:
+ppcl's own dispatcher (an instance-level ``forward``), accelerate / diffusers hooks (``_hf_hook``,
+``_diffusers_hook``, a replaced ``forward``), forward hooks (e.g. an activation recorder) and PEFT adapter layers
+(a LoRA wraps ``attn.to_q`` as ``attn.to_q.base_layer`` + ``lora_A``/``lora_B``). :func:`plain_block_copy` strips them,
+so a student is always the bare diffusers block with the teacher's base weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ppcl.errors import ConfigError
+
+# Attributes that hooking libraries put on a module instance to reroute its forward.
+_INSTANCE_HOOK_ATTRS: tuple[str, ...] = ("forward", "_hf_hook", "_old_forward", "_diffusers_hook")
+_HOOK_DICTS: tuple[str, ...] = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT-style tuner layer (wraps the original layer as ``base_layer``)."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module) and callable(
+        getattr(module, "get_base_layer", None)
+    )
+
+
+def has_adapter_layers(module: nn.Module) -> bool:
+    """Whether any submodule of ``module`` is a PEFT-style tuner layer (e.g. a LoRA was added)."""
+    return any(is_adapter_layer(m) for m in module.modules())
+
+
+def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -> nn.Module:
+    """A detached deep copy of ``block`` without hooks, dispatchers or adapter layers; same dtype and device.
+
+    Args:
+        block: a teacher block, possibly wrapped by ppcl, accelerate, diffusers hooks or PEFT.
+        allow_merged_adapters: accept adapters whose deltas were merged into the base weights. The copy then holds
+            the merged weights; only acceptable when they are overwritten right after (loading saved weights).
+
+    Raises:
+        ConfigError: an adapter is merged into the base weights and ``allow_merged_adapters`` is false.
+    """
+    clone = copy.deepcopy(block)
+    for name, module in list(clone.named_modules()):
+        if not is_adapter_layer(module):
+            continue
+        if getattr(module, "merged", False) and not allow_merged_adapters:
+            raise ConfigError(
+                f"The adapter on `{name}` is merged into the teacher's weights",
+                expected="a teacher block with unmerged adapters (or none)",
+                found=f"{type(module).__name__} with merged=True",
+                fix="unmerge the adapter (model.unmerge_adapter / unfuse_lora) before creating the add-on",
+            )
+        _replace_submodule(clone, name, module.get_base_layer())
+    for module in clone.modules():
+        for attr in _INSTANCE_HOOK_ATTRS:
+            module.__dict__.pop(attr, None)
+        for hooks in _HOOK_DICTS:
+            table = module.__dict__.get(hooks)
+            if table is not None:
+                table.clear()
+    for param in clone.parameters():
+        param.grad = None
+    return clone
+
+
+def base_named_shapes(block: nn.Module) -> dict[str, list[int]]:
+    """``{parameter name: shape}`` of ``block`` as the bare diffusers block names them (adapter params left out).
+
+    ``attn.to_q.base_layer.weight`` of a LoRA-wrapped block is reported as ``attn.to_q.weight``, so a base model with a
+    LoRA has the same fingerprint as without.
+    """
+    prefixes = sorted((n for n, m in block.named_modules() if is_adapter_layer(m)), key=len, reverse=True)
+    shapes: dict[str, list[int]] = {}
+    for name, param in block.named_parameters():
+        plain = _plain_name(name, prefixes)
+        if plain is not None:
+            shapes[plain] = list(param.shape)
+    return dict(sorted(shapes.items()))
+
+
+def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The block's own state dict (parameters and persistent buffers), detached."""
+    return {k: v.detach() for k, v in block.state_dict().items()}
+
+
+def _plain_name(name: str, adapter_prefixes: list[str]) -> str | None:
+    for prefix in adapter_prefixes:
+        head = f"{prefix}." if prefix else ""
+        if not name.startswith(head):
+            continue
+        rest = name[len(head) :]
+        # Only what sits under base_layer is the original layer; everything else belongs to the adapter.
+        if rest.startswith("base_layer."):
+            return head + rest[len("base_layer.") :]
+        return None
+    return name
+
+
+def _replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,269 @@
+"""Plug an add-on into a base transformer in place, switch its levels, and take it out again exactly.
+
+:func:`apply_addon` never renames, removes or copies a base parameter. It
+
+* registers the students as the submodule ``model.ppcl`` (the add-on's own ``nn.ModuleDict``, so ``model.to(...)``
+  moves them and training updates land in the add-on);
+* gives every block touched by a depth replacement an instance-level ``forward`` (a dispatcher). Deleting that
+  attribute restores the class ``forward``, which is how :func:`remove_addon` undoes it;
+* registers a state-dict post hook that keeps ``ppcl.*`` out of ``model.state_dict()`` (so diffusers'
+  ``save_pretrained`` writes a pure base checkpoint) and a load post hook that lets a strict load of a base checkpoint
+  ignore the missing ``ppcl.*`` keys.
+
+The dispatcher of flat block ``i`` looks its action up in the active level's precomputed table: the first block of an
+active span runs the student with exactly the arguments the block got (keywords on the normal path, positional under
+gradient checkpointing); the other blocks of the span return their own stream inputs in their own output order; every
+other block runs its original ``forward``. :func:`set_level` only swaps which table is active: O(1), no allocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ppcl.addon import PruningAddon, student_key
+from ppcl.addon.fingerprint import touched_blocks
+from ppcl.addon.manifest import check_plan_kinds
+from ppcl.arch import ArchSpec, get_spec
+from ppcl.errors import ConfigError
+
+ADDON_ATTR = "ppcl"
+"""Name of the submodule holding the students while an add-on is applied."""
+STATE_ATTR = "_ppcl_state"
+"""Name of the model attribute holding the :class:`RuntimeState`."""
+_DISPATCHER_FLAG = "_ppcl_dispatcher"
+
+
+class _Skip:
+    """Action of a block inside an active span, after its first block: return the inputs unchanged."""
+
+    def __repr__(self) -> str:
+        return "SKIP"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Skip:
+        return self  # a singleton: dispatchers compare with `is`
+
+
+SKIP = _Skip()
+
+Action = nn.Module | _Skip
+"""A dispatch action: a student block to run instead, or :data:`SKIP`."""
+
+
+@dataclass(eq=False)
+class RuntimeState:
+    """What :func:`apply_addon` stored on the model (``model._ppcl_state``).
+
+    Attributes:
+        addon: the applied add-on.
+        spec: the model's ArchSpec.
+        tables: level name (``None`` = original model) → {flat block index → action}; blocks absent run normally.
+        active: the active level's table (one of ``tables``' values, never a copy).
+        level: the active level's name.
+        blocks: flat index → dispatched block.
+        previous_forward: flat index → the instance ``forward`` the block had before (``None`` = the class one).
+        handles: the state-dict hooks to remove.
+    """
+
+    addon: PruningAddon
+    spec: ArchSpec
+    tables: dict[str | None, dict[int, Action]]
+    active: dict[int, Action]
+    level: str | None
+    blocks: dict[int, nn.Module] = field(default_factory=dict)
+    previous_forward: dict[int, Callable[..., Any] | None] = field(default_factory=dict)
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+
+def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None) -> nn.Module:
+    """Install ``addon`` on ``model`` in place and activate ``level`` (``None``: applied but inactive).
+
+    Students are moved to the device of their span's blocks when needed (in place, so optimisers stay valid); their
+    dtype is left alone. While applied, ``model.parameters()`` includes the students (under ``ppcl.``), so freeze the
+    base with ``model.requires_grad_(False)`` *before* applying, or re-enable ``addon.parameters()`` after.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ConfigError: an add-on is already applied, ``model`` already has a ``ppcl`` attribute, or ``level`` is unknown.
+        AddonMismatchError: ``addon`` was made for another base model (the field that differs is named).
+    """
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise ConfigError("An add-on is already applied to this model", expected="a model without an add-on",
+                          found=f"add-on with levels {model._ppcl_state.addon.level_names}",
+                          fix="switch levels with set_level, or call remove_addon(model) before applying another")
+    if hasattr(model, ADDON_ATTR):
+        raise ConfigError(f"The model already has an attribute `{ADDON_ATTR}`",
+                          expected=f"no attribute `{ADDON_ATTR}` (the add-on installs its students there)",
+                          found=type(getattr(model, ADDON_ATTR)).__name__, fix="remove or rename that attribute")
+    addon.check_base(model)
+    spec = get_spec(model)
+    tables = _dispatch_tables(addon)
+    if level not in tables:
+        addon.plan.level(level)  # type: ignore[arg-type]  # raises the error listing the known levels
+    _align_devices(spec, model, addon)
+    state = RuntimeState(addon, spec, tables, tables[level], level)
+    for i in touched_blocks(addon.plan):
+        block = spec.block(model, i)
+        previous = block.__dict__.get("forward")
+        if getattr(previous, _DISPATCHER_FLAG, False):
+            raise ConfigError(f"Block {i} already runs a ppcl dispatcher", expected="a block without one",
+                              found=spec.block_name(model, i), fix="remove the other add-on first")
+        state.blocks[i], state.previous_forward[i] = block, previous
+    for i, block in state.blocks.items():
+        block.forward = _Dispatcher(model, state, i, block, state.previous_forward[i])
+    setattr(model, ADDON_ATTR, addon.students)
+    state.handles.append(model.register_state_dict_post_hook(_drop_addon_keys))
+    state.handles.append(model.register_load_state_dict_post_hook(_ignore_missing_addon_keys))
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def set_level(model: nn.Module, name: str | None) -> None:
+    """Activate level ``name`` of the applied add-on; ``None`` runs the original model. O(1), allocates nothing.
+
+    Raises:
+        ConfigError: no add-on is applied, or ``name`` is not a level of it (the message lists the levels).
+    """
+    state = runtime_state(model)
+    table = state.tables.get(name)
+    if table is None:
+        raise ConfigError(f"The applied add-on has no level {name!r}",
+                          expected=f"one of {state.addon.level_names} or None (the original model)",
+                          found=repr(name), fix="pick an existing level name")
+    state.active = table
+    state.level = name
+
+
+def active_level(model: nn.Module) -> str | None:
+    """The active level's name (``None`` when the original model runs or no add-on is applied)."""
+    state = getattr(model, STATE_ATTR, None)
+    return None if state is None else state.level
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the original model inside the block (the teacher of distillation); the previous level comes back after,
+    also on exceptions."""
+    previous = runtime_state(model).level
+    set_level(model, None)
+    try:
+        yield model
+    finally:
+        if getattr(model, STATE_ATTR, None) is not None:
+            set_level(model, previous)
+
+
+def remove_addon(model: nn.Module) -> PruningAddon:
+    """Undo :func:`apply_addon` exactly: class ``forward`` restored, ``model.ppcl`` and the hooks gone.
+
+    Returns:
+        the add-on that was applied (its students keep their weights, e.g. after training).
+
+    Raises:
+        ConfigError: no add-on is applied, or a block's ``forward`` was wrapped again after applying (undo that
+            wrapper first, or it would be lost).
+    """
+    state = runtime_state(model)
+    for i, block in state.blocks.items():
+        if not getattr(block.__dict__.get("forward"), _DISPATCHER_FLAG, False):
+            raise ConfigError(f"Block {i}'s forward was replaced after the add-on was applied",
+                              expected="the ppcl dispatcher as the block's forward",
+                              found=repr(block.__dict__.get("forward")),
+                              fix="remove the later hook/wrapper (e.g. accelerate hooks) before remove_addon")
+    for i, block in state.blocks.items():
+        previous = state.previous_forward[i]
+        if previous is None:
+            del block.forward
+        else:
+            block.forward = previous
+    for handle in state.handles:
+        handle.remove()
+    delattr(model, ADDON_ATTR)
+    delattr(model, STATE_ATTR)
+    return state.addon
+
+
+def runtime_state(model: nn.Module) -> RuntimeState:
+    """The :class:`RuntimeState` of a model with an add-on applied."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ConfigError("No add-on is applied to this model", expected="a model passed to apply_addon",
+                          found=type(model).__name__, fix="call ppcl.apply_addon(model, addon) first")
+    return state
+
+
+def _dispatch_tables(addon: PruningAddon) -> dict[str | None, dict[int, Action]]:
+    reps = {rep.id: rep for rep in check_plan_kinds(addon.plan)}
+    for rep_id in reps:
+        addon.student(rep_id)  # raises when a student is missing
+    tables: dict[str | None, dict[int, Action]] = {None: {}}
+    for lvl in addon.plan.levels:
+        table: dict[int, Action] = {}
+        for rep_id in lvl.replacement_ids:
+            span = reps[rep_id].span
+            table[span.start] = addon.students[student_key(rep_id)]
+            table.update(dict.fromkeys(range(span.start + 1, span.stop), SKIP))
+        tables[lvl.name] = table
+    return tables
+
+
+def _align_devices(spec: ArchSpec, model: nn.Module, addon: PruningAddon) -> None:
+    # In-place .to keeps the Parameter objects, so an optimiser built on addon.parameters() stays valid.
+    for rep in addon.plan.replacements:
+        target = next(spec.block(model, rep.blocks()[0]).parameters(), None)
+        student = addon.student(rep.id)
+        current = next(student.parameters(), None)
+        if target is not None and current is not None and current.device != target.device:
+            student.to(target.device)
+
+
+class _Dispatcher:
+    """The instance-level ``forward`` of a dispatched block.
+
+    A callable object rather than a closure so that ``copy.deepcopy`` of a model with an add-on applied yields a copy
+    whose dispatchers point at the copy's own blocks, state and students.
+    """
+
+    _ppcl_dispatcher = True
+
+    def __init__(self, model: nn.Module, state: RuntimeState, index: int, block: nn.Module,
+                 previous: Callable[..., Any] | None) -> None:
+        self.model, self.state, self.index, self.block, self.previous = model, state, index, block, previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        action = self.state.active.get(self.index)
+        if action is None:
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
+            return type(self.block).forward(self.block, *args, **kwargs)
+        if action is SKIP:
+            return self.state.spec.passthrough(self.model, self.index, args, kwargs)
+        return action(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<ppcl dispatcher of flat block {self.index}>"
+
+
+def _drop_addon_keys(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str,
+                     local_metadata: dict[str, Any]) -> None:
+    head = f"{prefix}{ADDON_ATTR}."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        del state_dict[key]
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k == head[:-1] or k.startswith(head)]:
+            del metadata[key]
+
+
+def _ignore_missing_addon_keys(module: nn.Module, incompatible: Any) -> None:
+    # Keys are relative to the module load_state_dict was called on, which may be a parent of this model.
+    marker = f".{ADDON_ATTR}."
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if marker not in f".{k}"]

@@ -1,0 +1,155 @@
+"""merge: a level baked into a stock diffusers model; remap_lora_state_dict for merged models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TinyCase, build_tiny
+from torch import nn
+
+from ppcl.addon import PruningAddon
+from ppcl.arch import get_spec
+from ppcl.errors import ConfigError
+from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
+from ppcl.runtime import apply_addon, merge, remap_lora_state_dict, set_level
+
+# Block counts per config key after level "b" (spans [1:3] and [3:5] removed one block each).
+EXPECTED_CONFIG = {
+    "qwenimage": {"num_layers": 4},
+    "flux": {"num_layers": 2, "num_single_layers": 2},  # [1:3] in the double stack, [3:5] in the single stack
+    "sd3": {"num_layers": 4},
+    "sd35": {"num_layers": 4, "dual_attention_layers": (0, 1)},  # (0, 1, 2) minus removed block 2
+}
+
+
+def make_plan(model: nn.Module) -> PruningPlan:
+    """Spans [1:3] and [3:5] (half-open) of a 6-block tiny model; level "a" uses the first, "b" both."""
+    spec = get_spec(model)
+    reps = [DepthReplacement(Span(1, 3)), DepthReplacement(Span(3, 5), "middle")]
+    levels = [Level("a", (reps[0].id,)), Level("b", (reps[0].id, reps[1].id))]
+    return PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels,
+                       protect_first=1, protect_last=1).validate()
+
+
+def make_addon(model: nn.Module, plan: PruningPlan | None = None) -> PruningAddon:
+    addon = PruningAddon.from_plan(model, plan or make_plan(model))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in addon.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return addon
+
+
+@torch.no_grad()
+def test_merged_model_is_a_stock_checkpoint(tiny_case: TinyCase, tmp_path: Path) -> None:
+    model, inputs = tiny_case.model, tiny_case.make_inputs(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    addon = make_addon(model)
+    apply_addon(model, addon, "b")
+    applied = tiny_case.forward(inputs)
+
+    merged = merge(model, addon, "b")
+    assert type(merged) is type(model) and not hasattr(merged, "ppcl")
+    for key, value in EXPECTED_CONFIG[tiny_case.name].items():
+        assert tuple(merged.config[key]) == value if isinstance(value, tuple) else merged.config[key] == value
+    assert len(get_spec(merged).blocks(merged)) == 4
+    torch.testing.assert_close(merged(**inputs, return_dict=False)[0], applied, rtol=0, atol=1e-5)
+
+    # The base model is untouched and shares no storage with the merged one.
+    set_level(model, None)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    base_ptrs = {t.data_ptr() for t in model.state_dict().values()} | {p.data_ptr() for p in addon.parameters()}
+    assert not base_ptrs & {t.data_ptr() for t in merged.state_dict().values()}
+
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = type(model).from_pretrained(tmp_path / "merged").eval()  # plain diffusers, no ppcl involved
+    assert torch.equal(reloaded(**inputs, return_dict=False)[0], merged(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+def test_student_weights_land_at_the_span_start() -> None:
+    model = build_tiny("qwenimage").model
+    addon = make_addon(model)
+    merged = merge(model, addon, "a")  # works without applying
+    kept = addon.plan.kept_blocks("a")
+    assert kept == [0, 1, 3, 4, 5]
+    new_blocks = get_spec(merged).blocks(merged)
+    student = addon.students["depth_1_3"].state_dict()
+    assert all(torch.equal(new_blocks[1].state_dict()[k], v) for k, v in student.items())
+    base_block3 = get_spec(model).block(model, 3).state_dict()
+    assert all(torch.equal(new_blocks[2].state_dict()[k], v) for k, v in base_block3.items())
+
+
+def test_saving_the_applied_base_writes_a_pure_base_checkpoint(tmp_path: Path) -> None:
+    case = build_tiny("qwenimage")
+    model, inputs = case.model, case.make_inputs(0)
+    apply_addon(model, make_addon(model), "b")
+    model.save_pretrained(tmp_path / "base")
+    from safetensors import safe_open
+
+    files = list((tmp_path / "base").glob("*.safetensors"))
+    with safe_open(str(files[0]), framework="pt") as handle:
+        assert not any(k.startswith("ppcl") for k in handle.keys())
+    reloaded = type(model).from_pretrained(tmp_path / "base").eval()
+    set_level(model, None)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs, return_dict=False)[0], case.forward(inputs))
+
+
+def test_merge_errors() -> None:
+    sd35 = build_tiny("sd35").model
+    # A student copied from block 3 (no second attention) cannot sit at position 2, which keeps block 2's
+    # dual attention in the rewritten config.
+    plan = PruningPlan("sd3", "SD3Transformer2DModel", (6,), [DepthReplacement(Span(2, 4), "last")],
+                       [Level("x", ("depth:2-4",))], protect_first=1, protect_last=1)
+    addon = make_addon(sd35, plan)
+    with pytest.raises(ConfigError, match="does not fit its position transformer_blocks.2"):
+        merge(sd35, addon, "x")
+    qwen = build_tiny("qwenimage").model
+    with pytest.raises(ConfigError, match="no level 'c'"):
+        merge(qwen, make_addon(qwen), "c")
+    with pytest.raises(ConfigError, match="level name"):
+        merge(qwen, make_addon(qwen), None)  # type: ignore[arg-type]
+
+
+def test_merge_refuses_a_base_with_a_lora() -> None:
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    model = build_tiny("qwenimage").model
+    addon = make_addon(model)
+    model.add_adapter(LoraConfig(r=4, target_modules=["to_q"]))
+    with pytest.raises(ConfigError, match="adapter"):
+        merge(model, addon, "b")
+
+
+def test_remap_lora_state_dict() -> None:
+    flux = build_tiny("flux").model
+    plan = make_plan(flux)  # level b: double [1:3] → keeps 0, 1; single [3:5] (local 0, 1) → keeps local 0, 2
+    lora = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1),
+        "transformer.transformer_blocks.1.attn.to_q.lora_A.weight": torch.ones(1),
+        "transformer.transformer_blocks.2.attn.to_q.lora_A.weight": torch.ones(1),
+        "transformer.single_transformer_blocks.1.proj_out.lora_B.weight": torch.ones(1),
+        "transformer.single_transformer_blocks.2.proj_out.lora_B.weight": torch.full((1,), 2.0),
+        "transformer.proj_out.lora_A.weight": torch.ones(1),
+    }
+    dropped: list[str] = []
+    out = remap_lora_state_dict(lora, plan, "b", dropped=dropped)
+    assert list(out) == [
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+        "transformer.transformer_blocks.1.attn.to_q.lora_A.weight",
+        "transformer.single_transformer_blocks.1.proj_out.lora_B.weight",
+        "transformer.proj_out.lora_A.weight",
+    ]
+    assert torch.equal(out["transformer.single_transformer_blocks.1.proj_out.lora_B.weight"], torch.full((1,), 2.0))
+    assert dropped == ["transformer.transformer_blocks.2.attn.to_q.lora_A.weight",
+                       "transformer.single_transformer_blocks.1.proj_out.lora_B.weight"]
+    qwen_plan = make_plan(build_tiny("qwenimage").model)
+    assert remap_lora_state_dict({"transformer_blocks.5.img_mlp.lora_A.weight": 1}, qwen_plan, "b") == {
+        "transformer_blocks.3.img_mlp.lora_A.weight": 1}
+    with pytest.raises(ConfigError, match="names block 9"):
+        remap_lora_state_dict({"transformer_blocks.9.attn.to_q.lora_A.weight": 1}, qwen_plan, "b")
