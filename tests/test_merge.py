@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny
+from tiny_models import TinyCase, build_tiny, two_span_plan
 from torch import nn
 
 from ppcl.addon import PruningAddon
@@ -25,12 +25,7 @@ EXPECTED_CONFIG = {
 
 
 def make_plan(model: nn.Module) -> PruningPlan:
-    """Spans [1:3] and [3:5] (half-open) of a 6-block tiny model; level "a" uses the first, "b" both."""
-    spec = get_spec(model)
-    reps = [DepthReplacement(Span(1, 3)), DepthReplacement(Span(3, 5), "middle")]
-    levels = [Level("a", (reps[0].id,)), Level("b", (reps[0].id, reps[1].id))]
-    return PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels,
-                       protect_first=1, protect_last=1).validate()
+    return two_span_plan(model)
 
 
 def make_addon(model: nn.Module, plan: PruningPlan | None = None) -> PruningAddon:

@@ -7,23 +7,18 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny
+from tiny_models import TinyCase, build_tiny, two_span_plan
 from torch import nn
 
 from ppcl.addon import PruningAddon, student_key
 from ppcl.arch import get_spec
 from ppcl.errors import AddonMismatchError, ConfigError, PPCLError
-from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
+from ppcl.plan import PruningPlan
 from ppcl.runtime import active_level, apply_addon, disabled, remove_addon, set_level
 
 
 def make_plan(model: nn.Module) -> PruningPlan:
-    """Spans [1:3] and [3:5] (half-open) of a 6-block tiny model; level "a" uses the first, "b" both."""
-    spec = get_spec(model)
-    reps = [DepthReplacement(Span(1, 3)), DepthReplacement(Span(3, 5), "middle")]
-    levels = [Level("a", (reps[0].id,)), Level("b", (reps[0].id, reps[1].id))]
-    return PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels,
-                       protect_first=1, protect_last=1).validate()
+    return two_span_plan(model)
 
 
 def make_addon(model: nn.Module) -> PruningAddon:

@@ -120,3 +120,15 @@ def build_tiny(name: str) -> TinyCase:
     else:
         raise ValueError(name)
     return TinyCase(name=name, model=model.eval(), make_inputs=make)
+
+
+def two_span_plan(model: nn.Module):
+    """Spans [1:3] and [3:5] (half-open) of a 6-block tiny model; level "a" uses the first, "b" both."""
+    from ppcl.arch import get_spec
+    from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
+
+    spec = get_spec(model)
+    reps = [DepthReplacement(Span(1, 3)), DepthReplacement(Span(3, 5), "middle")]
+    levels = [Level("a", (reps[0].id,)), Level("b", (reps[0].id, reps[1].id))]
+    return PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels,
+                       protect_first=1, protect_last=1).validate()

@@ -33,7 +33,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppcl.cli.toy_eval import write_json
+    from ppcl.io import write_json
     from ppcl.toy.benchmark import score_model
     from ppcl.toy.images import make_grid, save_png
     from ppcl.toy.sampler import sample

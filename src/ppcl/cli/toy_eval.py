@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ppcl.errors import ConfigError
+from ppcl.io import write_json
 from ppcl.logging import get_logger
 
 log = get_logger("cli.toy")
@@ -46,15 +47,6 @@ def _sampler(args: argparse.Namespace):
         raise ConfigError("--steps must be positive", expected="an integer >= 1", found=str(args.steps),
                           fix="pass e.g. --steps 20")
     return SamplerConfig(steps=args.steps, guidance=args.guidance)
-
-
-def write_json(data: dict, path: str | os.PathLike[str]) -> None:
-    """Write ``data`` as JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _eval(args: argparse.Namespace) -> int:
