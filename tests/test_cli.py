@@ -73,6 +73,7 @@ def test_distill_eval_merge_inspect_on_the_toy_teacher(tmp_path, capsys):
     assert list(rows) == ["teacher", "b2", "b4"]
     assert rows["b4"]["blocks"] < rows["b2"]["blocks"] < rows["teacher"]["blocks"] == 16
     assert rows["teacher"]["R"] == 0 and "overall" in rows["b4"]["shapes_eval"]
+    assert rows["teacher"]["flops_ratio"] == 1 and 0 < rows["b4"]["flops_ratio"] < rows["b2"]["flops_ratio"] < 1
     assert main(["-q", "merge", "--addon", str(run / "addon"), "--level", "b4", "--out", str(merged)]) == 0
     stock = QwenImageTransformer2DModel.from_pretrained(str(merged), local_files_only=True)
     assert stock.config.num_layers == rows["b4"]["blocks"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ppcl.addon import PruningAddon
+from ppcl.eval.flops import forward_flops
 from ppcl.eval.latency import interleaved_latency, ratios
 from ppcl.eval.metrics import relative_drop, velocity_agreement
 from ppcl.logging import get_logger
@@ -41,7 +42,7 @@ def evaluate_levels(
     shapes_eval: dict[str, Any] | None = None,
     teacher_scores: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Rows keyed by level name (``"teacher"`` first) with params, latency, agreement and (toy) ShapesEval + R.
+    """Rows keyed by level name (``"teacher"`` first): params, FLOPs, latency, agreement and (toy) ShapesEval + R.
 
     Args:
         model: the base transformer (the add-on is applied for the evaluation and removed afterwards if it was not
@@ -67,6 +68,11 @@ def evaluate_levels(
             set_level(model, lv)
             rows[lv].update(velocity_agreement(_predict(model, batches), reference))
         rows[TEACHER].update({"cosine": 1.0, "nmse": 0.0})
+        for lv in [None, *levels]:
+            set_level(model, lv)
+            rows[_name(lv)]["flops"] = forward_flops(model, batches[0])
+        for row in rows.values():
+            row["flops_ratio"] = round(row["flops"] / rows[TEACHER]["flops"], 4)
         timing = interleaved_latency({_name(lv): _timed(model, lv, batches[0]) for lv in [None, *levels]}, repeats)
         for name, ratio in ratios(timing, TEACHER).items():
             rows[name].update(latency_ms=round(timing[name]["median_ms"], 3), latency_ratio=round(ratio, 4))
@@ -111,14 +117,16 @@ def _shapes_eval(model: nn.Module, toy: Any, levels: list[str | None], rows: dic
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     """A markdown table of :func:`evaluate_levels` rows."""
-    header = "| level | blocks | params | block params removed | latency ratio | velocity cosine | NMSE |"
+    header = ("| level | blocks | params | block params removed | FLOPs ratio | latency ratio | velocity cosine | "
+              "NMSE |")
     has_toy = any("shapes_eval" in r for r in rows.values())
     if has_toy:
         header += " ShapesEval overall | R |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, r in rows.items():
         line = (f"| {name} | {r['blocks']} | {r['params'] / 1e6:.2f}M | {r['block_params_removed']:.1%} | "
-                f"{r.get('latency_ratio', float('nan')):.3f} | {r['cosine']:.4f} | {r['nmse']:.4f} |")
+                f"{r['flops_ratio']:.3f} | {r.get('latency_ratio', float('nan')):.3f} | {r['cosine']:.4f} | "
+                f"{r['nmse']:.4f} |")
         if has_toy:
             line += f" {r['shapes_eval']['overall']:.3f} | {r['R']:.2%} |"
         lines.append(line)

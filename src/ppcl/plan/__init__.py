@@ -23,11 +23,13 @@ from ppcl.plan.replacements import (
     replacement_kinds,
 )
 from ppcl.plan.span import BlockLayout, Span, describe
+from ppcl.plan.width import FFNLinear, TextRun, check_level_width
 
 __all__ = [
     "PLAN_FILE",
     "BlockLayout",
     "DepthReplacement",
+    "FFNLinear",
     "Issue",
     "Level",
     "ParamCount",
@@ -35,7 +37,9 @@ __all__ = [
     "PruningPlan",
     "Replacement",
     "Span",
+    "TextRun",
     "block_param_fraction",
+    "check_level_width",
     "describe",
     "param_count",
     "param_table",

@@ -1,0 +1,172 @@
+"""Runtime side of width replacements: projection keys, fresh projections, and the per-level width actions.
+
+The add-on holds every projection in its ``students`` ``nn.ModuleDict`` under its own key (:func:`width_key`):
+
+* text run ``text:50-60``: ``text_50_60__in_<j>`` (``L_j``, one per text-pruned flat block ``j``) and
+  ``text_50_60__out`` (``L_h``);
+* FFN block ``ffn:2``: ``ffn_2__image`` and/or ``ffn_2__text``.
+
+A level's width action at flat block ``i`` runs :func:`ppcl.modules.width.width_forward` on the module that occupies
+``i`` at that level: the teacher block, or the depth student when ``i`` starts an active span (students inside a text
+run are text-pruned like any block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppcl.addon import PruningAddon, plain_block_copy, student_key
+from ppcl.addon.fingerprint import fingerprint_of
+from ppcl.arch import ArchSpec, get_spec
+from ppcl.errors import ConfigError
+from ppcl.modules.projection import ResidualLinear
+from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
+from ppcl.plan import DepthReplacement, FFNLinear, PruningPlan, Replacement, TextRun, check_level_width
+
+WIDTH_KINDS: tuple[type[Replacement], ...] = (TextRun, FFNLinear)
+
+
+def width_key(rep: TextRun | FFNLinear, part: str) -> str:
+    """Key of one projection of ``rep`` in the add-on's ModuleDict; ``part`` is ``"in_<j>"``, ``"out"`` or a stream."""
+    return f"{student_key(rep.id)}__{part}"
+
+
+def projection_keys(rep: Replacement) -> list[str]:
+    """Every projection key ``rep`` needs (empty for depth replacements)."""
+    if isinstance(rep, TextRun):
+        return [width_key(rep, f"in_{j}") for j in rep.pruned_blocks()] + [width_key(rep, "out")]
+    if isinstance(rep, FFNLinear):
+        return [width_key(rep, s) for s in rep.streams]
+    return []
+
+
+def block_dim(block: nn.Module) -> int:
+    """Token width ``D`` of a dual-stream block (its image query input; text tokens share it)."""
+    return int(block.attn.to_q.in_features)
+
+
+def width_modules(model: nn.Module, plan: PruningPlan, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """Fresh identity projections (``W = 0, b = 0``) for every width replacement of ``plan``, on the blocks' device."""
+    spec = get_spec(model)
+    out: dict[str, nn.Module] = {}
+    for rep in plan.replacements:
+        if not isinstance(rep, WIDTH_KINDS):
+            continue
+        block = spec.block(model, rep.blocks()[0])
+        device = next(block.parameters()).device
+        for key in projection_keys(rep):
+            out[key] = ResidualLinear(block_dim(block), dtype=dtype, device=device)
+    return out
+
+
+def width_addon(model: nn.Module, plan: PruningPlan) -> PruningAddon:
+    """An add-on for a plan with depth *and* width replacements: depth students copied from their init blocks
+    (as :meth:`PruningAddon.from_plan`) plus identity projections (initialise them with ``fit_from`` / ``set_map``).
+
+    Stop-gap until :meth:`PruningAddon.from_plan` and its manifest accept width kinds; such an add-on applies, switches
+    levels and merges, but ``save_pretrained`` still refuses width kinds.
+    """
+    spec = get_spec(model)
+    plan.validate(spec)
+    students = nn.ModuleDict()
+    for rep in plan.replacements:
+        if isinstance(rep, DepthReplacement):
+            student = plain_block_copy(spec.block(model, rep.init_block))
+            student.requires_grad_(True)
+            students[student_key(rep.id)] = student
+    for key, module in width_modules(model, plan).items():
+        students[key] = module
+    return PruningAddon(plan, students, fingerprint_of(model, plan), {"created_by": "ppcl.runtime.width_addon"}, {})
+
+
+def check_width_support(spec: ArchSpec, model: nn.Module, plan: PruningPlan) -> None:
+    """Raise :class:`ConfigError` if a width replacement targets a block :func:`width_forward` cannot run."""
+    from ppcl.modules.width import SUPPORTED_BLOCKS
+
+    for rep in plan.replacements:
+        if isinstance(rep, WIDTH_KINDS):
+            for i in rep.blocks():
+                name = type(spec.block(model, i)).__name__
+                if name not in SUPPORTED_BLOCKS:
+                    raise ConfigError(f"Replacement {rep.id} targets a {name}", expected=f"one of {SUPPORTED_BLOCKS}",
+                                      found=f"flat block {i}", fix="keep width replacements on dual-stream blocks")
+
+
+class WidthAction:
+    """Dispatch action of a width-modified block position at one level.
+
+    Attributes:
+        module: the module occupying the position (a depth student), or ``None`` for the dispatched block itself.
+        mode, parts, ctx: see :func:`ppcl.modules.width.width_forward`.
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, index: int, module: nn.Module | None, mode: WidthMode,
+                 parts: WidthParts, ctx: RunContext | None) -> None:
+        self.model, self.spec, self.index, self.module = model, spec, index, module
+        self.mode, self.parts, self.ctx = mode, parts, ctx
+
+    def __call__(self, block: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        bound = self.spec.bind_call(self.model, self.index, args, kwargs)
+        text, image = width_forward(self.module if self.module is not None else block, bound, self.mode, self.parts,
+                                    self.ctx)
+        return self.spec.join_outputs(self.model, self.index, {"text": text, "image": image})
+
+    def __repr__(self) -> str:
+        return f"WidthAction(block {self.index}, text={self.mode.text}, ffn={sorted(self.mode.ffn)})"
+
+
+def level_modes(plan: PruningPlan, reps: Sequence[Replacement]) -> dict[int, WidthMode]:
+    """Flat index → width mode for the active replacements ``reps`` of one level (positions left out run stock)."""
+    text: dict[int, tuple[str, str]] = {}
+    ffn: dict[int, set[str]] = {}
+    for rep in reps:
+        if isinstance(rep, TextRun):
+            text[rep.anchor] = ("anchor", rep.id)
+            for j in rep.pruned_blocks():
+                text[j] = ("last" if j == rep.last else "pruned", rep.id)
+        elif isinstance(rep, FFNLinear):
+            ffn.setdefault(rep.block, set()).update(rep.streams)
+    return {i: WidthMode(text.get(i, ("full", None))[0], frozenset(ffn.get(i, ())),  # type: ignore[arg-type]
+                         text.get(i, ("full", None))[1]) for i in sorted(text.keys() | ffn.keys())}
+
+
+def parts_for(students: Mapping[str, nn.Module], plan: PruningPlan, reps: Sequence[Replacement], index: int,
+              mode: WidthMode) -> WidthParts:
+    """The projections block ``index`` uses in ``mode``, looked up in ``students`` (the add-on's ModuleDict)."""
+    parts = WidthParts()
+    for rep in reps:
+        if isinstance(rep, TextRun) and rep.id == mode.run and mode.text in ("pruned", "last"):
+            parts.text_in = _get(students, width_key(rep, f"in_{index}"))
+            if mode.text == "last":
+                parts.text_out = _get(students, width_key(rep, "out"))
+        elif isinstance(rep, FFNLinear) and rep.block == index:
+            parts.ffn.update({s: _get(students, width_key(rep, s)) for s in rep.streams})
+    return parts
+
+
+def width_actions(model: nn.Module, spec: ArchSpec, plan: PruningPlan, level: str, students: Mapping[str, nn.Module],
+                  depth_table: Mapping[int, Any], contexts: dict[str, RunContext]) -> dict[int, WidthAction]:
+    """Width actions of ``level``; a position that starts an active depth span runs its student in width mode."""
+    reps = plan.replacements_of(level)
+    if not any(isinstance(r, WIDTH_KINDS) for r in reps):
+        return {}
+    check_level_width(plan, level)
+    actions = {}
+    for i, mode in level_modes(plan, reps).items():
+        occupant = depth_table.get(i)
+        module = occupant if isinstance(occupant, nn.Module) else None
+        ctx = contexts.setdefault(mode.run, RunContext()) if mode.run is not None else None
+        actions[i] = WidthAction(model, spec, i, module, mode, parts_for(students, plan, reps, i, mode), ctx)
+    return actions
+
+
+def _get(students: Mapping[str, nn.Module], key: str) -> nn.Module:
+    if key not in students:
+        raise ConfigError(f"The add-on has no projection {key!r}", expected="one projection per width target",
+                          found=f"keys {sorted(students)[:6]}...",
+                          fix="build the add-on with ppcl.runtime.width_addon (or add width_modules(model, plan))")
+    return students[key]
