@@ -210,7 +210,9 @@ def _joint(block: nn.Module, a: Mapping[str, Any], mode: WidthMode, parts: Width
             # SD3.5 norm1 chunks: msa (0-2), mlp (3-5), msa2 (6-8); only the mlp rows are dropped.
             silu = block.norm1.silu(temb)
             shift, scale, gate_msa = _rows(block.norm1.linear, silu, 0, 3, d).chunk(3, dim=1)
-            shift2, scale2, gate_msa2 = _rows(block.norm1.linear, silu, 6, 9, d).chunk(3, dim=1)
+            # A merged model keeps only chunks 0-2 and 6-8 (rows 0..6D) of this linear.
+            first2 = 3 if block.norm1.linear.out_features == 6 * d else 6
+            shift2, scale2, gate_msa2 = _rows(block.norm1.linear, silu, first2, first2 + 3, d).chunk(3, dim=1)
             normed = block.norm1.norm(h)
             img_x = normed * (1 + scale[:, None]) + shift[:, None]
             img_x2 = normed * (1 + scale2[:, None]) + shift2[:, None]

@@ -11,7 +11,13 @@ Example (the authors' public Qwen-Image plan, paper notation)::
 Spans are half-open flat block ranges (``transformer_blocks[3:5]``); the paper's inclusive ``[3, 4]`` is the same span.
 """
 
-from ppcl.plan.count import ParamCount, ParamTable, block_param_fraction, param_count, param_table
+from ppcl.plan.count import (
+    ParamCount,
+    ParamTable,
+    block_param_fraction,
+    param_count,
+    param_table,
+)
 from ppcl.plan.plan import PLAN_FILE, Level, PruningPlan
 from ppcl.plan.propose import propose_plan
 from ppcl.plan.replacements import (
@@ -24,6 +30,13 @@ from ppcl.plan.replacements import (
 )
 from ppcl.plan.span import BlockLayout, Span, describe
 from ppcl.plan.width import FFNLinear, TextRun, check_level_width
+from ppcl.plan.width_select import (
+    dual_stream_blocks,
+    select_ffn_blocks,
+    select_text_runs,
+    select_width,
+    with_width_level,
+)
 
 __all__ = [
     "PLAN_FILE",
@@ -41,10 +54,15 @@ __all__ = [
     "block_param_fraction",
     "check_level_width",
     "describe",
+    "dual_stream_blocks",
     "param_count",
     "param_table",
     "propose_plan",
     "register_replacement",
     "replacement_from_json",
     "replacement_kinds",
+    "select_ffn_blocks",
+    "select_text_runs",
+    "select_width",
+    "with_width_level",
 ]

@@ -16,7 +16,13 @@ Conventions (every printed range names its own):
   per listed stream; the second half of that stream's modulation output is no longer computed (nor counted).
 
 Text runs live inside one dual-stream stack (FLUX.1 single blocks have no separate text weights). FFNLinear needs a
-separate FFN (so not FLUX.1 single blocks: their MLP is fused with the attention output in ``proj_out``).
+separate FFN, so FLUX.1 single blocks are refused, by decision: a single block computes
+``x + gate ⊙ proj_out([attn(x̂), gelu(proj_mlp(x̂))])`` with ``x̂`` the modulated norm of ``x``; attention and MLP run in
+*parallel* on the same input and share one gate and one output projection, so there is no hidden state ``g`` after an
+attention residual and "second half → ``g + L(g)``" does not exist. (In FLUX.1-dev the MLP part, ``proj_mlp`` plus the
+MLP columns of ``proj_out``, is 75.5M of the block's 141.6M parameters.) The nearest sound variant, a linear map of
+``x̂`` in place of the MLP branch inside the gated sum, is a different approximation that the report's FFN fit (of
+``g`` → second-half output) does not measure; it would need its own probe target before it could be selected.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ppcl.errors import ArtefactError, ConfigError
 from ppcl.plan import _json
-from ppcl.plan.replacements import DepthReplacement, Issue, Replacement, register_replacement
+from ppcl.plan.replacements import (
+    DepthReplacement,
+    Issue,
+    Replacement,
+    register_replacement,
+)
 from ppcl.plan.span import BlockLayout, Span
 
 if TYPE_CHECKING:
@@ -60,20 +71,16 @@ def _sub_params(table: ParamTable, index: int, names: Sequence[str]) -> int:
     return sum(table.module_params.get(f"{prefix}.{n}", 0) for n in names)
 
 
-def _dim(table: ParamTable, index: int, modulation: str) -> tuple[int, int]:
-    """``(D, n_chunks)`` of a block's modulation linear, from its parameter count ``n·D·D + n·D``."""
-    n_params = table.module_params[f"{_block_prefix(table, index)}.{modulation}"]
-    for chunks in (6, 9, 2, 3):
-        # n·D² + n·D = n_params → D = (-1 + sqrt(1 + 4·n_params/n)) / 2 must be an integer.
-        if n_params % chunks:
-            continue
-        q = n_params // chunks
-        d = int(((1 + 4 * q) ** 0.5 - 1) / 2)
-        for cand in (d - 1, d, d + 1):
-            if cand > 0 and cand * cand + cand == q:
-                return cand, chunks
-    raise ConfigError(f"Cannot read the width of `{modulation}`", expected="an n·D×D linear with bias",
-                      found=f"{n_params} parameters")
+def _dim(table: ParamTable, index: int) -> int:
+    """Token width ``D`` of flat block ``index``, read from its text key projection (``D × D`` weight + ``D`` bias in
+    every supported dual-stream block); the projections and the modulation rows are sized by it."""
+    n_params = table.module_params.get(f"{_block_prefix(table, index)}.attn.add_k_proj", 0)
+    d = int(((1 + 4 * n_params) ** 0.5 - 1) / 2)
+    for cand in (d - 1, d, d + 1):
+        if cand > 0 and cand * cand + cand == n_params:
+            return cand
+    raise ConfigError(f"Cannot read the token width of block {index}", expected="a D×D text key projection with bias",
+                      found=f"{n_params} parameters in attn.add_k_proj")
 
 
 @register_replacement
@@ -130,7 +137,7 @@ class TextRun(Replacement):
         from ppcl.arch import spec_by_name
 
         targets = spec_by_name(_arch_of(table)).stacks[_stack_number(table, self.anchor)].width
-        d, _ = _dim(table, self.anchor, dict(targets.modulation)["image"])
+        d = _dim(table, self.anchor)
         removed = 0
         for j in self.pruned_blocks():
             present = [n for n in targets.text if f"{_block_prefix(table, j)}.{n}" in table.module_params]
@@ -229,10 +236,10 @@ class FFNLinear(Replacement):
         targets = spec_by_name(_arch_of(table)).stacks[_stack_number(table, self.block)].width
         removed = 0
         for stream in self.streams:
-            ffn, mod = dict(targets.ffn).get(stream), dict(targets.modulation)[stream]
+            ffn = dict(targets.ffn).get(stream)
             if ffn is None or f"{_block_prefix(table, self.block)}.{ffn}" not in table.module_params:
-                continue
-            d, _ = _dim(table, self.block, mod)
+                continue  # the runtime refuses such a stream (no FFN to replace), see check_width_support
+            d = _dim(table, self.block)
             # The FFN goes, the shift/scale/gate rows of the second half go, one residual linear map comes in.
             removed += _sub_params(table, self.block, [ffn]) + 3 * (d * d + d) - (d * d + d)
         return removed

@@ -24,18 +24,25 @@ from ppcl.runtime.apply import (
 )
 from ppcl.runtime.lora import remap_lora_state_dict
 from ppcl.runtime.merge import merge
+from ppcl.runtime.merge_width import MERGED_FILE, load_merged, save_merged
+from ppcl.runtime.width import width_addon, width_modules
 
 __all__ = [
     "ADDON_ATTR",
+    "MERGED_FILE",
     "SKIP",
     "STATE_ATTR",
     "RuntimeState",
     "active_level",
     "apply_addon",
     "disabled",
+    "load_merged",
     "merge",
     "remap_lora_state_dict",
     "remove_addon",
     "runtime_state",
+    "save_merged",
     "set_level",
+    "width_addon",
+    "width_modules",
 ]

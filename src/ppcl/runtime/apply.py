@@ -13,7 +13,9 @@
 The dispatcher of flat block ``i`` looks its action up in the active level's precomputed table: the first block of an
 active span runs the student with exactly the arguments the block got (keywords on the normal path, positional under
 gradient checkpointing); the other blocks of the span return their own stream inputs in their own output order; every
-other block runs its original ``forward``. :func:`set_level` only swaps which table is active: O(1), no allocation.
+other block runs its original ``forward``; a block touched by an active width replacement (text run, FFN block) runs
+:func:`ppcl.modules.width.width_forward` on its occupant (the teacher block, or the student when it starts an active
+span) with the add-on's projections. :func:`set_level` only swaps which table is active: O(1), no allocation.
 """
 
 from __future__ import annotations
@@ -29,9 +31,17 @@ from torch.utils.hooks import RemovableHandle
 
 from ppcl.addon import PruningAddon, student_key
 from ppcl.addon.fingerprint import touched_blocks
-from ppcl.addon.manifest import check_plan_kinds
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
+from ppcl.modules.width import RunContext
+from ppcl.plan import DepthReplacement, PruningPlan
+from ppcl.runtime.width import (
+    WIDTH_KINDS,
+    WidthAction,
+    check_width_support,
+    projection_keys,
+    width_actions,
+)
 
 ADDON_ATTR = "ppcl"
 """Name of the submodule holding the students while an add-on is applied."""
@@ -52,8 +62,8 @@ class _Skip:
 
 SKIP = _Skip()
 
-Action = nn.Module | _Skip
-"""A dispatch action: a student block to run instead, or :data:`SKIP`."""
+Action = nn.Module | _Skip | WidthAction
+"""A dispatch action: a student block to run instead, :data:`SKIP`, or a width-modified forward."""
 
 
 @dataclass(eq=False)
@@ -69,6 +79,7 @@ class RuntimeState:
         blocks: flat index → dispatched block.
         previous_forward: flat index → the instance ``forward`` the block had before (``None`` = the class one).
         handles: the state-dict hooks to remove.
+        contexts: text-run id → the :class:`~ppcl.modules.width.RunContext` carrying ``z_a`` within a forward.
     """
 
     addon: PruningAddon
@@ -79,6 +90,7 @@ class RuntimeState:
     blocks: dict[int, nn.Module] = field(default_factory=dict)
     previous_forward: dict[int, Callable[..., Any] | None] = field(default_factory=dict)
     handles: list[RemovableHandle] = field(default_factory=list)
+    contexts: dict[str, RunContext] = field(default_factory=dict)
 
 
 def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None) -> nn.Module:
@@ -105,11 +117,12 @@ def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None)
                           found=type(getattr(model, ADDON_ATTR)).__name__, fix="remove or rename that attribute")
     addon.check_base(model)
     spec = get_spec(model)
-    tables = _dispatch_tables(addon)
+    contexts: dict[str, RunContext] = {}
+    tables = _dispatch_tables(addon, spec, model, contexts)
     if level not in tables:
         addon.plan.level(level)  # type: ignore[arg-type]  # raises the error listing the known levels
     _align_devices(spec, model, addon)
-    state = RuntimeState(addon, spec, tables, tables[level], level)
+    state = RuntimeState(addon, spec, tables, tables[level], level, contexts=contexts)
     for i in touched_blocks(addon.plan):
         block = spec.block(model, i)
         previous = block.__dict__.get("forward")
@@ -200,29 +213,49 @@ def runtime_state(model: nn.Module) -> RuntimeState:
     return state
 
 
-def _dispatch_tables(addon: PruningAddon) -> dict[str | None, dict[int, Action]]:
-    reps = {rep.id: rep for rep in check_plan_kinds(addon.plan)}
-    for rep_id in reps:
-        addon.student(rep_id)  # raises when a student is missing
+def _dispatch_tables(addon: PruningAddon, spec: ArchSpec, model: nn.Module,
+                     contexts: dict[str, RunContext]) -> dict[str | None, dict[int, Action]]:
+    reps = {rep.id: rep for rep in _known_kinds(addon.plan)}
+    for rep in reps.values():
+        if isinstance(rep, DepthReplacement):
+            addon.student(rep.id)  # raises when a student is missing
+    check_width_support(spec, model, addon.plan)
     tables: dict[str | None, dict[int, Action]] = {None: {}}
     for lvl in addon.plan.levels:
         table: dict[int, Action] = {}
         for rep_id in lvl.replacement_ids:
-            span = reps[rep_id].span
-            table[span.start] = addon.students[student_key(rep_id)]
-            table.update(dict.fromkeys(range(span.start + 1, span.stop), SKIP))
+            rep = reps[rep_id]
+            if not isinstance(rep, DepthReplacement):
+                continue
+            table[rep.span.start] = addon.students[student_key(rep_id)]
+            table.update(dict.fromkeys(range(rep.span.start + 1, rep.span.stop), SKIP))
+        # Width actions overwrite a span start's student entry: the student then runs in its width mode.
+        table.update(width_actions(model, spec, addon.plan, lvl.name, addon.students, table, contexts))
         tables[lvl.name] = table
     return tables
+
+
+def _known_kinds(plan: PruningPlan) -> list[DepthReplacement]:
+    others = [r for r in plan.replacements if not isinstance(r, (DepthReplacement, *WIDTH_KINDS))]
+    if others:
+        raise ConfigError(f"The plan has replacement kinds the runtime cannot run: {sorted({r.kind for r in others})}",
+                          expected="depth, text_run and ffn_linear replacements", found=str([r.id for r in others]),
+                          fix="remove those replacements from the plan, or use a ppcl version that supports them")
+    return list(plan.replacements)  # type: ignore[arg-type]
 
 
 def _align_devices(spec: ArchSpec, model: nn.Module, addon: PruningAddon) -> None:
     # In-place .to keeps the Parameter objects, so an optimiser built on addon.parameters() stays valid.
     for rep in addon.plan.replacements:
         target = next(spec.block(model, rep.blocks()[0]).parameters(), None)
-        student = addon.student(rep.id)
-        current = next(student.parameters(), None)
-        if target is not None and current is not None and current.device != target.device:
-            student.to(target.device)
+        keys = [student_key(rep.id)] if isinstance(rep, DepthReplacement) else projection_keys(rep)
+        for key in keys:
+            if key not in addon.students:
+                continue  # a missing student/projection is reported when the dispatch tables are built
+            module = addon.students[key]
+            current = next(module.parameters(), None)
+            if target is not None and current is not None and current.device != target.device:
+                module.to(target.device)
 
 
 class _Dispatcher:
@@ -246,6 +279,8 @@ class _Dispatcher:
             return type(self.block).forward(self.block, *args, **kwargs)
         if action is SKIP:
             return self.state.spec.passthrough(self.model, self.index, args, kwargs)
+        if isinstance(action, WidthAction):
+            return action(self.block, args, kwargs)
         return action(*args, **kwargs)
 
     def __repr__(self) -> str:

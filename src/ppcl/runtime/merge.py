@@ -3,21 +3,26 @@
 For depth-only levels the result is a plain instance of the base's diffusers class built from
 ``spec.rewrite_config(config, kept)``: each span keeps one block, at the span's first position, holding the student's
 weights; all other blocks of the span are gone. It saves with diffusers ``save_pretrained`` and loads back with the
-stock ``Class.from_pretrained``, without ppcl.
+stock ``Class.from_pretrained``, without ppcl. Levels with width replacements additionally get the substitutions of
+:mod:`ppcl.runtime.merge_width` (dropped modules, cut modulation rows, projections); save them with
+:func:`~ppcl.runtime.merge_width.save_merged` and load with :func:`~ppcl.runtime.merge_width.load_merged`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from accelerate import init_empty_weights
 from torch import nn
 
 from ppcl.addon import PruningAddon, has_adapter_layers, student_key
-from ppcl.addon.manifest import check_plan_kinds
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
-from ppcl.runtime.apply import ADDON_ATTR
+from ppcl.plan import DepthReplacement
+from ppcl.runtime.apply import ADDON_ATTR, _known_kinds
+from ppcl.runtime.merge_width import make_record, replay, substitution
+from ppcl.runtime.width import WIDTH_KINDS, check_width_support, level_modes, parts_for
 
 
 def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
@@ -37,8 +42,10 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
                           fix="the original model (level None) needs no merge")
     addon.check_base(model)
     spec = get_spec(model)
-    check_plan_kinds(addon.plan)
-    reps = addon.plan.replacements_of(level)
+    _known_kinds(addon.plan)
+    check_width_support(spec, model, addon.plan)
+    all_reps = addon.plan.replacements_of(level)
+    reps = [r for r in all_reps if isinstance(r, DepthReplacement)]
     if _has_base_adapters(model):
         raise ConfigError("The base model carries adapter layers (e.g. a LoRA)", expected="a plain base model",
                           found="PEFT tuner layers in the transformer",
@@ -64,8 +71,30 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
     _check_students_fit(spec, merged, addon, reps, kept)
     merged.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     _copy_buffers(spec, model, merged, addon, reps, kept)
+    if any(isinstance(r, WIDTH_KINDS) for r in all_reps):
+        _apply_width(spec, merged, addon, level, all_reps, kept)
     merged.train(model.training)
     return merged
+
+
+def _apply_width(spec: ArchSpec, merged: nn.Module, addon: PruningAddon, level: str, reps: list[Any],
+                 kept: list[int]) -> None:
+    # Substitutions are recorded at merged positions; a span start's position holds its student, already loaded.
+    from ppcl.plan import check_level_width
+
+    check_level_width(addon.plan, level)
+    position = {old: new for new, old in enumerate(kept)}
+    subs, projections = [], {}
+    for old, mode in level_modes(addon.plan, reps).items():
+        new = position[old]
+        subs.append(substitution(spec, merged, new, mode))
+        parts = parts_for(addon.students, addon.plan, reps, old, mode)
+        for name, module in (("text_in", parts.text_in), ("text_out", parts.text_out), *parts.ffn.items()):
+            if module is not None:
+                projections[(new, name)] = module
+    dtypes = {p.dtype for m in projections.values() for p in m.parameters()}
+    record = make_record(type(merged).__name__, level, subs, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    replay(merged, record, projections)
 
 
 def _has_base_adapters(model: nn.Module) -> bool:

@@ -25,7 +25,14 @@ from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.modules.projection import ResidualLinear
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
-from ppcl.plan import DepthReplacement, FFNLinear, PruningPlan, Replacement, TextRun, check_level_width
+from ppcl.plan import (
+    DepthReplacement,
+    FFNLinear,
+    PruningPlan,
+    Replacement,
+    TextRun,
+    check_level_width,
+)
 
 WIDTH_KINDS: tuple[type[Replacement], ...] = (TextRun, FFNLinear)
 
@@ -94,6 +101,14 @@ def check_width_support(spec: ArchSpec, model: nn.Module, plan: PruningPlan) -> 
                 if name not in SUPPORTED_BLOCKS:
                     raise ConfigError(f"Replacement {rep.id} targets a {name}", expected=f"one of {SUPPORTED_BLOCKS}",
                                       found=f"flat block {i}", fix="keep width replacements on dual-stream blocks")
+            if isinstance(rep, FFNLinear):
+                targets = spec.width_targets(model, rep.block)
+                missing = [s for s in rep.streams if targets.ffn_of(s) is None]
+                if missing:
+                    raise ConfigError(f"Replacement {rep.id} replaces the FFN of stream(s) {missing}, which block "
+                                      f"{rep.block} does not have", expected=f"streams among "
+                                      f"{[s for s, _ in targets.ffn]}", found=str(list(rep.streams)),
+                                      fix="drop those streams (e.g. SD3's last block has no text FFN)")
 
 
 class WidthAction:

@@ -1,0 +1,204 @@
+"""Width substitutions of a merged model: make them, record them, replay them (``load_merged``), never pickle.
+
+A merged level with width replacements is the depth-merged stock model plus, per width-modified block (indexed by its
+*merged* flat position):
+
+* dropped submodules set to ``None`` (text-pruned: the text modules except text K/V; FFN-pruned: the stream's FFN);
+* the stream's modulation linear cut to its attention-half rows (``D → 3D``; SD3.5 dual-attention ``D → 6D``: chunks
+  0-2 and 6-8), because the second half of the modulation output is no longer computed;
+* projections as block submodules ``ppcl_text_in`` / ``ppcl_text_out`` / ``ppcl_ffn_image`` / ``ppcl_ffn_text``
+  (:class:`~ppcl.modules.projection.ResidualLinear`);
+* an instance ``forward`` running :func:`~ppcl.modules.width.width_forward`; blocks of one text run share a
+  :class:`~ppcl.modules.width.RunContext`.
+
+The record (``ppcl_merged.json`` next to diffusers' ``config.json`` and weights) lists exactly these substitutions, so
+:func:`load_merged` rebuilds the model: class from config on the meta device → replay → load the safetensors weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from ppcl.arch import ArchSpec, get_spec
+from ppcl.errors import ArtefactError
+from ppcl.io import read_json, write_json
+from ppcl.modules.projection import ResidualLinear
+from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
+
+MERGED_FILE = "ppcl_merged.json"
+MERGED_FORMAT = "ppcl.merged_width"
+MERGED_FORMAT_VERSION = 1
+RECORD_ATTR = "ppcl_merged_record"
+"""Attribute of a width-merged model holding its substitution record (a JSON-able dict)."""
+_PART_ATTRS = {"text_in": "ppcl_text_in", "text_out": "ppcl_text_out", "image": "ppcl_ffn_image",
+               "text": "ppcl_ffn_text"}
+
+
+def substitution(spec: ArchSpec, model: nn.Module, index: int, mode: WidthMode) -> dict[str, Any]:
+    """The record of one width-modified block at merged flat ``index`` of ``model`` (before it is modified)."""
+    targets = spec.width_targets(model, index)
+    block = spec.block(model, index)
+    drop = [] if mode.text_full else [n for n in targets.text if n not in targets.text_kv]
+    cut: dict[str, list[int]] = {}
+    for stream in sorted(mode.ffn):
+        drop.append(dict(targets.ffn)[stream])
+        linear = _mod_linear(block, dict(targets.modulation)[stream])
+        d = linear.in_features
+        cut[_mod_linear_name(block, dict(targets.modulation)[stream])] = (
+            [0, 1, 2, 6, 7, 8] if linear.out_features == 9 * d else [0, 1, 2])
+    parts = [p for p, on in (("text_in", mode.text in ("pruned", "last")), ("text_out", mode.text == "last")) if on]
+    return {"block": index, "block_name": spec.block_name(model, index), "text": mode.text, "run": mode.run,
+            "ffn": sorted(mode.ffn), "drop": drop, "cut_modulation": cut, "projections": parts + sorted(mode.ffn)}
+
+
+def replay(model: nn.Module, record: Mapping[str, Any], projections: Mapping[tuple[int, str], nn.Module] | None = None,
+           proj_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Apply the substitutions of ``record`` to ``model`` in place (weights kept where the structure survives).
+
+    Args:
+        model: a stock model built from the merged config (real weights, or the meta device before loading).
+        record: the record written by :func:`ppcl.runtime.merge` (``ppcl_merged.json``).
+        projections: ``(merged flat index, part) → module`` to install (cloned); missing ones are fresh identities.
+        proj_dtype: dtype of fresh projections.
+    """
+    spec = get_spec(model)
+    contexts: dict[str, RunContext] = {}
+    for sub in record["substitutions"]:
+        i = int(sub["block"])
+        block = spec.block(model, i)
+        for name in sub["drop"]:
+            parent, _, leaf = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, leaf, None)
+        for name, chunks in sub["cut_modulation"].items():
+            _cut_rows(block, name, [int(c) for c in chunks])
+        device = next(block.parameters()).device
+        parts = WidthParts()
+        for part in sub["projections"]:
+            given = None if projections is None else projections.get((i, part))
+            if given is not None:
+                module = _clone(given)
+            else:
+                module = ResidualLinear(int(block.attn.to_q.in_features), dtype=proj_dtype, device=device)
+            setattr(block, _PART_ATTRS[part], module)
+            if part in ("text_in", "text_out"):
+                setattr(parts, part, module)
+            else:
+                parts.ffn[part] = module
+        run = sub.get("run")
+        ctx = contexts.setdefault(run, RunContext()) if run is not None else None
+        mode = WidthMode(sub["text"], frozenset(sub["ffn"]), run)
+        block.forward = _MergedForward(block, spec.stack_of(model, i).input_names, mode, parts, ctx)
+    setattr(model, RECORD_ATTR, dict(record))
+    return model
+
+
+class _MergedForward:
+    """Instance ``forward`` of a width-modified block of a merged model (a callable object: deep-copyable)."""
+
+    def __init__(self, block: nn.Module, input_names: Sequence[str], mode: WidthMode, parts: WidthParts,
+                 ctx: RunContext | None) -> None:
+        self.block, self.input_names, self.mode, self.parts, self.ctx = block, tuple(input_names), mode, parts, ctx
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        bound = dict(zip(self.input_names, args, strict=False))
+        bound.update(kwargs)
+        return width_forward(self.block, bound, self.mode, self.parts, self.ctx)
+
+
+def save_merged(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
+    """``model.save_pretrained(folder)`` plus ``ppcl_merged.json`` when ``model`` has width substitutions."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    record = getattr(model, RECORD_ATTR, None)
+    if record is not None:
+        write_json(record, folder / MERGED_FILE)
+    return folder
+
+
+def load_merged(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a merged model saved by :func:`save_merged`: config → meta-device model → replay → load weights.
+
+    Depth-only folders (no ``ppcl_merged.json``) load with the stock ``from_pretrained``.
+
+    Raises:
+        ArtefactError: a malformed record, or weights that do not match the replayed structure.
+    """
+    from ppcl.plan.count import resolve_model_class
+
+    folder = Path(path)
+    record_path = folder / MERGED_FILE
+    if not record_path.is_file():
+        raise ArtefactError(f"No {MERGED_FILE} in {folder}", expected="a folder written by ppcl.runtime.save_merged",
+                            found="no substitution record", fix="depth-only merges load with the stock from_pretrained")
+    record = read_json(record_path, "merged-model record")
+    if record.get("format") != MERGED_FORMAT or int(record.get("format_version", 0)) > MERGED_FORMAT_VERSION:
+        raise ArtefactError(f"{record_path} is not a record this ppcl can read",
+                            expected=f"format {MERGED_FORMAT!r} version <= {MERGED_FORMAT_VERSION}",
+                            found=f"{record.get('format')!r} {record.get('format_version')!r}", fix="upgrade ppcl")
+    cls = resolve_model_class(record["model_class"])
+    config = cls.load_config(str(folder))
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config)
+        replay(model, record, proj_dtype=getattr(torch, record.get("projection_dtype", "float32")))
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ArtefactError(f"The weights in {folder} do not fit the replayed model", expected="exactly its tensors",
+                            found=str(err)[:300], fix="re-save the merged model with ppcl.runtime.save_merged") from err
+    return model.eval()
+
+
+def make_record(model_class: str, level: str, subs: list[dict[str, Any]], proj_dtype: torch.dtype) -> dict[str, Any]:
+    """The JSON object written to ``ppcl_merged.json``."""
+    return {"format": MERGED_FORMAT, "format_version": MERGED_FORMAT_VERSION, "model_class": model_class,
+            "level": level, "projection_dtype": str(proj_dtype).removeprefix("torch."),
+            "index_convention": "block = flat block index of the merged model (0-based, over all stacks in order)",
+            "substitutions": subs}
+
+
+def _mod_linear_name(block: nn.Module, modulation: str) -> str:
+    module = block.get_submodule(modulation)
+    if isinstance(module, nn.Sequential):  # Qwen-Image: Sequential(SiLU, Linear)
+        return f"{modulation}.1"
+    return f"{modulation}.linear"  # AdaLayerNormZero (FLUX.1, SD3)
+
+
+def _mod_linear(block: nn.Module, modulation: str) -> nn.Linear:
+    return block.get_submodule(_mod_linear_name(block, modulation))
+
+
+def _cut_rows(block: nn.Module, name: str, chunks: list[int]) -> None:
+    old = block.get_submodule(name)
+    d = old.in_features
+    new = nn.Linear(d, len(chunks) * d, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    if not old.weight.is_meta:
+        with torch.no_grad():
+            rows = torch.cat([torch.arange(c * d, (c + 1) * d) for c in chunks]).to(old.weight.device)
+            new.weight.copy_(old.weight[rows])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[rows])
+    parent, _, leaf = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, leaf, new)
+
+
+def _clone(module: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone
