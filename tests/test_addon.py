@@ -9,7 +9,15 @@ import pytest
 import torch
 from tiny_models import TinyCase, build_tiny
 
-from ppcl.addon import ADDON_FILE, CARD_FILE, WEIGHTS_FILE, PruningAddon, fingerprint_of, student_key
+from ppcl.addon import (
+    ADDON_FILE,
+    CARD_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    PruningAddon,
+    fingerprint_of,
+    student_key,
+)
 from ppcl.arch import get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
@@ -133,7 +141,7 @@ def test_broken_artefacts_raise_artefact_errors(tmp_path: Path) -> None:
 
     (folder / WEIGHTS_FILE).write_bytes(weights)
     tensors = load_file(str(folder / WEIGHTS_FILE))
-    dropped = sorted(tensors)[0]
+    dropped = min(tensors)
     del tensors[dropped]
     tensors["depth_9_9.extra"] = torch.zeros(1)
     save_file(tensors, str(folder / WEIGHTS_FILE))
@@ -141,7 +149,7 @@ def test_broken_artefacts_raise_artefact_errors(tmp_path: Path) -> None:
         PruningAddon.from_pretrained(folder, model)
     assert dropped in str(err.value) and "depth_9_9.extra" in str(err.value)
 
-    (folder / ADDON_FILE).write_text(json.dumps({**manifest, "format_version": 2}))
+    (folder / ADDON_FILE).write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(ArtefactError, match="upgrade ppcl"):
         PruningAddon.from_pretrained(folder, model)
     with pytest.raises(ArtefactError, match="not found"):

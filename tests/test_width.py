@@ -16,6 +16,7 @@ import torch
 from tiny_models import build_tiny
 from torch import nn
 
+from ppcl.addon import PruningAddon
 from ppcl.arch import get_spec
 from ppcl.errors import ConfigError
 from ppcl.plan import DepthReplacement, FFNLinear, Level, PruningPlan, Span, TextRun
@@ -29,7 +30,7 @@ from ppcl.runtime import (
     save_merged,
     set_level,
 )
-from ppcl.runtime.width import width_addon, width_key
+from ppcl.runtime.width import width_key
 
 ARCHS = ("qwenimage", "flux", "sd3", "sd35")
 
@@ -130,7 +131,7 @@ def test_planted_linear_behaviour_reproduces_teacher(name: str) -> None:
     inputs = case.make_inputs(0)
     with torch.no_grad():
         teacher = case.forward(inputs)
-    addon = width_addon(case.model, plan)
+    addon = PruningAddon.from_plan(case.model, plan)
     apply_addon(case.model, addon, level="all")
     with torch.no_grad():
         identity_out = case.forward(inputs)  # fresh projections are identities: not the teacher
@@ -158,7 +159,7 @@ def test_unplanted_full_mode_is_bit_exact_and_level_none_restores() -> None:
     inputs = case.make_inputs(0)
     with torch.no_grad():
         teacher = case.forward(inputs)
-    addon = width_addon(case.model, plan)
+    addon = PruningAddon.from_plan(case.model, plan)
     apply_addon(case.model, addon, level="f")
     with torch.no_grad():
         changed = case.forward(inputs)
@@ -176,7 +177,7 @@ def test_width_with_depth_inside_a_run() -> None:
     plan = PruningPlan(spec.name, type(case.model).__name__, (6,), [depth, good, bad],
                        [Level("d+w", (depth.id, good.id))], protect_first=1, protect_last=1).validate()
     assert good.pruned_blocks() == (2, 4)
-    addon = width_addon(case.model, plan)
+    addon = PruningAddon.from_plan(case.model, plan)
     apply_addon(case.model, addon, level="d+w")
     with torch.no_grad():
         out = case.forward(case.make_inputs(0))
@@ -223,7 +224,7 @@ def test_param_count_equals_counted_modules(name: str) -> None:
     """removed_params = dropped submodules − added projections, cross-checked against the modules themselves."""
     case, plan, _ = _case(name)
     model, spec = case.model, get_spec(case.model)
-    addon = width_addon(model, plan)
+    addon = PruningAddon.from_plan(model, plan)
     count = plan.param_count(dict(model.config), "all")
     run = plan.replacements[0]
     dropped = 0
@@ -276,7 +277,7 @@ def _perturb(addon: Any, seed: int = 3) -> None:
 def test_merge_equals_apply_and_load_merged_round_trip(name: str, tmp_path: Any) -> None:
     case, plan, _ = _case(name)
     model, inputs = case.model, case.make_inputs(0)
-    addon = width_addon(model, plan)
+    addon = PruningAddon.from_plan(model, plan)
     _perturb(addon)
     apply_addon(model, addon, "all")
     with torch.no_grad():
@@ -300,7 +301,7 @@ def test_merge_depth_and_width_together(tmp_path: Any) -> None:
     ffn = FFNLinear(2, ("image",))  # on the depth student, which is also text-pruned
     plan = PruningPlan(spec.name, type(case.model).__name__, (6,), [depth, run, ffn],
                        [Level("dw", (depth.id, run.id, ffn.id))], protect_first=1, protect_last=1).validate()
-    addon = width_addon(case.model, plan)
+    addon = PruningAddon.from_plan(case.model, plan)
     _perturb(addon)
     inputs = case.make_inputs(0)
     apply_addon(case.model, addon, "dw")
@@ -365,7 +366,7 @@ def test_deepcopy_of_applied_model_keeps_run_context_shared() -> None:
     inputs = case.make_inputs(0)
     with torch.no_grad():
         teacher = case.forward(inputs)
-    addon = width_addon(case.model, plan)
+    addon = PruningAddon.from_plan(case.model, plan)
     _set_exact(addon, exact)
     apply_addon(case.model, addon, "all")
     clone = copy.deepcopy(case.model)
@@ -380,7 +381,7 @@ def test_sd3_last_block_has_no_text_ffn_to_replace() -> None:
     plan = PruningPlan(spec.name, type(case.model).__name__, (6,), [rep], [Level("l", (rep.id,))],
                        protect_first=1, protect_last=1).validate()
     with pytest.raises(ConfigError, match="does not have"):
-        apply_addon(case.model, width_addon(case.model, plan), "l")
+        apply_addon(case.model, PruningAddon.from_plan(case.model, plan), "l")
 
 
 def test_dual_stream_blocks() -> None:

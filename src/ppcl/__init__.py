@@ -9,6 +9,7 @@ Data flows through artefacts: CalibrationSet → RedundancyReport → PruningPla
     addon = ppcl.PruningAddon.from_plan(pipeline.transformer, plan)   # then train it (ppcl.distill)
     ppcl.apply_addon(pipeline.transformer, addon, level="p40")      # in place, reversible
     small = ppcl.merge(pipeline.transformer, addon, "p40")          # a new, smaller stock diffusers model
+    small = ppcl.load_merged("merged/")                             # a width-merged folder written by `ppcl merge`
 """
 
 from ppcl.addon import PruningAddon
@@ -17,7 +18,15 @@ from ppcl.api import analyze, calibrate, propose_plan
 from ppcl.data.calibration import CalibrationSet
 from ppcl.errors import PPCLError
 from ppcl.plan import PruningPlan
-from ppcl.runtime import apply_addon, disabled, merge, remap_lora_state_dict, remove_addon, set_level
+from ppcl.runtime import (
+    apply_addon,
+    disabled,
+    load_merged,
+    merge,
+    remap_lora_state_dict,
+    remove_addon,
+    set_level,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +42,7 @@ __all__ = [
     "apply_addon",
     "calibrate",
     "disabled",
+    "load_merged",
     "merge",
     "propose_plan",
     "remap_lora_state_dict",

@@ -1,4 +1,5 @@
-"""The PruningAddon artefact: student blocks + manifest (base fingerprint, plan, levels, provenance, metrics).
+"""The PruningAddon artefact: student blocks + width projections + manifest (base fingerprint, plan, levels,
+provenance, metrics).
 
 Example::
 
@@ -11,11 +12,18 @@ Example::
 from ppcl.addon.addon import PruningAddon, check_plan_fits, student_key
 from ppcl.addon.blocks import base_named_shapes, has_adapter_layers, plain_block_copy
 from ppcl.addon.fingerprint import check_fingerprint, fingerprint_of
-from ppcl.addon.manifest import ADDON_FILE, CARD_FILE, FORMAT_VERSION, WEIGHTS_FILE
+from ppcl.addon.manifest import (
+    ADDON_FILE,
+    CARD_FILE,
+    DEPTH_ONLY_FORMAT_VERSION,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+)
 
 __all__ = [
     "ADDON_FILE",
     "CARD_FILE",
+    "DEPTH_ONLY_FORMAT_VERSION",
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
     "PruningAddon",

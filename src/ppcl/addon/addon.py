@@ -1,15 +1,17 @@
-"""The PruningAddon artefact: one student block per depth replacement of a plan, plus what the base model must be.
+"""The PruningAddon artefact: one student block per depth replacement of a plan, residual linear projections for its
+width replacements, plus what the base model must be.
 
 Example::
 
-    addon = PruningAddon.from_plan(transformer, plan)           # students = copies of teacher blocks
+    addon = PruningAddon.from_plan(transformer, plan)           # students = copies of teacher blocks (+ projections)
     ...                                                          # ppcl distill trains addon.parameters()
     addon.save_pretrained("runs/addon")                          # ppcl_addon.json + .safetensors + README.md
     addon = PruningAddon.from_pretrained("runs/addon", transformer)
 
 A student is the same class as the teacher block it replaces (e.g. ``QwenImageTransformerBlock``) and is called with
 exactly the arguments that block receives, so it maps the span's input ``(B, N_img, D)`` / ``(B, N_txt, D)`` streams
-to the span's output in the block's own output order.
+to the span's output in the block's own output order. A projection (text run / FFN block, see
+:mod:`ppcl.addon.projections`) maps ``(..., D)`` tokens to ``(..., D)``.
 """
 
 from __future__ import annotations
@@ -32,13 +34,21 @@ from ppcl.addon.manifest import (
     ADDON_FILE,
     CARD_FILE,
     FORMAT,
-    FORMAT_VERSION,
     WEIGHTS_FILE,
     check_format,
     check_plan_kinds,
+    depth_replacements,
     level_summaries,
+    manifest_version,
     ppcl_version,
     student_entry,
+)
+from ppcl.addon.projections import (
+    expected_projections,
+    few_keys,
+    fresh_projections,
+    load_projections,
+    projection_entries,
 )
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
@@ -56,12 +66,14 @@ def student_key(replacement_id: str) -> str:
 
 @dataclass(eq=False)
 class PruningAddon:
-    """Student blocks for the depth replacements of ``plan``, with the fingerprint of the base model they fit.
+    """Student blocks and width projections for the replacements of ``plan``, with the fingerprint of the base model.
 
     Attributes:
         plan: the plan (replacements and levels); its depth replacements' ``init`` says which teacher block each
             student copies and therefore its structure.
-        students: ``student_key(rep.id)`` → a block of the teacher's block class at the span start.
+        students: every trainable module, by key: ``student_key(rep.id)`` → a block of the teacher's block class at
+            the span start (depth replacements); ``"<student_key(rep.id)>__<part>"`` → a ``ResidualLinear``
+            projection (width replacements, e.g. ``text_50_60__in_51``, ``text_50_60__out``, ``ffn_2__image``).
         fingerprint: see :func:`~ppcl.addon.fingerprint.fingerprint_of`.
         provenance: how the add-on was made (training config, data, steps...), free-form JSON.
         metrics: measured quality, free-form JSON; ``{level: {metric: value}}`` renders as a table in the card.
@@ -76,12 +88,13 @@ class PruningAddon:
     # ------------------------------------------------------------------------------------------------ creation
     @classmethod
     def from_plan(cls, model: nn.Module, plan: PruningPlan, init: str | None = None) -> PruningAddon:
-        """One fresh student per depth replacement: a detached copy of the teacher block its ``init`` names.
+        """One fresh student per depth replacement (a detached copy of the teacher block its ``init`` names) and
+        identity projections (``W = 0``, ``b = 0``, float32) for every text run and FFN-to-linear replacement.
 
         Args:
             model: the base transformer (left unchanged; an add-on may already be applied to it).
             plan: a plan made for ``model``.
-            init: ``"first" | "middle" | "last"`` for every replacement, overriding the plan's choice (the add-on's
+            init: ``"first" | "middle" | "last"`` for every depth replacement, overriding the plan's choice (the add-on's
                 plan records the override, so reloading rebuilds the same structure).
 
         Raises:
@@ -97,10 +110,11 @@ class PruningAddon:
                 dataclasses.replace(r, init=init) if isinstance(r, DepthReplacement) else r for r in plan.replacements
             ]).validate(spec)
         students = nn.ModuleDict()
-        for rep in _unique_keys(check_plan_kinds(plan)):
+        for rep in _depth_with_unique_keys(plan):
             student = plain_block_copy(spec.block(model, rep.init_block))
             student.requires_grad_(True)
             students[student_key(rep.id)] = student
+        students.update(fresh_projections(model, plan))
         provenance = {"created_by": "PruningAddon.from_plan", "ppcl_version": ppcl_version(), "init_override": init}
         return cls(plan, students, fingerprint_of(model, plan), provenance, {})
 
@@ -109,6 +123,16 @@ class PruningAddon:
     def level_names(self) -> list[str]:
         """The plan's level names, in order."""
         return self.plan.level_names
+
+    def projections(self, replacement_id: str) -> dict[str, nn.Module]:
+        """The projections of width replacement ``replacement_id``: part (``"in_<j>"``, ``"out"``, a stream) → module."""
+        keys = [k for k, rep in expected_projections(self.plan).items() if rep.id == replacement_id]
+        if not keys:
+            raise ConfigError(f"The add-on has no projections for {replacement_id!r}",
+                              expected=f"a width replacement id, one of "
+                                       f"{sorted({r.id for r in expected_projections(self.plan).values()})}",
+                              found=repr(replacement_id))
+        return {key.rsplit("__", 1)[-1]: self.students[key] for key in keys}
 
     def student(self, replacement_id: str) -> nn.Module:
         """The student of replacement ``replacement_id``."""
@@ -119,15 +143,15 @@ class PruningAddon:
         return self.students[key]
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        """The students' parameters (what the distillation optimiser gets)."""
+        """The students' and projections' parameters (what the distillation optimiser gets)."""
         return self.students.parameters(recurse)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
-        """``("<student key>.<param>", parameter)`` pairs, named as in the saved safetensors file."""
+        """``("<module key>.<param>", parameter)`` pairs, named as in the saved safetensors file."""
         return self.students.named_parameters(prefix=prefix, recurse=recurse)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Detached student tensors keyed ``"<student key>.<param>"`` (parameters and persistent buffers)."""
+        """Detached tensors keyed ``"<module key>.<param>"`` (parameters and persistent buffers)."""
         return {f"{key}.{name}": value for key, s in self.students.items() for name, value in block_state(s).items()}
 
     def to(self, *args: Any, **kwargs: Any) -> PruningAddon:
@@ -147,10 +171,11 @@ class PruningAddon:
     # ------------------------------------------------------------------------------------------------------ I/O
     def manifest(self) -> dict[str, Any]:
         """The JSON object written to ``ppcl_addon.json``."""
-        reps = check_plan_kinds(self.plan)
+        check_plan_kinds(self.plan)
+        projections = projection_entries(self.plan, self.students)
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": manifest_version(bool(projections)),
             "ppcl_version": ppcl_version(),
             "arch": self.plan.arch,
             "base_model_class": self.plan.model_class,
@@ -158,7 +183,8 @@ class PruningAddon:
             "plan": self.plan.to_json(),
             "levels": level_summaries(self.plan, self.fingerprint.get("config")),
             "students": {student_key(r.id): student_entry(self.plan, r, self.students[student_key(r.id)])
-                         for r in reps},
+                         for r in depth_replacements(self.plan)},
+            "projections": projections,
             "provenance": self.provenance,
             "metrics": self.metrics,
         }
@@ -169,7 +195,8 @@ class PruningAddon:
         with atomic_folder(folder) as tmp:
             write_json(manifest, tmp / ADDON_FILE)
             save_tensors(self.state_dict(), tmp / WEIGHTS_FILE,
-                         metadata={"format": "pt", "ppcl_format": FORMAT, "format_version": str(FORMAT_VERSION)})
+                         metadata={"format": "pt", "ppcl_format": FORMAT,
+                                   "format_version": str(manifest["format_version"])})
             (tmp / CARD_FILE).write_text(model_card(manifest), encoding="utf-8")
         return Path(folder)
 
@@ -177,11 +204,13 @@ class PruningAddon:
     def from_pretrained(cls, folder: str | os.PathLike[str], model: nn.Module) -> PruningAddon:
         """Load an add-on saved by :meth:`save_pretrained` for the base transformer ``model``.
 
-        Students are rebuilt by copying ``model``'s init blocks (so they get its dtype and device) and then loading
-        the saved weights strictly. ``model`` is not changed; call :func:`ppcl.runtime.apply_addon` to use it.
+        Students are rebuilt by copying ``model``'s init blocks (so they get its dtype and device), projections from
+        the shapes the manifest records (on their block's device, in their saved dtype); then the saved weights load
+        strictly. ``model`` is not changed; call :func:`ppcl.runtime.apply_addon` to use it.
 
         Raises:
-            ArtefactError: missing/malformed/truncated files, a newer format version, missing or extra weights.
+            ArtefactError: missing/malformed/truncated files, a newer format version, projections recorded for other
+                keys than the plan needs, missing or extra weights (the keys are named).
             AddonMismatchError: ``model`` is not the base the add-on was made for (checked before any weight loads).
         """
         folder = Path(folder)
@@ -191,13 +220,17 @@ class PruningAddon:
         spec = check_plan_fits(model, plan)
         check_fingerprint(manifest["fingerprint"], fingerprint_of(model, plan))
         tensors = load_tensors(folder / WEIGHTS_FILE, "add-on")
-        students = _load_students(spec, model, plan, tensors, folder / WEIGHTS_FILE)
+        projections = load_projections(spec, model, plan, manifest.get("projections"), tensors,
+                                       str(folder / ADDON_FILE))
+        students = _load_modules(spec, model, plan, projections, tensors, folder / WEIGHTS_FILE)
         return cls(plan, students, dict(manifest["fingerprint"]), dict(manifest.get("provenance") or {}),
                    dict(manifest.get("metrics") or {}))
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.parameters())
-        return (f"PruningAddon({self.plan.model_class}, {len(self.students)} students, {n:,} params, "
+        n_proj = len(expected_projections(self.plan))
+        return (f"PruningAddon({self.plan.model_class}, {len(self.students) - n_proj} students, {n_proj} projections, "
+                f"{n:,} params, "
                 f"levels={self.level_names})")
 
 
@@ -220,31 +253,34 @@ def check_plan_fits(model: nn.Module, plan: PruningPlan) -> ArchSpec:
     return spec
 
 
-def _unique_keys(reps: list[DepthReplacement]) -> list[DepthReplacement]:
-    seen: dict[str, str] = {}
-    for rep in reps:
-        key = student_key(rep.id)
-        if key in seen:
-            raise ConfigError(f"Replacement ids {seen[key]!r} and {rep.id!r} map to the same student key {key!r}",
+def _depth_with_unique_keys(plan: PruningPlan) -> list[DepthReplacement]:
+    """The depth replacements, after checking that no two modules of the add-on (students or projections) share a key."""
+    owners: dict[str, str] = {}
+    keyed = [(student_key(r.id), r.id) for r in depth_replacements(plan)]
+    keyed += [(key, rep.id) for key, rep in expected_projections(plan).items()]
+    for key, rep_id in keyed:
+        if key in owners:
+            raise ConfigError(f"Replacement ids {owners[key]!r} and {rep_id!r} map to the same module key {key!r}",
                               expected="ids that differ in letters, digits or underscores",
-                              found=f"{seen[key]!r}, {rep.id!r}", fix="rename one of the replacements")
-        seen[key] = rep.id
-    return reps
+                              found=f"{owners[key]!r}, {rep_id!r}", fix="rename one of the replacements")
+        owners[key] = rep_id
+    return depth_replacements(plan)
 
 
-def _load_students(spec: ArchSpec, model: nn.Module, plan: PruningPlan, tensors: dict[str, torch.Tensor],
-                   path: Path) -> nn.ModuleDict:
+def _load_modules(spec: ArchSpec, model: nn.Module, plan: PruningPlan, projections: dict[str, nn.Module],
+                  tensors: dict[str, torch.Tensor], path: Path) -> nn.ModuleDict:
     students = nn.ModuleDict()
-    for rep in _unique_keys(check_plan_kinds(plan)):
+    for rep in _depth_with_unique_keys(plan):
         # The saved weights overwrite everything, so merged adapters on the base do not matter here.
         students[student_key(rep.id)] = plain_block_copy(spec.block(model, rep.init_block), allow_merged_adapters=True)
+    students.update(projections)
     expected = {f"{key}.{name}": value for key, s in students.items() for name, value in s.state_dict().items()}
     missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or extra:
         raise ArtefactError(
-            f"{path} does not hold the add-on's student weights",
-            expected=f"{len(expected)} tensors named '<student key>.<param>'",
-            found=f"missing {_few(missing)}, unexpected {_few(extra)}",
+            f"{path} does not hold the add-on's student and projection weights",
+            expected=f"{len(expected)} tensors named '<module key>.<param>'",
+            found=f"missing {few_keys(missing)}, unexpected {few_keys(extra)}",
             fix="re-save the add-on; do not mix weight files of different add-ons",
         )
     wrong = [k for k, v in expected.items() if tuple(v.shape) != tuple(tensors[k].shape)]
@@ -252,15 +288,9 @@ def _load_students(spec: ArchSpec, model: nn.Module, plan: PruningPlan, tensors:
         raise ArtefactError(f"{path} has student weights of the wrong shape", expected=str(
             {k: list(expected[k].shape) for k in wrong[:3]}), found=str({k: list(tensors[k].shape) for k in wrong[:3]}),
             fix="re-save the add-on for this base model")
-    for key, student in students.items():
+    for key, module in students.items():
         prefix = key + "."
-        student.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
-        student.requires_grad_(True)
+        # Keys of one module are prefixes of no other module's keys: `text_1_5__in_2.` never starts `text_1_5__in_21.`.
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+        module.requires_grad_(True)
     return students
-
-
-def _few(keys: list[str], limit: int = 5) -> str:
-    if not keys:
-        return "none"
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{keys[:limit]}{more}"

@@ -7,17 +7,23 @@ from typing import Any
 
 
 def model_card(manifest: Mapping[str, Any]) -> str:
-    """Markdown describing the add-on: base model, levels (blocks, parameters), how to load it, metrics."""
+    """Markdown describing the add-on: base model, levels (depth spans, width replacements, blocks, parameters), its
+    width projections, how to load it, metrics."""
     fp = manifest.get("fingerprint", {})
     levels = manifest.get("levels", [])
+    projections = manifest.get("projections") or {}
+    has_width = bool(projections) or any(lvl.get("width") for lvl in levels)
     base = fp.get("name_or_path") or fp.get("class", "?")
     first_level = levels[0]["name"] if levels else None
+    what = ("one student block per replaced span of blocks and residual linear projections for its width "
+            "replacements (text-stream runs, FFN blocks)" if has_width else
+            "one student block per replaced span of blocks")
     lines = [
         f"# PPCL pruning add-on for {base}",
         "",
-        "A pluggable depth-pruning add-on made with ppcl (Pluggable Pruning with Contiguous Layer Distillation). It "
-        "holds one student block per replaced span of blocks; each level switches a set of spans to their students "
-        "on the original model, in place and reversibly, or merges into a standalone smaller model.",
+        (f"A pluggable {'depth- and width' if has_width else 'depth'}-pruning add-on made with ppcl (Pluggable Pruning "
+         f"with Contiguous Layer Distillation). It holds {what}; each level switches a set of replacements on the "
+         "original model, in place and reversibly, or merges into a standalone smaller model."),
         "",
         "## Base model",
         "",
@@ -28,22 +34,37 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         "",
         "## Levels",
         "",
-        "Spans are half-open flat block ranges `[start, stop)` (Python slices over all block stacks in order).",
+        ("Spans are half-open flat block ranges `[start, stop)` (Python slices over all block stacks in order); text "
+         "runs also give the paper's inclusive range."),
         "",
-        "| level | spans replaced | blocks | parameters |",
-        "|---|---|---|---|",
+        "| level | spans replaced |" + (" width replacements |" if has_width else "") + " blocks | parameters |",
+        "|---|---|" + ("---|" if has_width else "") + "---|---|",
     ]
     for lvl in levels:
-        spans = ", ".join(f"`{r}`" for r in lvl.get("spans") or lvl.get("replacements", [])) or "none"
+        spans = ", ".join(f"`{r}`" for r in lvl.get("spans", lvl.get("replacements", []))) or "none"
+        width = (", ".join(f"`{r}`" for r in lvl.get("width") or []) or "none") + " | " if has_width else ""
         blocks = lvl.get("blocks", {})
         params = lvl.get("params")
         params_text = (
             f"{_human(params['before'])} → {_human(params['after'])} (−{params['removed_fraction']:.1%})"
             if params else "n/a"
         )
-        lines.append(f"| {lvl['name']} | {spans} | {blocks.get('before', '?')} → {blocks.get('after', '?')} | "
+        lines.append(f"| {lvl['name']} | {spans} | {width}{blocks.get('before', '?')} → {blocks.get('after', '?')} | "
                      f"{params_text} |")
+    if projections:
+        lines += ["", "## Width projections", "",
+                  "Residual linear maps `z + z Wᵀ + b` (`W` of the shape below), stored as `<key>.W`, `<key>.b`.", "",
+                  "| key | replacement | kind | part | shape | parameters |", "|---|---|---|---|---|---|"]
+        lines += [f"| `{key}` | `{e.get('replacement', '?')}` | {e.get('kind', '?')} | {e.get('part', '?')} | "
+                  f"{e.get('shape', '?')} | {_human(int(e.get('num_params', 0)))} |"
+                  for key, e in projections.items()]
     level_arg = repr(first_level) if first_level is not None else "None"
+    merge_note = ("`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a new model with fewer blocks: "
+                  "a depth-only level is a stock diffusers checkpoint loadable without ppcl; a level with width "
+                  "replacements is saved with `ppcl.runtime.save_merged` (`ppcl merge` does this) and loads with "
+                  "`ppcl.load_merged`." if has_width else
+                  "`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a stock diffusers checkpoint "
+                  "with fewer blocks, loadable without ppcl.")
     lines += [
         "",
         "## How to load",
@@ -54,8 +75,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         f"apply_addon(pipe.transformer, addon, level={level_arg})  # set_level(pipe.transformer, None) = original",
         "```",
         "",
-        "`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a stock diffusers checkpoint "
-        "with fewer blocks, loadable without ppcl.",
+        merge_note,
     ]
     metrics = manifest.get("metrics") or {}
     if metrics:

@@ -8,11 +8,18 @@ Format (version 1)::
      "plan": {...},                           # PruningPlan.to_json()
      "levels": [{"name", "replacements", "spans", "description", "blocks": {"before", "after"},
                  "params": {"before", "after", "removed", "removed_fraction"} | null}],
-     "students": {"depth_3_5": {"replacement", "span", "init", "init_block", "block_name", "class", "module",
-                                "constructor_config", "constructor_config_complete", "num_params"}},
+     "students": {"depth_3_5": {"replacement", "kind", "span", "init", "init_block", "block_name", "class",
+                                "module", "constructor_config", "constructor_config_complete", "num_params"}},
+     "projections": {"text_50_60__in_51": {"replacement", "kind", "part", "class", "module", "shape", "dtype",
+                                           "num_params"}},          # format version 2 only
      "provenance": {...}, "metrics": {...}}
 
-Weights live in ``ppcl_addon.safetensors`` under ``"<student key>.<parameter name>"``.
+Weights live in ``ppcl_addon.safetensors`` under ``"<module key>.<parameter name>"`` (students and projections alike;
+a projection's parameters are ``W`` ``(D, D)`` and ``b`` ``(D,)``).
+
+Versions: 1 = depth students only; 2 adds width projections (text runs, FFN blocks). An add-on without projections is
+still written as version 1, so older ppcl versions keep reading depth-only add-ons; one with projections is written as
+version 2, which an older ppcl refuses with "upgrade ppcl" instead of failing on the unknown replacement kinds.
 """
 
 from __future__ import annotations
@@ -27,13 +34,16 @@ from ppcl.errors import ArtefactError, ConfigError, PPCLError
 from ppcl.logging import get_logger
 
 if TYPE_CHECKING:
-    from ppcl.plan import DepthReplacement, PruningPlan
+    from ppcl.plan import DepthReplacement, PruningPlan, Replacement
 
 ADDON_FILE = "ppcl_addon.json"
 WEIGHTS_FILE = "ppcl_addon.safetensors"
 CARD_FILE = "README.md"
 FORMAT = "ppcl.pruning_addon"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest add-on format version this ppcl reads and writes (see the module docstring)."""
+DEPTH_ONLY_FORMAT_VERSION = 1
+"""The version written for add-ons without width projections."""
 
 _log = get_logger(__name__)
 _JSON_SCALARS = (int, float, str, bool, type(None))
@@ -77,7 +87,8 @@ def level_summaries(plan: PruningPlan, config: Mapping[str, Any] | None) -> list
         entry: dict[str, Any] = {
             "name": lvl.name,
             "replacements": list(lvl.replacement_ids),
-            "spans": [_describe(plan, rep) for rep in plan.replacements_of(lvl)],
+            "spans": [_describe(plan, rep) for rep in plan.replacements_of(lvl) if _is_depth(rep)],
+            "width": [width_label(rep) for rep in plan.replacements_of(lvl) if not _is_depth(rep)],
             "description": lvl.description,
             "blocks": {"before": plan.num_blocks, "after": plan.num_blocks - len(removed)},
             "params": None,
@@ -100,6 +111,25 @@ def _describe(plan: PruningPlan, rep: Any) -> str:
     return plan.describe(span) if span is not None else rep.id
 
 
+def _is_depth(rep: Replacement) -> bool:
+    from ppcl.plan import DepthReplacement
+
+    return isinstance(rep, DepthReplacement)
+
+
+def width_label(rep: Replacement) -> str:
+    """Short human label of a width replacement, e.g. ``"text:50-60 (text run, inclusive [50, 59], 10 blocks)"``."""
+    from ppcl.plan import FFNLinear, TextRun
+
+    if isinstance(rep, TextRun):
+        a, b = rep.run.inclusive
+        skip = f", skipping {list(rep.skip)}" if rep.skip else ""
+        return f"{rep.id} (text run, inclusive [{a}, {b}]{skip})"
+    if isinstance(rep, FFNLinear):
+        return f"{rep.id} (FFN → linear at flat block {rep.block}, streams {'+'.join(rep.streams)})"
+    return rep.id
+
+
 def student_entry(plan: PruningPlan, rep: DepthReplacement, student: nn.Module) -> dict[str, Any]:
     """Manifest description of the student of ``rep``."""
     stack, local = plan.layout().locate(rep.init_block)
@@ -108,6 +138,7 @@ def student_entry(plan: PruningPlan, rep: DepthReplacement, student: nn.Module) 
     ctor, complete = constructor_config(student)
     return {
         "replacement": rep.id,
+        "kind": rep.kind,
         "span": [rep.span.start, rep.span.stop],
         "init": rep.init,
         "init_block": rep.init_block,
@@ -145,17 +176,48 @@ def constructor_config(block: nn.Module) -> tuple[dict[str, Any], bool]:
     return found, complete
 
 
-def check_plan_kinds(plan: PruningPlan) -> list[DepthReplacement]:
-    """The plan's depth replacements; any other kind raises :class:`ConfigError` (not supported by add-ons yet)."""
-    from ppcl.plan import DepthReplacement
+def projection_entry(rep: Replacement, key: str, module: nn.Module) -> dict[str, Any]:
+    """Manifest description of the width projection ``key`` of ``rep`` (a ``ResidualLinear``, ``W`` ``(D, D)``)."""
+    weight = module.W
+    return {
+        "replacement": rep.id,
+        "kind": rep.kind,
+        "part": key.rsplit("__", 1)[-1],
+        "class": type(module).__name__,
+        "module": type(module).__module__,
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "num_params": sum(p.numel() for p in module.parameters()),
+    }
 
-    others = [rep for rep in plan.replacements if not isinstance(rep, DepthReplacement)]
+
+def manifest_version(has_projections: bool) -> int:
+    """The format version to write: 1 for depth-only add-ons (readable by older ppcl), 2 with projections."""
+    return FORMAT_VERSION if has_projections else DEPTH_ONLY_FORMAT_VERSION
+
+
+def check_plan_kinds(plan: PruningPlan) -> list[Replacement]:
+    """The plan's replacements; a kind add-ons cannot hold raises :class:`ConfigError`.
+
+    Add-ons hold depth replacements (one student block each) and the width kinds text run and FFN-to-linear
+    (residual linear projections).
+    """
+    from ppcl.plan import DepthReplacement, FFNLinear, TextRun
+
+    known = (DepthReplacement, TextRun, FFNLinear)
+    others = [rep for rep in plan.replacements if not isinstance(rep, known)]
     if others:
         raise ConfigError(
             f"The plan has replacement kinds this add-on cannot hold: {sorted({r.kind for r in others})}",
-            expected="depth replacements only",
+            expected=f"replacement kinds {[k.kind for k in known]}",
             found=str([r.id for r in others]),
             fix="remove those replacements from the plan, or use a ppcl version that supports them",
         )
-    return list(plan.replacements)  # type: ignore[arg-type]
+    return list(plan.replacements)
 
+
+def depth_replacements(plan: PruningPlan) -> list[DepthReplacement]:
+    """The plan's depth replacements (after :func:`check_plan_kinds`), in plan order."""
+    from ppcl.plan import DepthReplacement
+
+    return [rep for rep in check_plan_kinds(plan) if isinstance(rep, DepthReplacement)]

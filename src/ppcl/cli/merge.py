@@ -1,4 +1,9 @@
-"""``ppcl merge``: bake one level of an add-on into a new, smaller stock diffusers model folder."""
+"""``ppcl merge``: bake one level of an add-on into a new, smaller model folder.
+
+A depth-only level becomes a stock diffusers folder (loads with ``Class.from_pretrained``, without ppcl). A level with
+width replacements also gets ``ppcl_merged.json``, the record of its substitutions (written by
+:func:`ppcl.runtime.save_merged`); load it with :func:`ppcl.load_merged`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from ppcl.cli.common import add_model_args, load_model
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("merge", help="one level → a standalone smaller model (diffusers save_pretrained)")
+    p = verbs.add_parser("merge", help="one level → a standalone smaller model (diffusers folder; width levels add "
+                                       "ppcl_merged.json, load with ppcl.load_merged)")
     p.add_argument("--addon", required=True, help="PruningAddon folder")
     p.add_argument("--level", required=True, help="level name")
     p.add_argument("--out", required=True, help="output model folder")
@@ -19,13 +25,17 @@ def register(verbs: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ppcl.addon import PruningAddon
     from ppcl.io import atomic_folder
-    from ppcl.runtime import merge
+    from ppcl.runtime import merge, save_merged
+    from ppcl.runtime.merge_width import MERGED_FILE
 
     model = load_model(args)
     addon = PruningAddon.from_pretrained(args.addon, model)
     merged = merge(model, addon, args.level)
     with atomic_folder(args.out) as tmp:
-        merged.save_pretrained(str(tmp))
+        # save_merged writes the substitution record only for width levels: depth-only folders stay stock diffusers.
+        save_merged(merged, tmp)
+        width = (tmp / MERGED_FILE).is_file()
     n = sum(p.numel() for p in merged.parameters())
-    print(f"{args.out}: {type(merged).__name__}, {n / 1e6:.2f}M parameters")
+    how = "load with ppcl.load_merged" if width else "stock diffusers checkpoint"
+    print(f"{args.out}: {type(merged).__name__}, {n / 1e6:.2f}M parameters ({how})")
     return 0

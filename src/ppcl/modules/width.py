@@ -128,7 +128,7 @@ def _text_output(e: Tensor, mode: WidthMode, parts: WidthParts) -> Tensor:
     if mode.text == "last":
         if parts.text_out is None:
             raise ConfigError("The last block of a text run has no output projection", expected="L_h",
-                              found="None", fix="build the projections with ppcl.runtime.width_modules")
+                              found="None", fix="build the add-on with PruningAddon.from_plan, which creates every projection")
         return parts.text_out(e)
     return e
 

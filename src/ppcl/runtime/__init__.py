@@ -25,7 +25,7 @@ from ppcl.runtime.apply import (
 from ppcl.runtime.lora import remap_lora_state_dict
 from ppcl.runtime.merge import merge
 from ppcl.runtime.merge_width import MERGED_FILE, load_merged, save_merged
-from ppcl.runtime.width import width_addon, width_modules
+from ppcl.runtime.width import width_modules
 
 __all__ = [
     "ADDON_ATTR",
@@ -43,6 +43,5 @@ __all__ = [
     "runtime_state",
     "save_merged",
     "set_level",
-    "width_addon",
     "width_modules",
 ]

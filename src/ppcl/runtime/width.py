@@ -19,14 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ppcl.addon import PruningAddon, plain_block_copy, student_key
-from ppcl.addon.fingerprint import fingerprint_of
+from ppcl.addon import student_key
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.modules.projection import ResidualLinear
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
 from ppcl.plan import (
-    DepthReplacement,
     FFNLinear,
     PruningPlan,
     Replacement,
@@ -68,26 +66,6 @@ def width_modules(model: nn.Module, plan: PruningPlan, dtype: torch.dtype = torc
         for key in projection_keys(rep):
             out[key] = ResidualLinear(block_dim(block), dtype=dtype, device=device)
     return out
-
-
-def width_addon(model: nn.Module, plan: PruningPlan) -> PruningAddon:
-    """An add-on for a plan with depth *and* width replacements: depth students copied from their init blocks
-    (as :meth:`PruningAddon.from_plan`) plus identity projections (initialise them with ``fit_from`` / ``set_map``).
-
-    Stop-gap until :meth:`PruningAddon.from_plan` and its manifest accept width kinds; such an add-on applies, switches
-    levels and merges, but ``save_pretrained`` still refuses width kinds.
-    """
-    spec = get_spec(model)
-    plan.validate(spec)
-    students = nn.ModuleDict()
-    for rep in plan.replacements:
-        if isinstance(rep, DepthReplacement):
-            student = plain_block_copy(spec.block(model, rep.init_block))
-            student.requires_grad_(True)
-            students[student_key(rep.id)] = student
-    for key, module in width_modules(model, plan).items():
-        students[key] = module
-    return PruningAddon(plan, students, fingerprint_of(model, plan), {"created_by": "ppcl.runtime.width_addon"}, {})
 
 
 def check_width_support(spec: ArchSpec, model: nn.Module, plan: PruningPlan) -> None:
@@ -183,5 +161,5 @@ def _get(students: Mapping[str, nn.Module], key: str) -> nn.Module:
     if key not in students:
         raise ConfigError(f"The add-on has no projection {key!r}", expected="one projection per width target",
                           found=f"keys {sorted(students)[:6]}...",
-                          fix="build the add-on with ppcl.runtime.width_addon (or add width_modules(model, plan))")
+                          fix="build the add-on with PruningAddon.from_plan(model, plan)")
     return students[key]
