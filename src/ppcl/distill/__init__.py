@@ -10,23 +10,35 @@ Example (toy world)::
     addon = distill_depth(teacher.transformer, addon, data, DistillConfig(steps=500, batch_size=16), "runs/distill")
 
 ``losses`` is pure maths; ``data`` hands out seeded batches; ``depth`` computes one step's per-span losses from ONE
-teacher pass; ``trainer`` runs the accelerate loop with atomic checkpoints and exact resume.
+teacher pass; ``width`` initialises projections by least squares and trains them non-sequentially (stage 2);
+``finetune`` distils one level end to end (stage 3); ``trainer`` runs the accelerate loop with atomic checkpoints
+and exact resume for all three.
 """
 
 from ppcl.distill.data import CalibrationData, DistillData, ToyDistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
+from ppcl.distill.finetune import FLOW_TARGET_KEY, FinetuneStep, finetune
 from ppcl.distill.losses import depth_loss, normalized_mse
-from ppcl.distill.trainer import DistillConfig, distill_depth
+from ppcl.distill.trainer import DistillConfig, TrainingSession, distill_depth
+from ppcl.distill.width import WidthStep, distill_width, init_width_projections, width_positions
 
 __all__ = [
+    "FLOW_TARGET_KEY",
     "CalibrationData",
     "DepthStep",
     "DistillConfig",
     "DistillData",
+    "FinetuneStep",
     "ToyDistillData",
+    "TrainingSession",
+    "WidthStep",
     "depth_loss",
     "depth_replacements",
     "distill_depth",
+    "distill_width",
+    "finetune",
+    "init_width_projections",
     "normalized_mse",
     "sequential_level",
+    "width_positions",
 ]

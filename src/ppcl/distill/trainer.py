@@ -1,8 +1,9 @@
-"""The depth-distillation training loop: accelerate, schedule, metrics, atomic checkpoints and exact resume.
+"""The distillation training loop (depth here; width and fine-tune reuse :class:`TrainingSession`): accelerate,
+schedule, metrics, atomic checkpoints and exact resume.
 
 Layout of ``out_dir``::
 
-    metrics.jsonl          one row per logged step: step, loss (total and per span), lr, seconds
+    metrics.jsonl          one row per logged step: step, loss (total and per span / term), lr, seconds
     checkpoint/            the latest checkpoint: a valid add-on folder + trainer_state.pt (written atomically)
     addon/                 the final add-on (written when the run reaches ``config.steps``)
 
@@ -20,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -32,15 +33,19 @@ from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import MODES, DepthStep, Mode, depth_replacements, sequential_level
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
-from ppcl.io import atomic_folder, load_tensors
+from ppcl.io import atomic_folder, load_tensors, save_tensors
 from ppcl.logging import get_logger, progress
 from ppcl.runtime import STATE_ATTR, active_level, apply_addon, remove_addon, set_level
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = get_logger("distill")
 
 CHECKPOINT_DIR = "checkpoint"
 ADDON_DIR = "addon"
 STATE_FILE = "trainer_state.pt"
+EXTRA_FILE = "trained_base.safetensors"
 METRICS_FILE = "metrics.jsonl"
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
@@ -50,17 +55,14 @@ class DistillConfig:
     """Hyper-parameters of depth distillation (defaults: METHOD.md "Training details reported").
 
     Attributes:
-        mode: ``"nonsequential"`` (the method) or ``"sequential"`` (ablation baseline).
-        steps: optimiser steps.
+        mode: ``"nonsequential"`` (the method) or ``"sequential"`` (ablation baseline). steps: optimiser steps.
         lr: peak learning rate; ``warmup`` linear steps up to it, then cosine decay to ``lr * min_lr_ratio``.
         batch_size: samples per micro-batch; checked against the data source when it says its own.
         gradient_accumulation: micro-batches per optimiser step (the data index is ``step * accumulation + micro``).
-        grad_clip: max global gradient norm over the students, ``None`` for none.
-        mixed_precision: accelerate's autocast mode; the losses are always computed in float32.
+        grad_clip: max global gradient norm (``None``: none). mixed_precision: accelerate's autocast; losses in float32.
         gradient_checkpointing: recompute activations in backward (students; the whole model in sequential mode).
         checkpoint_every: steps between checkpoints (the last step always checkpoints); 0 = only at the end.
-        log_every: steps between metrics rows (each row averages the steps since the previous one).
-        seed: seeds torch / numpy / python RNGs at the start of a fresh run.
+        log_every: steps between metrics rows (each averages the steps since the last). seed: of a fresh run's RNGs.
         early_stop_teacher: end the frozen teacher pass after the last block any span needs.
     """
 
@@ -84,25 +86,24 @@ class DistillConfig:
 
     def validate(self) -> DistillConfig:
         """Raise :class:`~ppcl.errors.ConfigError` on the first out-of-range value; return ``self``."""
+        c = self
         checks: list[tuple[bool, str, str, Any]] = [
-            (self.mode in MODES, "mode", f"one of {MODES}", self.mode),
-            (self.steps >= 1, "steps", ">= 1", self.steps), (self.lr > 0, "lr", "> 0", self.lr),
-            (all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "betas", "two values in [0, 1)", self.betas),
-            (0 <= self.warmup <= self.steps, "warmup", f"0..{self.steps} (steps)", self.warmup),
-            (self.schedule in ("cosine", "constant"), "schedule", "cosine or constant", self.schedule),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", self.min_lr_ratio),
-            (self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", "> 0 or None", self.grad_clip),
-            (self.batch_size >= 1, "batch_size", ">= 1", self.batch_size),
-            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "no/bf16/fp16", self.mixed_precision),
-            (self.gradient_accumulation >= 1, "gradient_accumulation", ">= 1", self.gradient_accumulation),
-            (self.checkpoint_every >= 0, "checkpoint_every", ">= 0", self.checkpoint_every),
-            (self.log_every >= 1, "log_every", ">= 1", self.log_every),
-        ]
+            (c.mode in MODES, "mode", f"one of {MODES}", c.mode), (c.steps >= 1, "steps", ">= 1", c.steps),
+            (c.lr > 0, "lr", "> 0", c.lr),
+            (all(0 <= b < 1 for b in c.betas) and len(c.betas) == 2, "betas", "two values in [0, 1)", c.betas),
+            (0 <= c.warmup <= c.steps, "warmup", f"0..{c.steps} (steps)", c.warmup),
+            (c.schedule in ("cosine", "constant"), "schedule", "cosine or constant", c.schedule),
+            (0 <= c.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", c.min_lr_ratio),
+            (c.weight_decay >= 0, "weight_decay", ">= 0", c.weight_decay),
+            (c.grad_clip is None or c.grad_clip > 0, "grad_clip", "> 0 or None", c.grad_clip),
+            (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
+            (c.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "no/bf16/fp16", c.mixed_precision),
+            (c.gradient_accumulation >= 1, "gradient_accumulation", ">= 1", c.gradient_accumulation),
+            (c.checkpoint_every >= 0, "checkpoint_every", ">= 0", c.checkpoint_every),
+            (c.log_every >= 1, "log_every", ">= 1", c.log_every)]
         for ok, name, expected, found in checks:
             if not ok:
-                raise ConfigError(f"distillation setting `{name}` is out of range", expected=expected,
-                                  found=repr(found))
+                raise ConfigError(f"distillation setting `{name}` is out of range", expected=expected, found=repr(found))
         return self
 
     def lr_factor(self, step: int) -> float:
@@ -116,22 +117,12 @@ class DistillConfig:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict of every field."""
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
+        return {**asdict(self), "betas": list(self.betas)}
 
 
-def distill_depth(
-    model: nn.Module,
-    addon: PruningAddon,
-    data: DistillData,
-    config: DistillConfig,
-    out_dir: str | os.PathLike[str],
-    resume: bool = False,
-    level: str | None = None,
-    stop_at: int | None = None,
-    accelerator: Accelerator | None = None,
-) -> PruningAddon:
+def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
+                  out_dir: str | os.PathLike[str], resume: bool = False, level: str | None = None,
+                  stop_at: int | None = None, accelerator: Accelerator | None = None) -> PruningAddon:
     """Train the add-on's depth students against the frozen teacher (the same ``model`` with the add-on off).
 
     Args:
@@ -146,185 +137,234 @@ def distill_depth(
         accelerator: a caller-made ``accelerate.Accelerator`` (its mixed precision wins over the config's); by
             default one is made from ``config.mixed_precision``.
 
-    Returns:
-        The trained add-on (the same object).
+    Returns: the trained add-on (the same object).
 
     Raises:
         TrainingError: a loss became NaN/Inf (names the step and spans; the last checkpoint is kept).
         ConfigError: bad settings, or ``out_dir`` already holds a run and ``resume`` is false.
     """
-    config.validate()
-    out = Path(out_dir)
     reps = depth_replacements(addon.plan, level)
     run_level = sequential_level(addon.plan, reps, level) if config.mode == "sequential" else None
-    _check_data(data, config)
-    if (out / CHECKPOINT_DIR).exists() and not resume:
-        raise ConfigError("the output folder already holds a distillation run", expected="a new folder or resume",
-                          found=str(out / CHECKPOINT_DIR), fix="pass resume=True (--resume) or choose another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-
-    accelerator = accelerator or _accelerator(config.mixed_precision)
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("fp16 mixed precision needs a GPU", expected="bf16 or no on CPU", found="fp16",
-                          fix="use mixed_precision='bf16'")
-    applied_here = _ensure_applied(model, addon)
-    level_before = active_level(model)
     keys = {rep.id for rep in reps}
-    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-    checkpointing_before = bool(getattr(model, "gradient_checkpointing", False))
-    try:
-        model.requires_grad_(False).eval()
-        if any(p.device != accelerator.device for p in model.parameters()):
-            model.to(accelerator.device)
+    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator) as session:
         step_module = DepthStep(model, addon.students, reps, config.mode, run_level,
                                 config.gradient_checkpointing and config.mode == "nonsequential",
                                 config.early_stop_teacher)
         params = [p for rep in reps for p in addon.students[student_key(rep.id)].parameters()]
-        for p in params:
-            p.requires_grad_(True)
         addon.students.train()
         if config.mode == "sequential" and config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, config.lr_factor)
-        step_module, opt = accelerator.prepare(step_module, opt)
-        start, elapsed = _start(out, resume, addon, opt, sched, config)
-        end = config.steps if stop_at is None else min(stop_at, config.steps)
-        log.info("depth distillation (%s): %d span(s) %s, steps %d..%d of %d, %d trainable parameters",
-                 config.mode, len(reps), sorted(keys), start, end, config.steps, sum(p.numel() for p in params))
-        stats = _loop(accelerator, step_module, opt, sched, params, data, config, out, addon, start, end, elapsed)
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(frozen.get(name, p.requires_grad))
-        if config.mode == "sequential" and config.gradient_checkpointing and not checkpointing_before:
-            model.disable_gradient_checkpointing()
-        if applied_here:
-            remove_addon(model)
-        else:
-            set_level(model, level_before)
-    if end < config.steps:
-        log.info("depth distillation: stopped at step %d; resume with resume=True", end)
+        stats = session.run(step_module, params, stop_at, "depth distillation", "spans",
+                            f"{len(reps)} span(s) {sorted(keys)} ({config.mode})")
+    if stats["end"] < config.steps:
         return addon
-    addon.provenance["depth"] = {
-        "method": "PPCL stage 1.3", "mode": config.mode, "level": level, "sequential_level": run_level,
-        "spans": sorted(keys), "config": config.to_json(), "steps": config.steps,
-        "data": data.describe() if hasattr(data, "describe") else {"source": type(data).__name__},
-        "seconds_per_step": stats["seconds_per_step"], "teacher_forward_ratio": stats["teacher_ratio"],
-        "mixed_precision": config.mixed_precision, "num_processes": accelerator.num_processes,
-    }
     addon.metrics["depth_loss"] = stats["final"]
-    if accelerator.is_main_process:
-        addon.save_pretrained(out / ADDON_DIR)  # atomic by itself
-    accelerator.wait_for_everyone()
-    log.info("depth distillation: done in %.1f s, final loss %.5f; add-on at %s", stats["elapsed"],
-             sum(stats["final"].values()), out / ADDON_DIR)
+    session.finish("depth", stats, {"method": "PPCL stage 1.3", "mode": config.mode, "level": level,
+                                    "sequential_level": run_level, "spans": sorted(keys)})
     return addon
 
 
-def _loop(accelerator: Accelerator, step_module: nn.Module, opt: Any, sched: Any, params: list[nn.Parameter],
-          data: DistillData, config: DistillConfig, out: Path, addon: PruningAddon, start: int, end: int,
-          elapsed: float) -> dict[str, Any]:
-    inner: DepthStep = accelerator.unwrap_model(step_module)
-    accum = config.gradient_accumulation
-    t0 = time.perf_counter() - elapsed
-    t_run = time.perf_counter()
-    window: dict[str, list[float]] = {}
-    ratios: list[float] = []
-    last: dict[str, float] = {}
-    for step in progress(range(start, end), desc="distill depth", total=end - start):
-        measure = (step + 1) % config.log_every == 0 or step + 1 == end
-        inner.measure = measure
-        t_step = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        teacher_s = 0.0
-        for micro in range(accum):
-            batch = _to_device(data.batch(step * accum + micro), accelerator.device)
-            with accelerator.no_sync(step_module) if micro < accum - 1 else nullcontext():
-                losses = step_module(**batch)
-                _check_finite(losses, step, config.steps, out)
-                accelerator.backward(torch.stack(list(losses.values())).sum() / accum)
-            teacher_s += inner.timing.get("teacher_s", 0.0) if measure else 0.0
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
-        if config.grad_clip is not None:
-            accelerator.clip_grad_norm_(params, config.grad_clip)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        if measure:
-            inner.measure = False
-            ratios.append(teacher_s / max(time.perf_counter() - t_step, 1e-9))
-        last = sums
-        for key, value in sums.items():
-            window.setdefault(key, []).append(value)
-        if measure or step + 1 == end:
-            _log_row(accelerator, out, step + 1, window, lr, time.perf_counter() - t0)
-            window = {}
-        if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
-            _save_checkpoint(accelerator, out, addon, opt, sched, step + 1, time.perf_counter() - t0, config)
-    return {"final": last, "elapsed": time.perf_counter() - t0,
-            "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
-            "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
+class TrainingSession:
+    """The stage-independent part of a run (depth, width, fine-tune) as a context manager: on enter it checks the
+    config, data and ``out_dir``, makes the accelerator, applies the add-on if needed and freezes the base; on exit
+    (errors too) it restores ``requires_grad``, gradient checkpointing and the level, and removes an add-on it
+    applied. :meth:`run` drives the accelerate loop for any step module returning ``{term: scalar loss}``.
 
+    Args: ``model, addon, data, config, out_dir, resume, accelerator`` as in :func:`distill_depth`; ``extra``: trained
+    parameters outside the add-on (a full fine-tune's base blocks), checkpointed as ``trained_base.safetensors``.
+    """
 
-def _check_finite(losses: dict[str, torch.Tensor], step: int, steps: int, out: Path) -> None:
-    values = torch.stack([v.detach() for v in losses.values()])
-    if bool(torch.isfinite(values).all()):
-        return
-    bad = [key for key, v in zip(losses, values.tolist(), strict=True) if not math.isfinite(v)]
-    kept = out / CHECKPOINT_DIR
-    then = f"resume from the last good checkpoint {kept}" if kept.exists() else "start again"
-    raise TrainingError(
-        f"depth distillation loss is not finite at step {step + 1} of {steps} for span(s) {', '.join(bad)}",
-        expected="finite losses", found=", ".join(f"{key}={losses[key].item()}" for key in bad),
-        fix=f"lower the learning rate or use bf16 instead of fp16, then {then}")
+    def __init__(self, model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
+                 out_dir: str | os.PathLike[str], resume: bool, accelerator: Accelerator | None,
+                 extra: dict[str, nn.Parameter] | None = None) -> None:
+        config.validate()
+        if not callable(getattr(data, "batch", None)):
+            raise ConfigError("the data source has no batch(step) method", expected="a DistillData", found=str(data))
+        if getattr(data, "batch_size", None) not in (None, config.batch_size):
+            raise ConfigError("the data source and the config disagree on the batch size",
+                              expected=f"batch_size {config.batch_size} (config)", found=f"{data.batch_size} (data)",
+                              fix="build the data source with the config's batch size")
+        self.out = Path(out_dir)
+        if (self.out / CHECKPOINT_DIR).exists() and not resume:
+            raise ConfigError("the output folder already holds a distillation run", expected="a new folder or resume",
+                              found=str(self.out / CHECKPOINT_DIR), fix="pass resume=True (--resume) or another out_dir")
+        self.model, self.addon, self.data, self.config, self.resume = model, addon, data, config, resume
+        self.extra, self.stage, self.terms_key = dict(extra or {}), "distillation", "terms"
+        self.accelerator = accelerator or _accelerator(config.mixed_precision)
+        if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            raise ConfigError("fp16 mixed precision needs a GPU", expected="bf16 or no on CPU", found="fp16", fix="use bf16")
 
+    def __enter__(self) -> Self:
+        model = self.model
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = getattr(model, STATE_ATTR, None)
+        if state is not None and state.addon.students is not self.addon.students:
+            raise ConfigError("another add-on is applied to the model", expected="the add-on being trained, or none",
+                              found="a different add-on under model.ppcl", fix="remove_addon(model) first")
+        self.applied_here = state is None
+        if self.applied_here:
+            apply_addon(model, self.addon, level=None)
+        self.level_before = active_level(model)
+        self.frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.checkpointing_before = bool(getattr(model, "gradient_checkpointing", False))
+        model.requires_grad_(False).eval()
+        if any(p.device != self.accelerator.device for p in model.parameters()):
+            model.to(self.accelerator.device)
+        return self
 
-# ------------------------------------------------------------------------------------------- checkpoint / resume
-def _save_checkpoint(accelerator: Accelerator, out: Path, addon: PruningAddon, opt: Any, sched: Any, step: int,
-                     elapsed: float, config: DistillConfig) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
-        state = {"step": step, "data_index": step * config.gradient_accumulation, "elapsed": elapsed,
-                 "config": config.to_json(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": _rng_state()}
-        addon.provenance["checkpoint"] = {"step": step}
-        with atomic_folder(out / CHECKPOINT_DIR) as tmp:
-            addon.save_pretrained(tmp)  # first: it may replace the folder it is given
-            torch.save(state, tmp / STATE_FILE)
-        addon.provenance.pop("checkpoint", None)
-    accelerator.wait_for_everyone()
+    def __exit__(self, *exc: object) -> None:
+        model = self.model
+        for name, p in model.named_parameters():
+            p.requires_grad_(self.frozen.get(name, p.requires_grad))
+        if bool(getattr(model, "gradient_checkpointing", False)) and not self.checkpointing_before:
+            model.disable_gradient_checkpointing()
+        if self.applied_here:
+            remove_addon(model)
+        else:
+            set_level(model, self.level_before)
 
+    def run(self, step_module: nn.Module, params: list[nn.Parameter], stop_at: int | None, stage: str,
+            terms_key: str, what: str) -> dict[str, Any]:
+        """Optimise ``params`` (AdamW + schedule) on the summed losses of ``step_module(**batch)``; returns
+        ``{"final": {term: loss}, "end": last step, "elapsed", "seconds_per_step", "teacher_ratio"}``."""
+        config, accelerator = self.config, self.accelerator
+        self.stage, self.terms_key, self.params = stage, terms_key, params
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, config.lr_factor)
+        self.step_module, self.opt = accelerator.prepare(step_module, opt)
+        start, elapsed = self._start()
+        end = config.steps if stop_at is None else min(stop_at, config.steps)
+        log.info("%s: %s, steps %d..%d of %d%s, %d trainable parameters", stage, what, start, end, config.steps,
+                 " (stopping early: resume with resume=True)" if end < config.steps else "",
+                 sum(p.numel() for p in params))
+        return {**self._loop(start, end, elapsed), "end": end}
 
-def _start(out: Path, resume: bool, addon: PruningAddon, opt: Any, sched: Any,
-           config: DistillConfig) -> tuple[int, float]:
-    folder = out / CHECKPOINT_DIR
-    if not (resume and (folder / STATE_FILE).is_file()):
-        if resume:
-            log.info("depth distillation: no checkpoint in %s, starting fresh", out)
-        (out / METRICS_FILE).unlink(missing_ok=True)
-        for seed in (torch.manual_seed, np.random.seed, random.seed):
-            seed(config.seed)
-        return 0, 0.0
-    state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
-    changed = sorted(k for k, v in state.get("config", {}).items()
-                     if k not in ("checkpoint_every", "log_every") and config.to_json().get(k) != v)
-    if changed:
-        log.warning("depth distillation: resuming with changed settings %s; the run will not match an "
-                    "uninterrupted one", changed)
-    try:  # the file's keys are the students' own state-dict keys ("<student key>.<param>")
-        addon.students.load_state_dict(load_tensors(folder / WEIGHTS_FILE, "checkpoint add-on"), strict=True)
-    except RuntimeError as exc:
-        raise ArtefactError("the checkpoint holds another add-on's students", expected="the students of this plan",
-                            found=str(exc).splitlines()[0], fix="resume with the plan the run started with") from exc
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    _truncate_metrics(out / METRICS_FILE, int(state["step"]))
-    log.info("depth distillation: resuming from %s at step %d", folder, state["step"])
-    return int(state["step"]), float(state["elapsed"])
+    def finish(self, key: str, stats: dict[str, Any], fields: dict[str, Any]) -> None:
+        """Record ``addon.provenance[key]`` (``fields`` + the common run fields), write ``out_dir/addon`` and log."""
+        data, config = self.data, self.config
+        self.addon.provenance[key] = {
+            **fields, "config": config.to_json(), "steps": config.steps,
+            "data": data.describe() if hasattr(data, "describe") else {"source": type(data).__name__},
+            "seconds_per_step": stats["seconds_per_step"], "teacher_forward_ratio": stats["teacher_ratio"],
+            "mixed_precision": config.mixed_precision, "num_processes": self.accelerator.num_processes}
+        if self.accelerator.is_main_process:
+            self.addon.save_pretrained(self.out / ADDON_DIR)  # atomic by itself
+        self.accelerator.wait_for_everyone()
+        log.info("%s: done in %.1f s, final loss %.5f; add-on at %s", self.stage, stats["elapsed"],
+                 sum(stats["final"].values()), self.out / ADDON_DIR)
+
+    def _loop(self, start: int, end: int, elapsed: float) -> dict[str, Any]:
+        accelerator, step_module, config = self.accelerator, self.step_module, self.config
+        inner, accum = accelerator.unwrap_model(step_module), config.gradient_accumulation
+        t0, t_run = time.perf_counter() - elapsed, time.perf_counter()
+        window: dict[str, list[float]] = {}
+        ratios: list[float] = []
+        last: dict[str, float] = {}
+        for step in progress(range(start, end), desc=self.stage, total=end - start):
+            inner.measure = measure = (step + 1) % config.log_every == 0 or step + 1 == end
+            t_step = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            teacher_s = 0.0
+            for micro in range(accum):
+                batch = {k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                         for k, v in self.data.batch(step * accum + micro).items()}
+                with accelerator.no_sync(step_module) if micro < accum - 1 else nullcontext():
+                    losses = step_module(**batch)
+                    self._check_finite(losses, step)
+                    accelerator.backward(torch.stack(list(losses.values())).sum() / accum)
+                teacher_s += getattr(inner, "timing", {}).get("teacher_s", 0.0) if measure else 0.0
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
+            if config.grad_clip is not None:
+                accelerator.clip_grad_norm_(self.params, config.grad_clip)
+            lr = self.sched.get_last_lr()[0]
+            self.opt.step()
+            self.sched.step()
+            if measure:
+                inner.measure = False
+                ratios.append(teacher_s / max(time.perf_counter() - t_step, 1e-9))
+            last = sums
+            for key, value in sums.items():
+                window.setdefault(key, []).append(value)
+            if measure or step + 1 == end:
+                self._log_row(step + 1, window, lr, time.perf_counter() - t0)
+                window = {}
+            if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
+                self._save_checkpoint(step + 1, time.perf_counter() - t0)
+        return {"final": last, "elapsed": time.perf_counter() - t0,
+                "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
+                "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        values = torch.stack([v.detach() for v in losses.values()]).tolist()
+        bad = [key for key, v in zip(losses, values, strict=True) if not math.isfinite(v)]
+        if not bad:
+            return
+        kept = self.out / CHECKPOINT_DIR
+        then = f"resume from the last good checkpoint {kept}" if kept.exists() else "start again"
+        raise TrainingError(
+            f"{self.stage} loss is not finite at step {step + 1} of {self.config.steps} for {self.terms_key} "
+            f"{', '.join(bad)}", expected="finite losses",
+            found=", ".join(f"{key}={losses[key].item()}" for key in bad),
+            fix=f"lower the learning rate or use bf16 instead of fp16, then {then}")
+
+    def _log_row(self, step: int, window: dict[str, list[float]], lr: float, seconds: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        terms = {key: float(np.mean(values)) for key, values in window.items()}
+        row = {"step": step, "loss": sum(terms.values()), self.terms_key: terms, "lr": lr, "seconds": round(seconds, 3)}
+        with (self.out / METRICS_FILE).open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def _save_checkpoint(self, step: int, elapsed: float) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
+            state = {"step": step, "data_index": step * self.config.gradient_accumulation, "elapsed": elapsed,
+                     "config": self.config.to_json(), "optimizer": self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "rng": _rng_state()}
+            self.addon.provenance["checkpoint"] = {"step": step}
+            with atomic_folder(self.out / CHECKPOINT_DIR) as tmp:
+                self.addon.save_pretrained(tmp)  # first: it may replace the folder it is given
+                torch.save(state, tmp / STATE_FILE)
+                if self.extra:
+                    save_tensors({k: p.detach() for k, p in self.extra.items()}, tmp / EXTRA_FILE)
+            self.addon.provenance.pop("checkpoint", None)
+        self.accelerator.wait_for_everyone()
+
+    def _start(self) -> tuple[int, float]:
+        out, config, stage, folder = self.out, self.config, self.stage, self.out / CHECKPOINT_DIR
+        if not (self.resume and (folder / STATE_FILE).is_file()):
+            if self.resume:
+                log.info("%s: no checkpoint in %s, starting fresh", stage, out)
+            (out / METRICS_FILE).unlink(missing_ok=True)
+            for seed in (torch.manual_seed, np.random.seed, random.seed):
+                seed(config.seed)
+            return 0, 0.0
+        state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
+        changed = sorted(k for k, v in state.get("config", {}).items()
+                         if k not in ("checkpoint_every", "log_every") and config.to_json().get(k) != v)
+        if changed:
+            log.warning("%s: resuming with changed settings %s; it will not match an uninterrupted run", stage, changed)
+        try:  # the file's keys are the students' own state-dict keys ("<student key>.<param>")
+            self.addon.students.load_state_dict(load_tensors(folder / WEIGHTS_FILE, "checkpoint add-on"), strict=True)
+            saved = load_tensors(folder / EXTRA_FILE, "checkpoint base") if self.extra else {}
+            for key, p in self.extra.items():
+                p.data.copy_(saved[key])
+        except (RuntimeError, KeyError) as exc:
+            raise ArtefactError("the checkpoint holds another run's weights", expected="the weights of this run's "
+                                "plan", found=str(exc).splitlines()[0],
+                                fix="resume with the plan (and settings) the run started with") from exc
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        rows = (out / METRICS_FILE).read_text().splitlines() if (out / METRICS_FILE).exists() else []
+        (out / METRICS_FILE).write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= state["step"]))
+        log.info("%s: resuming from %s at step %d", stage, folder, state["step"])
+        return int(state["step"]), float(state["elapsed"])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -346,7 +386,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(py_state.tolist()), gauss))
 
 
-# ------------------------------------------------------------------------------------------------------- helpers
 def _accelerator(mixed_precision: str) -> Accelerator:
     try:
         return Accelerator(mixed_precision=mixed_precision)
@@ -358,42 +397,3 @@ def _accelerator(mixed_precision: str) -> Accelerator:
         AcceleratorState._reset_state()
         log.debug("accelerate state reset for mixed precision %s", mixed_precision)
         return Accelerator(mixed_precision=mixed_precision)
-
-
-def _ensure_applied(model: nn.Module, addon: PruningAddon) -> bool:
-    state = getattr(model, STATE_ATTR, None)
-    if state is not None and state.addon.students is not addon.students:
-        raise ConfigError("another add-on is applied to the model", expected="the add-on being trained, or none",
-                          found="a different add-on under model.ppcl", fix="remove_addon(model) first")
-    if state is None:
-        apply_addon(model, addon, level=None)
-    return state is None
-
-
-def _check_data(data: DistillData, config: DistillConfig) -> None:
-    if not callable(getattr(data, "batch", None)):
-        raise ConfigError("the data source has no batch(step) method", expected="a DistillData", found=str(data))
-    size = getattr(data, "batch_size", None)
-    if size is not None and size != config.batch_size:
-        raise ConfigError("the data source and the config disagree on the batch size",
-                          expected=f"batch_size {config.batch_size} (config)", found=f"{size} (data)",
-                          fix="build the data source with the config's batch size")
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def _log_row(accelerator: Accelerator, out: Path, step: int, window: dict[str, list[float]], lr: float,
-             seconds: float) -> None:
-    if not accelerator.is_main_process:
-        return
-    spans = {key: float(np.mean(values)) for key, values in window.items()}
-    row = {"step": step, "loss": sum(spans.values()), "spans": spans, "lr": lr, "seconds": round(seconds, 3)}
-    with (out / METRICS_FILE).open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    rows = path.read_text().splitlines() if path.exists() else []
-    path.write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= step))
