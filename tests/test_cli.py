@@ -81,3 +81,12 @@ def test_distill_eval_merge_inspect_on_the_toy_teacher(tmp_path, capsys):
     assert main(["inspect", str(run / "addon"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format_version"] == 1
     assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_bad_budget_fails_before_any_output(tmp_path):
+    cal = tmp_path / "cal"
+    assert main(["-q", "calibrate", "--out", str(cal), "--num-prompts", "2", "--timesteps", "1"]) == 0
+    assert main(["-q", "analyze", "--calibration", str(cal), "--out", str(tmp_path / "rep"), "--targets", "abc"]) == 2
+    assert not (tmp_path / "rep").exists()
+    assert main(["-q", "calibrate", "--out", str(tmp_path / "c2"), "--seeds", "x"]) == 2
+    assert not (tmp_path / "c2").exists()

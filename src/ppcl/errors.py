@@ -27,6 +27,9 @@ class PPCLError(Exception):
             parts.append(f"Expected: {expected}.")
         if found is not None:
             parts.append(f"Found: {found}.")
+        if fix is None and expected is not None:
+            # Every message a user sees says what to do; an error raised without a specific fix gets the generic one.
+            fix = "change the input to what is expected"
         if fix is not None:
             parts.append(f"Fix: {fix}.")
         super().__init__(" ".join(parts))

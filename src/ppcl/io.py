@@ -54,6 +54,10 @@ def atomic_folder(path: str | os.PathLike[str], overwrite: bool = True) -> Itera
 
 
 def _check_writable(parent: Path) -> None:
+    blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ArtefactError("cannot create the output folder", expected="a path whose parents are folders",
+                            found=f"{blocker} is a file", fix="choose another --out")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

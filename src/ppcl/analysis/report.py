@@ -104,6 +104,15 @@ class RedundancyReport:
         def per(name: str) -> dict[str, np.ndarray]:
             return {s: t[f"{name}.{s}"].numpy() for s in STREAMS}
 
+        try:
+            return cls._from_parts(m, t, per)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtefactError("redundancy report is incomplete", expected="the fields written by `ppcl analyze`",
+                                found=f"missing or malformed {err} in {folder}",
+                                fix="re-run `ppcl analyze`") from err
+
+    @classmethod
+    def _from_parts(cls, m: dict[str, Any], t: dict[str, torch.Tensor], per: Any) -> RedundancyReport:
         intervals = [Interval(d["u"], d["v"], d["cka"], d["score"]) for d in m["intervals"]]
         return cls(m["arch"], m["model_class"], m["config_hash"], m["stack_sizes"], m["calibration_hash"],
                    m["settings"], {s: t[f"cka.{s}"] for s in STREAMS}, t["cka.used"], intervals,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ppcl.cli.common import add_model_args, load_model, parse_floats
 from ppcl.logging import get_logger
@@ -27,6 +28,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--delta-tol", type=float, default=1e-6, help="float-noise tolerance of the Δ boundary rule")
     add_budget_args(p)
+    add_width_args(p)
     p.set_defaults(func=_run)
 
 
@@ -38,10 +40,44 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=("first", "middle", "last"), default="first", help="student initialisation")
 
 
+def add_width_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", action="store_true",
+                   help="also add, for each depth level X, a level 'X+w' with text runs and FFN blocks (stage 2)")
+    p.add_argument("--text-cka-threshold", type=float, default=None,
+                   help="minimum text-stream CKA of a text run (default: the selector's, 0.95)")
+    p.add_argument("--ffn-blocks", type=int, default=2, help="FFN blocks replaced by linear maps per width level")
+
+
+def finish_plan(plan: Any, report: Any, model: Any, args: argparse.Namespace) -> Any:
+    """``plan`` with width levels when ``--width`` is given (validated), else ``plan`` unchanged."""
+    if not args.width:
+        if args.text_cka_threshold is not None or args.ffn_blocks != 2:
+            log.warning("--text-cka-threshold/--ffn-blocks have no effect without --width")
+        return plan
+    from ppcl.api import add_width_levels
+
+    out = add_width_levels(plan, report, threshold=args.text_cka_threshold, ffn_blocks=args.ffn_blocks)
+    if len(out.levels) == len(plan.levels):
+        log.warning("--width: the report shows no text run above the threshold and no FFN block to replace")
+    return out
+
+
+def level_params(plan: Any, model_config: Any) -> str:
+    """One line per level: parameters after pruning (meta-device count), for the terminal."""
+    rows = ["parameters per level:"]
+    base = None
+    for name in [None, *plan.level_names]:
+        count = plan.param_count(model_config, name)
+        base = base or count.total
+        rows.append(f"  {name or 'teacher':<12} {count.after / 1e6:10.3f}M  ({count.after / base:6.1%} of the teacher)")
+    return "\n".join(rows)
+
+
 def _run(args: argparse.Namespace) -> int:
     from ppcl.analysis import AnalysisConfig, analyze, plan_from_report
     from ppcl.data.calibration import CalibrationSet
 
+    targets = parse_floats(args.targets, "targets")  # fail on a bad budget before the analysis runs
     calibration = CalibrationSet.load(args.calibration)
     model = load_model(args)
     config = AnalysisConfig(max_len=args.max_len, protect_first=args.protect_first, protect_last=args.protect_last,
@@ -49,13 +85,16 @@ def _run(args: argparse.Namespace) -> int:
                             cache_tokens=args.cache_tokens, batch_size=args.batch_size, seed=args.seed,
                             delta_tol=args.delta_tol)
     report = analyze(model, calibration, config)
-    report.save(args.out)
-    plan = plan_from_report(report, model.config, parse_floats(args.targets, "targets"), args.target_kind,
+    plan = plan_from_report(report, model.config, targets, args.target_kind,
                             args.level_names.split(",") if args.level_names else None, args.init)
+    plan = finish_plan(plan, report, model, args)
+    # Both artefacts are written only once both exist, so a failed plan leaves no report behind either.
+    report.save(args.out)
     plan.save(Path(args.out) / "plan")
     log.info("analyze: report → %s, plan → %s", args.out, Path(args.out) / "plan")
     print(report_summary(report))
     print(plan.summary())
+    print(level_params(plan, model.config))
     return 0
 
 

@@ -32,9 +32,10 @@ def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError as exc:
-        raise ConfigError("cannot parse --seeds", expected="comma-separated integers", found=text) from exc
+        raise ConfigError("cannot parse --seeds", expected="comma-separated integers", found=text,
+                          fix="pass e.g. --seeds 0,1") from exc
     if not seeds:
-        raise ConfigError("no seeds given", expected="at least one seed", found=repr(text))
+        raise ConfigError("no seeds given", expected="at least one seed", found=repr(text), fix="pass e.g. --seeds 0")
     return seeds
 
 
@@ -66,12 +67,13 @@ def _toy(args: argparse.Namespace, seeds: tuple[int, ...]):
     from ppcl.toy.sampler import SamplerConfig
     from ppcl.toy.teacher import ToyTeacher
 
+    prompts = _read_prompts(args.prompts) if args.prompts is not None else None  # fail before loading anything
     teacher = ToyTeacher.load()
     sampler = SamplerConfig(steps=args.steps, guidance=args.guidance)
-    if args.prompts is not None:
+    if prompts is not None:
         from ppcl.toy.calibrate import calibrate_toy_prompts
 
-        return calibrate_toy_prompts(teacher, _read_prompts(args.prompts), seeds, args.timesteps, sampler)
+        return calibrate_toy_prompts(teacher, prompts, seeds, args.timesteps, sampler)
     return calibrate_toy(teacher, args.num_prompts, seeds, args.timesteps, sampler)
 
 

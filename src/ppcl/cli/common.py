@@ -35,7 +35,8 @@ def parse_floats(text: str, what: str) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise ConfigError(f"cannot parse {what}", expected="comma-separated numbers, e.g. 0.25,0.4,0.5",
-                          found=text) from exc
+                          found=text, fix=f"pass e.g. --{what} 0.25,0.4,0.5") from exc
     if not values:
-        raise ConfigError(f"no {what} given", expected="at least one number", found=repr(text))
+        raise ConfigError(f"no {what} given", expected="at least one number", found=repr(text),
+                          fix=f"pass e.g. --{what} 0.25,0.4,0.5")
     return values

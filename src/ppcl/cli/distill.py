@@ -1,23 +1,35 @@
-"""``ppcl distill``: plan + data → trained PruningAddon (non-sequential depth distillation by default)."""
+"""``ppcl distill``: plan + data → trained PruningAddon (non-sequential depth distillation by default).
+
+Stages (``--stage``, METHOD.md): ``depth`` (1.3, from ``--plan``, or continuing ``--addon``), ``width`` (2: least-squares
+init then training of one level's projections) and ``finetune`` (3: one level end to end; ``--full`` also trains the
+surviving base blocks → standalone). Width and fine-tune continue an existing add-on (``--addon``, usually the
+depth-trained ``OUT/addon``) whose plan holds the level; every stage writes a new run folder with its own ``OUT/addon``.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ppcl.cli.common import add_model_args, load_model
 from ppcl.logging import get_logger
 
 log = get_logger("cli.distill")
+STAGES = ("depth", "width", "finetune")
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("distill", help="train the students of a plan → add-on (OUT/addon)")
-    p.add_argument("--plan", required=True, help="PruningPlan folder or plan.json")
+    p.add_argument("--stage", choices=STAGES, default="depth",
+                   help="depth (default) | width (needs --addon, --level) | finetune (needs --addon, --level)")
+    p.add_argument("--plan", default=None, help="PruningPlan folder or plan.json (depth stage, fresh add-on)")
+    p.add_argument("--addon", default=None, help="continue this add-on folder (its plan is used)")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, addon/")
     add_model_args(p)
     p.add_argument("--calibration", default=None,
-                   help="train on a CalibrationSet (default for the toy: fresh ShapesWorld batches)")
+                   help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
+                        "(default for the toy: fresh ShapesWorld batches)")
     p.add_argument("--mode", choices=("nonsequential", "sequential"), default="nonsequential")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -28,7 +40,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--init", choices=("first", "middle", "last"), default=None, help="override the plan's init")
-    p.add_argument("--level", default=None, help="train only this level's spans")
+    p.add_argument("--level", default=None,
+                   help="depth: train only this level's spans; width/finetune (required): the level to train")
+    p.add_argument("--full", action="store_true",
+                   help="finetune: also train the surviving base blocks (result is standalone: OUT/merged)")
     p.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default="uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint")
@@ -36,25 +51,71 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppcl.addon import PruningAddon
-    from ppcl.distill import DistillConfig, distill_depth
-    from ppcl.plan import PruningPlan
+    from ppcl.distill import DistillConfig, distill_depth, distill_width, finetune
 
-    plan = PruningPlan.load(args.plan)
+    _check_args(args)
     model = load_model(args)
-    addon = PruningAddon.from_plan(model, plan, init=args.init)
+    addon = _addon(args, model)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     config = DistillConfig(mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=warmup,
                            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                            gradient_accumulation=args.gradient_accumulation, checkpoint_every=args.checkpoint_every,
                            seed=args.seed)
     data = _data(args, model)
-    distill_depth(model, addon, data, config, args.out, resume=args.resume, level=args.level)
+    if args.stage == "depth":
+        distill_depth(model, addon, data, config, args.out, resume=args.resume, level=args.level)
+    elif args.stage == "width":
+        calibration = getattr(data, "calibration", None)
+        distill_width(model, addon, data, config, args.out, args.level, calibration=calibration, resume=args.resume)
+    else:
+        finetune(model, addon, data, config, args.out, args.level, full=args.full, resume=args.resume)
     print(Path(args.out) / "addon")
     return 0
 
 
-def _data(args: argparse.Namespace, model):
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse wrong flag combinations before anything loads."""
+    from ppcl.errors import ConfigError
+
+    if args.stage == "depth" and (args.plan is None) == (args.addon is None):
+        raise ConfigError("depth distillation needs exactly one starting point", expected="--plan DIR or --addon DIR",
+                          found=f"--plan {args.plan} --addon {args.addon}",
+                          fix="--plan for a fresh add-on, --addon to continue one")
+    if args.stage != "depth":
+        if args.addon is None or args.level is None:
+            raise ConfigError(f"--stage {args.stage} continues a trained add-on at one level",
+                              expected="--addon DIR --level NAME", found=f"--addon {args.addon} --level {args.level}",
+                              fix="pass the depth run's OUT/addon and a level of its plan (e.g. 'p25+w')")
+        if args.plan is not None:
+            raise ConfigError(f"--stage {args.stage} takes its plan from the add-on", expected="no --plan",
+                              found=f"--plan {args.plan}", fix="drop --plan")
+        if args.mode != "nonsequential":
+            raise ConfigError("--mode applies to the depth stage only", expected="--mode nonsequential",
+                              found=f"--mode {args.mode} with --stage {args.stage}", fix="drop --mode")
+    if args.full and args.stage != "finetune":
+        raise ConfigError("--full is a fine-tune option", expected="--stage finetune --full",
+                          found=f"--stage {args.stage} --full", fix="drop --full or use --stage finetune")
+    if args.init is not None and args.addon is not None:
+        raise ConfigError("--init shapes fresh students only", expected="--init with --plan",
+                          found=f"--init {args.init} with --addon", fix="drop --init")
+
+
+def _addon(args: argparse.Namespace, model: Any) -> Any:
+    """A fresh add-on from ``--plan``, or the one in ``--addon`` (its level checked against its plan)."""
+    from ppcl.addon import PruningAddon
+
+    if args.addon is None:
+        from ppcl.plan import PruningPlan
+
+        return PruningAddon.from_plan(model, PruningPlan.load(args.plan), init=args.init)
+    addon = PruningAddon.from_pretrained(args.addon, model)
+    if args.level is not None:
+        addon.plan.level(args.level)  # an unknown level fails here, naming the add-on's levels
+    return addon
+
+
+def _data(args: argparse.Namespace, model: Any) -> Any:
+    """Training batches: the CalibrationSet (``--calibration``) or, for the toy, fresh ShapesWorld batches."""
     from ppcl.distill import CalibrationData, ToyDistillData
 
     if args.calibration is not None:

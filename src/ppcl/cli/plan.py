@@ -1,10 +1,11 @@
-"""``ppcl plan``: a PruningPlan with nested levels from a RedundancyReport and a budget."""
+"""``ppcl plan``: a PruningPlan with nested levels from a RedundancyReport and a budget (``--width``: plus width
+levels ``X+w`` on top of each depth level ``X``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ppcl.cli.analyze import add_budget_args
+from ppcl.cli.analyze import add_budget_args, add_width_args, finish_plan, level_params
 from ppcl.cli.common import add_model_args, load_model, parse_floats
 
 
@@ -15,6 +16,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--validate", default=None, help="only validate this plan folder/file and print it")
     add_model_args(p)
     add_budget_args(p)
+    add_width_args(p)
     p.set_defaults(func=_run)
 
 
@@ -34,6 +36,8 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(args)
     plan = plan_from_report(report, model.config, parse_floats(args.targets, "targets"), args.target_kind,
                             args.level_names.split(",") if args.level_names else None, args.init)
+    plan = finish_plan(plan, report, model, args)
     plan.save(args.out)
     print(plan.summary())
+    print(level_params(plan, model.config))
     return 0

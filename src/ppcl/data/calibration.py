@@ -105,7 +105,15 @@ class CalibrationSet:
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise ArtefactError("calibration set is from a newer ppcl", expected=f"format <= {FORMAT_VERSION}",
                                 found=str(manifest["format_version"]), fix="upgrade ppcl")
+        missing = [k for k in ("arch", "model_class", "config_hash") if not isinstance(manifest.get(k), str)]
+        if missing:
+            raise ArtefactError("calibration set manifest is incomplete", expected="arch, model_class, config_hash",
+                                found=f"missing or malformed: {missing} in {folder / MANIFEST}",
+                                fix="re-run `ppcl calibrate`")
         tensors = load_tensors(folder / WEIGHTS, "calibration set")
+        if not tensors:
+            raise ArtefactError("calibration set holds no tensors", expected="captured inputs",
+                                found=f"an empty {folder / WEIGHTS}", fix="re-run `ppcl calibrate`")
         shared = {k[len(_SHARED_PREFIX):]: v for k, v in tensors.items() if k.startswith(_SHARED_PREFIX)}
         batched = {k: v for k, v in tensors.items() if not k.startswith(_SHARED_PREFIX)}
         out = cls(manifest["arch"], manifest["model_class"], manifest["config_hash"], batched, shared,

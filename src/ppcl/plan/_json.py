@@ -40,6 +40,7 @@ def check(value: Any, kind: type[T], where: str) -> T:
             f"Plan field `{where}` has the wrong type",
             expected=_TYPE_NAMES.get(kind, kind.__name__),
             found=f"{value!r} ({type(value).__name__})",
+            fix="correct the field in the file (see the format written by PruningPlan.save)",
         )
     return value
 

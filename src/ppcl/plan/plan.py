@@ -278,11 +278,19 @@ class PruningPlan:
         """Validate, then write ``folder/plan.json`` atomically (temp file + ``os.replace``); returns its path."""
         self.validate()
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtefactError("cannot create the plan folder", expected="a writable location",
+                                found=f"{out}: {exc.strerror}", fix="choose another --out") from exc
         path = out / PLAN_FILE
         text = _json.dumps(self.to_json())
         # A crash mid-write leaves the old plan.json untouched: readers only ever see a complete file.
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PLAN_FILE}.", suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PLAN_FILE}.", suffix=".tmp")
+        except OSError as exc:
+            raise ArtefactError("cannot write into the plan folder", expected="a writable folder",
+                                found=f"{out}: {exc.strerror}", fix="choose another --out or fix its permissions") from exc
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)

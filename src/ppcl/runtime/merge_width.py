@@ -28,7 +28,7 @@ from torch import nn
 
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ArtefactError
-from ppcl.io import read_json, write_json
+from ppcl.io import load_tensors, read_json, write_json
 from ppcl.modules.projection import ResidualLinear
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
 
@@ -142,17 +142,34 @@ def load_merged(path: str | os.PathLike[str], dtype: torch.dtype | None = None) 
         raise ArtefactError(f"{record_path} is not a record this ppcl can read",
                             expected=f"format {MERGED_FORMAT!r} version <= {MERGED_FORMAT_VERSION}",
                             found=f"{record.get('format')!r} {record.get('format_version')!r}", fix="upgrade ppcl")
+    missing = [k for k, kind in (("model_class", str), ("substitutions", list)) if not isinstance(record.get(k), kind)]
+    proj_dtype = getattr(torch, str(record.get("projection_dtype", "float32")), None)
+    if missing or not isinstance(proj_dtype, torch.dtype):
+        raise ArtefactError(f"{record_path} is incomplete",
+                            expected="`model_class` (text), `substitutions` (list) and a torch `projection_dtype`",
+                            found=f"missing or malformed: {missing or ['projection_dtype']}",
+                            fix="re-save the merged model with ppcl.runtime.save_merged")
     cls = resolve_model_class(record["model_class"])
+    if not (folder / "config.json").is_file():
+        raise ArtefactError(f"No config.json in {folder}", expected="a folder written by ppcl.runtime.save_merged",
+                            found="no model config", fix="re-save the merged model with ppcl.runtime.save_merged")
     config = cls.load_config(str(folder))
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config)
-        replay(model, record, proj_dtype=getattr(torch, record.get("projection_dtype", "float32")))
-    from safetensors.torch import load_file
-
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config)
+            replay(model, record, proj_dtype=proj_dtype)
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise ArtefactError(f"{record_path} does not fit the model in {folder}",
+                            expected="substitutions recorded by ppcl.runtime.merge for this config",
+                            found=f"{type(err).__name__}: {err}",
+                            fix="re-save the merged model with ppcl.runtime.save_merged") from err
     files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ArtefactError(f"No weights in {folder}", expected="*.safetensors files", found="none",
+                            fix="re-save the merged model with ppcl.runtime.save_merged")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        state.update(load_tensors(file, "merged model"))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:

@@ -1,0 +1,556 @@
+"""The bad-input catalogue (issue 7): every user mistake ends in a PPCLError of the right class, with a message that
+says what was expected, what was found and how to fix it, and leaves no partial output behind.
+
+docs/errors.md lists these cases, one row per test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import build_tiny, two_span_plan
+from torch import nn
+
+from ppcl.addon import ADDON_FILE, FORMAT_VERSION, WEIGHTS_FILE, PruningAddon
+from ppcl.arch import get_spec
+from ppcl.cli.main import main
+from ppcl.data.calibration import CalibrationSet, assemble
+from ppcl.errors import (
+    AddonMismatchError,
+    ArtefactError,
+    ConfigError,
+    PPCLError,
+    UnsupportedModelError,
+)
+from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
+from ppcl.runtime import apply_addon, load_merged, merge, set_level
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def check_error(err: pytest.ExceptionInfo[BaseException], cls: type[PPCLError], *words: str) -> str:
+    """The error is exactly a ``cls`` (or subclass) in the PPCLError format, mentioning ``words``."""
+    assert isinstance(err.value, cls), f"{type(err.value).__name__} is not a {cls.__name__}: {err.value}"
+    text = str(err.value)
+    for part in ("Expected:", "Found:", "Fix:"):
+        assert part in text, f"{part!r} missing from: {text}"
+    for word in words:
+        assert word in text, f"{word!r} missing from: {text}"
+    return text
+
+
+def check_cli_error(capsys: pytest.CaptureFixture[str], code: int, *words: str) -> str:
+    """The CLI returned 2 and printed one PPCLError line."""
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ppcl: error:") and len(err.splitlines()) == 1, err
+    for part in ("Expected:", "Found:", "Fix:", *words):
+        assert part in err, f"{part!r} missing from: {err}"
+    return err
+
+
+def no_partial_output(root: Path, *outputs: Path) -> None:
+    """None of ``outputs`` exists and no ``*.tmp`` file or folder is left anywhere under ``root``."""
+    for out in outputs:
+        assert not out.exists(), f"partial output left at {out}"
+    leftovers = [p for p in root.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".old")]
+    assert not leftovers, f"temporary files left: {leftovers}"
+
+
+def plan_json(model: nn.Module) -> dict:
+    data = two_span_plan(model).to_json()
+    for rep in data["replacements"]:
+        rep.pop("inclusive", None)  # the tests edit start/stop only
+    return data
+
+
+def write_plan(tmp_path: Path, data: dict | str) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen() -> nn.Module:
+    return build_tiny("qwenimage").model
+
+
+@pytest.fixture(scope="module")
+def saved_addon(tmp_path_factory: pytest.TempPathFactory, qwen: nn.Module) -> Path:
+    addon = PruningAddon.from_plan(qwen, two_span_plan(qwen))
+    return addon.save_pretrained(tmp_path_factory.mktemp("addon") / "addon")
+
+
+@pytest.fixture
+def addon_copy(saved_addon: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved_addon, tmp_path / "addon"))
+
+
+def _calibration(model: nn.Module) -> CalibrationSet:
+    case_inputs = [build_tiny("qwenimage").make_inputs(seed) for seed in range(2)]
+    return assemble(get_spec(model), model, case_inputs, {"source": "test"})
+
+
+@pytest.fixture(scope="module")
+def saved_calibration(tmp_path_factory: pytest.TempPathFactory, qwen: nn.Module) -> Path:
+    return _calibration(qwen).save(tmp_path_factory.mktemp("cal") / "cal")
+
+
+@pytest.fixture
+def calibration_copy(saved_calibration: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved_calibration, tmp_path / "cal"))
+
+
+@pytest.fixture(scope="module")
+def saved_report(tmp_path_factory: pytest.TempPathFactory, qwen: nn.Module) -> Path:
+    from ppcl.analysis import AnalysisConfig, analyze
+
+    report = analyze(qwen, _calibration(qwen), AnalysisConfig(batch_size=4, protect_first=1, protect_last=1))
+    return report.save(tmp_path_factory.mktemp("report") / "report")
+
+
+# ---------------------------------------------------------------------------------------------------------- plans
+def test_plan_malformed_json(tmp_path: Path) -> None:
+    path = write_plan(tmp_path, '{"arch": "qwenimage", "levels": [')
+    with pytest.raises(ArtefactError) as err:
+        PruningPlan.load(path)
+    check_error(err, ArtefactError, "JSON")
+
+
+def test_plan_malformed_json_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_plan(tmp_path, "not json at all")
+    check_cli_error(capsys, main(["-q", "plan", "--validate", str(path)]))
+
+
+def test_plan_field_of_wrong_type(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["stack_sizes"] = "six"
+    with pytest.raises(ArtefactError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ArtefactError, "stack_sizes")
+
+
+def test_plan_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ArtefactError) as err:
+        PruningPlan.load(tmp_path / "nowhere")
+    check_error(err, ArtefactError)
+
+
+def test_plan_overlapping_spans_in_a_level(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["replacements"].append(DepthReplacement(Span(2, 4)).to_json())
+    data["levels"].append({"name": "c", "replacements": ["depth:1-3", "depth:2-4"]})
+    with pytest.raises(ConfigError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ConfigError, "overlap", "level c")
+
+
+def test_plan_span_out_of_range(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["replacements"][1]["start"], data["replacements"][1]["stop"] = 4, 9
+    with pytest.raises(ConfigError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ConfigError)
+
+
+def test_plan_span_covers_protected_blocks(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["replacements"][0]["start"] = 0  # block 0 is protected (protect_first=1)
+    with pytest.raises(ConfigError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ConfigError, "protected")
+
+
+def test_plan_span_crosses_the_flux_double_single_boundary() -> None:
+    flux = build_tiny("flux").model  # 3 double-stream blocks then 3 single-stream blocks
+    spec = get_spec(flux)
+    rep = DepthReplacement(Span(2, 4))
+    plan = PruningPlan(spec.name, type(flux).__name__, tuple(spec.stack_sizes(flux)), [rep], [Level("a", (rep.id,))],
+                       protect_first=1, protect_last=1)
+    with pytest.raises(ConfigError) as err:
+        plan.validate()
+    check_error(err, ConfigError, "single_transformer_blocks")
+
+
+def test_plan_span_of_one_block(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["replacements"][0]["stop"] = 2  # [1:2] is one block: nothing to replace it with
+    with pytest.raises(ConfigError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ConfigError)
+
+
+def test_plan_duplicate_level_names(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["levels"][1]["name"] = "a"
+    with pytest.raises(ConfigError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ConfigError, "'a'")
+
+
+def test_plan_level_with_unknown_replacement(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["levels"][0]["replacements"] = ["depth:7-9"]
+    with pytest.raises(ConfigError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ConfigError, "depth:7-9")
+
+
+def test_plan_save_under_a_regular_file(tmp_path: Path, qwen: nn.Module) -> None:
+    blocker = tmp_path / "some_file"
+    blocker.write_text("x")
+    with pytest.raises(ArtefactError) as err:
+        two_span_plan(qwen).save(blocker / "plan")
+    check_error(err, ArtefactError)
+    no_partial_output(tmp_path, blocker / "plan")
+
+
+# --------------------------------------------------------------------------------------------------- level names
+@pytest.mark.parametrize("surface", ["plan.level", "set_level", "merge"])
+def test_unknown_level_name(surface: str) -> None:
+    model = build_tiny("qwenimage").model
+    addon = PruningAddon.from_plan(model, two_span_plan(model))
+    with pytest.raises(ConfigError) as err:
+        if surface == "plan.level":
+            addon.plan.level("p99")
+        elif surface == "set_level":
+            apply_addon(model, addon)
+            set_level(model, "p99")
+        else:
+            merge(model, addon, "p99")
+    check_error(err, ConfigError, "p99")
+
+
+def test_merge_unknown_level_cli(addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import ppcl.cli.merge as cli_merge
+
+    monkeypatch.setattr(cli_merge, "load_model", lambda args: build_tiny("qwenimage").model)
+    out = tmp_path / "merged"
+    code = main(["-q", "merge", "--addon", str(addon_copy), "--level", "p99", "--out", str(out)])
+    check_cli_error(capsys, code, "p99")
+    no_partial_output(tmp_path, out)
+
+
+# -------------------------------------------------------------------------------------------------------- add-ons
+def test_addon_for_another_base_config(addon_copy: Path) -> None:
+    from diffusers import QwenImageTransformer2DModel
+
+    base = build_tiny("qwenimage").model
+    other = QwenImageTransformer2DModel.from_config({**base.config, "joint_attention_dim": 24})
+    with pytest.raises(AddonMismatchError) as err:
+        PruningAddon.from_pretrained(addon_copy, other)
+    check_error(err, AddonMismatchError, "joint_attention_dim")
+
+
+def test_addon_for_another_depth(addon_copy: Path) -> None:
+    from diffusers import QwenImageTransformer2DModel
+
+    base = build_tiny("qwenimage").model
+    deeper = QwenImageTransformer2DModel.from_config({**base.config, "num_layers": 8})
+    with pytest.raises(AddonMismatchError) as err:
+        PruningAddon.from_pretrained(addon_copy, deeper)
+    check_error(err, AddonMismatchError, "stack_sizes")
+
+
+def test_addon_for_another_arch(addon_copy: Path) -> None:
+    with pytest.raises(AddonMismatchError) as err:
+        PruningAddon.from_pretrained(addon_copy, build_tiny("sd3").model)
+    check_error(err, AddonMismatchError, "arch")
+
+
+def test_addon_of_a_newer_format_version(addon_copy: Path, qwen: nn.Module) -> None:
+    manifest = json.loads((addon_copy / ADDON_FILE).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (addon_copy / ADDON_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError) as err:
+        PruningAddon.from_pretrained(addon_copy, qwen)
+    check_error(err, ArtefactError, "upgrade ppcl")
+
+
+def test_addon_manifest_malformed(addon_copy: Path, qwen: nn.Module) -> None:
+    (addon_copy / ADDON_FILE).write_text('{"format": "ppcl.pruning_addon", ')
+    with pytest.raises(ArtefactError) as err:
+        PruningAddon.from_pretrained(addon_copy, qwen)
+    check_error(err, ArtefactError, "JSON")
+
+
+@pytest.mark.parametrize("drop", ["plan", "fingerprint"])
+def test_addon_manifest_missing_a_section(addon_copy: Path, qwen: nn.Module, drop: str) -> None:
+    manifest = json.loads((addon_copy / ADDON_FILE).read_text())
+    del manifest[drop]
+    (addon_copy / ADDON_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError) as err:
+        PruningAddon.from_pretrained(addon_copy, qwen)
+    check_error(err, ArtefactError, drop)
+
+
+def test_addon_truncated_weights(addon_copy: Path, qwen: nn.Module) -> None:
+    weights = addon_copy / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ArtefactError) as err:
+        PruningAddon.from_pretrained(addon_copy, qwen)
+    check_error(err, ArtefactError, "truncated or corrupt")
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_addon_manifest_weights_mismatch(addon_copy: Path, qwen: nn.Module, change: str) -> None:
+    tensors = load_file(str(addon_copy / WEIGHTS_FILE))
+    if change == "missing":
+        name = min(tensors)
+        del tensors[name]
+    else:
+        name = "depth_9_9.extra"
+        tensors[name] = torch.zeros(1)
+    save_file(tensors, str(addon_copy / WEIGHTS_FILE))
+    with pytest.raises(ArtefactError) as err:
+        PruningAddon.from_pretrained(addon_copy, qwen)
+    check_error(err, ArtefactError, name)
+
+
+def test_addon_applied_twice() -> None:
+    model = build_tiny("qwenimage").model
+    addon = PruningAddon.from_plan(model, two_span_plan(model))
+    apply_addon(model, addon, "a")
+    with pytest.raises(ConfigError) as err:
+        apply_addon(model, addon, "b")
+    check_error(err, ConfigError, "already applied")
+
+
+def test_addon_save_under_a_regular_file(tmp_path: Path, qwen: nn.Module) -> None:
+    blocker = tmp_path / "some_file"
+    blocker.write_text("x")
+    addon = PruningAddon.from_plan(qwen, two_span_plan(qwen))
+    with pytest.raises(ArtefactError) as err:
+        addon.save_pretrained(blocker / "out")
+    check_error(err, ArtefactError)
+    no_partial_output(tmp_path, blocker / "out")
+
+
+def test_calibration_truncated_weights(calibration_copy: Path) -> None:
+    weights = calibration_copy / "calibration.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ArtefactError) as err:
+        CalibrationSet.load(calibration_copy)
+    check_error(err, ArtefactError, "truncated or corrupt")
+
+
+def test_calibration_content_hash_mismatch(calibration_copy: Path) -> None:
+    weights = calibration_copy / "calibration.safetensors"
+    tensors = load_file(str(weights))
+    tensors["timestep"] = tensors["timestep"] + 0.5
+    save_file(tensors, str(weights))
+    with pytest.raises(ArtefactError) as err:
+        CalibrationSet.load(calibration_copy)
+    check_error(err, ArtefactError, "content")
+
+
+def test_calibration_from_another_model(saved_calibration: Path) -> None:
+    from diffusers import QwenImageTransformer2DModel
+
+    base = build_tiny("qwenimage").model
+    other = QwenImageTransformer2DModel.from_config({**base.config, "num_layers": 4})
+    with pytest.raises(ArtefactError) as err:
+        CalibrationSet.load(saved_calibration).check_model(other)
+    check_error(err, ArtefactError, "another model")
+
+
+def test_calibration_manifest_missing_fields(calibration_copy: Path) -> None:
+    manifest = json.loads((calibration_copy / "calibration.json").read_text())
+    del manifest["arch"]
+    (calibration_copy / "calibration.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError) as err:
+        CalibrationSet.load(calibration_copy)
+    check_error(err, ArtefactError, "arch")
+
+
+def test_calibration_save_under_a_regular_file(tmp_path: Path, qwen: nn.Module) -> None:
+    blocker = tmp_path / "some_file"
+    blocker.write_text("x")
+    with pytest.raises(ArtefactError) as err:
+        _calibration(qwen).save(blocker / "cal")
+    check_error(err, ArtefactError)
+    no_partial_output(tmp_path, blocker / "cal")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_calibrate_cli_empty_prompt_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(content)
+    out = tmp_path / "cal"
+    code = main(["-q", "calibrate", "--out", str(out), "--prompts", str(prompts), "--steps", "2", "--timesteps", "1"])
+    check_cli_error(capsys, code, "empty")
+    no_partial_output(tmp_path, out)
+
+
+def test_calibrate_empty_prompt_list() -> None:
+    from ppcl.toy.calibrate import calibrate_toy_prompts
+    from ppcl.toy.teacher import ToyTeacher
+
+    with pytest.raises(ConfigError) as err:
+        calibrate_toy_prompts(ToyTeacher.load(), [], (0,))
+    check_error(err, ConfigError, "0 prompts")
+
+
+def test_calibrate_cli_unknown_words_in_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na purple blob\n")
+    out = tmp_path / "cal"
+    code = main(["-q", "calibrate", "--out", str(out), "--prompts", str(prompts), "--steps", "2", "--timesteps", "1"])
+    check_cli_error(capsys, code, "purple", "blob")
+    no_partial_output(tmp_path, out)
+
+
+def test_toy_caption_unknown_words() -> None:
+    from ppcl.toy.teacher import ToyTeacher
+
+    with pytest.raises(ConfigError) as err:
+        ToyTeacher.load().tokenizer.encode_one("a red dodecahedron")
+    check_error(err, ConfigError, "dodecahedron")
+
+
+# ------------------------------------------------------------------------------------------- models and arguments
+class UNet2DConditionModel(nn.Module):
+    """Looks like a diffusers UNet by name: not a supported transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, 8, 3)
+
+
+@pytest.mark.parametrize("model", [nn.Linear(2, 2), UNet2DConditionModel()], ids=["plain_module", "unet_like"])
+def test_unsupported_model_class(model: nn.Module) -> None:
+    with pytest.raises(UnsupportedModelError) as err:
+        get_spec(model)
+    check_error(err, UnsupportedModelError, type(model).__name__)
+
+
+def test_unsupported_model_for_an_addon(saved_addon: Path) -> None:
+    with pytest.raises(UnsupportedModelError) as err:
+        PruningAddon.from_pretrained(saved_addon, UNet2DConditionModel())
+    check_error(err, UnsupportedModelError, "UNet2DConditionModel")
+
+
+def test_wrong_dtype_string(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "merged"
+    code = main(["-q", "merge", "--addon", str(tmp_path / "a"), "--level", "a", "--out", str(out), "--dtype", "fp8"])
+    check_cli_error(capsys, code, "fp8")
+    no_partial_output(tmp_path, out)
+
+
+def test_wrong_dtype_string_api() -> None:
+    from ppcl.data.loading import parse_dtype
+
+    with pytest.raises(ConfigError) as err:
+        parse_dtype("fp8")
+    check_error(err, ConfigError, "fp8", "bf16")
+
+
+# ------------------------------------------------------------------------------------------------- merged models
+@pytest.fixture
+def merged_folder(tmp_path: Path) -> Path:
+    """A depth-merged tiny model folder plus a width-style record, to be broken by the tests."""
+    from ppcl.runtime.merge_width import MERGED_FILE
+
+    model = build_tiny("qwenimage").model
+    addon = PruningAddon.from_plan(model, two_span_plan(model))
+    folder = tmp_path / "merged"
+    merge(model, addon, "a").save_pretrained(str(folder))
+    record = {"format": "ppcl.merged_width", "format_version": 1, "model_class": type(model).__name__,
+              "level": "a", "substitutions": [], "projection_dtype": "float32"}
+    (folder / MERGED_FILE).write_text(json.dumps(record))
+    return folder
+
+
+def test_load_merged_without_record(merged_folder: Path) -> None:
+    from ppcl.runtime.merge_width import MERGED_FILE
+
+    (merged_folder / MERGED_FILE).unlink()
+    with pytest.raises(ArtefactError) as err:
+        load_merged(merged_folder)
+    check_error(err, ArtefactError, MERGED_FILE)
+
+
+def test_load_merged_corrupt_record(merged_folder: Path) -> None:
+    from ppcl.runtime.merge_width import MERGED_FILE
+
+    (merged_folder / MERGED_FILE).write_text("{ broken")
+    with pytest.raises(ArtefactError) as err:
+        load_merged(merged_folder)
+    check_error(err, ArtefactError, "JSON")
+
+
+@pytest.mark.parametrize("drop", ["model_class", "substitutions"])
+def test_load_merged_record_missing_pieces(merged_folder: Path, drop: str) -> None:
+    from ppcl.runtime.merge_width import MERGED_FILE
+
+    record = json.loads((merged_folder / MERGED_FILE).read_text())
+    if "format" not in record or record.get("format") != "ppcl.merged_width":
+        pytest.skip("record format differs")
+    del record[drop]
+    (merged_folder / MERGED_FILE).write_text(json.dumps(record))
+    with pytest.raises(ArtefactError) as err:
+        load_merged(merged_folder)
+    check_error(err, ArtefactError, drop)
+
+
+def test_load_merged_truncated_weights(merged_folder: Path) -> None:
+    weights = next(merged_folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(ArtefactError) as err:
+        load_merged(merged_folder)
+    check_error(err, ArtefactError, "truncated or corrupt")
+
+
+# ----------------------------------------------------------------------------------------- analysis and the CLI
+def test_analyze_missing_calibration_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    code = main(["-q", "analyze", "--calibration", str(tmp_path / "nope"), "--out", str(out)])
+    check_cli_error(capsys, code, "calibration")
+    no_partial_output(tmp_path, out)
+
+
+def test_report_with_another_model_config(saved_report: Path) -> None:
+    from diffusers import QwenImageTransformer2DModel
+
+    from ppcl.analysis import RedundancyReport, plan_from_report
+
+    base = build_tiny("qwenimage").model
+    other = QwenImageTransformer2DModel.from_config({**base.config, "num_layers": 8})
+    with pytest.raises(ArtefactError) as err:
+        plan_from_report(RedundancyReport.load(saved_report), other.config)
+    check_error(err, ArtefactError, "another model config")
+
+
+def test_report_manifest_missing_fields(saved_report: Path, tmp_path: Path) -> None:
+    from ppcl.analysis import RedundancyReport
+
+    folder = Path(shutil.copytree(saved_report, tmp_path / "report"))
+    manifest = json.loads((folder / "report.json").read_text())
+    del manifest["intervals"]
+    (folder / "report.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError) as err:
+        RedundancyReport.load(folder)
+    check_error(err, ArtefactError, "intervals")
+
+
+@pytest.mark.parametrize("targets", ["abc", "0.25,,x", ","])
+def test_plan_cli_unparsable_targets(saved_report: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     targets: str) -> None:
+    out = tmp_path / "plan"
+    code = main(["-q", "plan", "--report", str(saved_report), "--out", str(out), "--targets", targets])
+    check_cli_error(capsys, code, "targets")
+    no_partial_output(tmp_path, out)
+
+
+def test_inspect_a_non_artefact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    check_cli_error(capsys, main(["-q", "inspect", str(tmp_path)]), "not a ppcl artefact")
+
+
+def test_inspect_a_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check_cli_error(capsys, main(["-q", "inspect", str(tmp_path / "nothing")]))
