@@ -68,6 +68,7 @@ def main() -> None:
                      AnalysisConfig(protect_first=args.protect, protect_last=args.protect))
     plan = plan_from_report(report, model.config, [float(t) for t in args.targets.split(",")])
     plan.save(out / "plan")
+    report.save(out / "report")
     batches = [ToyDistillData(teacher, 32, seed=12345).batch(i) for i in range(4)]
     shapes = {"n_per_category": args.per_category}
     results = {}
