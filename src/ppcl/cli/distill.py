@@ -27,6 +27,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--addon", default=None, help="continue this add-on folder (its plan is used)")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, addon/")
     add_model_args(p)
+    p.add_argument("--pipeline", default=None,
+                   help="local diffusers pipeline folder: distil its transformer on --calibration (required; "
+                        "captured from this pipeline with `ppcl calibrate --pipeline`)")
     p.add_argument("--calibration", default=None,
                    help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
                         "(default for the toy: fresh ShapesWorld batches)")
@@ -54,6 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.distill import DistillConfig, distill_depth, distill_width, finetune
 
     _check_args(args)
+    _pipeline_args(args)
     model = load_model(args)
     addon = _addon(args, model)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
@@ -98,6 +102,24 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.init is not None and args.addon is not None:
         raise ConfigError("--init shapes fresh students only", expected="--init with --plan",
                           found=f"--init {args.init} with --addon", fix="drop --init")
+
+
+def _pipeline_args(args: argparse.Namespace) -> None:
+    """``--pipeline PATH`` = the pipeline's transformer as the model, trained on a CalibrationSet captured from it.
+
+    Training reads only the cached transformer inputs, so the text encoder and VAE are never loaded here.
+    """
+    from ppcl.errors import ConfigError
+
+    if args.pipeline is None:
+        return
+    if args.model is not None:
+        raise ConfigError("--pipeline and --model both name the model", expected="one of them",
+                          found=f"--pipeline {args.pipeline} --model {args.model}", fix="drop --model")
+    if args.calibration is None:
+        raise ConfigError("--pipeline trains on cached transformer inputs", expected="--calibration DIR",
+                          found="none", fix=f"run `ppcl calibrate --pipeline {args.pipeline} --out CAL` first")
+    args.model = args.pipeline  # load_transformer reads PATH/transformer of a pipeline folder
 
 
 def _addon(args: argparse.Namespace, model: Any) -> Any:

@@ -54,6 +54,6 @@ def load_pipeline_folder(path: str | os.PathLike[str], dtype: torch.dtype = torc
     if not (Path(path) / "model_index.json").is_file():
         raise ArtefactError("not a diffusers pipeline folder", expected="a folder with model_index.json",
                             found=str(path), fix="pass the folder written by `pipeline.save_pretrained`")
-    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     get_spec(pipe.transformer)
     return pipe

@@ -1,0 +1,104 @@
+"""``ppcl generate``: one image from a pipeline with an add-on level or a merged model plugged in.
+
+``--pipeline`` is a local diffusers pipeline folder (Qwen-Image, FLUX.1, SD3) or omitted for the toy world; ``--addon``
+is an add-on folder (needs ``--level``) or a merged-model folder from ``ppcl merge`` (no ``--level``). Everything goes
+through :func:`ppcl.load_pipeline`, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ppcl.errors import ConfigError
+from ppcl.logging import get_logger
+
+log = get_logger("cli.generate")
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("generate", help="sample one image with an add-on level or a merged model")
+    p.add_argument("--pipeline", default=None, help="local diffusers pipeline folder (default: the toy world)")
+    p.add_argument("--addon", default=None, help="add-on folder (with --level) or merged-model folder (ppcl merge)")
+    p.add_argument("--level", default=None, help="add-on level to activate")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--out", required=True, help="output image file (.png)")
+    p.add_argument("--steps", type=int, default=28, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (pipelines: guidance_scale, Qwen-Image: true_cfg_scale; default: the "
+                        "pipeline's own)")
+    p.add_argument("--height", type=int, default=None, help="pipelines: image height")
+    p.add_argument("--width", type=int, default=None, help="pipelines: image width")
+    p.add_argument("--dtype", default="float32", help="float32 | bf16 | fp16")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ppcl
+    from ppcl.data.loading import parse_dtype
+
+    if args.steps < 1:
+        raise ConfigError("the number of sampling steps must be positive", expected="--steps >= 1",
+                          found=str(args.steps), fix="pass e.g. --steps 28")
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ConfigError("unknown image format", expected="--out ending in .png, .jpg or .webp", found=args.out,
+                          fix="pass e.g. --out img.png")
+    pipe = ppcl.load_pipeline(args.pipeline, args.addon, level=args.level, dtype=parse_dtype(args.dtype))
+    image = _toy_image(pipe, args) if args.pipeline is None else _pipeline_image(pipe, args)
+    _save_image(image, Path(args.out))
+    log.info("generate: %r → %s", args.prompt, args.out)
+    print(args.out)
+    return 0
+
+
+def _toy_image(pipe: Any, args: argparse.Namespace) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` from the toy pipeline (its guidance default applies unless ``--guidance``)."""
+    kwargs = {"guidance": args.guidance} if args.guidance is not None else {}
+    pipe.transformer.to(args.device)
+    return pipe([args.prompt], seeds=args.seed, steps=args.steps, **kwargs)[0]
+
+
+def _pipeline_image(pipe: Any, args: argparse.Namespace) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` from a diffusers pipeline run with its own scheduler and sampling loop."""
+    import torch
+
+    pipe = pipe.to(args.device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=os.environ.get("PPCL_NO_PROGRESS") == "1")
+    kwargs: dict[str, Any] = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    if args.guidance is not None:
+        # Qwen-Image's classifier-free guidance is true_cfg_scale; its guidance_scale only feeds guidance-distilled
+        # variants. FLUX.1 and SD3 read guidance_scale.
+        key = "true_cfg_scale" if type(pipe).__name__.startswith("QwenImage") else "guidance_scale"
+        kwargs[key] = args.guidance
+    if getattr(pipe, "text_encoder", None) is None:
+        # A folder saved for calibration from prompt embeddings cannot turn --prompt into embeddings.
+        raise ConfigError("this pipeline folder has no text encoder", expected="a pipeline saved with its text encoder",
+                          found=f"{args.pipeline} without text_encoder",
+                          fix="use the full pipeline folder, or ppcl.load_pipeline(...) with prompt_embeds in Python")
+    out = pipe(prompt=args.prompt, num_inference_steps=args.steps, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs)
+    image = np.asarray(out.images[0])
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _save_image(image: np.ndarray, path: Path) -> None:
+    """Write ``image`` atomically (temp file in the same folder, then rename), so no half-written file remains."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
