@@ -3,6 +3,10 @@
 A :class:`DistillData` hands out the transformer's forward keyword arguments for training step ``step``. Every
 batch is a pure function of ``(seed, step)``, so a resumed run sees exactly the batches an uninterrupted run would
 have seen and the trainer only needs to remember the step number.
+
+The index a source receives is the trainer's micro-batch index ``(step * accumulation + micro) * P + rank`` for ``P``
+processes, so the data of a multi-process run is a pure function of ``(seed, step, rank)`` and the processes never
+draw the same batch (see :mod:`ppcl.distill.trainer`).
 """
 
 from __future__ import annotations

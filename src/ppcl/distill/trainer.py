@@ -9,6 +9,12 @@ Layout of ``out_dir``::
 
 Batches are a pure function of the micro-batch index (see :mod:`ppcl.distill.data`), so a checkpoint only needs the
 step number next to the optimiser, scheduler and RNG states; a resumed run reproduces an uninterrupted one exactly.
+
+Multi-process (``accelerate launch`` on GPUs, ``torchrun`` on CPU; docs/scale.md): the global batch of one step is
+``batch_size x gradient_accumulation x P`` samples. Process ``rank`` draws micro-batch
+``(step * gradient_accumulation + micro) * P + rank``, so the data stays a pure function of (seed, step, rank) and P
+processes with accumulation A see exactly the batches of one process with accumulation ``A * P``; DDP averages the
+gradients as accumulation would. Only the main process writes metrics, checkpoints and the add-on; the others wait.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch import nn
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
+from ppcl.distill.checkpoint import (check_distributed, checkpoint_bytes, fault_point, make_accelerator, preflight,
+                                    recover_checkpoint, rng_state, set_rng_state)
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import MODES, DepthStep, Mode, depth_replacements, sequential_level
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
@@ -185,12 +192,19 @@ class TrainingSession:
                               expected=f"batch_size {config.batch_size} (config)", found=f"{data.batch_size} (data)",
                               fix="build the data source with the config's batch size")
         self.out = Path(out_dir)
+        self.accelerator = accelerator or make_accelerator(config.mixed_precision)
+        check_distributed(self.accelerator)
+        trained = sum(p.numel() for p in addon.students.parameters()) + sum(p.numel() for p in (extra or {}).values())
+        # Every process checks (they may not share a file system); only the main one repairs an interrupted swap.
+        preflight(self.out, checkpoint_bytes(trained))
+        if self.accelerator.is_main_process:
+            recover_checkpoint(self.out / CHECKPOINT_DIR)
+        self.accelerator.wait_for_everyone()
         if (self.out / CHECKPOINT_DIR).exists() and not resume:
             raise ConfigError("the output folder already holds a distillation run", expected="a new folder or resume",
                               found=str(self.out / CHECKPOINT_DIR), fix="pass resume=True (--resume) or another out_dir")
         self.model, self.addon, self.data, self.config, self.resume = model, addon, data, config, resume
         self.extra, self.stage, self.terms_key = dict(extra or {}), "distillation", "terms"
-        self.accelerator = accelerator or _accelerator(config.mixed_precision)
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise ConfigError("fp16 mixed precision needs a GPU", expected="bf16 or no on CPU", found="fp16", fix="use bf16")
 
@@ -258,6 +272,7 @@ class TrainingSession:
     def _loop(self, start: int, end: int, elapsed: float) -> dict[str, Any]:
         accelerator, step_module, config = self.accelerator, self.step_module, self.config
         inner, accum = accelerator.unwrap_model(step_module), config.gradient_accumulation
+        procs, rank = accelerator.num_processes, accelerator.process_index
         t0, t_run = time.perf_counter() - elapsed, time.perf_counter()
         window: dict[str, list[float]] = {}
         ratios: list[float] = []
@@ -270,16 +285,18 @@ class TrainingSession:
             teacher_s = 0.0
             for micro in range(accum):
                 batch = {k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                         for k, v in self.data.batch(step * accum + micro).items()}
+                         for k, v in self.data.batch((step * accum + micro) * procs + rank).items()}
                 with accelerator.no_sync(step_module) if micro < accum - 1 else nullcontext():
                     losses = step_module(**batch)
-                    self._check_finite(losses, step)
+                    values = self._check_finite(losses, step)
                     accelerator.backward(torch.stack(list(losses.values())).sum() / accum)
                 teacher_s += getattr(inner, "timing", {}).get("teacher_s", 0.0) if measure else 0.0
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
+                for key, value in zip(losses, values, strict=True):
+                    sums[key] = sums.get(key, 0.0) + value / accum
             if config.grad_clip is not None:
-                accelerator.clip_grad_norm_(self.params, config.grad_clip)
+                norm = accelerator.clip_grad_norm_(self.params, config.grad_clip)
+                if norm is not None and not math.isfinite(float(norm)):
+                    self._not_finite(step, "gradient norm", [f"of all {self.terms_key}"], [float(norm)])
             lr = self.sched.get_last_lr()[0]
             self.opt.step()
             self.sched.step()
@@ -292,23 +309,32 @@ class TrainingSession:
             if measure or step + 1 == end:
                 self._log_row(step + 1, window, lr, time.perf_counter() - t0)
                 window = {}
+            fault_point("step", step + 1)
             if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
                 self._save_checkpoint(step + 1, time.perf_counter() - t0)
         return {"final": last, "elapsed": time.perf_counter() - t0,
                 "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
                 "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
 
-    def _check_finite(self, losses: dict[str, torch.Tensor], step: int) -> None:
-        values = torch.stack([v.detach() for v in losses.values()]).tolist()
-        bad = [key for key, v in zip(losses, values, strict=True) if not math.isfinite(v)]
-        if not bad:
-            return
+    def _check_finite(self, losses: dict[str, torch.Tensor], step: int) -> list[float]:
+        """The losses averaged over processes; raises on all of them at once when any is NaN/Inf (a rank raising
+        alone would leave the others waiting in the next all-reduce)."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values.clone(), reduction="mean")  # NaN anywhere → NaN everywhere
+        floats = values.tolist()
+        bad = [key for key, v in zip(losses, floats, strict=True) if not math.isfinite(v)]
+        if bad:
+            self._not_finite(step, "loss", bad, [floats[list(losses).index(k)] for k in bad])
+        return floats
+
+    def _not_finite(self, step: int, what: str, keys: list[str], values: list[float]) -> None:
         kept = self.out / CHECKPOINT_DIR
         then = f"resume from the last good checkpoint {kept}" if kept.exists() else "start again"
         raise TrainingError(
-            f"{self.stage} loss is not finite at step {step + 1} of {self.config.steps} for {self.terms_key} "
-            f"{', '.join(bad)}", expected="finite losses",
-            found=", ".join(f"{key}={losses[key].item()}" for key in bad),
+            f"{self.stage} {what} is not finite at step {step + 1} of {self.config.steps} for {self.terms_key} "
+            f"{', '.join(keys)}", expected=f"a finite {what}",
+            found=", ".join(f"{key}={v}" for key, v in zip(keys, values, strict=True)),
             fix=f"lower the learning rate or use bf16 instead of fp16, then {then}")
 
     def _log_row(self, step: int, window: dict[str, list[float]], lr: float, seconds: float) -> None:
@@ -325,13 +351,14 @@ class TrainingSession:
             # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
             state = {"step": step, "data_index": step * self.config.gradient_accumulation, "elapsed": elapsed,
                      "config": self.config.to_json(), "optimizer": self.opt.state_dict(),
-                     "scheduler": self.sched.state_dict(), "rng": _rng_state()}
+                     "scheduler": self.sched.state_dict(), "rng": rng_state()}
             self.addon.provenance["checkpoint"] = {"step": step}
             with atomic_folder(self.out / CHECKPOINT_DIR) as tmp:
                 self.addon.save_pretrained(tmp)  # first: it may replace the folder it is given
                 torch.save(state, tmp / STATE_FILE)
                 if self.extra:
                     save_tensors({k: p.detach() for k, p in self.extra.items()}, tmp / EXTRA_FILE)
+                fault_point("checkpoint", step)
             self.addon.provenance.pop("checkpoint", None)
         self.accelerator.wait_for_everyone()
 
@@ -340,7 +367,8 @@ class TrainingSession:
         if not (self.resume and (folder / STATE_FILE).is_file()):
             if self.resume:
                 log.info("%s: no checkpoint in %s, starting fresh", stage, out)
-            (out / METRICS_FILE).unlink(missing_ok=True)
+            if self.accelerator.is_main_process:
+                (out / METRICS_FILE).unlink(missing_ok=True)
             for seed in (torch.manual_seed, np.random.seed, random.seed):
                 seed(config.seed)
             return 0, 0.0
@@ -360,40 +388,11 @@ class TrainingSession:
                                 fix="resume with the plan (and settings) the run started with") from exc
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        rows = (out / METRICS_FILE).read_text().splitlines() if (out / METRICS_FILE).exists() else []
-        (out / METRICS_FILE).write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= state["step"]))
+        set_rng_state(state["rng"])
+        if self.accelerator.is_main_process:  # drop the rows logged after the checkpoint: they are logged again
+            rows = (out / METRICS_FILE).read_text().splitlines() if (out / METRICS_FILE).exists() else []
+            (out / METRICS_FILE).write_text("".join(r + "\n" for r in rows
+                                                    if r and json.loads(r)["step"] <= state["step"]))
         log.info("%s: resuming from %s at step %d", stage, folder, state["step"])
         return int(state["step"]), float(state["elapsed"])
 
-
-def _rng_state() -> dict[str, Any]:
-    # Plain tensors/ints/strings only, so the file loads with torch.load(weights_only=True).
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "python": [version, torch.tensor(py_state, dtype=torch.int64), gauss]}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state.tolist()), gauss))
-
-
-def _accelerator(mixed_precision: str) -> Accelerator:
-    try:
-        return Accelerator(mixed_precision=mixed_precision)
-    except ValueError:
-        # accelerate keeps one process-wide state; a second run in the same process with another precision (tests, a
-        # notebook) is refused. In a single process nothing else depends on that state, so start it afresh.
-        if AcceleratorState().num_processes != 1:
-            raise
-        AcceleratorState._reset_state()
-        log.debug("accelerate state reset for mixed precision %s", mixed_precision)
-        return Accelerator(mixed_precision=mixed_precision)

@@ -1,0 +1,169 @@
+"""Faults: a distillation SIGKILLed between and during checkpoint writes resumes to exactly the uninterrupted result;
+a checkpoint is never visible half-written; bad output folders and NaN gradients fail clearly.
+
+The kill points come from the trainer's fault-injection hook ``PPCL_TEST_PAUSE`` (see :mod:`ppcl.distill.checkpoint`):
+``step:N`` pauses after optimiser step N before its checkpoint, ``checkpoint:N`` pauses inside the temp folder of step
+N's checkpoint, after every file is written and before the rename. The paused process touches ``PPCL_TEST_PAUSE_FILE``
+and the test SIGKILLs it there, so the kill lands at exactly that point on any machine speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import build_tiny, two_span_plan
+
+from ppcl.addon import WEIGHTS_FILE, PruningAddon
+from ppcl.distill.checkpoint import PAUSE_ENV, PAUSE_FILE_ENV
+from ppcl.distill.trainer import DistillConfig, distill_depth
+from ppcl.errors import ArtefactError, TrainingError
+from ppcl.io import load_tensors
+
+WORKER = Path(__file__).with_name("mp_distill_worker.py")
+STEPS, EVERY = 6, 2
+
+
+def _start(out: Path, *extra: str, pause: str | None = None, marker: Path | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop(PAUSE_ENV, None)
+    if pause is not None and marker is not None:
+        env.update({PAUSE_ENV: pause, PAUSE_FILE_ENV: str(marker)})
+    cmd = [sys.executable, str(WORKER), str(out), "--steps", str(STEPS), "--checkpoint-every", str(EVERY), *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_at(proc: subprocess.Popen[str], marker: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (code {proc.returncode}) before the kill point:\n{proc.communicate()[0][-3000:]}")
+        assert time.monotonic() < deadline, "the run never reached the kill point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _checkpoint_step(out: Path) -> int:
+    """The visible checkpoint's step; asserts it is complete and loadable (a half-written one fails here)."""
+    folder = out / "checkpoint"
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    weights = load_tensors(folder / WEIGHTS_FILE, "checkpoint")
+    meta = json.loads((folder / "ppcl_addon.json").read_text())
+    assert weights and all(torch.isfinite(v).all() for v in weights.values()) and meta["provenance"]["checkpoint"]
+    return int(state["step"])
+
+
+def test_sigkill_between_and_during_checkpoint_writes_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    ref_out, cut = tmp_path / "ref", tmp_path / "cut"
+    reference = _start(ref_out)  # in parallel with the killed runs below
+
+    # 1. Killed between checkpoint writes: after step 3, the step-2 checkpoint is the visible one.
+    _kill_at(_start(cut, pause="step:3", marker=tmp_path / "m1"), tmp_path / "m1")
+    assert _checkpoint_step(cut) == 2 and not (cut / "addon").exists()
+
+    # 2. Killed during a checkpoint write: step 4's folder is complete in its temp sibling but not renamed yet, so
+    #    the visible checkpoint is still step 2's, whole.
+    _kill_at(_start(cut, "--resume", pause="checkpoint:4", marker=tmp_path / "m2"), tmp_path / "m2")
+    temps = list(cut.glob(".checkpoint.*.tmp"))
+    assert temps and (temps[0] / "trainer_state.pt").is_file()  # the kill really landed inside the write
+    assert _checkpoint_step(cut) == 2
+
+    # 3. Resumed to the end.
+    last = _start(cut, "--resume")
+    out, _ = last.communicate(timeout=300)
+    assert last.returncode == 0, out[-3000:]
+    assert not list(cut.glob(".checkpoint.*"))  # the interrupted write's leftovers are cleaned up
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out[-3000:]
+
+    want = load_tensors(ref_out / "addon" / WEIGHTS_FILE, "reference")
+    got = load_tensors(cut / "addon" / WEIGHTS_FILE, "resumed")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    rows = [json.loads(r) for r in (cut / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(r) for r in (ref_out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+def _run(out: Path, steps: int = 2, **kwargs: object) -> PruningAddon:
+    case = build_tiny("qwenimage")
+    addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
+    config = DistillConfig(steps=steps, batch_size=2, checkpoint_every=1, log_every=1)
+
+    class Data:
+        batch_size = 2
+
+        def batch(self, index: int) -> dict[str, object]:
+            return case.make_inputs(index)
+
+    return distill_depth(case.model, addon, Data(), config, out, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_kill_between_the_swap_renames_loses_no_checkpoint(tmp_path: Path) -> None:
+    # atomic_folder replaces a checkpoint in two renames (old → .checkpoint.*.old/x, temp → checkpoint); a kill in
+    # between leaves no checkpoint/ but a complete old one, which a resume puts back instead of starting afresh.
+    _run(tmp_path, steps=2)
+    old = tmp_path / ".checkpoint.abc.old"
+    old.mkdir()
+    os.replace(tmp_path / "checkpoint", old / "x")
+    (tmp_path / ".checkpoint.def.tmp").mkdir()  # an unfinished write of the next one
+    resumed = _run(tmp_path, steps=3, resume=True)
+    assert resumed.provenance["depth"]["steps"] == 3
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # continued from step 2, not restarted
+    assert not list(tmp_path.glob(".checkpoint.*"))
+
+
+def test_unusable_output_folders_fail_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ArtefactError, match="is a file"):
+        _run(blocker / "run")
+    # Permissions: patched, because the test may run as root, for whom every folder is writable.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real_access(p, mode))
+    with pytest.raises(ArtefactError, match="not writable") as err:
+        _run(tmp_path / "ro")
+    assert "Fix:" in str(err.value)
+    monkeypatch.setattr(os, "access", real_access)
+    import ppcl.distill.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    with pytest.raises(ArtefactError, match="not enough free disk space"):
+        _run(tmp_path / "full")
+    assert not (tmp_path / "full" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_nan_gradient_stops_the_run_naming_the_step(tmp_path: Path) -> None:
+    case = build_tiny("qwenimage")
+    addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
+    handle_box: list[int] = [0]
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        handle_box[0] += 1
+        return grad * math.nan if handle_box[0] > 2 else grad  # finite losses, NaN gradient from step 3 on
+
+    next(iter(addon.students.parameters())).register_hook(poison)
+    config = DistillConfig(steps=4, batch_size=2, checkpoint_every=1, log_every=1)
+
+    class Data:
+        batch_size = 2
+
+        def batch(self, index: int) -> dict[str, object]:
+            return case.make_inputs(index)
+
+    with pytest.raises(TrainingError, match="gradient norm is not finite at step 3 of 4") as err:
+        distill_depth(case.model, addon, Data(), config, tmp_path)  # type: ignore[arg-type]
+    assert "last good checkpoint" in str(err.value)
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
