@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from _results import append
 
@@ -50,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = {}
     for mode in ("inference", "nonsequential", "sequential"):
-        out = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.batch_size), str(args.steps), args.plan],
+        plan = str(Path(args.plan).resolve())  # the child runs in a temp folder
+        out = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.batch_size), str(args.steps), plan],
                              check=True, capture_output=True, text=True, cwd=tempfile.gettempdir(),
                              env={**__import__("os").environ, "PPCL_NO_PROGRESS": "1"})
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
