@@ -8,7 +8,7 @@ concatenated with the MLP branch), so they have no separate FFN width target.
 
 from __future__ import annotations
 
-from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.spec import JOINT_BLOCK_WIDTH, ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 FLUX_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",
@@ -24,23 +24,7 @@ _FLUX_ROLES: tuple[tuple[str, str], ...] = (
     ("attention_kwargs", "joint_attention_kwargs"),
 )
 
-FLUX_DOUBLE_WIDTH = WidthTargets(
-    text=(
-        "norm1_context",
-        "norm2_context",
-        "ff_context",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.norm_added_q",
-        "attn.norm_added_k",
-    ),
-    text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
-    ffn=(("image", "ff"), ("text", "ff_context")),
-    modulation=(("image", "norm1"), ("text", "norm1_context")),
-    ffn_input=(("image", "norm2"), ("text", "norm2_context")),
-)
+FLUX_DOUBLE_WIDTH = JOINT_BLOCK_WIDTH
 
 # One set of weights serves both streams: nothing is text-only, and the MLP (proj_mlp + act_mlp) is fused into
 # proj_out, so there is no separate FFN to replace.

@@ -6,7 +6,7 @@ The model calls its blocks with keywords normally and positionally under gradien
 
 from __future__ import annotations
 
-from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.spec import JOINT_ATTN_TEXT, JOINT_ATTN_TEXT_KV, ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 QWENIMAGE_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",
@@ -19,19 +19,8 @@ QWENIMAGE_BLOCK_INPUTS: tuple[str, ...] = (
 )
 
 QWENIMAGE_WIDTH = WidthTargets(
-    text=(
-        "txt_mod",
-        "txt_norm1",
-        "txt_norm2",
-        "txt_mlp",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.norm_added_q",
-        "attn.norm_added_k",
-    ),
-    text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
+    text=("txt_mod", "txt_norm1", "txt_norm2", "txt_mlp", *JOINT_ATTN_TEXT),
+    text_kv=JOINT_ATTN_TEXT_KV,
     ffn=(("image", "img_mlp"), ("text", "txt_mlp")),
     modulation=(("image", "img_mod"), ("text", "txt_mod")),
     ffn_input=(("image", "img_norm2"), ("text", "txt_norm2")),

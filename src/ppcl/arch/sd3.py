@@ -9,26 +9,14 @@ block (``protect_last_block``). SD3.5 lists the blocks with a second, image-only
 
 from __future__ import annotations
 
-from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
+from dataclasses import replace
+
+from ppcl.arch.spec import JOINT_BLOCK_WIDTH, ArchSpec, ModelInputs, StackSpec
 
 SD3_BLOCK_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "temb", "joint_attention_kwargs")
 
-SD3_WIDTH = WidthTargets(
-    text=(
-        "norm1_context",
-        "norm2_context",
-        "ff_context",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.norm_added_q",
-        "attn.norm_added_k",
-    ),
-    text_kv=("attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_k"),
-    ffn=(("image", "ff"), ("text", "ff_context")),
-    modulation=(("image", "norm1"), ("text", "norm1_context")),
-    ffn_input=(("image", "norm2"), ("text", "norm2_context")),
+SD3_WIDTH = replace(
+    JOINT_BLOCK_WIDTH,
     # q/k norms exist only with `qk_norm` set (SD3.5); the last block has no text FFN and no text output projection.
     optional=frozenset(
         {"attn.norm_added_q", "attn.norm_added_k", "norm2_context", "ff_context", "attn.to_add_out"}
