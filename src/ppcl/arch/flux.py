@@ -8,7 +8,8 @@ concatenated with the MLP branch), so they have no separate FFN width target.
 
 from __future__ import annotations
 
-from ppcl.arch.spec import JOINT_BLOCK_WIDTH, ArchSpec, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.joint import JOINT_BLOCK_WIDTH
+from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 FLUX_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",

@@ -6,7 +6,8 @@ The model calls its blocks with keywords normally and positionally under gradien
 
 from __future__ import annotations
 
-from ppcl.arch.spec import JOINT_ATTN_TEXT, JOINT_ATTN_TEXT_KV, ArchSpec, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.joint import JOINT_ATTN_TEXT, JOINT_ATTN_TEXT_KV
+from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 QWENIMAGE_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ppcl.arch.spec import JOINT_BLOCK_WIDTH, ArchSpec, ModelInputs, StackSpec
+from ppcl.arch.joint import JOINT_BLOCK_WIDTH
+from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec
 
 SD3_BLOCK_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "temb", "joint_attention_kwargs")
 
