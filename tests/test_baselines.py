@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
+from ppcl.addon import PruningAddon
+from ppcl.analysis import plan_from_removed
 from ppcl.analysis.baselines import (
     BlockInfluenceAccumulator,
     every_other_layer,
     merge_adjacent,
     random_blocks,
     select_by_influence,
+    spans_for_removed,
 )
 from ppcl.analysis.intervals import Interval, blocks_removed, total_cost
 from ppcl.errors import ConfigError, PPCLError
+from ppcl.runtime import apply_addon, set_level
 
 
 def test_block_influence_streaming_and_mask() -> None:
@@ -89,3 +95,50 @@ def test_merge_adjacent() -> None:
     assert total_cost(runs, blocks_removed) == 5
     with pytest.raises(PPCLError):
         merge_adjacent([Interval(3, 5)])
+
+
+def _dropped(*blocks: int) -> list[Interval]:
+    return [Interval(b, b, student=False) for b in blocks]
+
+
+def test_spans_for_removed() -> None:
+    spans = spans_for_removed(_dropped(9, 3, 4, 7, 4))  # unordered, with a duplicate
+    assert spans == [Interval(2, 4), Interval(6, 7), Interval(8, 9)]  # the block before each run absorbs it
+    assert all(s.student and s.score == 0.0 for s in spans)
+    assert total_cost(spans, blocks_removed) == 4
+    assert spans_for_removed([Interval(5, 7, student=False)]) == [Interval(4, 7)]
+    assert spans_for_removed([]) == []
+    with pytest.raises(ConfigError, match="protect block 0"):
+        spans_for_removed(_dropped(0, 5))
+    with pytest.raises(PPCLError):
+        spans_for_removed([Interval(3, 5)])  # already a student span
+
+
+def test_plan_from_removed_removes_exactly_those_blocks() -> None:
+    model = build_tiny("qwenimage").model
+    plan = plan_from_removed(_dropped(2, 4), type(model), model.config, "b2", protect_first=1, protect_last=1)
+    assert plan.level_names == ["b2"]
+    assert plan.removed_blocks("b2") == [2, 4]
+    assert plan.kept_blocks("b2") == [0, 1, 3, 5]
+    assert [r.span.inclusive for r in plan.replacements] == [(1, 2), (3, 4)]
+    with pytest.raises(ConfigError, match="cannot all become"):
+        plan_from_removed(_dropped(1, 3), type(model), model.config, protect_first=1, protect_last=1)
+    with pytest.raises(ConfigError, match="No block"):
+        plan_from_removed([], type(model), model.config)
+    flux = build_tiny("flux").model  # 3 dual-stream + 3 single-stream blocks: block 3 starts the second stack
+    with pytest.raises(ConfigError, match="cannot all become"):
+        plan_from_removed(_dropped(3), type(flux), flux.config, protect_first=0, protect_last=0)
+
+
+@torch.no_grad()
+def test_untrained_removed_plan_equals_the_teacher_without_those_blocks() -> None:
+    case = build_tiny("qwenimage")
+    model, inputs = case.model, case.make_inputs(0)
+    reference = copy.deepcopy(model)
+    for i in (4, 3, 1):  # delete from the back so indices stay valid
+        del reference.transformer_blocks[i]
+    expected = reference(**inputs, return_dict=False)[0]
+    plan = plan_from_removed(_dropped(1, 3, 4), type(model), model.config, "drop", protect_first=0, protect_last=1)
+    apply_addon(model, PruningAddon.from_plan(model, plan))
+    set_level(model, "drop")
+    torch.testing.assert_close(case.forward(inputs), expected, rtol=0, atol=1e-6)

@@ -9,12 +9,17 @@ is a smaller pruning level.
 * ShortGPT Block Influence: ``BI_i = mean over tokens of (1 − cos(x_{i−1}, x_i))``; drop the lowest-BI blocks.
 * Uniform (TinyFusion-style "every other layer"): evenly spaced blocks.
 * Random scattered blocks, seeded.
+
+To train or evaluate a removed set with the depth machinery (students, plans, add-ons), :func:`spans_for_removed`
+turns it into student spans: the kept block before each run of removed blocks absorbs the run. A fair comparison with
+PPCL's spans (which may cover ``[protect_first, L − 1 − protect_last]`` and remove all but their first block) selects
+removed blocks in ``[protect_first + 1, L − 1 − protect_last]``: exactly the blocks PPCL itself can remove.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +27,14 @@ from torch import Tensor
 from ppcl.analysis.intervals import Interval
 from ppcl.errors import ConfigError, PPCLError
 
-__all__ = ["BlockInfluenceAccumulator", "every_other_layer", "merge_adjacent", "random_blocks", "select_by_influence"]
+__all__ = [
+    "BlockInfluenceAccumulator",
+    "every_other_layer",
+    "merge_adjacent",
+    "random_blocks",
+    "select_by_influence",
+    "spans_for_removed",
+]
 
 
 class BlockInfluenceAccumulator:
@@ -139,6 +151,42 @@ def merge_adjacent(intervals: Sequence[Interval]) -> list[Interval]:
         else:
             runs.append(Interval(b, b, student=False))
     return runs
+
+
+def spans_for_removed(removed: Iterable[Interval]) -> list[Interval]:
+    """Student spans that remove exactly the blocks of ``removed``: each maximal run ``a..b`` → ``Interval(a − 1, b)``.
+
+    The kept block ``a − 1`` before a run absorbs it: the span's student is initialised from block ``a − 1`` (init
+    ``"first"``), so with an *untrained* student the span computes exactly "drop blocks ``a..b``", and distillation
+    teaches it ``x_{a−2} → x_b``. This way a baseline's removed set runs through the same plans, add-ons and
+    distillation as PPCL's intervals, with no separate "dropped block" runtime.
+
+    Fairness: a span ``[a − 1, b]`` must avoid protected blocks, so with ``protect_first`` / ``protect_last`` of ``L``
+    blocks only blocks in ``[protect_first + 1, L − 1 − protect_last]`` can be removed, the same range PPCL's spans
+    remove from. Select baseline blocks in that range. On multi-stack models a run must also not start at a stack's
+    first block (the block before it belongs to another stack); :func:`ppcl.analysis.propose.plan_from_removed` checks.
+
+    Args:
+        removed: dropped blocks (``student=False`` intervals, e.g. from :func:`select_by_influence`); duplicates and
+            overlaps are merged.
+
+    Returns:
+        ``student=True`` intervals sorted by ``u``, score 0.0 (a removed set is taken whole, not ranked);
+        ``sum(i.removed) == len(set of removed blocks)``.
+
+    Raises:
+        ConfigError: block 0 is removed (no block before it can absorb it).
+        PPCLError: an input interval has a student.
+    """
+    runs = merge_adjacent(list(removed))
+    if runs and runs[0].u == 0:
+        raise ConfigError(
+            "Block 0 cannot be removed as a student span",
+            expected="removed blocks >= 1 (the block before a removed run absorbs it)",
+            found=f"run {runs[0]} (inclusive)",
+            fix="protect block 0: select removed blocks in [protect_first + 1, L - 1 - protect_last]",
+        )
+    return [Interval(run.u - 1, run.v, score=0.0) for run in runs]
 
 
 def _range(n_blocks: int, first: int, last: int | None, n_remove: int) -> tuple[int, int]:
