@@ -28,8 +28,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, addon/")
     add_model_args(p)
     p.add_argument("--pipeline", default=None,
-                   help="local diffusers pipeline folder: distil its transformer on --calibration (required; "
-                        "captured from this pipeline with `ppcl calibrate --pipeline`)")
+                   help="local diffusers pipeline folder: distil its transformer on --calibration (captured with "
+                        "`ppcl calibrate --pipeline`) or --data (a latent cache from `ppcl cache --pipeline`)")
+    p.add_argument("--data", default=None,
+                   help="train on a latent cache written by `ppcl cache` (noised at scheduler-shaped times; "
+                        "instead of --calibration)")
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="--data: probability of training a sample on the empty prompt's embedding")
     p.add_argument("--calibration", default=None,
                    help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
                         "(default for the toy: fresh ShapesWorld batches)")
@@ -96,6 +101,12 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.mode != "nonsequential":
             raise ConfigError("--mode applies to the depth stage only", expected="--mode nonsequential",
                               found=f"--mode {args.mode} with --stage {args.stage}", fix="drop --mode")
+    if args.data is not None and args.calibration is not None:
+        raise ConfigError("two training data sources", expected="--data CACHE or --calibration CAL",
+                          found=f"--data {args.data} --calibration {args.calibration}", fix="drop one of them")
+    if args.data is not None and args.pipeline is None and args.model is None:
+        raise ConfigError("--data is a latent cache of a real pipeline", expected="--pipeline P --data CACHE",
+                          found="no --pipeline", fix="pass the pipeline the cache was built with")
     if args.full and args.stage != "finetune":
         raise ConfigError("--full is a fine-tune option", expected="--stage finetune --full",
                           found=f"--stage {args.stage} --full", fix="drop --full or use --stage finetune")
@@ -116,9 +127,10 @@ def _pipeline_args(args: argparse.Namespace) -> None:
     if args.model is not None:
         raise ConfigError("--pipeline and --model both name the model", expected="one of them",
                           found=f"--pipeline {args.pipeline} --model {args.model}", fix="drop --model")
-    if args.calibration is None:
-        raise ConfigError("--pipeline trains on cached transformer inputs", expected="--calibration DIR",
-                          found="none", fix=f"run `ppcl calibrate --pipeline {args.pipeline} --out CAL` first")
+    if args.calibration is None and args.data is None:
+        raise ConfigError("--pipeline trains on cached transformer inputs", expected="--calibration DIR or --data DIR",
+                          found="none", fix=f"run `ppcl calibrate --pipeline {args.pipeline} --out CAL` or "
+                          f"`ppcl cache --pipeline {args.pipeline} ... --out CACHE` first")
     args.model = args.pipeline  # load_transformer reads PATH/transformer of a pipeline folder
 
 
@@ -137,8 +149,19 @@ def _addon(args: argparse.Namespace, model: Any) -> Any:
 
 
 def _data(args: argparse.Namespace, model: Any) -> Any:
-    """Training batches: the CalibrationSet (``--calibration``) or, for the toy, fresh ShapesWorld batches."""
+    """Training batches: a latent cache (``--data``), the CalibrationSet (``--calibration``) or, for the toy, fresh
+    ShapesWorld batches."""
     from ppcl.distill import CalibrationData, ToyDistillData
+
+    if args.data is not None:
+        from ppcl.data.loading import parse_dtype
+        from ppcl.distill.latent_data import LatentCacheData, read_scheduler_config
+
+        scheduler = read_scheduler_config(args.pipeline) if args.pipeline is not None else None
+        data = LatentCacheData(args.data, args.batch_size, args.seed, args.timestep_sampling, args.caption_dropout,
+                               scheduler_config=scheduler, dtype=parse_dtype(args.dtype))
+        data.check_model(model)
+        return data
 
     if args.calibration is not None:
         from ppcl.data.calibration import CalibrationSet
@@ -149,7 +172,7 @@ def _data(args: argparse.Namespace, model: Any) -> Any:
     if args.model is not None:
         from ppcl.errors import ConfigError
 
-        raise ConfigError("no training data for a real model", expected="--calibration DIR",
+        raise ConfigError("no training data for a real model", expected="--calibration DIR or --data CACHE",
                           found="none", fix="capture inputs with `ppcl calibrate --pipeline ...` first")
     from ppcl.toy.teacher import ToyTeacher
 

@@ -14,13 +14,25 @@ from ppcl.logging import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ppcl.cli import analyze, calibrate, demo, distill, eval_, generate, inspect_, merge, plan, toy
+    from ppcl.cli import (
+        analyze,
+        cache,
+        calibrate,
+        demo,
+        distill,
+        eval_,
+        generate,
+        inspect_,
+        merge,
+        plan,
+        toy,
+    )
 
     parser = argparse.ArgumentParser(prog="ppcl", description="Pluggable Pruning with Contiguous Layer Distillation")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for module in (demo, calibrate, analyze, plan, distill, merge, generate, eval_, inspect_, toy):
+    for module in (demo, calibrate, cache, analyze, plan, distill, merge, generate, eval_, inspect_, toy):
         module.register(verbs)
     return parser
 

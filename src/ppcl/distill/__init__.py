@@ -9,7 +9,7 @@ Example (toy world)::
     data = ToyDistillData(teacher, batch_size=16, seed=0)
     addon = distill_depth(teacher.transformer, addon, data, DistillConfig(steps=500, batch_size=16), "runs/distill")
 
-``losses`` is pure maths; ``data`` hands out seeded batches; ``depth`` computes one step's per-span losses from ONE
+``losses`` is pure maths; ``data`` hands out seeded batches (``latent_data``: from a ``ppcl cache`` latent cache); ``depth`` computes one step's per-span losses from ONE
 teacher pass; ``width`` initialises projections by least squares and trains them non-sequentially (stage 2);
 ``finetune`` distils one level end to end (stage 3); ``trainer`` runs the accelerate loop with atomic checkpoints
 and exact resume for all three.
@@ -18,6 +18,7 @@ and exact resume for all three.
 from ppcl.distill.data import CalibrationData, DistillData, ToyDistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.finetune import FLOW_TARGET_KEY, FinetuneStep, finetune
+from ppcl.distill.latent_data import LatentCacheData
 from ppcl.distill.losses import depth_loss, normalized_mse
 from ppcl.distill.trainer import DistillConfig, TrainingSession, distill_depth
 from ppcl.distill.width import WidthStep, distill_width, init_width_projections, width_positions
@@ -29,6 +30,7 @@ __all__ = [
     "DistillConfig",
     "DistillData",
     "FinetuneStep",
+    "LatentCacheData",
     "ToyDistillData",
     "TrainingSession",
     "WidthStep",

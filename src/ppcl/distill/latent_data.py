@@ -1,0 +1,191 @@
+"""Distillation batches from a latent cache (:mod:`ppcl.data.latent_cache`): noised latents at scheduler-shaped σ.
+
+Per micro-batch index ``step`` (which already folds in the process rank, see :mod:`ppcl.distill.data`): one bucket is
+drawn with probability proportional to its sample count, then ``batch_size`` samples of it, all from
+``np.random.default_rng([seed, step])``; times and noise come from a torch generator seeded by ``(seed, step)``.
+
+``x_t = (1 − σ)·x0 + σ·ε`` with ``σ = shift(u)``, ``u ~ U(0, 1)`` (or ``sigmoid(N(0, 1))``), where ``shift`` is the
+map the pipeline's ``FlowMatchEulerDiscreteScheduler`` applies to its sigmas: the fixed shift
+``s·u / (1 + (s − 1)·u)``, or with ``use_dynamic_shifting`` the resolution-dependent time shift with
+``mu = calculate_shift(image tokens, ...)`` from the scheduler config, as the pipeline computes it for that bucket.
+(``shift_terminal`` stretches a discrete inference schedule and has no continuous counterpart; it is not applied.)
+
+The forward keyword arguments are built per architecture exactly as the pipelines call their transformer:
+FLUX.1 packed latents + ``img_ids`` / ``txt_ids`` + ``pooled_projections`` (+ ``guidance`` when the model embeds it),
+timestep σ; SD3 unpacked latents + ``pooled_projections``, timestep ``σ·1000``; Qwen-Image packed latents +
+``encoder_hidden_states_mask`` + ``img_shapes``, timestep σ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ppcl.data.latent_cache import TRANSFORMER_KEYS, LatentCache
+from ppcl.distill.data import TIMESTEP_SAMPLINGS, TimestepSampling, _generator
+from ppcl.errors import ArtefactError, ConfigError
+
+_MAX_SHIFT_DEFAULT = {"sd3": 1.16}  # the SD3 pipeline's default; FLUX.1 and Qwen-Image use 1.15
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+    """``mu`` of the dynamic time shift, linear in the number of image tokens (the pipelines' own formula)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+def shift_sigmas(u: torch.Tensor, scheduler_config: dict[str, Any], image_seq_len: int,
+                 arch: str = "flux") -> torch.Tensor:
+    """Map uniform times ``u`` in [0, 1] to σ the way the scheduler shifts its sigmas for ``image_seq_len`` tokens."""
+    c = scheduler_config
+    if c.get("use_dynamic_shifting"):
+        mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", _MAX_SHIFT_DEFAULT.get(arch, 1.15)))
+        odds = (1 / u.clamp_min(1e-12) - 1)  # sigma = 1.0 in the scheduler's time_shift
+        scale = mu if c.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+        return scale / (scale + odds)
+    shift = float(c.get("shift", 1.0))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def read_scheduler_config(pipeline: str | os.PathLike[str]) -> dict[str, Any]:
+    """``PIPELINE/scheduler/scheduler_config.json`` as a dict."""
+    path = Path(pipeline) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise ArtefactError("pipeline has no scheduler config", expected=str(path), found="no such file",
+                            fix="pass the pipeline folder written by `save_pretrained`")
+    return json.loads(path.read_text())
+
+
+class LatentCacheData:
+    """A :class:`~ppcl.distill.data.DistillData` over a :class:`~ppcl.data.latent_cache.LatentCache`.
+
+    Args:
+        cache: the cache (or its folder).
+        batch_size: samples per batch (drawn with replacement when a bucket holds fewer).
+        seed: data seed.
+        timestep_sampling: ``"uniform"`` or ``"logit_normal"`` for ``u`` before the scheduler shift.
+        caption_dropout: probability of replacing a sample's prompt embedding by the cached embedding of ``""``.
+        scheduler_config: the pipeline's scheduler config (default: the one recorded in the cache).
+        guidance: FLUX.1 guidance value for models with ``guidance_embeds`` (the pipeline's default 3.5).
+        dtype: dtype of the floating tensors handed out (the model's).
+    """
+
+    def __init__(self, cache: LatentCache | str | os.PathLike[str], batch_size: int, seed: int = 0,
+                 timestep_sampling: TimestepSampling = "uniform", caption_dropout: float = 0.0,
+                 scheduler_config: dict[str, Any] | None = None, guidance: float = 3.5,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        if batch_size < 1:
+            raise ConfigError("batch size must be positive", expected=">= 1", found=str(batch_size))
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError("unknown timestep sampling", expected=f"one of {TIMESTEP_SAMPLINGS}",
+                              found=repr(timestep_sampling))
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ConfigError("caption dropout must be a probability", expected="0 <= p <= 1",
+                              found=str(caption_dropout))
+        if len(self.cache) == 0:
+            raise ArtefactError("latent cache is empty", expected="at least one sample", found="0",
+                                fix="re-run `ppcl cache` with data")
+        self.batch_size, self.seed, self.timestep_sampling = batch_size, seed, timestep_sampling
+        self.caption_dropout, self.guidance, self.dtype = caption_dropout, guidance, dtype
+        self.scheduler_config = dict(scheduler_config if scheduler_config is not None
+                                     else self.cache.scheduler_config)
+        self.arch = self.cache.arch
+        self.transformer = self.cache.manifest["pipeline"]["transformer"]
+        counts = np.asarray(self.cache.counts, dtype=np.float64)
+        self._p = counts / counts.sum()
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise if ``model`` cannot take this cache's inputs (other arch, channels or text width)."""
+        from ppcl.arch import get_spec
+
+        name = get_spec(model).name
+        found = {k: model.config.get(k) for k in TRANSFORMER_KEYS}
+        found = {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()}
+        if name != self.arch or found != self.transformer:
+            raise ArtefactError("latent cache was built for another model", expected=f"{self.arch} {self.transformer}",
+                                found=f"{name} {found}", fix="run `ppcl cache` with this model's pipeline")
+
+    def sigmas(self, step: int, bucket: int) -> torch.Tensor:
+        """σ of batch ``step`` for ``bucket`` (shape ``(batch_size,)``)."""
+        gen = _generator(self.seed, step, 1)
+        if self.timestep_sampling == "uniform":
+            u = torch.rand(self.batch_size, generator=gen)
+        else:
+            u = torch.sigmoid(torch.randn(self.batch_size, generator=gen))
+        return shift_sigmas(u, self.scheduler_config, self.image_tokens(bucket), self.arch)
+
+    def image_tokens(self, bucket: int) -> int:
+        """Transformer image tokens of a bucket (what the pipelines feed ``calculate_shift``)."""
+        h, w = self.cache.manifest["latent_shapes"][str(bucket)][1:]
+        patch = 2 if self.arch in ("flux", "qwenimage") else int(self.transformer["patch_size"])
+        return (h // patch) * (w // patch)
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """Keyword arguments of ``transformer(**batch)`` for micro-batch ``step``."""
+        rng = np.random.default_rng([self.seed, step])
+        bucket = int(rng.choice(len(self._p), p=self._p))
+        count = self.cache.counts[bucket]
+        rows = rng.choice(count, size=self.batch_size, replace=count < self.batch_size)
+        drop = rng.random(self.batch_size) < self.caption_dropout
+        samples = [self.cache.read(bucket, [r]) for r in rows]
+        empty = {k: v[0] for k, v in self.cache.empty.items()}
+        samples = [{**({k: v[0] for k, v in s.items() if k != "latents"} if not d else empty),
+                    "latents": s["latents"][0]} for s, d in zip(samples, drop, strict=True)]
+        data = self.cache.stack(samples)
+        x0 = data["latents"]
+        sigma = self.sigmas(step, bucket)
+        noise = torch.randn(x0.shape, generator=_generator(self.seed, step, 2))
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        return self._kwargs(x_t, sigma, data)
+
+    def _kwargs(self, x_t: torch.Tensor, sigma: torch.Tensor, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+        b, _, h, w = x_t.shape
+        cast = (lambda t: t.to(self.dtype))
+        if self.arch == "sd3":
+            return {"hidden_states": cast(x_t), "encoder_hidden_states": cast(data["prompt_embeds"]),
+                    "pooled_projections": cast(data["pooled_prompt_embeds"]),
+                    "timestep": sigma * 1000}  # float32, like the scheduler's timesteps the SD3 pipeline passes
+        packed = cast(_pack(x_t))
+        if self.arch == "flux":
+            from diffusers import FluxPipeline
+
+            out = {"hidden_states": packed, "encoder_hidden_states": cast(data["prompt_embeds"]),
+                   "pooled_projections": cast(data["pooled_prompt_embeds"]), "timestep": cast(sigma),
+                   "img_ids": cast(FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)),
+                   "txt_ids": cast(torch.zeros(data["prompt_embeds"].shape[1], 3))}
+        else:
+            out = {"hidden_states": packed, "encoder_hidden_states": cast(data["prompt_embeds"]),
+                   "encoder_hidden_states_mask": data["prompt_embeds_mask"], "timestep": cast(sigma),
+                   "img_shapes": [[(1, h // 2, w // 2)]] * b}
+        if self.transformer.get("guidance_embeds"):
+            out["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Source, cache identity and sampling settings."""
+        m = self.cache.manifest
+        return {"source": "latent_cache", "path": str(self.cache.folder), "arch": self.arch,
+                "pipeline_hash": m["pipeline"]["hash"], "n_samples": len(self.cache), "buckets": m["buckets"],
+                "counts": m["counts"], "batch_size": self.batch_size, "seed": self.seed,
+                "timestep_sampling": self.timestep_sampling, "caption_dropout": self.caption_dropout,
+                "scheduler_shift": {k: self.scheduler_config.get(k) for k in
+                                    ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+                                     "max_image_seq_len", "time_shift_type")}}
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX.1 / Qwen-Image ``_pack_latents``: ``(B, C, h, w)`` → ``(B, h/2 · w/2, 4C)`` (2x2 patches)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
