@@ -221,8 +221,8 @@ def contiguity_verdict(rows: list[dict[str, Any]]) -> str:
     for state in ("no training", "trained"):
         pair = [r for r in rows if r["group"] == "contiguity" and r["label"].endswith(state)]
         c, s = (next(r for r in pair if "contiguous" in r["label"]), next(r for r in pair if "scattered" in r["label"]))
-        verdict = {"better": "better than", "worse": "worse than", "tied": "tied with"}[compare(c, s)]
-        parts.append(f"{state}: contiguous is {verdict} scattered on ShapesEval "
+        relation = {"better": "better than", "worse": "worse than", "tied": "tied with"}[compare(c, s)]
+        parts.append(f"{state}: contiguous is {relation} scattered on ShapesEval "
                      f"({c['shapes_eval']['overall']:.3f} vs {s['shapes_eval']['overall']:.3f}), velocity cosine "
                      f"{c['cosine']:.4f} vs {s['cosine']:.4f}")
     return "Contiguous vs scattered, " + "; ".join(parts) + "."
