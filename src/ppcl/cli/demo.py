@@ -1,84 +1,46 @@
-"""``ppcl demo``: the main job on the embedded toy world.
-
-Until the pruning stages land, the demo loads the committed toy teacher, samples a grid for a few prompts and
-scores it with ShapesEval, writing ``report.md``, ``samples.png`` and ``scores.json`` to ``--out``.
-"""
+"""``ppcl demo``: the whole method on the embedded toy world (see :mod:`ppcl.demo`), ending in ``report.html``."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import shlex
+import sys
 from pathlib import Path
 
-from ppcl.logging import get_logger
-
-log = get_logger("demo")
-
-DEMO_PROMPTS = (
-    "a red circle",
-    "a blue square",
-    "a yellow triangle",
-    "a green circle left of a red square",
-    "a blue triangle above a yellow circle",
-    "a red square and a green triangle",
-)
+from ppcl.errors import ConfigError
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
-    demo = verbs.add_parser("demo", help="run ppcl end to end on the embedded toy world")
-    demo.add_argument("--out", default="ppcl-demo", help="output folder")
-    demo.add_argument("--fast", action="store_true", help="a smaller benchmark (smoke test)")
+    demo = verbs.add_parser("demo", help="run ppcl end to end on the embedded toy world (about 10-12 min on 2 cores)",
+                            description="calibrate → analyze → plan (3 levels) → depth → width → fine-tune → eval, "
+                                        "on the committed toy teacher; writes OUT/report.html")
+    demo.add_argument("--out", default="ppcl-demo", help="output folder (default: ppcl-demo)")
+    demo.add_argument("--fast", action="store_true", help="smoke run of every stage in about a minute")
+    demo.add_argument("--depth-steps", type=int, default=None, help="override the depth distillation steps")
+    demo.add_argument("--width-steps", type=int, default=None, help="override the width distillation steps")
+    demo.add_argument("--finetune-steps", type=int, default=None, help="override the fine-tune steps")
+    demo.add_argument("--per-category", type=int, default=None, help="ShapesEval prompts per category (x2 seeds)")
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     demo.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppcl.io import write_json
-    from ppcl.toy.benchmark import score_model
-    from ppcl.toy.images import make_grid, save_png
-    from ppcl.toy.sampler import sample
-    from ppcl.toy.teacher import ToyTeacher, load_card
+    import torch
 
+    from ppcl.demo import DemoConfig, run_demo
+
+    overrides = {k: v for k, v in (("depth_steps", args.depth_steps), ("width_steps", args.width_steps),
+                                   ("finetune_steps", args.finetune_steps), ("per_category", args.per_category))
+                 if v is not None}
+    for key, value in overrides.items():
+        if value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive", expected=">= 1", found=str(value))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be positive", expected=">= 1", found=str(args.threads))
+        torch.set_num_threads(args.threads)
+    config = DemoConfig.fast(**overrides) if args.fast else DemoConfig.full(**overrides)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    log.info("demo: loading the committed toy teacher")
-    teacher = ToyTeacher.load()
-    log.info("demo: sampling %d prompts x 8 seeds", len(DEMO_PROMPTS))
-    prompts = [p for p in DEMO_PROMPTS for _ in range(8)]
-    grid = make_grid(sample(teacher, prompts, list(range(len(prompts)))), ncols=8, scale=3)
-    save_png(grid, out / "samples.png")
-    per_category = 10 if args.fast else 60
-    log.info("demo: ShapesEval on %d prompts x 2 seeds", 4 * per_category)
-    scores = score_model(teacher, n_per_category=per_category)
-    write_json(scores, out / "scores.json")
-    _write_report(out, scores, load_card(), time.time() - t0)
-    log.info("demo: done in %.0f s; report at %s", time.time() - t0, out / "report.md")
-    print(out / "report.md")
+    run_demo(out, config, command="ppcl " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "ppcl demo")
+    print(out / "report.html")
     return 0
-
-
-def _write_report(out: Path, scores: dict, card: dict, seconds: float) -> None:
-    cfg = card["config"]
-    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in scores.items() if k != "n_images")
-    text = f"""# ppcl demo — toy teacher
-
-Teacher: `QwenImageTransformer2DModel`, {cfg['num_layers']} blocks, width
-{cfg['num_attention_heads'] * cfg['attention_head_dim']}, trained {card['train']['steps']} steps
-(`{card['command']}`).
-
-## ShapesEval ({scores['n_images']} images)
-
-| metric | score |
-|---|---|
-{rows}
-
-## Samples (rows: {", ".join(DEMO_PROMPTS)})
-
-![samples](samples.png)
-
-Took {seconds:.0f} s. Raw scores: `scores.json`. Prompts: {json.dumps(list(DEMO_PROMPTS))}.
-"""
-    tmp = out / "report.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "report.md")

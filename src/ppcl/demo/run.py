@@ -1,0 +1,257 @@
+"""The whole method on the committed toy teacher: calibrate → analyze → plan → depth → width → fine-tune → eval.
+
+Levels (nominal share of the teacher's *block* parameters removed; the toy's 16 blocks make the real figures coarse):
+
+* ``p25``: the cheapest depth spans reaching 25% (on the committed teacher: 2 spans, 31.2%);
+* ``p40``: the next depth span on top (3 spans, 37.5%: the toy has no set of spans nearer 40%);
+* ``p50``: ``p25``'s depth spans + every text-stream run + FFN → linear maps on ``ffn_blocks`` blocks (53.1%).
+  Width on top of the smaller depth level is the paper's recipe (12B depth + width → 10B) and it keeps the deep
+  spans few: on the toy each further depth span costs more than the width replacements.
+
+One non-sequential depth training serves every level (pluggability); the width projections are trained for
+``p50``; the fine-tune trains the add-on parameters active at ``p50`` only, so every level still runs on the
+original teacher (the lower levels share ``p50``'s fine-tuned students).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppcl.addon import PruningAddon
+from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze, plan_from_report
+from ppcl.api import add_width_levels
+from ppcl.demo.report import GRID_PROMPTS, make_figures, sample_rows, write_html
+from ppcl.distill import (
+    DistillConfig,
+    ToyDistillData,
+    distill_depth,
+    distill_width,
+    finetune,
+)
+from ppcl.eval.levels import evaluate_levels
+from ppcl.eval.metrics import velocity_agreement
+from ppcl.io import write_json
+from ppcl.logging import get_logger
+from ppcl.plan import PruningPlan
+from ppcl.runtime import apply_addon, remove_addon, set_level
+from ppcl.toy.calibrate import calibrate_toy
+from ppcl.toy.teacher import ToyTeacher
+
+log = get_logger("demo")
+
+DEPTH_TARGETS = (0.25, 0.375)
+DEPTH_LEVELS = ("p25", "p40")
+WIDTH_BASE = "p25"
+TOP_LEVEL = "p50"
+LEVELS = (*DEPTH_LEVELS, TOP_LEVEL)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Budgets of one demo run; :meth:`full` and :meth:`fast` are the two presets of ``ppcl demo``.
+
+    Attributes:
+        calib_prompts, calib_timesteps: calibration size (prompts x sampler steps x CFG halves samples).
+        depth_steps, width_steps, finetune_steps: optimiser steps per stage, at ``batch_size`` and peak ``lr``.
+        ffn_blocks: FFN → linear replacements in the top level.
+        per_category: ShapesEval prompts per category (x2 seeds, 4 categories) per level.
+        latency_repeats: interleaved timing repeats per level.
+        eval_batches: fixed batches of 32 for the velocity agreement.
+        grid_prompts: prompts of the sample grid (x ``grid_seeds`` seeds each).
+        seed: data and training seed.
+    """
+
+    calib_prompts: int = 32
+    calib_timesteps: int = 6
+    depth_steps: int = 600
+    width_steps: int = 300
+    finetune_steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-4
+    ffn_blocks: int = 3
+    per_category: int = 40
+    latency_repeats: int = 10
+    eval_batches: int = 4
+    grid_prompts: int = 6
+    grid_seeds: int = 2
+    seed: int = 0
+
+    @classmethod
+    def full(cls, **overrides: Any) -> DemoConfig:
+        """The README's demo: about 10-12 minutes on 2 CPU cores."""
+        return cls(**overrides)
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> DemoConfig:
+        """A smoke run of every stage (CI): well under 3 minutes on 2 CPU cores; its quality numbers mean little."""
+        small: dict[str, Any] = {"calib_prompts": 6, "calib_timesteps": 3, "depth_steps": 30, "width_steps": 15,
+                                 "finetune_steps": 30, "batch_size": 8, "per_category": 3, "latency_repeats": 3,
+                                 "eval_batches": 1, "grid_prompts": 4, "grid_seeds": 1}
+        return cls(**{**small, **overrides})
+
+
+@dataclass
+class DemoResult:
+    """Everything the report shows; ``to_json`` is ``results.json``."""
+
+    config: DemoConfig
+    teacher_card: dict[str, Any]
+    plan_summary: str
+    levels: dict[str, dict[str, Any]]
+    stages: list[dict[str, Any]]
+    timings: dict[str, float]
+    level_blocks: dict[str, dict[str, list[int]]]
+    intervals: list[tuple[int, int]]
+    figures: dict[str, str] = field(default_factory=dict)
+    command: str = "ppcl demo"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": self.command, "threads": torch.get_num_threads(), "config": asdict(self.config),
+                "teacher": self.teacher_card, "plan": self.plan_summary, "levels": self.levels, "stages": self.stages, "timings": self.timings,
+                "level_blocks": self.level_blocks, "intervals": [list(i) for i in self.intervals],
+                "figures": self.figures}
+
+
+class _Clock:
+    """Wall time per stage, logged at every stage boundary."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        log.info("demo: %s ...", name)
+        t0 = time.perf_counter()
+        out = fn()
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        log.info("demo: %s done in %.1f s", name, self.timings[name])
+        return out
+
+
+def make_plan(report: RedundancyReport, model_config: Any, ffn_blocks: int) -> PruningPlan:
+    """The demo's three levels (module docstring) from ``report``."""
+    depth = plan_from_report(report, model_config, DEPTH_TARGETS, level_names=DEPTH_LEVELS)
+    width = add_width_levels(depth, report, ffn_blocks=ffn_blocks, suffix="+w")
+    source = width.level(f"{WIDTH_BASE}+w")
+    levels = [lv for lv in width.levels if lv.name in DEPTH_LEVELS]
+    top = type(source)(TOP_LEVEL, source.replacement_ids, source.description)
+    used = {rid for lv in [*levels, top] for rid in lv.replacement_ids}
+    replacements = [r for r in width.replacements if r.id in used]
+    return dataclasses.replace(width, replacements=replacements, levels=[*levels, top]).validate()
+
+
+def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, command: str = "ppcl demo"
+             ) -> DemoResult:
+    """Run every stage into ``out``: ``analysis/``, ``plan/``, ``depth/``, ``width/``, ``finetune/`` (each training
+    stage leaves a valid add-on under ``<stage>/addon``; ``finetune/addon`` is the final one), ``results.json``,
+    ``figures/*.png`` and the self-contained ``report.html`` (:mod:`ppcl.demo.report`).
+    """
+    _clear_previous_run(out)
+    clock = _Clock()
+    teacher = teacher or clock.stage("load the committed toy teacher", ToyTeacher.load)
+    model = teacher.transformer
+    calibration = clock.stage("calibrate", lambda: calibrate_toy(teacher, config.calib_prompts,
+                                                                n_timesteps=config.calib_timesteps))
+    report = clock.stage("analyze", lambda: analyze(model, calibration, AnalysisConfig(seed=config.seed)))
+    report.save(out / "analysis")
+    plan = make_plan(report, model.config, config.ffn_blocks)
+    plan.save(out / "plan")
+    log.info("demo: plan\n%s", plan.summary())
+    addon = PruningAddon.from_plan(model, plan)
+    data = ToyDistillData(teacher, config.batch_size, seed=config.seed)
+    held_out = [ToyDistillData(teacher, 32, seed=12345).batch(i) for i in range(config.eval_batches)]
+    stages: list[dict[str, Any]] = []
+    clock.stage("depth distillation (non-sequential)",
+                lambda: distill_depth(model, addon, data, _train_config(config, config.depth_steps), out / "depth"))
+    stages.append(_agreement(model, addon, held_out, "depth (non-sequential)"))
+    clock.stage("width distillation", lambda: distill_width(model, addon, data, _train_config(config, config.width_steps),
+                                                           out / "width", level=TOP_LEVEL, calibration=calibration))
+    stages.append(_agreement(model, addon, held_out, "+ width (least squares, then trained)"))
+    clock.stage("fine-tune", lambda: finetune(model, addon, data, _train_config(config, config.finetune_steps),
+                                              out / "finetune", level=TOP_LEVEL))
+    stages.append(_agreement(model, addon, held_out, f"+ fine-tune of {TOP_LEVEL} (add-on parameters only)"))
+    shapes = {"n_per_category": config.per_category}
+    levels = clock.stage("evaluate every level", lambda: evaluate_levels(
+        model, addon, held_out, list(LEVELS), config.latency_repeats, teacher, shapes))
+    result = DemoResult(config, _card(teacher), plan.summary(), levels, stages, clock.timings,
+                        _level_blocks(plan), [(i.u, i.v) for i in report.intervals], command=command)
+    prompts = GRID_PROMPTS[: config.grid_prompts]
+    grid, captions = clock.stage("sample grid", lambda: sample_rows(teacher, addon, LEVELS, prompts,
+                                                                    config.grid_seeds))
+    result.timings["total"] = round(time.perf_counter() - clock.start, 1)
+    made = make_figures(out, result.to_json(), report, plan, grid, captions)
+    result.figures = {k: str(v.relative_to(out)) for k, v in made.items()}
+    write_json(result.to_json(), out / "results.json")
+    path = write_html(out, result.to_json(), made, command)
+    log.info("demo: finished in %.0f s; report at %s", time.perf_counter() - clock.start, path)
+    return result
+
+
+STAGE_DIRS = ("analysis", "plan", "depth", "width", "finetune", "figures")
+
+
+def _clear_previous_run(out: Path) -> None:
+    """Remove what an earlier demo run left in ``out`` (only the demo's own sub-folders and files), so a second
+    ``ppcl demo`` starts fresh instead of refusing to overwrite a finished training run."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = [out / d for d in STAGE_DIRS if (out / d).exists()]
+    for path in old:
+        shutil.rmtree(path)
+    for name in ("results.json", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    if old:
+        log.info("demo: replaced the previous run in %s", out)
+
+
+def _train_config(config: DemoConfig, steps: int) -> DistillConfig:
+    return DistillConfig(steps=steps, lr=config.lr, batch_size=config.batch_size, warmup=max(1, steps // 20),
+                         checkpoint_every=0, log_every=max(1, min(10, steps // 10)), seed=config.seed)
+
+
+@torch.no_grad()
+def _agreement(model: torch.nn.Module, addon: PruningAddon, batches: list[dict[str, Any]], stage: str
+               ) -> dict[str, Any]:
+    """Velocity agreement of every level with the teacher after one stage (cheap: no sampling)."""
+    apply_addon(model, addon)
+    try:
+        def predict(level: str | None) -> torch.Tensor:
+            set_level(model, level)
+            return torch.cat([model(**b, return_dict=False)[0] for b in batches])
+
+        reference = predict(None)
+        row = {"stage": stage}
+        row.update({lv: velocity_agreement(predict(lv), reference)["cosine"] for lv in LEVELS})
+    finally:
+        remove_addon(model)
+    log.info("demo: after %s: velocity cosine %s", stage,
+             ", ".join(f"{lv} {row[lv]:.4f}" for lv in LEVELS))
+    return row
+
+
+def _card(teacher: ToyTeacher) -> dict[str, Any]:
+    from ppcl.toy.teacher import load_card
+
+    card = load_card()
+    return {"config": card["config"], "steps": card["train"]["steps"], "command": card["command"],
+            "params": sum(p.numel() for p in teacher.transformer.parameters())}
+
+
+def _level_blocks(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
+    """Per level: blocks removed by depth spans, text-pruned blocks, FFN-linear blocks (flat indices)."""
+    from ppcl.plan import FFNLinear, TextRun
+
+    out = {}
+    for name in plan.level_names:
+        reps = plan.replacements_of(name)
+        out[name] = {"removed": sorted(plan.removed_blocks(name)),
+                     "text_pruned": sorted(j for r in reps if isinstance(r, TextRun) for j in r.pruned_blocks()),
+                     "ffn_linear": sorted(r.block for r in reps if isinstance(r, FFNLinear))}
+    return out
