@@ -54,7 +54,7 @@ def levels_on_depth_axis(num_blocks: int, level_blocks: Mapping[str, Mapping[str
     ax.set_xlabel("teacher block")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
     ax.legend(handles, ["kept", "removed", "text stream pruned", "FFN → linear", "student (span start)"],
-              fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
+              fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     ax.set_title("Levels on the depth axis (black boxes: depth spans [u, v], inclusive)")
     return _save(fig, path)
 
