@@ -44,6 +44,18 @@ def _generator(seed: int, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
+def check_sampling(batch_size: int, timestep_sampling: str, caption_dropout: float) -> None:
+    """Raise :class:`ConfigError` for settings no data source can honour (shared by the sources)."""
+    if batch_size < 1:
+        raise ConfigError("batch size must be positive", expected=">= 1", found=str(batch_size))
+    if timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise ConfigError("unknown timestep sampling", expected=f"one of {TIMESTEP_SAMPLINGS}",
+                          found=repr(timestep_sampling))
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise ConfigError("caption dropout must be a probability", expected="0 <= p <= 1",
+                          found=str(caption_dropout))
+
+
 class ToyDistillData:
     """ShapesWorld batches for the toy teacher: noisy image tokens ``x_t`` at random times with encoded captions.
 
@@ -68,14 +80,7 @@ class ToyDistillData:
         timestep_sampling: TimestepSampling = "uniform",
         caption_dropout: float = 0.1,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError("batch size must be positive", expected=">= 1", found=str(batch_size))
-        if timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ConfigError("unknown timestep sampling", expected=f"one of {TIMESTEP_SAMPLINGS}",
-                              found=repr(timestep_sampling))
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ConfigError("caption dropout must be a probability", expected="0 <= p <= 1",
-                              found=str(caption_dropout))
+        check_sampling(batch_size, timestep_sampling, caption_dropout)
         self.teacher = teacher
         self.batch_size = batch_size
         self.seed = seed

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ppcl.data.latent_cache import TRANSFORMER_KEYS, LatentCache
-from ppcl.distill.data import TIMESTEP_SAMPLINGS, TimestepSampling, _generator
-from ppcl.errors import ArtefactError, ConfigError
+from ppcl.distill.data import TimestepSampling, _generator, check_sampling
+from ppcl.errors import ArtefactError
 
 _MAX_SHIFT_DEFAULT = {"sd3": 1.16}  # the SD3 pipeline's default; FLUX.1 and Qwen-Image use 1.15
 
@@ -83,14 +83,7 @@ class LatentCacheData:
                  scheduler_config: dict[str, Any] | None = None, guidance: float = 3.5,
                  dtype: torch.dtype = torch.float32) -> None:
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
-        if batch_size < 1:
-            raise ConfigError("batch size must be positive", expected=">= 1", found=str(batch_size))
-        if timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ConfigError("unknown timestep sampling", expected=f"one of {TIMESTEP_SAMPLINGS}",
-                              found=repr(timestep_sampling))
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ConfigError("caption dropout must be a probability", expected="0 <= p <= 1",
-                              found=str(caption_dropout))
+        check_sampling(batch_size, timestep_sampling, caption_dropout)
         if len(self.cache) == 0:
             raise ArtefactError("latent cache is empty", expected="at least one sample", found="0",
                                 fix="re-run `ppcl cache` with data")
