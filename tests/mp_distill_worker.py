@@ -4,11 +4,12 @@ Used by ``tests/test_multiprocess.py`` (under ``accelerate launch --num_processe
 reference) and ``tests/test_sigkill.py`` (killed with SIGKILL at the points named by ``PPCL_TEST_PAUSE``, see
 :mod:`ppcl.distill.checkpoint`). The final add-on lands in ``OUT/addon``; the run's exit code is 0 on success.
 
-With ``--more-stages`` it then also trains a width level (projections and the text-pruned student jointly) into
+With ``--shard`` the depth run is FSDP2-sharded (:mod:`ppcl.distill.sharding`). With ``--more-stages`` it then also
+trains a width level (projections and the text-pruned student jointly) into
 ``OUT/width`` and fine-tunes that level into ``OUT/finetune``, on a fresh tiny model each.
 
 Usage: ``python tests/mp_distill_worker.py OUT [--steps N] [--accumulation A] [--checkpoint-every K] [--resume]
-[--more-stages]``
+[--more-stages] [--shard]``
 """
 
 from __future__ import annotations
@@ -56,20 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--more-stages", action="store_true")
+    parser.add_argument("--shard", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # bit-exact comparisons between processes need the same reduction order
     case = build_tiny("qwenimage")
     addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
     config = DistillConfig(steps=args.steps, lr=1e-3, warmup=1, batch_size=BATCH_SIZE,
                            gradient_accumulation=args.accumulation, checkpoint_every=args.checkpoint_every,
-                           log_every=1)
+                           log_every=1, shard=args.shard)
     distill_depth(case.model, addon, IndexedData(case), config, args.out, resume=args.resume)
     if args.more_stages:
         from test_width_train import _depth_width_plan  # a depth span inside a text run + FFN linears, level "dw"
 
         case = build_tiny("qwenimage")
         addon = PruningAddon.from_plan(case.model, _depth_width_plan(case))
-        short = DistillConfig(**{**config.to_json(), "betas": config.betas, "steps": 3})
+        short = DistillConfig(**{**config.to_json(), "betas": config.betas, "steps": 3, "shard": False})
         distill_width(case.model, addon, IndexedData(case), short, args.out / "width", "dw", init_batches=2,
                       train_students=True)
         finetune(case.model, addon, IndexedData(case), short, args.out / "finetune", "dw")

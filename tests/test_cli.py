@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import torch
+from safetensors.torch import load_file
+
 from ppcl.cli.main import main
 
 
@@ -66,6 +69,15 @@ def test_distill_eval_merge_inspect_on_the_toy_teacher(tmp_path, capsys):
     assert main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(run), "--steps", "3",
                  "--batch-size", "4"]) == 0
     assert (run / "addon" / "ppcl_addon.json").is_file() and (run / "metrics.jsonl").is_file()
+    # --shard (FSDP2 over a one-process group here) trains the same weights; sequential mode cannot be sharded.
+    sharded = tmp_path / "sharded"
+    assert main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(sharded), "--steps", "3",
+                 "--batch-size", "4", "--shard"]) == 0
+    want, got = (load_file(str(r / "addon" / "ppcl_addon.safetensors")) for r in (run, sharded))
+    assert want.keys() == got.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    assert main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(tmp_path / "seq"), "--steps", "3",
+                 "--mode", "sequential", "--shard"]) == 2
+    assert not (tmp_path / "seq").exists()
     out = tmp_path / "eval.json"
     assert main(["-q", "eval", "--addon", str(run / "addon"), "--out", str(out), "--repeats", "2", "--batches", "1",
                  "--batch-size", "4", "--per-category", "1"]) == 0

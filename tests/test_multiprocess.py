@@ -1,7 +1,7 @@
-"""Two real processes (torch.distributed, gloo on CPU) train exactly what one process trains on the same global batch
-(depth distillation, width training and fine-tuning).
+"""Two real processes (torch.distributed, gloo on CPU) train exactly what one process trains on the same global batch:
+under DDP (depth distillation, width training and fine-tuning) and FSDP2-sharded (depth distillation).
 
-Sharding (see :mod:`ppcl.distill.trainer`): process ``rank`` of ``P`` draws micro-batch
+Data split (see :mod:`ppcl.distill.trainer`): process ``rank`` of ``P`` draws micro-batch
 ``(step * A + micro) * P + rank``. So 2 processes with accumulation 1 see, at step ``s``, micro-batches ``2s`` and
 ``2s + 1`` — the very batches 1 process with accumulation 2 sees. DDP all-reduces (sums) the two gradients and divides
 by 2; accumulation adds the two gradients each divided by 2.
@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ppcl.addon import WEIGHTS_FILE
@@ -46,47 +47,75 @@ def _rows(folder: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              str(WORKER), str(two), "--accumulation", "1", "--more-stages"]
-    reference = [sys.executable, str(WORKER), str(one), "--accumulation", "2", "--more-stages"]
-    # Both at once: the CI machine has two cores and each run spends most of its time importing.
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The 1-process reference (accumulation 2), 2 processes under DDP and 2 processes FSDP2-sharded (depth only),
+    all launched at once: the CI machine has two cores and each run spends most of its time importing."""
+    root = tmp_path_factory.mktemp("mp")
+    out = {"one": root / "one", "two": root / "two", "sharded": root / "sharded"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    commands = [[sys.executable, str(WORKER), str(out["one"]), "--accumulation", "2", "--more-stages"],
+                [*torchrun, str(out["two"]), "--accumulation", "1", "--more-stages"],
+                [*torchrun, str(out["sharded"]), "--accumulation", "1", "--shard"]]
     procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in (launch, reference)]
+             for cmd in commands]
     for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-4000:]
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-4000:]
+    return out
 
+
+def _assert_same_addon(got_dir: Path, want_dir: Path, what: str, atol: float) -> None:
+    want = load_tensors(want_dir / "addon" / WEIGHTS_FILE, f"reference add-on {what}")
+    got = load_tensors(got_dir / "addon" / WEIGHTS_FILE, f"{what} add-on")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=atol, msg=f"{what} {key}")
+
+
+def _assert_same_rows(got_dir: Path, want_dir: Path) -> None:
+    # Only the main process writes metrics: one row per step, with the losses averaged over both processes.
+    got, want = _rows(got_dir), _rows(want_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+    for a, b in zip(got, want, strict=True):
+        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-6 * max(1.0, abs(float(b["loss"])))  # type: ignore[arg-type]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(runs: dict[str, Path]) -> None:
+    two, one = runs["two"], runs["one"]
     meta = json.loads((two / "addon" / "ppcl_addon.json").read_text())
     assert meta["provenance"]["depth"]["num_processes"] == 2  # really distributed, not two lone runs
     # Depth, then width (projections + a text-pruned student: DDP must allow unused parameters), then fine-tune.
     for stage in ("", "width", "finetune"):
-        want = load_tensors(one / stage / "addon" / WEIGHTS_FILE, f"reference add-on {stage}")
-        got = load_tensors(two / stage / "addon" / WEIGHTS_FILE, f"2-process add-on {stage}")
-        assert want.keys() == got.keys()
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=f"{stage} {key}")
-    # Only the main process writes metrics: one row per step, with the losses averaged over both processes.
-    rows_two, rows_one = _rows(two), _rows(one)
-    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == list(range(1, 7))
-    for a, b in zip(rows_two, rows_one, strict=True):
-        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-6 * max(1.0, abs(float(b["loss"])))  # type: ignore[arg-type]
+        _assert_same_addon(two / stage, one / stage, f"2-process {stage or 'depth'}", atol=1e-6)
+    _assert_same_rows(two, one)
 
 
-def test_sharded_engines_are_refused_before_training() -> None:
+def test_two_sharded_processes_equal_one_process(runs: dict[str, Path]) -> None:
+    """FSDP2 (gloo on CPU): each rank holds half of every teacher block and student; the gradients are
+    reduce-scattered (averaged) instead of all-reduced, and AdamW steps each half. The same tolerance holds: the only
+    new source of difference is the gradient norm for clipping, summed from two halves in another order (relative
+    error ~1e-7, scaled by lr · steps in the weights). A sharding bug (wrong halves, a missing reduction, a teacher
+    block left sharded) moves the weights by orders of magnitude more."""
+    sharded, one = runs["sharded"], runs["one"]
+    meta = json.loads((sharded / "addon" / "ppcl_addon.json").read_text())
+    depth = meta["provenance"]["depth"]
+    assert depth["num_processes"] == 2 and depth["config"]["shard"] is True
+    _assert_same_addon(sharded, one, "2-process sharded depth", atol=1e-6)
+    _assert_same_rows(sharded, one)
+
+
+def test_deepspeed_is_refused_before_training_and_fsdp_is_not() -> None:
     from types import SimpleNamespace
 
-    import pytest
     from accelerate.utils import DistributedType
 
     from ppcl.distill.checkpoint import check_distributed
     from ppcl.errors import ConfigError
 
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(ConfigError, match=f"does not checkpoint {kind.value}"):
-            check_distributed(SimpleNamespace(distributed_type=kind))  # type: ignore[arg-type]
-    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+    with pytest.raises(ConfigError, match="does not run under DeepSpeed"):
+        check_distributed(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))  # type: ignore[arg-type]
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
         check_distributed(SimpleNamespace(distributed_type=kind))  # type: ignore[arg-type]
 
 
@@ -98,5 +127,5 @@ def test_shipped_accelerate_configs_parse() -> None:
     assert {k: str(c.distributed_type.value) for k, c in kinds.items()} == {
         "1gpu": "NO", "ddp_8gpu": "MULTI_GPU", "fsdp_8gpu": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
     assert kinds["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
-    assert kinds["fsdp_8gpu"].fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert kinds["fsdp_8gpu"].fsdp_config["fsdp_version"] == 2  # ppcl shards with fully_shard (FSDP2) itself
     assert all(c.num_processes == (1 if k == "1gpu" else 8) for k, c in kinds.items())

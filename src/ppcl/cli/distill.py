@@ -46,6 +46,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--gradient-accumulation", type=int, default=1)
+    p.add_argument("--shard", action="store_true",
+                   help="depth (non-sequential): FSDP2-shard the frozen teacher and the students over the processes "
+                   "(on by itself under an accelerate FSDP config; docs/scale.md)")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--init", choices=("first", "middle", "last"), default=None, help="override the plan's init")
     p.add_argument("--level", default=None,
@@ -69,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     config = DistillConfig(mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=warmup,
                            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                            gradient_accumulation=args.gradient_accumulation, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed)
+                           seed=args.seed, shard=args.shard)
     data = _data(args, model)
     if args.stage == "depth":
         distill_depth(model, addon, data, config, args.out, resume=args.resume, level=args.level)

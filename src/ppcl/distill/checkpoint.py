@@ -112,19 +112,32 @@ def fault_point(where: str, step: int) -> None:
 
 
 def check_distributed(accelerator: Accelerator) -> None:
-    """Refuse the sharded engines (FSDP, DeepSpeed) the trainer's checkpoints do not handle yet.
+    """Refuse DeepSpeed, whose engine the trainer does not drive.
 
-    The trainer saves the students and ``optimizer.state_dict()`` from the main process. Under FSDP the students'
-    parameters are shards, and under DeepSpeed ZeRO the optimiser state is partitioned (and the engine steps inside
-    ``backward``), so checkpoints would be wrong or resume inexact; failing before training beats a silently bad
-    add-on. The shipped ``configs/accelerate/fsdp_8gpu.yaml`` and ``deepspeed_zero2.yaml`` wait on this.
+    Under ZeRO the optimiser state is partitioned inside DeepSpeed's engine, which also steps inside ``backward``; the
+    trainer's checkpoints (full tensors, resumable under any layout) and its NaN checks would need that engine's own
+    checkpoint format. FSDP covers the same need (sharded gradients and optimiser states, plus the teacher): see
+    :mod:`ppcl.distill.sharding`.
     """
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    if kind in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"ppcl's trainer does not checkpoint {kind} runs yet", expected="one process, DDP "
-                          "(MULTI_GPU / MULTI_CPU)", found=f"accelerate distributed_type {kind}",
-                          fix="launch with configs/accelerate/ddp_8gpu.yaml or 1gpu.yaml (docs/scale.md gives "
-                          "the memory each needs)")
+    if kind == "DEEPSPEED":
+        raise ConfigError("ppcl's trainer does not run under DeepSpeed", expected="one process, DDP (MULTI_GPU / "
+                          "MULTI_CPU) or FSDP", found=f"accelerate distributed_type {kind}",
+                          fix="launch with configs/accelerate/fsdp_8gpu.yaml (shards the teacher, the students and "
+                          "their AdamW states, as ZeRO would) or ddp_8gpu.yaml; docs/scale.md gives the memory of each")
+
+
+def check_shardable(config: Any, shardable: bool, kind: str) -> None:
+    """Raise unless a sharded session (:mod:`ppcl.distill.sharding`) can run this stage with this config."""
+    why = "shard=True" if getattr(config, "shard", False) else f"accelerate distributed_type {kind}"
+    if not shardable:
+        raise ConfigError("sharded training (FSDP) covers non-sequential depth distillation only",
+                          expected="mode 'nonsequential' depth distillation", found=f"{why} for this stage",
+                          fix="run this stage without --shard under DDP (configs/accelerate/ddp_8gpu.yaml): its "
+                          "trained modules are small; docs/scale.md has the memory")
+    if config.mixed_precision == "fp16":
+        raise ConfigError("sharded training does not support fp16", expected="mixed precision bf16 or no",
+                          found=f"fp16 with {why}", fix="use --mixed-precision bf16")
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:

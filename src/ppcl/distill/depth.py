@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any, Literal, get_args
 
 import torch
@@ -31,7 +32,7 @@ from ppcl.data.recorder import ActivationRecorder, BlockCall
 from ppcl.distill.losses import depth_loss
 from ppcl.errors import ConfigError
 from ppcl.plan import DepthReplacement, PruningPlan
-from ppcl.runtime import disabled, set_level
+from ppcl.runtime import STATE_ATTR, disabled, set_level
 
 Mode = Literal["nonsequential", "sequential"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -159,7 +160,9 @@ class DepthStep(nn.Module):
         """
         model, spec = self.model, self.spec
         needed = sorted({r.span.start for r in self.replacements} | {r.span.stop - 1 for r in self.replacements})
-        with torch.no_grad(), disabled(model), ActivationRecorder(model, needed, spec=spec) as recorder:
+        # A sharded session runs the bare model (no add-on applied): it is the teacher as it is.
+        off = disabled(model) if getattr(model, STATE_ATTR, None) is not None else nullcontext()
+        with torch.no_grad(), off, ActivationRecorder(model, needed, spec=spec) as recorder:
             stop = None
             if self.early_stop:
                 # Registered after the recorder's hooks, so the last block's output is recorded before we stop.

@@ -15,6 +15,10 @@ Multi-process (``accelerate launch`` on GPUs, ``torchrun`` on CPU; docs/scale.md
 ``(step * gradient_accumulation + micro) * P + rank``, so the data stays a pure function of (seed, step, rank) and P
 processes with accumulation A see exactly the batches of one process with accumulation ``A * P``; DDP averages the
 gradients as accumulation would. Only the main process writes metrics, checkpoints and the add-on; the others wait.
+
+Sharded (``shard=True`` or an accelerate FSDP config; non-sequential depth distillation): the teacher's blocks and the
+students are FSDP2-sharded for the session (:mod:`ppcl.distill.sharding`) and nothing is handed to
+``accelerate.prepare``; checkpoints still hold full tensors, so a run may resume with or without sharding.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
-from ppcl.distill.checkpoint import (check_distributed, checkpoint_bytes, fault_point, make_accelerator, preflight,
-                                    recover_checkpoint, rng_state, set_rng_state)
+from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpoint_bytes, fault_point,
+                                    make_accelerator, preflight, recover_checkpoint, rng_state, set_rng_state)
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import MODES, DepthStep, Mode, depth_replacements, sequential_level
+from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
 from ppcl.io import atomic_folder, load_tensors, save_tensors
 from ppcl.logging import get_logger, progress
@@ -71,6 +76,9 @@ class DistillConfig:
         checkpoint_every: steps between checkpoints (the last step always checkpoints); 0 = only at the end.
         log_every: steps between metrics rows (each averages the steps since the last). seed: of a fresh run's RNGs.
         early_stop_teacher: end the frozen teacher pass after the last block any span needs.
+        shard: FSDP2-shard the frozen teacher's blocks and the students across the processes (non-sequential depth
+            distillation; on by itself under an accelerate FSDP config). Same results as unsharded, up to the
+            summation order of the gradient norm.
     """
 
     mode: Mode = "nonsequential"
@@ -90,6 +98,7 @@ class DistillConfig:
     log_every: int = 10
     seed: int = 0
     early_stop_teacher: bool = True
+    shard: bool = False
 
     def validate(self) -> DistillConfig:
         """Raise :class:`~ppcl.errors.ConfigError` on the first out-of-range value; return ``self``."""
@@ -153,7 +162,8 @@ def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, conf
     reps = depth_replacements(addon.plan, level)
     run_level = sequential_level(addon.plan, reps, level) if config.mode == "sequential" else None
     keys = {rep.id for rep in reps}
-    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator) as session:
+    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator,
+                         shardable=config.mode == "nonsequential") as session:
         step_module = DepthStep(model, addon.students, reps, config.mode, run_level,
                                 config.gradient_checkpointing and config.mode == "nonsequential",
                                 config.early_stop_teacher)
@@ -178,12 +188,14 @@ class TrainingSession:
     applied. :meth:`run` drives the accelerate loop for any step module returning ``{term: scalar loss}``.
 
     Args: ``model, addon, data, config, out_dir, resume, accelerator`` as in :func:`distill_depth`; ``extra``: trained
-    parameters outside the add-on (a full fine-tune's base blocks), checkpointed as ``trained_base.safetensors``.
+    parameters outside the add-on (a full fine-tune's base blocks), checkpointed as ``trained_base.safetensors``;
+    ``shardable``: the stage's step module trains only ``step_module.students`` from recorded teacher calls, so it
+    may run sharded (non-sequential depth distillation).
     """
 
     def __init__(self, model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
                  out_dir: str | os.PathLike[str], resume: bool, accelerator: Accelerator | None,
-                 extra: dict[str, nn.Parameter] | None = None) -> None:
+                 extra: dict[str, nn.Parameter] | None = None, shardable: bool = False) -> None:
         config.validate()
         if not callable(getattr(data, "batch", None)):
             raise ConfigError("the data source has no batch(step) method", expected="a DistillData", found=str(data))
@@ -194,6 +206,10 @@ class TrainingSession:
         self.out = Path(out_dir)
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         check_distributed(self.accelerator)
+        kind = str(getattr(self.accelerator.distributed_type, "value", self.accelerator.distributed_type))
+        self.shard, self.shards = config.shard or kind == "FSDP", None
+        if self.shard:
+            check_shardable(config, shardable, kind)
         trained = sum(p.numel() for p in addon.students.parameters()) + sum(p.numel() for p in (extra or {}).values())
         # Every process checks (they may not share a file system); only the main one repairs an interrupted swap.
         preflight(self.out, checkpoint_bytes(trained))
@@ -215,6 +231,8 @@ class TrainingSession:
         if state is not None and state.addon.students is not self.addon.students:
             raise ConfigError("another add-on is applied to the model", expected="the add-on being trained, or none",
                               found="a different add-on under model.ppcl", fix="remove_addon(model) first")
+        if self.shard:
+            return self._enter_sharded(state is not None)
         self.applied_here = state is None
         if self.applied_here:
             apply_addon(model, self.addon, level=None)
@@ -226,13 +244,33 @@ class TrainingSession:
             model.to(self.accelerator.device)
         return self
 
+    def _enter_sharded(self, applied: bool) -> Self:
+        """The sharded session runs the bare model (the students are called directly), so an applied add-on is taken
+        off for its length and put back at the level it had."""
+        model = self.model
+        self.reapply = active_level(model) if applied else False
+        if applied:
+            remove_addon(model)
+        self.applied_here, self.level_before, self.checkpointing_before = False, None, False
+        self.frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False).eval()
+        self.shards = SessionShards(model, self.accelerator.device)
+        self.shards.shard_teacher()
+        return self
+
     def __exit__(self, *exc: object) -> None:
         model = self.model
+        if self.shards is not None:
+            self.shards.close()
+            self.shards = None
         for name, p in model.named_parameters():
             p.requires_grad_(self.frozen.get(name, p.requires_grad))
         if bool(getattr(model, "gradient_checkpointing", False)) and not self.checkpointing_before:
             model.disable_gradient_checkpointing()
-        if self.applied_here:
+        if self.shard:
+            if self.reapply is not False:
+                apply_addon(model, self.addon, level=self.reapply)
+        elif self.applied_here:
             remove_addon(model)
         else:
             set_level(model, self.level_before)
@@ -245,10 +283,26 @@ class TrainingSession:
         self.stage, self.terms_key, self.params = stage, terms_key, params
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        saved = self._load_weights()
+        if self.shards is not None:
+            owner = {id(p): key for key, module in step_module.students.items() for p in module.parameters()}
+            keys = list(dict.fromkeys(owner[id(p)] for p in params))
+            step_module.students = self.shards.shard_trained(step_module.students, keys)
+            # The optimiser's state is saved by parameter index: keep the unsharded order, or a checkpoint would
+            # resume across layouts with moments swapped between same-shaped students.
+            self.params = params = self.shards.twins_of(params)
+        # On GPUs the fused kernel updates every parameter in place; the default multi-tensor path allocates one
+        # temporary as large as the trained parameters at each step (measured at real size: +4 B per parameter of
+        # peak, docs/scale.md). CPUs keep the default path.
+        fused = True if params and all(p.device.type == "cuda" for p in params) else None
+        opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                fused=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, config.lr_factor)
-        self.step_module, self.opt = accelerator.prepare(step_module, opt)
-        start, elapsed = self._start()
+        if self.shards is None:
+            self.step_module, self.opt = accelerator.prepare(step_module, opt)
+        else:  # FSDP2 does the sharding and gradient averaging itself; accelerate only autocasts (in _loop)
+            self.step_module, self.opt = step_module, opt
+        start, elapsed = self._start(saved)
         end = config.steps if stop_at is None else min(stop_at, config.steps)
         log.info("%s: %s, steps %d..%d of %d%s, %d trainable parameters", stage, what, start, end, config.steps,
                  " (stopping early: resume with resume=True)" if end < config.steps else "",
@@ -272,6 +326,7 @@ class TrainingSession:
     def _loop(self, start: int, end: int, elapsed: float) -> dict[str, Any]:
         accelerator, step_module, config = self.accelerator, self.step_module, self.config
         inner, accum = accelerator.unwrap_model(step_module), config.gradient_accumulation
+        autocast = accelerator.autocast if self.shards is not None else nullcontext
         procs, rank = accelerator.num_processes, accelerator.process_index
         t0, t_run = time.perf_counter() - elapsed, time.perf_counter()
         window: dict[str, list[float]] = {}
@@ -287,15 +342,16 @@ class TrainingSession:
                 batch = {k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                          for k, v in self.data.batch((step * accum + micro) * procs + rank).items()}
                 with accelerator.no_sync(step_module) if micro < accum - 1 else nullcontext():
-                    losses = step_module(**batch)
+                    with autocast():
+                        losses = step_module(**batch)
                     values = self._check_finite(losses, step)
                     accelerator.backward(torch.stack(list(losses.values())).sum() / accum)
                 teacher_s += getattr(inner, "timing", {}).get("teacher_s", 0.0) if measure else 0.0
                 for key, value in zip(losses, values, strict=True):
                     sums[key] = sums.get(key, 0.0) + value / accum
             if config.grad_clip is not None:
-                norm = accelerator.clip_grad_norm_(self.params, config.grad_clip)
-                if norm is not None and not math.isfinite(float(norm)):
+                norm = self._clip()
+                if norm is not None and not math.isfinite(norm):
                     self._not_finite(step, "gradient norm", [f"of all {self.terms_key}"], [float(norm)])
             lr = self.sched.get_last_lr()[0]
             self.opt.step()
@@ -315,6 +371,14 @@ class TrainingSession:
         return {"final": last, "elapsed": time.perf_counter() - t0,
                 "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
                 "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
+
+    def _clip(self) -> float | None:
+        """Clip the global gradient norm; returns it (the same value on every process)."""
+        if self.shards is None:
+            norm = self.accelerator.clip_grad_norm_(self.params, self.config.grad_clip)
+            return None if norm is None else float(norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)  # a replicated DTensor
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def _check_finite(self, losses: dict[str, torch.Tensor], step: int) -> list[float]:
         """The losses averaged over processes; raises on all of them at once when any is NaN/Inf (a rank raising
@@ -347,10 +411,14 @@ class TrainingSession:
 
     def _save_checkpoint(self, step: int, elapsed: float) -> None:
         self.accelerator.wait_for_everyone()
+        optimizer = None
+        if self.shards is not None:  # collectives: every process gathers, the main one writes
+            self.shards.pull()
+            optimizer = self.shards.full_optimizer_state(self.opt)
         if self.accelerator.is_main_process:
             # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
             state = {"step": step, "data_index": step * self.config.gradient_accumulation, "elapsed": elapsed,
-                     "config": self.config.to_json(), "optimizer": self.opt.state_dict(),
+                     "config": self.config.to_json(), "optimizer": self.opt.state_dict() if optimizer is None else optimizer,
                      "scheduler": self.sched.state_dict(), "rng": rng_state()}
             self.addon.provenance["checkpoint"] = {"step": step}
             with atomic_folder(self.out / CHECKPOINT_DIR) as tmp:
@@ -362,21 +430,13 @@ class TrainingSession:
             self.addon.provenance.pop("checkpoint", None)
         self.accelerator.wait_for_everyone()
 
-    def _start(self) -> tuple[int, float]:
-        out, config, stage, folder = self.out, self.config, self.stage, self.out / CHECKPOINT_DIR
+    def _load_weights(self) -> dict[str, Any] | None:
+        """A resumed run's trainer state, after loading the checkpoint's weights into the add-on (and ``extra``);
+        ``None`` for a fresh run. Runs before sharding, so the shards are cut from the loaded weights."""
+        folder = self.out / CHECKPOINT_DIR
         if not (self.resume and (folder / STATE_FILE).is_file()):
-            if self.resume:
-                log.info("%s: no checkpoint in %s, starting fresh", stage, out)
-            if self.accelerator.is_main_process:
-                (out / METRICS_FILE).unlink(missing_ok=True)
-            for seed in (torch.manual_seed, np.random.seed, random.seed):
-                seed(config.seed)
-            return 0, 0.0
+            return None
         state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
-        changed = sorted(k for k, v in state.get("config", {}).items()
-                         if k not in ("checkpoint_every", "log_every") and config.to_json().get(k) != v)
-        if changed:
-            log.warning("%s: resuming with changed settings %s; it will not match an uninterrupted run", stage, changed)
         try:  # the file's keys are the students' own state-dict keys ("<student key>.<param>")
             self.addon.students.load_state_dict(load_tensors(folder / WEIGHTS_FILE, "checkpoint add-on"), strict=True)
             saved = load_tensors(folder / EXTRA_FILE, "checkpoint base") if self.extra else {}
@@ -386,7 +446,27 @@ class TrainingSession:
             raise ArtefactError("the checkpoint holds another run's weights", expected="the weights of this run's "
                                 "plan", found=str(exc).splitlines()[0],
                                 fix="resume with the plan (and settings) the run started with") from exc
-        self.opt.load_state_dict(state["optimizer"])
+        return state
+
+    def _start(self, state: dict[str, Any] | None) -> tuple[int, float]:
+        out, config, stage, folder = self.out, self.config, self.stage, self.out / CHECKPOINT_DIR
+        if state is None:
+            if self.resume:
+                log.info("%s: no checkpoint in %s, starting fresh", stage, out)
+            if self.accelerator.is_main_process:
+                (out / METRICS_FILE).unlink(missing_ok=True)
+            for seed in (torch.manual_seed, np.random.seed, random.seed):
+                seed(config.seed)
+            return 0, 0.0
+        # Layout-only settings: a run resumes exactly under another checkpoint/log cadence or with(out) sharding.
+        changed = sorted(k for k, v in state.get("config", {}).items()
+                         if k not in ("checkpoint_every", "log_every", "shard") and config.to_json().get(k) != v)
+        if changed:
+            log.warning("%s: resuming with changed settings %s; it will not match an uninterrupted run", stage, changed)
+        optimizer = state["optimizer"]
+        if self.shards is not None:
+            optimizer = self.shards.sharded_optimizer_state(optimizer, self.params)
+        self.opt.load_state_dict(optimizer)
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         if self.accelerator.is_main_process:  # drop the rows logged after the checkpoint: they are logged again
@@ -395,4 +475,3 @@ class TrainingSession:
                                                     if r and json.loads(r)["step"] <= state["step"]))
         log.info("%s: resuming from %s at step %d", stage, folder, state["step"])
         return int(state["step"]), float(state["elapsed"])
-
