@@ -189,3 +189,26 @@ def test_an_accelerate_fsdp_config_switches_sharding_on(tmp_path: Path) -> None:
     assert session.shard
     with pytest.raises(ConfigError, match="accelerate distributed_type FSDP"):
         TrainingSession(case.model, addon, Inputs(case), _config(), tmp_path / "b", False, fsdp)  # type: ignore[arg-type]
+
+
+def test_a_failure_while_sharding_the_teacher_puts_everything_back(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from ppcl.distill import sharding
+
+    calls = {"n": 0}
+    real = sharding.fully_shard
+
+    def third_fails(module: torch.nn.Module, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure in fully_shard")
+        return real(module, **kwargs)
+
+    monkeypatch.setattr(sharding, "fully_shard", third_fails)
+    case = build_tiny("sd3")
+    blocks = [list(stack) for stack in _stacks(case)]
+    addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
+    with pytest.raises(RuntimeError, match="simulated"):
+        distill_depth(case.model, addon, Inputs(case), _config(shard=True), tmp_path)
+    assert [list(stack) for stack in _stacks(case)] == blocks and not dist.is_initialized()
+    assert all(type(b).__name__.startswith("FSDP") is False for stack in _stacks(case) for b in stack)

@@ -69,6 +69,10 @@ class SessionShards:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         self.mesh: DeviceMesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        # FSDP2 warns when a unit returns a view (FLUX.1's single blocks split their output), since an in-place op on
+        # it would skip the unit's backward hook. Here teacher outputs are only read under no_grad and student
+        # outputs only by the loss, never modified in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
         self.model, self.device = model, device
         self.home = next(model.parameters()).device
         self.blocks: list[tuple[nn.ModuleList, int, nn.Module]] = []
@@ -82,10 +86,6 @@ class SessionShards:
 
     def _shard(self, module: nn.Module) -> nn.Module:
         stand_in = twin(module)
-        # FSDP2 warns when a unit returns a view (FLUX.1's single blocks split their output), since an in-place op on
-        # it would skip the unit's backward hook. Here teacher outputs are only read under no_grad and student
-        # outputs only by the loss, never modified in place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
         # Explicit: a module that is its own FSDP root would otherwise keep its gathered parameters after forward.
         fully_shard(stand_in, mesh=self.mesh, reshard_after_forward=True)
         return stand_in

@@ -29,9 +29,8 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,8 +40,9 @@ from torch import nn
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
 from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpoint_bytes, fault_point,
                                     make_accelerator, preflight, recover_checkpoint, rng_state, set_rng_state)
+from ppcl.distill.config import DistillConfig
 from ppcl.distill.data import DistillData
-from ppcl.distill.depth import MODES, DepthStep, Mode, depth_replacements, sequential_level
+from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
 from ppcl.io import atomic_folder, load_tensors, save_tensors
@@ -59,83 +59,6 @@ ADDON_DIR = "addon"
 STATE_FILE = "trainer_state.pt"
 EXTRA_FILE = "trained_base.safetensors"
 METRICS_FILE = "metrics.jsonl"
-MixedPrecision = Literal["no", "bf16", "fp16"]
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Hyper-parameters of depth distillation (defaults: METHOD.md "Training details reported").
-
-    Attributes:
-        mode: ``"nonsequential"`` (the method) or ``"sequential"`` (ablation baseline). steps: optimiser steps.
-        lr: peak learning rate; ``warmup`` linear steps up to it, then cosine decay to ``lr * min_lr_ratio``.
-        batch_size: samples per micro-batch; checked against the data source when it says its own.
-        gradient_accumulation: micro-batches per optimiser step (the data index is ``step * accumulation + micro``).
-        grad_clip: max global gradient norm (``None``: none). mixed_precision: accelerate's autocast; losses in float32.
-        gradient_checkpointing: recompute activations in backward (students; the whole model in sequential mode).
-        checkpoint_every: steps between checkpoints (the last step always checkpoints); 0 = only at the end.
-        log_every: steps between metrics rows (each averages the steps since the last). seed: of a fresh run's RNGs.
-        early_stop_teacher: end the frozen teacher pass after the last block any span needs.
-        shard: FSDP2-shard the frozen teacher's blocks and the students across the processes (non-sequential depth
-            distillation; on by itself under an accelerate FSDP config). Same results as unsharded, up to the
-            summation order of the gradient norm.
-    """
-
-    mode: Mode = "nonsequential"
-    steps: int = 6000
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.02
-    warmup: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    batch_size: int = 8
-    mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
-    gradient_accumulation: int = 1
-    checkpoint_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    early_stop_teacher: bool = True
-    shard: bool = False
-
-    def validate(self) -> DistillConfig:
-        """Raise :class:`~ppcl.errors.ConfigError` on the first out-of-range value; return ``self``."""
-        c = self
-        checks: list[tuple[bool, str, str, Any]] = [
-            (c.mode in MODES, "mode", f"one of {MODES}", c.mode), (c.steps >= 1, "steps", ">= 1", c.steps),
-            (c.lr > 0, "lr", "> 0", c.lr),
-            (all(0 <= b < 1 for b in c.betas) and len(c.betas) == 2, "betas", "two values in [0, 1)", c.betas),
-            (0 <= c.warmup <= c.steps, "warmup", f"0..{c.steps} (steps)", c.warmup),
-            (c.schedule in ("cosine", "constant"), "schedule", "cosine or constant", c.schedule),
-            (0 <= c.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", c.min_lr_ratio),
-            (c.weight_decay >= 0, "weight_decay", ">= 0", c.weight_decay),
-            (c.grad_clip is None or c.grad_clip > 0, "grad_clip", "> 0 or None", c.grad_clip),
-            (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
-            (c.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "no/bf16/fp16", c.mixed_precision),
-            (c.gradient_accumulation >= 1, "gradient_accumulation", ">= 1", c.gradient_accumulation),
-            (c.checkpoint_every >= 0, "checkpoint_every", ">= 0", c.checkpoint_every),
-            (c.log_every >= 1, "log_every", ">= 1", c.log_every)]
-        for ok, name, expected, found in checks:
-            if not ok:
-                raise ConfigError(f"distillation setting `{name}` is out of range", expected=expected, found=repr(found))
-        return self
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of ``lr`` at optimiser step ``step`` (0-based)."""
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able dict of every field."""
-        return {**asdict(self), "betas": list(self.betas)}
-
-
 def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
                   out_dir: str | os.PathLike[str], resume: bool = False, level: str | None = None,
                   stop_at: int | None = None, accelerator: Accelerator | None = None) -> PruningAddon:
@@ -255,7 +178,11 @@ class TrainingSession:
         self.frozen = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False).eval()
         self.shards = SessionShards(model, self.accelerator.device)
-        self.shards.shard_teacher()
+        try:
+            self.shards.shard_teacher()
+        except BaseException:  # __exit__ does not run when __enter__ fails: put the blocks back here
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
