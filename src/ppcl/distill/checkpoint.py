@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from accelerate.utils import DistributedDataParallelKwargs
 
 from ppcl.errors import ArtefactError, ConfigError
 from ppcl.logging import get_logger
+
+if TYPE_CHECKING:
+    from ppcl.distill.config import DistillConfig
 
 log = get_logger("distill")
 
@@ -127,14 +130,14 @@ def check_distributed(accelerator: Accelerator) -> None:
                           "their AdamW states, as ZeRO would) or ddp_8gpu.yaml; docs/scale.md gives the memory of each")
 
 
-def check_shardable(config: Any, shardable: bool, kind: str) -> None:
+def check_shardable(config: DistillConfig, shardable: bool, kind: str) -> None:
     """Raise unless a sharded session (:mod:`ppcl.distill.sharding`) can run this stage with this config."""
-    why = "shard=True" if getattr(config, "shard", False) else f"accelerate distributed_type {kind}"
+    why = "shard=True" if config.shard else f"accelerate distributed_type {kind}"
     if not shardable:
         raise ConfigError("sharded training (FSDP) covers non-sequential depth distillation only",
                           expected="mode 'nonsequential' depth distillation", found=f"{why} for this stage",
-                          fix="run this stage without --shard under DDP (configs/accelerate/ddp_8gpu.yaml): its "
-                          "trained modules are small; docs/scale.md has the memory")
+                          fix="run this stage without --shard, under DDP (configs/accelerate/ddp_8gpu.yaml) or on "
+                          "one GPU; docs/scale.md gives the memory it needs")
     if config.mixed_precision == "fp16":
         raise ConfigError("sharded training does not support fp16", expected="mixed precision bf16 or no",
                           found=f"fp16 with {why}", fix="use --mixed-precision bf16")
