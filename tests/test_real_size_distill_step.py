@@ -4,10 +4,8 @@ beyond "positive"."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -15,25 +13,12 @@ from types import ModuleType
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    """The benchmark script as a module (its ``_results`` and ``real_size_latency`` imports need benchmarks/ on the
-    path while it loads)."""
-    name = "ppcl_bench_real_size_distill_step"
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "real_size_distill_step.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    yield module
-    sys.modules.pop(name, None)
+    """The benchmark script as a module."""
+    with benchmark_module("real_size_distill_step.py") as module:
+        yield module
 
 
 def _tiny_teacher(bench: ModuleType) -> torch.nn.Module:
@@ -41,6 +26,9 @@ def _tiny_teacher(bench: ModuleType) -> torch.nn.Module:
     from diffusers import QwenImageTransformer2DModel
 
     return QwenImageTransformer2DModel(**bench.TINY)
+
+
+from bench_loader import benchmark_module
 
 
 def test_tiny_run_both_checkpointing_settings(bench: ModuleType, tmp_path: Path,

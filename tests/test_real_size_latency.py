@@ -3,36 +3,22 @@ tensors and run; the real 20B config and the public plan build on the meta devic
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_loader import benchmark_module
 
 from ppcl.modules.projection import ResidualLinear
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    """The benchmark script as a module (its ``_results`` import needs benchmarks/ on the path; its dataclass needs
-    the module registered in ``sys.modules`` while it is created)."""
-    name = "ppcl_bench_real_size_latency"
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "real_size_latency.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    yield module
-    sys.modules.pop(name, None)
+    """The benchmark script as a module."""
+    with benchmark_module("real_size_latency.py") as module:
+        yield module
 
 
 def test_tiny_run_times_three_variants(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
