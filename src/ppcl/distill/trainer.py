@@ -16,9 +16,7 @@ Multi-process (``accelerate launch`` on GPUs, ``torchrun`` on CPU; docs/scale.md
 processes with accumulation A see exactly the batches of one process with accumulation ``A * P``; DDP averages the
 gradients as accumulation would. Only the main process writes metrics, checkpoints and the add-on; the others wait.
 
-Sharded (``shard=True`` or an accelerate FSDP config; non-sequential depth distillation): the teacher's blocks and the
-students are FSDP2-sharded for the session (:mod:`ppcl.distill.sharding`) and nothing is handed to
-``accelerate.prepare``; checkpoints still hold full tensors, so a run may resume with or without sharding.
+Sharded (``shard=True`` or an accelerate FSDP config): see :mod:`ppcl.distill.sharding`; checkpoints stay full tensors.
 """
 
 from __future__ import annotations
@@ -218,12 +216,10 @@ class TrainingSession:
             # The optimiser's state is saved by parameter index: keep the unsharded order, or a checkpoint would
             # resume across layouts with moments swapped between same-shaped students.
             self.params = params = self.shards.twins_of(params)
-        # On GPUs the fused kernel updates every parameter in place; the default multi-tensor path allocates one
-        # temporary as large as the trained parameters at each step (measured at real size: +4 B per parameter of
-        # peak, docs/scale.md). CPUs keep the default path.
+        # On GPUs, fused: the default multi-tensor step allocates a temporary as large as the trained parameters
+        # (measured at real size, docs/scale.md). CPUs keep the default path.
         fused = True if params and all(p.device.type == "cuda" for p in params) else None
-        opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-                                fused=fused)
+        opt = torch.optim.AdamW(params, config.lr, config.betas, weight_decay=config.weight_decay, fused=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, config.lr_factor)
         if self.shards is None:
             self.step_module, self.opt = accelerator.prepare(step_module, opt)
