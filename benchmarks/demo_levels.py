@@ -1,4 +1,6 @@
-"""The demo's per-level table (params, FLOPs, latency, velocity cosine, ShapesEval, R) into benchmarks/RESULTS.md.
+"""The demo's per-level tables into benchmarks/RESULTS.md: params, FLOPs, latency, raw velocity agreement, guided
+agreement (guided-velocity NMSE, guidance-direction NMSE and cosine), image PSNR to the teacher at equal seeds,
+ShapesEval (robust and strict overall, per category), R, and the x0-prediction NMSE per time bucket.
 
 Either runs ``ppcl demo`` (the full preset; budgets overridable) into ``--out``, or, with ``--from-run DIR``, formats a
 run that already finished (its ``results.json`` records the command that made it). Usage::
@@ -20,7 +22,7 @@ import torch
 from _results import append
 
 from ppcl.demo import DemoConfig, run_demo
-from ppcl.demo.report import level_table
+from ppcl.demo.report import level_table, x0_table
 
 
 def body(results: dict[str, Any]) -> str:
@@ -33,6 +35,11 @@ def body(results: dict[str, Any]) -> str:
              "category x 2 seeds per level."), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    x0_header, x0_rows = x0_table(results["levels"])
+    if x0_header:  # runs from before the guided metrics have none
+        lines += ["", "x0-prediction NMSE vs the teacher per time bucket (guided velocity, g = 4; x̂0 = x_t − t·v_g):",
+                  "", "| " + " | ".join(x0_header) + " |", "|" + "---|" * len(x0_header)]
+        lines += ["| " + " | ".join(row) + " |" for row in x0_rows]
     levels = [k for k in results["stages"][0] if k != "stage"]
     lines += ["", "Velocity cosine of every level after each stage (held-out batches):", "",
               "| after stage | " + " | ".join(levels) + " |", "|" + "---|" * (len(levels) + 1)]

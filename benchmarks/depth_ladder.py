@@ -66,7 +66,8 @@ def main() -> None:
     model = teacher.transformer
     report = analyze(model, calibrate_toy(teacher),
                      AnalysisConfig(protect_first=args.protect, protect_last=args.protect))
-    plan = plan_from_report(report, model.config, [float(t) for t in args.targets.split(",")])
+    # A fixed-budget ladder: every target is met exactly as before the budget guard (guard_factor=0).
+    plan = plan_from_report(report, model.config, [float(t) for t in args.targets.split(",")], guard_factor=0)
     plan.save(out / "plan")
     report.save(out / "report")
     batches = [ToyDistillData(teacher, 32, seed=12345).batch(i) for i in range(4)]

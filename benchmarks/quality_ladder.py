@@ -312,7 +312,8 @@ def main() -> None:
     report = analyze(model, calibrate_toy(teacher), AnalysisConfig(protect_first=args.protect,
                                                                     protect_last=args.protect))
     report.save(out / "report")
-    ppcl = plan_from_report(report, model.config, [args.remove], "blocks", [LEVEL])
+    # Every selector removes exactly --remove blocks: the budget guard must not stop PPCL short (guard_factor=0).
+    ppcl = plan_from_report(report, model.config, [args.remove], "blocks", [LEVEL], guard_factor=0)
     batches = [ToyDistillData(teacher, 32, seed=12345).batch(i) for i in range(4)]
     shapes = {"n_per_category": args.per_category}
     rows: list[dict[str, Any]] = []

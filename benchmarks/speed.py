@@ -49,7 +49,7 @@ def build_plan(teacher: ToyTeacher, targets: Sequence[float], protect: int, ffn_
     """The analysis plan (one depth level per target) + ``X+t`` levels + ``M+w`` on the middle depth level ``M``."""
     model = teacher.transformer
     report = analyze(model, calibrate_toy(teacher), AnalysisConfig(protect_first=protect, protect_last=protect))
-    plan = plan_from_report(report, model.config, list(targets))
+    plan = plan_from_report(report, model.config, list(targets), guard_factor=0)  # fixed budgets, as before the guard
     middle = plan.level_names[len(plan.level_names) // 2]
     plan, _, _ = _width_plan(plan, report, middle, ffn_blocks)
     return plan

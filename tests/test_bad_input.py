@@ -547,6 +547,15 @@ def test_plan_cli_unparsable_targets(saved_report: Path, tmp_path: Path, capsys:
     no_partial_output(tmp_path, out)
 
 
+@pytest.mark.parametrize("factor", ["0.5", "-1", "nan"])
+def test_plan_cli_bad_guard_factor(tmp_path: Path, capsys: pytest.CaptureFixture[str], factor: str) -> None:
+    # The factor is checked before the report is read: a missing report folder is not what fails.
+    out = tmp_path / "plan"
+    code = main(["-q", "plan", "--report", str(tmp_path / "no-report"), "--out", str(out), "--guard-factor", factor])
+    check_cli_error(capsys, code, "budget guard factor", "--guard-factor")
+    no_partial_output(tmp_path, out)
+
+
 def test_inspect_a_non_artefact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     check_cli_error(capsys, main(["-q", "inspect", str(tmp_path)]), "not a ppcl artefact")

@@ -16,8 +16,9 @@ def test_ground_truth_eval_writes_the_documented_keys(tmp_path):
     out = tmp_path / "gt.json"
     assert main(["-q", "toy", "eval", "--ground-truth", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"overall", "single", "two_objects", "position", "color", "n_images"}
-    assert result["n_images"] >= 500 and result["overall"] == 1.0
+    keys = {"overall", "single", "two_objects", "position", "color", "n_images"}
+    assert set(result) == keys | {"strict"} and set(result["strict"]) == keys  # robust on top, strict beside
+    assert result["n_images"] >= 500 and result["overall"] == 1.0 and result["strict"]["overall"] == 1.0
 
 
 def test_user_error_is_one_line_and_exit_code_2(tmp_path):
@@ -47,10 +48,12 @@ def test_calibrate_analyze_plan_on_the_toy_teacher(tmp_path):
     assert report["kind"] == "ppcl.RedundancyReport" and len(report["per_block"]["probe_rel_error"]["image"]) == 16
     assert (rep / "report.md").is_file() and (rep / "plots" / "depth_axis.png").is_file()
     assert (rep / "plan" / "plan.json").is_file()
-    assert main(["-q", "plan", "--report", str(rep), "--out", str(plan), "--targets", "2,4",
+    # On this calibration the b2 level already removes 4 blocks: a b4 level would be identical, so it is dropped.
+    assert main(["-q", "plan", "--report", str(rep), "--out", str(plan), "--targets", "2,4,5",
                  "--target-kind", "blocks"]) == 0
-    levels = json.loads((plan / "plan.json").read_text())["levels"]
-    assert [lv["name"] for lv in levels] == ["b2", "b4"]
+    written = json.loads((plan / "plan.json").read_text())
+    assert [lv["name"] for lv in written["levels"]] == ["b2", "b5"]
+    assert any(note.startswith("level b4 ") and "dropped" in note for note in written["notes"])
     assert main(["-q", "plan", "--validate", str(plan)]) == 0
 
 
@@ -80,8 +83,10 @@ def test_distill_eval_merge_inspect_on_the_toy_teacher(tmp_path, capsys):
     assert not (tmp_path / "seq").exists()
     out = tmp_path / "eval.json"
     assert main(["-q", "eval", "--addon", str(run / "addon"), "--out", str(out), "--repeats", "2", "--batches", "1",
-                 "--batch-size", "4", "--per-category", "1"]) == 0
+                 "--batch-size", "4", "--per-category", "1", "--psnr-per-category", "1"]) == 0
     rows = json.loads(out.read_text())
+    assert rows["teacher"]["guided_nmse"] == 0 and rows["b4"]["guided_nmse"] > 0 and rows["b4"]["psnr_db"] > 0
+    assert len(rows["b4"]["x0_nmse"]) == 4
     assert list(rows) == ["teacher", "b2", "b4"]
     assert rows["b4"]["blocks"] < rows["b2"]["blocks"] < rows["teacher"]["blocks"] == 16
     assert rows["teacher"]["R"] == 0 and "overall" in rows["b4"]["shapes_eval"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
@@ -75,6 +76,14 @@ def test_demo_writes_every_artefact(demo_out: Path) -> None:
         assert 0 <= row["shapes_eval"]["overall"] <= 1 and row["latency_ms"] > 0 and row["flops"] > 0, name
         assert -1 <= row["cosine"] <= 1
     assert results["levels"]["teacher"]["R"] == 0.0
+    for name in LEVELS:  # the metrics that show what the sampler sees
+        row = results["levels"][name]
+        for key in ("guided_nmse", "direction_nmse", "direction_cosine", "cond_nmse", "uncond_nmse", "psnr_db"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (name, key, row.get(key))
+        assert len(row["x0_nmse"]) == 4 and all(math.isfinite(v) for v in row["x0_nmse"].values()), name
+        for category in ("single", "two_objects", "position", "color"):
+            assert 0 <= row["shapes_eval"][category] <= 1, (name, category)
+    assert results["levels"]["teacher"]["guided_nmse"] == 0.0 and results["levels"]["teacher"]["psnr_db"] is None
     assert [s["stage"].split()[0] for s in results["stages"]] == ["depth", "+", "+"]
 
 
@@ -96,6 +105,8 @@ def test_report_html_is_valid_and_self_contained(demo_out: Path) -> None:
     for level in ("teacher", *LEVELS):
         assert level in parser.cells
     assert "ShapesEval overall" in parser.cells and "R" in parser.cells
+    for column in ("guided NMSE", "direction NMSE", "PSNR (dB)", "strict overall", "two objects", "t in 0.75-1.00"):
+        assert column in parser.cells, column
 
 
 def test_demo_rerun_replaces_the_previous_run(demo_out: Path, tmp_path: Path) -> None:

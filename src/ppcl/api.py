@@ -9,6 +9,7 @@ from ppcl.analysis import AnalysisConfig, RedundancyReport, plan_from_report
 from ppcl.analysis import analyze as _analyze
 from ppcl.data.calibration import CalibrationSet
 from ppcl.plan import PruningPlan
+from ppcl.plan.propose import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR
 
 
 def calibrate(source: Any, prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,), n_timesteps: int = 6,
@@ -42,9 +43,16 @@ def analyze(model: Any, calibration: CalibrationSet, config: AnalysisConfig | No
 
 def propose_plan(report: RedundancyReport, model_config: Any, targets: Sequence[float] = (0.25, 0.4, 0.5),
                  target_kind: str = "fraction", level_names: Sequence[str] | None = None,
-                 init: str = "first") -> PruningPlan:
-    """A PruningPlan with nested levels, one per target, from the report's intervals (cheapest first)."""
-    return plan_from_report(report, model_config, targets, target_kind, level_names, init)
+                 init: str = "first", *, guard_factor: float = DEFAULT_GUARD_FACTOR,
+                 guard_floor: float = DEFAULT_GUARD_FLOOR) -> PruningPlan:
+    """A PruningPlan with nested levels, one per target, from the report's intervals (cheapest first).
+
+    The budget guard refuses an interval scoring more than ``guard_factor`` (default 10; 0 = off) times the largest
+    accepted score; a level that would need it undershoots its target, and ``plan.notes`` says so. Levels that would
+    be identical are merged into the first (see :func:`ppcl.plan.propose_plan`).
+    """
+    return plan_from_report(report, model_config, targets, target_kind, level_names, init,
+                            guard_factor=guard_factor, guard_floor=guard_floor)
 
 
 WIDTH_SUFFIX = "+w"

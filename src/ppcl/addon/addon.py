@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ppcl.addon.blocks import block_state, plain_block_copy
+from ppcl.addon.blocks import averaged_block_copy, block_state, plain_block_copy
 from ppcl.addon.card import model_card
 from ppcl.addon.fingerprint import check_fingerprint, fingerprint_of
 from ppcl.addon.manifest import (
@@ -56,7 +56,7 @@ from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_
 from ppcl.plan import DepthReplacement, PruningPlan
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z_]")
-_INITS = ("first", "middle", "last")
+_INITS = ("first", "middle", "last", "average")
 
 
 def student_key(replacement_id: str) -> str:
@@ -111,7 +111,8 @@ class PruningAddon:
             ]).validate(spec)
         students = nn.ModuleDict()
         for rep in _depth_with_unique_keys(plan):
-            student = plain_block_copy(spec.block(model, rep.init_block))
+            sources = [spec.block(model, i) for i in rep.init_blocks]
+            student = plain_block_copy(sources[0]) if len(sources) == 1 else averaged_block_copy(sources)
             student.requires_grad_(True)
             students[student_key(rep.id)] = student
         students.update(fresh_projections(model, plan))

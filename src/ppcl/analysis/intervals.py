@@ -165,6 +165,10 @@ def select_budget(
 ) -> list[Interval]:
     """Accept intervals cheapest-first until the accumulated cost reaches ``target``.
 
+    This is the bare rule, without the budget guard: plans are made by :func:`ppcl.plan.propose_plan` (used by
+    ``ppcl.propose_plan``, ``ppcl analyze`` / ``ppcl plan`` and the demo), which also refuses an interval scoring far
+    above the accepted ones and merges identical levels. Use that for anything but studying the rule itself.
+
     Args:
         intervals: candidates (e.g. from :func:`scan_intervals`).
         removed_cost: what one interval removes, e.g. :func:`blocks_removed` or :func:`param_cost`.
@@ -202,6 +206,8 @@ def nested_levels(
     strict: bool = False,
 ) -> list[list[Interval]]:
     """Nested pruning levels: for each target, the shortest prefix of the acceptance order that reaches it.
+
+    Like :func:`select_budget`, no budget guard and no merging of identical levels; see :func:`ppcl.plan.propose_plan`.
 
     Args:
         intervals_in_order: acceptance order (as returned by :func:`select_budget`).

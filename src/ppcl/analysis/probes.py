@@ -15,6 +15,7 @@ for a residual probe, ``y`` for a plain one, and ``Θ = [Wᵀ; bᵀ]`` of shape 
 from __future__ import annotations
 
 import copy
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -81,17 +82,27 @@ class ResidualProbe(nn.Module):
         """Apply the probe to ``z`` ``(..., D)``; returns ``(..., D_out)`` in ``z``'s dtype.
 
         The product runs in the wider of ``z``'s and the parameters' dtypes, so float32 probes on bf16 activations
-        do not lose precision inside the map.
+        do not lose precision inside the map; also under autocast (distillation on a bf16 base autocasts each step),
+        so a projection trains with the arithmetic it has at inference.
         """
         compute = torch.promote_types(z.dtype, self.W.dtype)
-        zc = z.to(compute)
-        out = zc @ self.W.to(compute).T + self.b.to(compute)
-        if self.residual:
-            out = out + zc
+        with _without_autocast(z.device.type):
+            zc = z.to(compute)
+            out = zc @ self.W.to(compute).T + self.b.to(compute)
+            if self.residual:
+                out = out + zc
         return out.to(z.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, out_dim={self.out_dim}, residual={self.residual}"
+
+
+def _without_autocast(device_type: str) -> AbstractContextManager[object]:
+    """Autocast switched off for ``device_type`` when it is on; otherwise nothing (no context cost, and device types
+    autocast does not know, such as ``meta``, are never asked)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from ppcl.errors import ArtefactError, ConfigError
 from ppcl.io import config_hash
 from ppcl.plan import PruningPlan, param_table, propose_plan
 from ppcl.plan.count import resolve_model_class
+from ppcl.plan.propose import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR
 
 
 def plan_from_report(
@@ -23,11 +24,16 @@ def plan_from_report(
     target_kind: str = "fraction",
     level_names: Sequence[str] | None = None,
     init: str = "first",
+    *,
+    guard_factor: float = DEFAULT_GUARD_FACTOR,
+    guard_floor: float = DEFAULT_GUARD_FLOOR,
 ) -> PruningPlan:
-    """Nested levels, one per target, accepting the report's intervals cheapest-first.
+    """Nested levels, one per target, accepting the report's intervals cheapest-first (:func:`ppcl.plan.propose_plan`).
 
     ``model_config`` must be the config of the analysed model (checked by hash); it gives the per-block parameter
-    counts, computed on the meta device.
+    counts, computed on the meta device. ``guard_factor`` / ``guard_floor`` set the budget guard (0 = off): an
+    interval scoring more than ``guard_factor`` times the largest accepted score is not forced in to meet a target;
+    the level undershoots instead, with a note in ``plan.notes``.
     """
     if config_hash(dict(model_config)) != report.config_hash:
         raise ArtefactError("the report was made for another model config",
@@ -39,7 +45,8 @@ def plan_from_report(
                              "settings": report.settings}}
     return propose_plan(report.intervals, report.arch, report.model_class, report.stack_sizes, table.per_block,
                         targets, target_kind, level_names, protect_first=report.settings["protect_first"],
-                        protect_last=report.settings["protect_last"], init=init, provenance=provenance)
+                        protect_last=report.settings["protect_last"], init=init, provenance=provenance,
+                        guard_factor=guard_factor, guard_floor=guard_floor)
 
 
 def plan_from_removed(
@@ -80,6 +87,8 @@ def plan_from_removed(
     wanted = sorted(b for s in spans for b in range(s.u + 1, s.v + 1))
     plan = propose_plan(spans, get_spec(cls).name, cls.__name__, table.stack_sizes, table.per_block, [len(wanted)],
                         "blocks", [level_name], protect_first=protect_first, protect_last=protect_last, init="first",
+                        # A removed set is taken whole (all scores 0), never budgeted: nothing for the guard to refuse.
+                        guard_factor=0,
                         provenance={"selector": "ppcl.analysis.plan_from_removed", "removed_blocks": wanted,
                                     "rule": "each maximal run a..b of removed blocks is the span [a-1, b] (inclusive) "
                                             "with a student copied from block a-1",

@@ -8,6 +8,7 @@ from typing import Any
 
 from ppcl.cli.common import add_model_args, load_model, parse_floats
 from ppcl.logging import get_logger
+from ppcl.plan.propose import DEFAULT_GUARD_FACTOR
 
 log = get_logger("cli.analyze")
 
@@ -37,7 +38,19 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-kind", choices=("fraction", "params", "blocks"), default="fraction",
                    help="fraction of block parameters, parameters or blocks removed")
     p.add_argument("--level-names", default=None, help="comma-separated names, one per target")
-    p.add_argument("--init", choices=("first", "middle", "last"), default="first", help="student initialisation")
+    p.add_argument("--init", choices=("first", "middle", "last", "average"), default="first", help="student initialisation")
+    p.add_argument("--guard-factor", type=float, default=DEFAULT_GUARD_FACTOR,
+                   help="budget guard: an interval scoring more than this many times the largest accepted score is "
+                        "not forced in to meet a target; the level undershoots, with a note (0 = no guard; "
+                        f"default {DEFAULT_GUARD_FACTOR:g})")
+
+
+def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``plan_from_report`` keywords from the budget arguments; a bad guard factor fails here, before any work."""
+    from ppcl.plan.propose import check_guard
+
+    check_guard(args.guard_factor)
+    return {"guard_factor": args.guard_factor}
 
 
 def add_width_args(p: argparse.ArgumentParser) -> None:
@@ -78,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.data.calibration import CalibrationSet
 
     targets = parse_floats(args.targets, "targets")  # fail on a bad budget before the analysis runs
+    budget = budget_kwargs(args)
     calibration = CalibrationSet.load(args.calibration)
     model = load_model(args)
     config = AnalysisConfig(max_len=args.max_len, protect_first=args.protect_first, protect_last=args.protect_last,
@@ -86,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
                             delta_tol=args.delta_tol)
     report = analyze(model, calibration, config)
     plan = plan_from_report(report, model.config, targets, args.target_kind,
-                            args.level_names.split(",") if args.level_names else None, args.init)
+                            args.level_names.split(",") if args.level_names else None, args.init, **budget)
     plan = finish_plan(plan, report, model, args)
     # Both artefacts are written only once both exist, so a failed plan leaves no report behind either.
     report.save(args.out)

@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ppcl.cli.common import add_model_args, load_model
+from ppcl.distill.config import DEFAULT_WARMUP_SHARE, DistillConfig
+from ppcl.distill.objective import LEVEL_MODES, FinetuneObjective
 from ppcl.logging import get_logger
 
 log = get_logger("cli.distill")
 STAGES = ("depth", "width", "finetune")
+# One source of defaults: the CLI shows DistillConfig's own, so the API and the CLI cannot drift apart.
+_DEFAULTS = DistillConfig()
+_OBJECTIVE = FinetuneObjective()
+_WARMUP_SHARE = DEFAULT_WARMUP_SHARE
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -38,38 +44,73 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None,
                    help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
                         "(default for the toy: fresh ShapesWorld batches)")
-    p.add_argument("--mode", choices=("nonsequential", "sequential"), default="nonsequential")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--mode", choices=("nonsequential", "sequential"), default=_DEFAULTS.mode,
+                   help="depth: nonsequential (the method) or sequential (ablation baseline)")
+    p.add_argument("--chain-mix", type=float, default=_DEFAULTS.chain_mix,
+                   help="depth, nonsequential: share of each batch a student trains on its chained input (the "
+                        "upstream students' output in its levels); 0 = the paper's pure non-sequential")
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps)
+    p.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"warm-up steps (default: {round(_WARMUP_SHARE * 100)}%% of --steps)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="accelerate's autocast; a bf16/fp16 --dtype base autocasts to its own dtype without it (the "
+                   "trained weights are float32 masters either way; OUT/addon is saved in the base dtype)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--shard", action="store_true",
                    help="depth (non-sequential): FSDP2-shard the frozen teacher and the students over the processes "
                    "(on by itself under an accelerate FSDP config; docs/scale.md)")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--init", choices=("first", "middle", "last"), default=None, help="override the plan's init")
+    p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
+    p.add_argument("--init", choices=("first", "middle", "last", "average"), default=None, help="override the plan's init")
     p.add_argument("--level", default=None,
                    help="depth: train only this level's spans; width/finetune (required): the level to train")
     p.add_argument("--full", action="store_true",
                    help="finetune: also train the surviving base blocks (result is standalone: OUT/merged)")
+    _objective_args(p)
     p.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default="uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint")
     p.set_defaults(func=_run)
 
 
+def _objective_args(p: argparse.ArgumentParser) -> None:
+    """The fine-tune objective's flags (``--stage finetune``)."""
+    p.add_argument("--guidance", type=float, default=_OBJECTIVE.guidance,
+                   help="finetune: train on paired cond/uncond inputs at this guidance scale (the guided velocity "
+                        "and the guidance direction); default: the plain output loss")
+    p.add_argument("--output-weight", type=float, default=_OBJECTIVE.output_weight, help="finetune: output MSE weight")
+    p.add_argument("--guided-weight", type=float, default=_OBJECTIVE.guided_weight,
+                   help="finetune with --guidance: weight of the guided-velocity MSE")
+    p.add_argument("--direction-weight", type=float, default=_OBJECTIVE.direction_weight,
+                   help="finetune with --guidance: weight of the guidance-direction (v_c - v_u) MSE")
+    p.add_argument("--levels", default="",
+                   help="finetune: more levels trained together with --level (comma list; 'all' = every level)")
+    p.add_argument("--level-mode", choices=LEVEL_MODES, default=_OBJECTIVE.level_mode,
+                   help="finetune with --levels: all = every level on every batch, draw = one level per batch")
+    p.add_argument("--on-policy", type=float, default=_OBJECTIVE.on_policy,
+                   help="finetune with --guidance: share of each batch noised by the pruned model's own sampler")
+    p.add_argument("--on-policy-steps", type=int, default=_OBJECTIVE.on_policy_steps)
+
+
+def _objective(args: argparse.Namespace, addon: Any) -> FinetuneObjective:
+    names = addon.plan.level_names if args.levels == "all" else [n for n in args.levels.split(",") if n]
+    objective = FinetuneObjective(args.guidance, args.output_weight, args.guided_weight, args.direction_weight,
+                                  tuple(n for n in names if n != args.level), args.level_mode, args.on_policy,
+                                  args.on_policy_steps, args.seed)
+    return objective.validate()
+
+
 def _run(args: argparse.Namespace) -> int:
-    from ppcl.distill import DistillConfig, distill_depth, distill_width, finetune
+    from ppcl.distill import distill_depth, distill_width, finetune
 
     _check_args(args)
     _pipeline_args(args)
     model = load_model(args)
     addon = _addon(args, model)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    config = DistillConfig(mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=warmup,
+    warmup = args.warmup if args.warmup is not None else max(1, round(args.steps * _WARMUP_SHARE))
+    config = DistillConfig(mode=args.mode, chain_mix=args.chain_mix, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=warmup,
                            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                            gradient_accumulation=args.gradient_accumulation, checkpoint_every=args.checkpoint_every,
                            seed=args.seed, shard=args.shard)
@@ -80,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         calibration = getattr(data, "calibration", None)
         distill_width(model, addon, data, config, args.out, args.level, calibration=calibration, resume=args.resume)
     else:
-        finetune(model, addon, data, config, args.out, args.level, full=args.full, resume=args.resume)
+        finetune(model, addon, data, config, args.out, args.level, full=args.full, resume=args.resume,
+                 objective=_objective(args, addon))
     print(Path(args.out) / "addon")
     return 0
 
@@ -101,6 +143,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.plan is not None:
             raise ConfigError(f"--stage {args.stage} takes its plan from the add-on", expected="no --plan",
                               found=f"--plan {args.plan}", fix="drop --plan")
+        if args.chain_mix != _DEFAULTS.chain_mix:
+            raise ConfigError("--chain-mix applies to the depth stage only", expected="no --chain-mix",
+                              found=f"--chain-mix {args.chain_mix} with --stage {args.stage}", fix="drop --chain-mix")
         if args.mode != "nonsequential":
             raise ConfigError("--mode applies to the depth stage only", expected="--mode nonsequential",
                               found=f"--mode {args.mode} with --stage {args.stage}", fix="drop --mode")
@@ -110,6 +155,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.data is not None and args.pipeline is None and args.model is None:
         raise ConfigError("--data is a latent cache of a real pipeline", expected="--pipeline P --data CACHE",
                           found="no --pipeline", fix="pass the pipeline the cache was built with")
+    if args.stage != "finetune" and (args.guidance is not None or args.levels):
+        raise ConfigError("--guidance and --levels shape the fine-tune objective", expected="--stage finetune",
+                          found=f"--stage {args.stage}", fix="drop them, or use --stage finetune")
     if args.full and args.stage != "finetune":
         raise ConfigError("--full is a fine-tune option", expected="--stage finetune --full",
                           found=f"--stage {args.stage} --full", fix="drop --full or use --stage finetune")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppcl.cli.analyze import add_budget_args, add_width_args, finish_plan, level_params
+from ppcl.cli.analyze import add_budget_args, add_width_args, budget_kwargs, finish_plan, level_params
 from ppcl.cli.common import add_model_args, load_model, parse_floats
 
 
@@ -32,10 +32,11 @@ def _run(args: argparse.Namespace) -> int:
                           found=f"--report {args.report} --out {args.out}", fix="or use --validate PLAN")
     from ppcl.analysis import RedundancyReport, plan_from_report
 
+    targets, budget = parse_floats(args.targets, "targets"), budget_kwargs(args)  # bad budgets fail before loading
     report = RedundancyReport.load(args.report)
     model = load_model(args)
-    plan = plan_from_report(report, model.config, parse_floats(args.targets, "targets"), args.target_kind,
-                            args.level_names.split(",") if args.level_names else None, args.init)
+    plan = plan_from_report(report, model.config, targets, args.target_kind,
+                            args.level_names.split(",") if args.level_names else None, args.init, **budget)
     plan = finish_plan(plan, report, model, args)
     plan.save(args.out)
     print(plan.summary())

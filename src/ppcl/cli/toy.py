@@ -18,6 +18,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--layers", type=int, default=None,
+                       help="dual-stream blocks (default: the committed teacher's 16)")
+    train.add_argument("--heads", type=int, default=None,
+                       help="attention heads of width 32 (default: the committed teacher's 4, width 128)")
     train.add_argument("--eval", action="store_true", help="score the result with ShapesEval and add it to the card")
     train.set_defaults(func=_train)
 
@@ -26,6 +30,24 @@ def register(verbs: argparse._SubParsersAction) -> None:
     except ImportError:  # pragma: no cover - present once ShapesEval lands
         return
     toy_eval.register(sub)
+
+
+def _model_config(args: argparse.Namespace) -> dict | None:
+    """The transformer config with ``--layers`` / ``--heads`` applied, or None for the committed teacher's."""
+    if args.layers is None and args.heads is None:
+        return None
+    from ppcl.errors import ConfigError
+    from ppcl.toy.teacher import TEACHER_CONFIG
+
+    for flag, value in (("--layers", args.layers), ("--heads", args.heads)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: expected a positive integer, found {value}; pass 1 or more")
+    config = dict(TEACHER_CONFIG)
+    if args.layers is not None:
+        config["num_layers"] = args.layers
+    if args.heads is not None:
+        config["num_attention_heads"] = args.heads
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -39,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TeacherTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     command = "ppcl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    teacher = train_teacher(cfg, args.out, command=command)
+    teacher = train_teacher(cfg, args.out, command=command, model_config=_model_config(args))
     if args.eval:
         from ppcl.cli.toy_eval import score_teacher_into_card
 

@@ -15,6 +15,7 @@ import torch
 from ppcl.addon import PruningAddon
 from ppcl.analysis import RedundancyReport
 from ppcl.demo import figures
+from ppcl.eval.levels import level_columns, x0_columns
 from ppcl.plan import DepthReplacement, PruningPlan
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.sampler import sample
@@ -84,17 +85,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def level_table(levels: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-level table (params, FLOPs, latency, agreement, ShapesEval, R)."""
-    header = ["level", "blocks", "params", "block params removed", "FLOPs ratio", "per-step latency ratio",
-              "velocity cosine", "ShapesEval overall", "single", "two objects", "position", "color", "R"]
-    rows = []
-    for name, r in levels.items():
-        s = r["shapes_eval"]
-        rows.append([name, r["blocks"], f"{r['params'] / 1e6:.2f}M", f"{r['block_params_removed']:.1%}",
-                     f"{r['flops_ratio']:.3f}", f"{r['latency_ratio']:.3f}", f"{r['cosine']:.4f}",
-                     f"{s['overall']:.3f}", f"{s['single']:.3f}", f"{s['two_objects']:.3f}", f"{s['position']:.3f}",
-                     f"{s['color']:.3f}", f"{r['R']:.1%}"])
-    return header, rows
+    """Header and rows of the per-level table: params, FLOPs, latency, raw and guided agreement, PSNR, ShapesEval
+    (robust and strict overall, per category), R; a column a run did not measure is left out."""
+    return level_columns(dict(levels))
+
+
+def x0_table(levels: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the x0-prediction NMSE per time bucket (empty for a run without guided metrics)."""
+    return x0_columns(dict(levels))
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -107,6 +105,7 @@ def render_html(result: Mapping[str, Any], made: Mapping[str, Path], command: st
     """The report page (a complete HTML5 document)."""
     cfg, teacher = result["config"], result["teacher"]
     header, rows = level_table(result["levels"])
+    x0_header, x0_rows = x0_table(result["levels"])
     stage_levels = [k for k in result["stages"][0] if k != "stage"] if result["stages"] else []
     stage_rows = [[s["stage"], *(f"{s[lv]:.4f}" for lv in stage_levels)] for s in result["stages"]]
     timing_rows = [[k, f"{v:.1f} s"] for k, v in result["timings"].items()]
@@ -125,6 +124,14 @@ def render_html(result: Mapping[str, Any], made: Mapping[str, Path], command: st
          f"{cfg['per_category']} prompts per category x 2 seeds per level. R: mean relative drop of the four "
          "ShapesEval category scores vs the teacher (the paper's R).</p>"),
         _table(header, rows),
+        ("<p class='note'>Guided NMSE: ‖v_g − v_g(teacher)‖² / ‖v_g(teacher)‖² of the velocity the sampler integrates, "
+         "v_g = v_u + g·(v_c − v_u), on captioned held-out inputs and their empty-prompt twins. Direction NMSE and "
+         "cosine: the same for the guidance direction v_c − v_u, which carries prompt adherence (NMSE 1 = the prompt "
+         "is ignored). PSNR: images sampled by the teacher and the level from the same prompts and noise seeds. "
+         "Strict overall: ShapesEval's strict rule, when the run recorded it.</p>"),
+        *(["<p class='note'>x0-prediction NMSE vs the teacher per time bucket (x̂0 = x_t − t·v_g, the image each "
+           "sampler step heads for; a small velocity error at large t is a large error of x̂0):</p>",
+           _table(x0_header, x0_rows)] if x0_header else []),
         "<h2>Sample grid (same prompts and seeds)</h2>", _img(made["samples"], "samples"),
         "<h2>Where the levels cut</h2>", _img(made["levels"], "levels on the depth axis"),
         "<h2>Redundancy analysis</h2>",

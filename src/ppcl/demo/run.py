@@ -8,9 +8,9 @@ Levels (nominal share of the teacher's *block* parameters removed; the toy's 16 
   Width on top of the smaller depth level is the paper's recipe (12B depth + width → 10B) and it keeps the deep
   spans few: on the toy each further depth span costs more than the width replacements.
 
-One non-sequential depth training serves every level (pluggability); the width projections are trained for
-``p50``; the fine-tune trains the add-on parameters active at ``p50`` only, so every level still runs on the
-original teacher (the lower levels share ``p50``'s fine-tuned students).
+One non-sequential, chain-aware depth training serves every level (pluggability); the width projections are trained
+for ``p50``; the fine-tune trains the add-on parameters of every level (one level drawn per batch), so every level
+still runs on the original teacher and none is left behind by a fine-tune of another level that shares its students.
 """
 
 from __future__ import annotations
@@ -34,15 +34,18 @@ from ppcl.distill import (
     ToyDistillData,
     distill_depth,
     distill_width,
+    FinetuneObjective,
     finetune,
 )
+from ppcl.eval.guided import paired_toy_batches, predict_pairs
 from ppcl.eval.levels import evaluate_levels
-from ppcl.eval.metrics import velocity_agreement
+from ppcl.eval.metrics import guided_agreement, velocity_agreement
 from ppcl.io import write_json
 from ppcl.logging import get_logger
 from ppcl.plan import PruningPlan
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.calibrate import calibrate_toy
+from ppcl.toy.sampler import SamplerConfig
 from ppcl.toy.teacher import ToyTeacher
 
 log = get_logger("demo")
@@ -61,10 +64,17 @@ class DemoConfig:
     Attributes:
         calib_prompts, calib_timesteps: calibration size (prompts x sampler steps x CFG halves samples).
         depth_steps, width_steps, finetune_steps: optimiser steps per stage, at ``batch_size`` and peak ``lr``.
+        chain_mix: share of each depth batch on chained student inputs (:mod:`ppcl.distill.chain`).
+        init: student initialisation (first / middle / last / average).
+        finetune_guidance: the fine-tune's guidance scale (paired cond/uncond terms; None: plain output loss);
+            every level trains (``finetune_level_mode``: ``draw`` = one level per batch, the old single-level
+            fine-tune's cost), so none gets worse from the fine-tune.
+        finetune_direction_weight: weight of the guidance-direction term.
         ffn_blocks: FFN → linear replacements in the top level.
         per_category: ShapesEval prompts per category (x2 seeds, 4 categories) per level.
         latency_repeats: interleaved timing repeats per level.
-        eval_batches: fixed batches of 32 for the velocity agreement.
+        eval_batches: fixed batches of 32 for the velocity agreement (and as many captioned pairs with their
+            empty-prompt twins for the guided metrics).
         grid_prompts: prompts of the sample grid (x ``grid_seeds`` seeds each).
         seed: data and training seed.
     """
@@ -76,6 +86,11 @@ class DemoConfig:
     finetune_steps: int = 600
     batch_size: int = 32
     lr: float = 3e-4
+    chain_mix: float = 0.5
+    init: str = "first"
+    finetune_guidance: float | None = None
+    finetune_direction_weight: float = 0.0
+    finetune_level_mode: str = "draw"
     ffn_blocks: int = 3
     per_category: int = 40
     latency_repeats: int = 10
@@ -142,7 +157,7 @@ def make_plan(report: RedundancyReport, model_config: Any, ffn_blocks: int) -> P
     width = add_width_levels(depth, report, ffn_blocks=ffn_blocks, suffix="+w")
     source = width.level(f"{WIDTH_BASE}+w")
     levels = [lv for lv in width.levels if lv.name in DEPTH_LEVELS]
-    top = type(source)(TOP_LEVEL, source.replacement_ids, source.description)
+    top = dataclasses.replace(source, name=TOP_LEVEL)  # keeps its interval scores for the summary
     used = {rid for lv in [*levels, top] for rid in lv.replacement_ids}
     replacements = [r for r in width.replacements if r.id in used]
     return dataclasses.replace(width, replacements=replacements, levels=[*levels, top]).validate()
@@ -165,22 +180,32 @@ def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, c
     plan = make_plan(report, model.config, config.ffn_blocks)
     plan.save(out / "plan")
     log.info("demo: plan\n%s", plan.summary())
-    addon = PruningAddon.from_plan(model, plan)
+    addon = PruningAddon.from_plan(model, plan, init=config.init)
     data = ToyDistillData(teacher, config.batch_size, seed=config.seed)
+    paired = paired_toy_batches(teacher, config.eval_batches, 32)
     held_out = [ToyDistillData(teacher, 32, seed=12345).batch(i) for i in range(config.eval_batches)]
     stages: list[dict[str, Any]] = []
-    clock.stage("depth distillation (non-sequential)",
-                lambda: distill_depth(model, addon, data, _train_config(config, config.depth_steps), out / "depth"))
-    stages.append(_agreement(model, addon, held_out, "depth (non-sequential)"))
+    depth_config = dataclasses.replace(_train_config(config, config.depth_steps), chain_mix=config.chain_mix)
+    clock.stage("depth distillation (non-sequential, chain-aware)",
+                lambda: distill_depth(model, addon, data, depth_config, out / "depth"))
+    stages.append(_agreement(model, addon, paired, f"depth (non-sequential, chain mix {config.chain_mix:g})"))
     clock.stage("width distillation", lambda: distill_width(model, addon, data, _train_config(config, config.width_steps),
                                                            out / "width", level=TOP_LEVEL, calibration=calibration))
-    stages.append(_agreement(model, addon, held_out, "+ width (least squares, then trained)"))
+    stages.append(_agreement(model, addon, paired, "+ width (least squares, then trained)"))
+    objective = FinetuneObjective(guidance=config.finetune_guidance, direction_weight=config.finetune_direction_weight,
+                                  levels=tuple(lv for lv in LEVELS if lv != TOP_LEVEL),
+                                  level_mode=config.finetune_level_mode, seed=config.seed)  # type: ignore[arg-type]
     clock.stage("fine-tune", lambda: finetune(model, addon, data, _train_config(config, config.finetune_steps),
-                                              out / "finetune", level=TOP_LEVEL))
-    stages.append(_agreement(model, addon, held_out, f"+ fine-tune of {TOP_LEVEL} (add-on parameters only)"))
+                                              out / "finetune", level=TOP_LEVEL, objective=objective))
+    stages.append(_agreement(model, addon, paired, f"+ fine-tune of every level (add-on parameters only, "
+                                                   f"guidance {config.finetune_guidance}, "
+                                                   f"{config.finetune_level_mode})"))
     shapes = {"n_per_category": config.per_category}
+    # Guided metrics on as many captioned pairs as unguided held-out batches; PSNR on a tenth of the ShapesEval
+    # prompts (x 2 seeds) keeps its sampling cheap beside ShapesEval's.
     levels = clock.stage("evaluate every level", lambda: evaluate_levels(
-        model, addon, held_out, list(LEVELS), config.latency_repeats, teacher, shapes))
+        model, addon, held_out, list(LEVELS), config.latency_repeats, teacher, shapes, paired=paired,
+        psnr_per_category=max(1, config.per_category // 10)))
     result = DemoResult(config, _card(teacher), plan.summary(), levels, stages, clock.timings,
                         _level_blocks(plan), [(i.u, i.v) for i in report.intervals], command=command)
     prompts = GRID_PROMPTS[: config.grid_prompts]
@@ -217,22 +242,26 @@ def _train_config(config: DemoConfig, steps: int) -> DistillConfig:
 
 
 @torch.no_grad()
-def _agreement(model: torch.nn.Module, addon: PruningAddon, batches: list[dict[str, Any]], stage: str
-               ) -> dict[str, Any]:
-    """Velocity agreement of every level with the teacher after one stage (cheap: no sampling)."""
+def _agreement(model: torch.nn.Module, addon: PruningAddon, pairs: list[Any], stage: str) -> dict[str, Any]:
+    """Velocity cosine and guided-velocity NMSE of every level after one stage (cheap: no sampling), on held-out
+    cond/uncond pairs at the sampler's guidance."""
+    guidance = SamplerConfig().guidance
     apply_addon(model, addon)
     try:
-        def predict(level: str | None) -> torch.Tensor:
+        def predict(level: str | None) -> tuple[torch.Tensor, torch.Tensor]:
             set_level(model, level)
-            return torch.cat([model(**b, return_dict=False)[0] for b in batches])
+            return predict_pairs(model, pairs)
 
         reference = predict(None)
-        row = {"stage": stage}
-        row.update({lv: velocity_agreement(predict(lv), reference)["cosine"] for lv in LEVELS})
+        row: dict[str, Any] = {"stage": stage}
+        for lv in LEVELS:
+            pruned = predict(lv)
+            row[lv] = velocity_agreement(pruned[0], reference[0])["cosine"]
+            row[f"{lv} guided NMSE"] = guided_agreement(*pruned, *reference, guidance)["guided_nmse"]
     finally:
         remove_addon(model)
-    log.info("demo: after %s: velocity cosine %s", stage,
-             ", ".join(f"{lv} {row[lv]:.4f}" for lv in LEVELS))
+    log.info("demo: after %s: velocity cosine / guided NMSE %s", stage,
+             ", ".join(f"{lv} {row[lv]:.4f} / {row[f'{lv} guided NMSE']:.4f}" for lv in LEVELS))
     return row
 
 

@@ -20,6 +20,7 @@ from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.finetune import FLOW_TARGET_KEY, FinetuneStep, finetune
 from ppcl.distill.latent_data import LatentCacheData
 from ppcl.distill.losses import depth_loss, normalized_mse
+from ppcl.distill.objective import FinetuneObjective
 from ppcl.distill.trainer import DistillConfig, TrainingSession, distill_depth
 from ppcl.distill.width import WidthStep, distill_width, init_width_projections, width_positions
 
@@ -29,6 +30,7 @@ __all__ = [
     "DepthStep",
     "DistillConfig",
     "DistillData",
+    "FinetuneObjective",
     "FinetuneStep",
     "LatentCacheData",
     "ToyDistillData",

@@ -86,6 +86,7 @@ class ToyDistillData:
         self.seed = seed
         self.timestep_sampling = timestep_sampling
         self.caption_dropout = caption_dropout
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def batch(self, step: int) -> dict[str, Any]:
         """Inputs of ``teacher.transformer``: ``hidden_states (B, 64, 48)``, ``encoder_hidden_states (B, T, 64)``,
@@ -110,6 +111,16 @@ class ToyDistillData:
             "timestep": t,
             "img_shapes": img_shapes(self.batch_size),
         }
+
+    def unconditional(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's unconditional twin for classifier-free guidance: the same ``x_t``, timestep and image shapes
+        with every caption replaced by ``""`` (what the toy sampler's unconditional half sees)."""
+        b = batch["hidden_states"].shape[0]
+        if self._empty is None or self._empty[0].shape[0] != b:
+            self._empty = self.teacher.encode_prompts([""] * b)
+        emb, mask = self._empty
+        device = batch["hidden_states"].device
+        return {**batch, "encoder_hidden_states": emb.to(device), "encoder_hidden_states_mask": mask.to(device)}
 
     def describe(self) -> dict[str, Any]:
         """Source, sizes and sampling settings."""

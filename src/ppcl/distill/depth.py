@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ppcl.addon import student_key
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.data.recorder import ActivationRecorder, BlockCall
+from ppcl.distill.chain import call_with_streams, chain_blocks, chain_groups, chained_inputs, mix_inputs
 from ppcl.distill.losses import depth_loss
 from ppcl.errors import ConfigError
 from ppcl.plan import DepthReplacement, PruningPlan
@@ -101,6 +102,10 @@ class DepthStep(nn.Module):
             (``torch.utils.checkpoint``). Sequential mode uses the model's own checkpointing, which the trainer turns
             on with ``model.enable_gradient_checkpointing()``.
         early_stop: end the teacher pass after the last block any span needs instead of running the whole model.
+        chain_mix: non-sequential mode: share of each batch's samples on which a student gets its *chained* input
+            (the output of the upstream students of the levels that contain it, :mod:`ppcl.distill.chain`) instead
+            of the teacher's; 0 is the paper's pure non-sequential distillation.
+        plan: the plan whose levels define the chains (needed when ``chain_mix > 0``).
     """
 
     def __init__(
@@ -112,6 +117,8 @@ class DepthStep(nn.Module):
         level: str | None = None,
         gradient_checkpointing: bool = False,
         early_stop: bool = True,
+        chain_mix: float = 0.0,
+        plan: PruningPlan | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -132,6 +139,15 @@ class DepthStep(nn.Module):
         self.level = level
         self.gradient_checkpointing = gradient_checkpointing
         self.early_stop = early_stop
+        if not 0.0 <= chain_mix <= 1.0:
+            raise ConfigError("chain mix must be a share of the batch", expected="0 <= chain_mix <= 1",
+                              found=str(chain_mix))
+        if chain_mix > 0 and (plan is None or mode != "nonsequential"):
+            raise ConfigError("chain-aware inputs need the plan, in non-sequential mode",
+                              expected="plan=... and mode 'nonsequential'", found=f"plan={plan is not None}, "
+                              f"mode={mode!r}", fix="pass the plan, or chain_mix=0")
+        self.chain_mix = chain_mix
+        self.chains = chain_groups(plan, self.replacements) if chain_mix > 0 and plan is not None else []
         self.timing: dict[str, float] = {}
         """Seconds of the last step's teacher pass and whole forward (set when :attr:`measure` is true)."""
         self.measure = False
@@ -144,7 +160,7 @@ class DepthStep(nn.Module):
         records = self.teacher_pass(batch)
         t1 = self._clock()
         if self.mode == "nonsequential":
-            losses = self._nonsequential(records)
+            losses = self._nonsequential(records, self._chained(records))
         else:
             losses = self._sequential(batch, records)
         if self.measure:
@@ -159,7 +175,8 @@ class DepthStep(nn.Module):
         (nothing is copied).
         """
         model, spec = self.model, self.spec
-        needed = sorted({r.span.start for r in self.replacements} | {r.span.stop - 1 for r in self.replacements})
+        needed = sorted({r.span.start for r in self.replacements} | {r.span.stop - 1 for r in self.replacements}
+                        | chain_blocks(model, spec, self.chains))
         # A sharded session runs the bare model (no add-on applied): it is the teacher as it is.
         off = disabled(model) if getattr(model, STATE_ATTR, None) is not None else nullcontext()
         with torch.no_grad(), off, ActivationRecorder(model, needed, spec=spec) as recorder:
@@ -185,17 +202,39 @@ class DepthStep(nn.Module):
         return out
 
     # ---------------------------------------------------------------------------------------------- students
-    def _nonsequential(self, records: dict[int, BlockCall]) -> dict[str, torch.Tensor]:
+    def _chained(self, records: dict[int, BlockCall]) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """Every level's chained student inputs, rebuilt from this pass's records (empty without chains)."""
+        if not self.chains:
+            return {}
+        model, spec = self.model, self.spec
+        off = disabled(model) if getattr(model, STATE_ATTR, None) is not None else nullcontext()
+        with off:  # the kept blocks between spans run as the teacher's
+            return chained_inputs(model, spec, self.chains, records,
+                                  lambda rep: self.students[student_key(rep.id)], lambda j: spec.block(model, j))
+
+    def _student_call(self, u: int, call: BlockCall, chained: list[dict[str, torch.Tensor]] | None
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments the student of a span starting at ``u`` trains on: the teacher's call, with a share of the
+        samples' streams taken from chained inputs."""
+        if not chained:
+            return call.args, call.kwargs
+        model, spec = self.model, self.spec
+        teacher = {k: v for k, v in spec.split_inputs(model, u, call.args, call.kwargs).items() if k in chained[0]}
+        return (), call_with_streams(spec, model, u, call, mix_inputs(teacher, chained, self.chain_mix))
+
+    def _nonsequential(self, records: dict[int, BlockCall], chained: dict[str, list[dict[str, torch.Tensor]]]
+                       ) -> dict[str, torch.Tensor]:
         model, spec = self.model, self.spec
         losses = {}
         for rep in self.replacements:
             u, v = rep.span.start, rep.span.stop - 1
             call = records[u]
+            args, kwargs = self._student_call(u, call, chained.get(rep.id))
             student = self.students[student_key(rep.id)]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                output = checkpoint(student, *call.args, use_reentrant=False, **call.kwargs)
+                output = checkpoint(student, *args, use_reentrant=False, **kwargs)
             else:
-                output = student(*call.args, **call.kwargs)
+                output = student(*args, **kwargs)
             pred = spec.split_outputs(model, u, output)
             target = spec.split_outputs(model, v, records[v].output)
             losses[rep.id] = depth_loss(pred, target, {"text": _text_mask(spec, model, u, call)})

@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,11 +41,12 @@ from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpo
 from ppcl.distill.config import DistillConfig
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
+from ppcl.distill.precision import MasterWeights, autocast_dtype, base_dtype, precision_record
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
 from ppcl.io import atomic_folder, load_tensors, save_tensors
 from ppcl.logging import get_logger, progress
-from ppcl.runtime import STATE_ATTR, active_level, apply_addon, remove_addon, set_level
+from ppcl.runtime import ADDON_ATTR, STATE_ATTR, active_level, apply_addon, remove_addon, set_level
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -85,19 +86,23 @@ def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, conf
     keys = {rep.id for rep in reps}
     with TrainingSession(model, addon, data, config, out_dir, resume, accelerator,
                          shardable=config.mode == "nonsequential") as session:
+        chain_mix = config.chain_mix if config.mode == "nonsequential" else 0.0
         step_module = DepthStep(model, addon.students, reps, config.mode, run_level,
                                 config.gradient_checkpointing and config.mode == "nonsequential",
-                                config.early_stop_teacher)
+                                config.early_stop_teacher, chain_mix, addon.plan)
         params = [p for rep in reps for p in addon.students[student_key(rep.id)].parameters()]
         addon.students.train()
         if config.mode == "sequential" and config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         stats = session.run(step_module, params, stop_at, "depth distillation", "spans",
-                            f"{len(reps)} span(s) {sorted(keys)} ({config.mode})")
+                            f"{len(reps)} span(s) {sorted(keys)} ({config.mode}"
+                            + (f", chain mix {chain_mix:g} over {len(step_module.chains)} chain(s))" if chain_mix
+                               else ")"))
     if stats["end"] < config.steps:
         return addon
     addon.metrics["depth_loss"] = stats["final"]
     session.finish("depth", stats, {"method": "PPCL stage 1.3", "mode": config.mode, "level": level,
+                                    "chain_mix": chain_mix, "chains": [[r.id for r in g] for g in step_module.chains],
                                     "sequential_level": run_level, "spans": sorted(keys)})
     return addon
 
@@ -112,6 +117,11 @@ class TrainingSession:
     parameters outside the add-on (a full fine-tune's base blocks), checkpointed as ``trained_base.safetensors``;
     ``shardable``: the stage's step module trains only ``step_module.students`` from recorded teacher calls, so it
     may run sharded (non-sequential depth distillation).
+
+    Precision (:mod:`ppcl.distill.precision`): on a bf16/fp16 base the trained parameters get float32 master weights
+    in place for the length of :meth:`run` and each step runs under autocast to the base dtype (unless accelerate's
+    mixed precision autocasts already); on exit every parameter is back in the dtype it came in, so ``OUT/addon``
+    holds students in the base dtype while checkpoints keep the float32 masters (exact resume).
     """
 
     def __init__(self, model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
@@ -144,6 +154,11 @@ class TrainingSession:
         self.extra, self.stage, self.terms_key = dict(extra or {}), "distillation", "terms"
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise ConfigError("fp16 mixed precision needs a GPU", expected="bf16 or no on CPU", found="fp16", fix="use bf16")
+        # Read before anything is upcast (a full fine-tune trains base blocks): the dtype the base runs in.
+        self.base_dtype = base_dtype(model, skip=ADDON_ATTR)
+        self.mixed_precision = str(getattr(self.accelerator, "mixed_precision", config.mixed_precision))
+        self.autocast_dtype = autocast_dtype(self.base_dtype, self.mixed_precision)
+        self.masters = MasterWeights(())
 
     def __enter__(self) -> Self:
         model = self.model
@@ -188,6 +203,7 @@ class TrainingSession:
         if self.shards is not None:
             self.shards.close()
             self.shards = None
+        self.masters.restore()  # the trained modules go back to the dtype they came in (OUT/addon is saved after)
         for name, p in model.named_parameters():
             p.requires_grad_(self.frozen.get(name, p.requires_grad))
         if bool(getattr(model, "gradient_checkpointing", False)) and not self.checkpointing_before:
@@ -208,6 +224,8 @@ class TrainingSession:
         self.stage, self.terms_key, self.params = stage, terms_key, params
         for p in params:
             p.requires_grad_(True)
+        # Before loading a checkpoint (its float32 masters load exactly) and before sharding (twins share storage).
+        self.masters = MasterWeights(params)
         saved = self._load_weights()
         if self.shards is not None:
             owner = {id(p): key for key, module in step_module.students.items() for p in module.parameters()}
@@ -239,7 +257,8 @@ class TrainingSession:
             **fields, "config": config.to_json(), "steps": config.steps,
             "data": data.describe() if hasattr(data, "describe") else {"source": type(data).__name__},
             "seconds_per_step": stats["seconds_per_step"], "teacher_forward_ratio": stats["teacher_ratio"],
-            "mixed_precision": config.mixed_precision, "num_processes": self.accelerator.num_processes}
+            "mixed_precision": config.mixed_precision, "num_processes": self.accelerator.num_processes,
+            "precision": precision_record(self.base_dtype, self.autocast_dtype, self.mixed_precision)}
         if self.accelerator.is_main_process:
             self.addon.save_pretrained(self.out / ADDON_DIR)  # atomic by itself
         self.accelerator.wait_for_everyone()
@@ -249,7 +268,7 @@ class TrainingSession:
     def _loop(self, start: int, end: int, elapsed: float) -> dict[str, Any]:
         accelerator, step_module, config = self.accelerator, self.step_module, self.config
         inner, accum = accelerator.unwrap_model(step_module), config.gradient_accumulation
-        autocast = accelerator.autocast if self.shards is not None else nullcontext
+        autocast = self._autocast
         procs, rank = accelerator.num_processes, accelerator.process_index
         t0, t_run = time.perf_counter() - elapsed, time.perf_counter()
         window: dict[str, list[float]] = {}
@@ -262,8 +281,12 @@ class TrainingSession:
             sums: dict[str, float] = {}
             teacher_s = 0.0
             for micro in range(accum):
+                index = (step * accum + micro) * procs + rank
                 batch = {k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                         for k, v in self.data.batch((step * accum + micro) * procs + rank).items()}
+                         for k, v in self.data.batch(index).items()}
+                # Step modules that draw per batch (a fine-tune's level) key their draws on the data index, so a
+                # resumed run draws exactly what an uninterrupted one would.
+                inner.micro_index = index
                 with accelerator.no_sync(step_module) if micro < accum - 1 else nullcontext():
                     with autocast():
                         losses = step_module(**batch)
@@ -294,6 +317,13 @@ class TrainingSession:
         return {"final": last, "elapsed": time.perf_counter() - t0,
                 "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
                 "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        """The autocast of one micro-batch: to a low-precision base's dtype, else accelerate's when sharded (FSDP2 is
+        not wrapped by ``prepare``), else none (``prepare`` already wrapped the step module in its autocast)."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)
+        return self.accelerator.autocast() if self.shards is not None else nullcontext()
 
     def _clip(self) -> float | None:
         """Clip the global gradient norm; returns it (the same value on every process)."""

@@ -19,7 +19,7 @@ from ppcl.plan.count import (
     param_table,
 )
 from ppcl.plan.plan import PLAN_FILE, Level, PruningPlan
-from ppcl.plan.propose import propose_plan
+from ppcl.plan.propose import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR, BudgetGuard, check_guard, propose_plan
 from ppcl.plan.replacements import (
     DepthReplacement,
     Issue,
@@ -39,8 +39,11 @@ from ppcl.plan.width_select import (
 )
 
 __all__ = [
+    "DEFAULT_GUARD_FACTOR",
+    "DEFAULT_GUARD_FLOOR",
     "PLAN_FILE",
     "BlockLayout",
+    "BudgetGuard",
     "DepthReplacement",
     "FFNLinear",
     "Issue",
@@ -52,6 +55,7 @@ __all__ = [
     "Span",
     "TextRun",
     "block_param_fraction",
+    "check_guard",
     "check_level_width",
     "describe",
     "dual_stream_blocks",

@@ -4,12 +4,17 @@ Intervals are accepted cheapest-first (lowest score, ties by position) until eac
 prefixes of that one order, so every level contains all cheaper ones, which is also the order in which the pluggable
 variants enable intervals. Intervals touching protected blocks, crossing a stack boundary, covering a single block or
 overlapping an accepted one are skipped and recorded in the plan's provenance.
+
+The budget guard (METHOD.md, "Beyond the paper") keeps a target from forcing in an interval far worse than the ones
+already accepted: such an interval is refused, the order stops there and the levels that needed it undershoot their
+targets, with a note saying so. Two targets that end up with the same intervals give one level, not two identical ones.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from ppcl.errors import ConfigError
@@ -29,6 +34,26 @@ _TARGET_MEANING = {
     "blocks": "number of blocks removed",
 }
 
+DEFAULT_GUARD_FACTOR = 10.0
+"""An interval scoring more than this many times the largest accepted score is refused (0 = no guard).
+
+Why 10: on the committed toy teacher (docs/example-report) the cheapest-first scores are 0.00088, 0.00212, 0.00308,
+then 0.0582: the step from one accepted interval to the next is at most 2.4x, the interval a 40 % target forced in
+([2, 4]) is 18.9x the largest accepted score (66x the cheapest). Five more toy calibrations (32 prompts with noise
+seed 1; 4, 6 and 8 prompts; 4 prompts x 2 steps) give accepted steps of at most 4x, and [2, 4] at 14-19x. METHOD.md
+reports the pattern on the public Qwen-Image plan: forced intervals 20-60x the others (its per-interval scores are not
+published). 10 lies between the two groups: 2.5x above the largest accepted step, below every forced interval seen.
+"""
+
+DEFAULT_GUARD_FLOOR = 1e-3
+"""The guard's reference is never below this score (CKA lost per removed block).
+
+Why: the reference is a measured score and can be almost 0 (an interval whose CKA is 1 to four digits); a ratio to
+such a number refuses harmless intervals (score 1e-4 after 1e-6 is 100x but loses 0.01 % CKA per block). With the
+floor, nothing scoring at most ``factor x 0.001`` (1 % CKA per removed block at the default factor) is refused.
+It does not bind on the toy teacher, whose reference is 0.003 when the guard trips.
+"""
+
 
 class IntervalLike(Protocol):
     """Anything with an inclusive flat range ``[u, v]`` and a ``score`` (lower = cheaper to replace)."""
@@ -41,6 +66,106 @@ class IntervalLike(Protocol):
 
     @property
     def score(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class BudgetGuard:
+    """Refuses an interval whose score exceeds ``factor x max(largest accepted score, floor)``.
+
+    The reference is the largest score accepted so far, i.e. the previous interval of the cheapest-first order: the
+    guard looks for a jump in the sorted scores. The largest rather than the median (or the cheapest): the accepted
+    intervals were all judged good enough, so the question is whether the next one is an outlier against the worst of
+    them; a median or minimum would let one exceptionally cheap interval (score near 0) make every later ordinary one
+    look expensive. The first interval has no reference and is always allowed; there is no absolute ceiling on scores,
+    because what score is "too bad" depends on the model, and the per-level worst score in the plan's summary shows it.
+
+    Attributes:
+        factor: the allowed ratio; 0 disables the guard.
+        floor: the smallest reference (see :data:`DEFAULT_GUARD_FLOOR`).
+    """
+
+    factor: float = DEFAULT_GUARD_FACTOR
+    floor: float = DEFAULT_GUARD_FLOOR
+
+    @classmethod
+    def of(cls, factor: float, floor: float) -> BudgetGuard:
+        """A checked guard; ``factor`` 0 or ``inf`` is the disabled guard (stored as 0)."""
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not (factor == 0 or factor >= 1):
+            raise ConfigError(f"Invalid budget guard factor {factor!r}",
+                              expected="0 (no guard) or a number >= 1 (a factor below 1 would refuse every interval "
+                                       "after the first)",
+                              found=repr(factor),
+                              fix=f"pass e.g. --guard-factor {DEFAULT_GUARD_FACTOR:g}, or 0 to disable the guard")
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < math.inf:
+            raise ConfigError(f"Invalid budget guard floor {floor!r}", expected="a finite number >= 0",
+                              found=repr(floor), fix=f"pass e.g. guard_floor={DEFAULT_GUARD_FLOOR:g}")
+        return cls(0.0 if math.isinf(factor) else float(factor), float(floor))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the guard refuses anything."""
+        return self.factor > 0
+
+    def limit(self, accepted_scores: Sequence[float]) -> float:
+        """The largest score the next interval may have (``inf``: anything goes)."""
+        if not self.enabled or not accepted_scores:
+            return math.inf
+        return self.factor * max(max(accepted_scores), self.floor)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The interval the guard refused: its score, the reference it was compared with, and the guard's settings."""
+
+    inclusive: tuple[int, int]
+    score: float
+    reference: float
+    factor: float
+    floor: float
+
+    @property
+    def ratio(self) -> float:
+        """Score over the largest accepted score (``inf`` when that is 0)."""
+        return self.score / self.reference if self.reference > 0 else math.inf
+
+    @property
+    def limit(self) -> float:
+        """The largest score the guard allowed."""
+        return self.factor * max(self.reference, self.floor)
+
+    def text(self) -> str:
+        """``"[2, 4] (score 0.0582 = 18.9x the largest accepted score 0.00308; limit 10x)"``."""
+        u, v = self.inclusive
+        limit = f"{self.factor:g}x"
+        if self.reference < self.floor:
+            limit += f" the guard floor {self.floor:g}"
+        return (f"[{u}, {v}] (score {self.score:.3g} = {self.ratio:.1f}x the largest accepted score "
+                f"{self.reference:.3g}; limit {limit})")
+
+    def to_json(self) -> dict[str, Any]:
+        """The provenance record (``ratio`` is ``null`` when the reference is 0)."""
+        ratio = self.ratio
+        return {"inclusive": list(self.inclusive), "score": self.score, "reference": self.reference,
+                "ratio": ratio if math.isfinite(ratio) else None, "limit": self.limit}
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """One target's prefix of the acceptance order, before duplicate levels are dropped."""
+
+    name: str
+    target: float
+    accepted: tuple[tuple[float, DepthReplacement], ...]
+    reached: float
+    met: bool
+
+
+def check_guard(guard_factor: float = DEFAULT_GUARD_FACTOR, guard_floor: float = DEFAULT_GUARD_FLOOR) -> BudgetGuard:
+    """The budget guard for these settings; raises :class:`~ppcl.errors.ConfigError` on a bad value.
+
+    The CLI calls it before any analysis runs, so a bad ``--guard-factor`` fails at once.
+    """
+    return BudgetGuard.of(guard_factor, guard_floor)
 
 
 def propose_plan(
@@ -56,6 +181,9 @@ def propose_plan(
     protect_last: int = 2,
     init: Init = "first",
     provenance: Mapping[str, Any] | None = None,
+    *,
+    guard_factor: float = DEFAULT_GUARD_FACTOR,
+    guard_floor: float = DEFAULT_GUARD_FLOOR,
 ) -> PruningPlan:
     """Select intervals cheapest-first into nested levels, one per target.
 
@@ -74,10 +202,20 @@ def propose_plan(
         protect_last: the last this-many flat blocks are never replaced (SD3's last block always is protected).
         init: which teacher block initialises each student (``"first"``, ``"middle"``, ``"last"``).
         provenance: extra provenance to record (e.g. the report's path or hash).
+        guard_factor: the budget guard (:class:`BudgetGuard`): an interval scoring more than this many times the
+            largest accepted score is not forced in to meet a target; 0 (or ``inf``) disables it. Default
+            :data:`DEFAULT_GUARD_FACTOR` (10, from the toy teacher's scores and METHOD.md).
+        guard_floor: the guard's reference is at least this score (:data:`DEFAULT_GUARD_FLOOR`).
 
     Returns:
-        A validated plan; levels ordered by target, ascending. A target the candidates cannot reach gets all of them,
-        with a warning in ``plan.notes`` and the log.
+        A validated plan; levels ordered by target, ascending. A target the candidates cannot reach, or can reach
+        only through an interval the guard refuses, gets every interval before that point, with a note in
+        ``plan.notes`` and the log (target, reached figure, refused interval and its score ratio). A level that would
+        hold the same intervals as a smaller one is dropped, also with a note. Each level records its worst and
+        cheapest interval score.
+
+    Raises:
+        ConfigError: unknown target kind or init, bad targets, names or guard settings, an interval out of range.
     """
     if target_kind not in TARGET_KINDS:
         raise ConfigError(f"Unknown target kind {target_kind!r}", expected=f"one of {', '.join(TARGET_KINDS)}",
@@ -85,6 +223,7 @@ def propose_plan(
     if init not in INITS:
         raise ConfigError(f"Unknown student initialisation {init!r}", expected=f"one of {', '.join(INITS)}",
                           found=repr(init))
+    guard = check_guard(guard_factor, guard_floor)
     plan = PruningPlan(spec_name, model_class, tuple(int(s) for s in stack_sizes),
                        protect_first=protect_first, protect_last=protect_last)
     spec = plan.spec()
@@ -108,41 +247,33 @@ def propose_plan(
             candidates.append((score, rep))
     candidates.sort(key=lambda c: (c[0], c[1].span))
 
-    accepted: list[tuple[float, DepthReplacement]] = []
-    position = 0
-    levels: list[Level] = []
-    for name, target in named:
-        reached = _measure(accepted, table, target_kind)
-        while reached < target * (1 - 1e-12) and position < len(candidates):
-            score, rep = candidates[position]
-            position += 1
-            clash = next((a.id for _, a in accepted if a.span.overlaps(rep.span)), None)
-            if clash is not None:
-                skipped.append({"inclusive": list(rep.span.inclusive), "score": score, "reason": f"overlaps {clash}"})
-                continue
-            accepted.append((score, rep))
-            reached = _measure(accepted, table, target_kind)
-        met = reached >= target * (1 - 1e-12)
-        levels.append(Level(name, tuple(rep.id for _, rep in accepted),
-                            _describe_level(accepted, table, plan.num_blocks, target_kind, target, met)))
-        if not met:
-            note = (f"level {name}: target {_format_target(target_kind, target)} not reached; all {len(accepted)} "
-                    f"usable intervals give {_format_target(target_kind, reached)}")
+    accepted, refusal, drafts = _accept_in_order(candidates, named, table, target_kind, guard, skipped)
+    kept, dropped = _unique_levels(drafts)
+    for draft in drafts:
+        note = _level_note(draft, refusal, dropped.get(draft.name), target_kind)
+        if note:
             plan.notes.append(note)
             _log.warning("%s", note)
+    levels = [_level(d, table, plan.num_blocks, target_kind, refusal) for d in kept]
 
     plan.replacements = sorted((rep for _, rep in accepted), key=lambda r: r.span)
     plan.levels = levels
     plan.provenance = {
         "selector": "ppcl.plan.propose_plan",
         "rule": "intervals accepted cheapest-first (score ascending, ties by position) until each target is met; "
-                "levels are nested prefixes of that order",
+                "levels are nested prefixes of that order; the budget guard refuses an interval scoring more than "
+                "guard_factor x max(largest accepted score, guard_floor), and the order stops there; a level with "
+                "the same intervals as a smaller one is dropped",
         "target_kind": target_kind,
         "target_meaning": _TARGET_MEANING[target_kind],
         "targets": {name: target for name, target in named},
         "init": init,
         "order": [{"id": rep.id, "inclusive": list(rep.span.inclusive), "score": score} for score, rep in accepted],
         "skipped": skipped,
+        "guard": {"factor": guard.factor, "floor": guard.floor, "reference": "largest accepted score",
+                  "refused": None if refusal is None else refusal.to_json()},
+        "dropped_levels": [{"name": d.name, "target": d.target, "same_as": dropped[d.name].name}
+                           for d in drafts if d.name in dropped],
         "per_block_params": list(table.per_block) if table is not None else None,
         **dict(provenance or {}),
     }
@@ -193,11 +324,11 @@ def _default_name(kind: str, target: float) -> str:
     return f"r{human(target)}"
 
 
-def _removed_params(accepted: list[tuple[float, DepthReplacement]], table: ParamTable | None) -> int | None:
+def _removed_params(accepted: Sequence[tuple[float, DepthReplacement]], table: ParamTable | None) -> int | None:
     return None if table is None else sum(rep.removed_params(table) for _, rep in accepted)
 
 
-def _measure(accepted: list[tuple[float, DepthReplacement]], table: ParamTable | None, kind: str) -> float:
+def _measure(accepted: Sequence[tuple[float, DepthReplacement]], table: ParamTable | None, kind: str) -> float:
     if kind == "blocks":
         return float(sum(rep.span.removed for _, rep in accepted))
     removed = _removed_params(accepted, table) or 0
@@ -213,11 +344,99 @@ def _format_target(kind: str, value: float) -> str:
     return f"{int(value)} blocks removed"
 
 
-def _describe_level(accepted: list[tuple[float, DepthReplacement]], table: ParamTable | None, total: int, kind: str,
-                    target: float, met: bool) -> str:
+def _describe_level(accepted: Sequence[tuple[float, DepthReplacement]], table: ParamTable | None, total: int,
+                    kind: str, target: float, met: bool, guarded: bool = False) -> str:
     blocks = sum(rep.span.removed for _, rep in accepted)
     text = f"{len(accepted)} spans, {total} → {total - blocks} blocks"
     removed = _removed_params(accepted, table)
     if removed is not None and table is not None:
         text += f", {human(removed)} parameters ({100 * removed / table.block_total:.1f}% of block parameters) removed"
-    return f"{text}; target {_format_target(kind, target)}{'' if met else ' (NOT reached)'}"
+    short = "" if met else (" (NOT reached: budget guard)" if guarded else " (NOT reached)")
+    return f"{text}; target {_format_target(kind, target)}{short}"
+
+
+def _accept_in_order(
+    candidates: Sequence[tuple[float, DepthReplacement]],
+    named: Sequence[tuple[str, float]],
+    table: ParamTable | None,
+    kind: str,
+    guard: BudgetGuard,
+    skipped: list[dict[str, Any]],
+) -> tuple[list[tuple[float, DepthReplacement]], Refusal | None, list[_Draft]]:
+    """Walk the cheapest-first order once, cutting one prefix per target; overlaps are appended to ``skipped``.
+
+    Returns the accepted intervals in order, the guard's refusal (``None`` if it refused nothing) and one draft
+    level per target.
+    """
+    accepted: list[tuple[float, DepthReplacement]] = []
+    refusal: Refusal | None = None
+    position = 0
+    drafts: list[_Draft] = []
+    for name, target in named:
+        reached = _measure(accepted, table, kind)
+        # Once the guard refused an interval the order ends: every later candidate scores at least as much and the
+        # reference (the largest accepted score) no longer grows, so it would be refused too.
+        while reached < target * (1 - 1e-12) and position < len(candidates) and refusal is None:
+            score, rep = candidates[position]
+            clash = next((a.id for _, a in accepted if a.span.overlaps(rep.span)), None)
+            if clash is not None:
+                position += 1
+                skipped.append({"inclusive": list(rep.span.inclusive), "score": score, "reason": f"overlaps {clash}"})
+                continue
+            limit = guard.limit([s for s, _ in accepted])
+            if score > limit:
+                refusal = Refusal(rep.span.inclusive, score, max(s for s, _ in accepted), guard.factor, guard.floor)
+                break
+            position += 1
+            accepted.append((score, rep))
+            reached = _measure(accepted, table, kind)
+        drafts.append(_Draft(name, target, tuple(accepted), reached, reached >= target * (1 - 1e-12)))
+    return accepted, refusal, drafts
+
+
+def _unique_levels(drafts: Sequence[_Draft]) -> tuple[list[_Draft], dict[str, _Draft]]:
+    """The drafts without repeats, and ``{dropped name: the kept draft with the same intervals}``.
+
+    Levels are nested prefixes, so equal sets are neighbours; the first (smallest target) keeps its name because it is
+    the one whose target those intervals were cut for.
+    """
+    kept: list[_Draft] = []
+    dropped: dict[str, _Draft] = {}
+    for draft in drafts:
+        if kept and len(kept[-1].accepted) == len(draft.accepted):
+            dropped[draft.name] = kept[-1]
+        else:
+            kept.append(draft)
+    return kept, dropped
+
+
+def _level_note(draft: _Draft, refusal: Refusal | None, same_as: _Draft | None, kind: str) -> str:
+    """The plan note for one draft level ("" when it met its target and was kept)."""
+    reached = _format_target(kind, draft.reached)
+    target = _format_target(kind, draft.target)
+    short = _shortfall(draft, refusal, kind)
+    if same_as is not None:
+        note = (f"level {draft.name} (target {target}) dropped: it would hold the same {len(draft.accepted)} "
+                f"intervals as level {same_as.name} ({reached})")
+        # When the kept level met its own target, no other note says why this one's intervals stop short.
+        return note if draft.met or not same_as.met else f"{note}; {short}"
+    return "" if draft.met else f"level {draft.name}: target {target} not reached, {short}"
+
+
+def _shortfall(draft: _Draft, refusal: Refusal | None, kind: str) -> str:
+    """Why an unmet level stops where it does: the guard's refusal, or no usable interval left."""
+    reached = _format_target(kind, draft.reached)
+    if refusal is not None:
+        return f"{reached} with {len(draft.accepted)} intervals; the budget guard refused {refusal.text()}"
+    return f"all {len(draft.accepted)} usable intervals give {reached}"
+
+
+def _level(draft: _Draft, table: ParamTable | None, total: int, kind: str, refusal: Refusal | None) -> Level:
+    """The plan level of a kept draft, with its description and its worst and cheapest interval scores."""
+    scores = [score for score, _ in draft.accepted]
+    # An unmet level stopped either because the candidates ran out or because the guard refused the next one; the
+    # refusal ends the order, so when there is one every unmet level is short because of it.
+    description = _describe_level(draft.accepted, table, total, kind, draft.target, draft.met,
+                                  guarded=refusal is not None)
+    return Level(draft.name, tuple(rep.id for _, rep in draft.accepted), description,
+                 worst_score=max(scores) if scores else None, cheapest_score=min(scores) if scores else None)

@@ -23,7 +23,7 @@ from ppcl.plan.span import BlockLayout, Span
 if TYPE_CHECKING:
     from ppcl.plan.count import ParamTable
 
-Init = Literal["first", "middle", "last"]
+Init = Literal["first", "middle", "last", "average"]
 INITS: tuple[str, ...] = get_args(Init)
 
 
@@ -139,7 +139,9 @@ class DepthReplacement(Replacement):
     Attributes:
         span: flat half-open range of the replaced blocks; at least 2 blocks to remove anything.
         init: which teacher block the student is copied from: ``"first"`` (the span's first block, the paper),
-            ``"middle"`` (floor((u + v) / 2) with inclusive u, v, the authors' release) or ``"last"``.
+            ``"middle"`` (floor((u + v) / 2) with inclusive u, v, the authors' release), ``"last"``, or ``"average"``
+            (every weight the mean of the span's blocks' weights, as Amber-Image reports for Qwen-Image; the student
+            then sits at, and has the shape of, the span's first block).
         id: stable name; defaults to ``"depth:<start>-<stop>"`` with half-open flat bounds (``depth:3-5`` is the
             paper's [3, 4]).
     """
@@ -168,9 +170,15 @@ class DepthReplacement(Replacement):
 
     @property
     def init_block(self) -> int:
-        """Flat index of the teacher block the student is copied from."""
+        """Flat index of the teacher block the student is copied from (``"average"``: the first block, whose structure
+        the averaged student keeps; its weights are the mean over :attr:`init_blocks`)."""
         u, v = self.span.inclusive
-        return {"first": u, "middle": (u + v) // 2, "last": v}[self.init]
+        return {"first": u, "middle": (u + v) // 2, "last": v, "average": u}[self.init]
+
+    @property
+    def init_blocks(self) -> tuple[int, ...]:
+        """Flat indices of the teacher blocks whose weights initialise the student (all of the span for ``average``)."""
+        return tuple(self.span.blocks) if self.init == "average" else (self.init_block,)
 
     def blocks(self) -> tuple[int, ...]:
         return tuple(self.span.blocks)
@@ -208,7 +216,8 @@ class DepthReplacement(Replacement):
 
     def describe(self, layout: BlockLayout | None = None) -> str:
         where = layout.describe_both(self.span) if layout is not None else f"{self.span} = {self.span.paper()}"
-        student = f"1 student (init {self.init}, block {self.init_block})"
+        source = f"blocks {self.span.paper()}" if self.init == "average" else f"block {self.init_block}"
+        student = f"1 student (init {self.init}, {source})"
         return f"{self.id}: {where} → {student}, removes {self.span.removed}"
 
     def fields_json(self) -> dict[str, Any]:

@@ -152,5 +152,8 @@ def with_width_level(plan: PruningPlan, name: str, text_runs: Sequence[tuple[int
             replacements.append(rep)
             by_id[rep.id] = rep
         width.append(rep)
-    level = Level(name, tuple(r.id for r in base) + tuple(r.id for r in width), description)
+    # The depth intervals are the base level's, so are their scores (width replacements have none).
+    scored = plan.level(base_level) if base_level is not None else Level(name)
+    level = Level(name, tuple(r.id for r in base) + tuple(r.id for r in width), description,
+                  worst_score=scored.worst_score, cheapest_score=scored.cheapest_score)
     return dataclasses.replace(plan, replacements=replacements, levels=[*plan.levels, level]).validate()

@@ -39,6 +39,7 @@ from ppcl.runtime.width import (
     WIDTH_KINDS,
     WidthAction,
     check_width_support,
+    like_input,
     projection_keys,
     width_actions,
 )
@@ -281,7 +282,17 @@ class _Dispatcher:
             return self.state.spec.passthrough(self.model, self.index, args, kwargs)
         if isinstance(action, WidthAction):
             return action(self.block, args, kwargs)
-        return action(*args, **kwargs)
+        return self._like_inputs(action(*args, **kwargs), args, kwargs)
+
+    def _like_inputs(self, output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A student's output streams in the dtypes of the streams it was given (see
+        :func:`~ppcl.runtime.width.like_input`); any other return value is passed on as it is."""
+        spec, model, i = self.state.spec, self.model, self.index
+        order = spec.output_order(model, i)
+        if not isinstance(output, tuple) or len(output) != len(order):
+            return output
+        given = spec.split_inputs(model, i, args, kwargs)
+        return tuple(like_input(out, given.get(stream)) for out, stream in zip(output, order, strict=True))
 
     def __repr__(self) -> str:
         return f"<ppcl dispatcher of flat block {self.index}>"

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ppcl.addon import student_key
 from ppcl.arch import ArchSpec, get_spec
@@ -106,10 +106,27 @@ class WidthAction:
         bound = self.spec.bind_call(self.model, self.index, args, kwargs)
         text, image = width_forward(self.module if self.module is not None else block, bound, self.mode, self.parts,
                                     self.ctx)
-        return self.spec.join_outputs(self.model, self.index, {"text": text, "image": image})
+        names = dict(self.spec.stack_of(self.model, self.index).stream_inputs)
+        streams = {"text": like_input(text, bound.get(names["text"])),
+                   "image": like_input(image, bound.get(names["image"]))}
+        return self.spec.join_outputs(self.model, self.index, streams)
 
     def __repr__(self) -> str:
         return f"WidthAction(block {self.index}, text={self.mode.text}, ffn={sorted(self.mode.ffn)})"
+
+
+def like_input(output: Any, given: Any) -> Any:
+    """``output`` in the dtype of the stream tensor the block was ``given`` (unchanged when either is not a floating
+    tensor, or they already agree).
+
+    While a float32 student (master weights, :mod:`ppcl.distill.precision`) trains inside a bf16 model under autocast,
+    its elementwise ops may promote a stream to float32; the next block must still get the base dtype, as it does at
+    inference when the student is back in that dtype. A no-op whenever the dtypes match (every float32 model).
+    """
+    if (isinstance(output, Tensor) and isinstance(given, Tensor) and output.is_floating_point()
+            and given.is_floating_point() and output.dtype != given.dtype):
+        return output.to(given.dtype)
+    return output
 
 
 def level_modes(plan: PruningPlan, reps: Sequence[Replacement]) -> dict[int, WidthMode]:

@@ -1,11 +1,19 @@
-"""Scoring a toy model on the ShapesEval benchmark (teacher or any pruned variant)."""
+"""Scoring a toy model on the ShapesEval benchmark (teacher or any pruned variant).
+
+Every score dict holds the robust scorer's scores at the top level (``overall``, ``single``, ``two_objects``,
+``position``, ``color``, ``n_images``; what R and the reports read) and the strict scorer's dict of the same images
+under ``"strict"``: the images are sampled once and scored twice.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 from ppcl.toy.sampler import SamplerConfig, sample
-from ppcl.toy.shapes_eval import benchmark_prompts, evaluate, ground_truth_images
+from ppcl.toy.shapes_eval import Prompt, benchmark_prompts, evaluate, ground_truth_images
 from ppcl.toy.teacher import ToyTeacher
 
 #: Benchmark defaults: 60 prompts per category (240 in all) x 2 seeds = 480 images.
@@ -13,10 +21,17 @@ N_PER_CATEGORY = 60
 SEEDS = (0, 1)
 
 
-def score_ground_truth(n_per_category: int = N_PER_CATEGORY, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """ShapesEval of rendered ground truth for the benchmark prompts (1.0 by construction)."""
+def score_images(rows: list[Prompt], images: np.ndarray) -> dict[str, Any]:
+    """Robust ShapesEval of ``images`` (one per prompt of ``rows``) plus ``"strict"``: the strict scorer's dict."""
+    result: dict[str, Any] = dict(evaluate(rows, images, mode="robust"))
+    result["strict"] = evaluate(rows, images, mode="strict")
+    return result
+
+
+def score_ground_truth(n_per_category: int = N_PER_CATEGORY, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """ShapesEval of rendered ground truth for the benchmark prompts (1.0 by construction, in both modes)."""
     rows, images = ground_truth_images(benchmark_prompts(n_per_category), list(seeds))
-    return evaluate(rows, images)
+    return score_images(rows, images)
 
 
 def score_model(
@@ -25,7 +40,7 @@ def score_model(
     n_per_category: int = N_PER_CATEGORY,
     seeds: tuple[int, ...] = SEEDS,
     sampler: SamplerConfig = SamplerConfig(),
-) -> dict:
+) -> dict[str, Any]:
     """ShapesEval of images sampled from ``transformer`` (default: the teacher) for every prompt and seed.
 
     The noise of (prompt i, seed s) is seeded by ``s * 100_000 + i``, so teacher and pruned models are compared on
@@ -35,4 +50,4 @@ def score_model(
     rows = [p for _ in seeds for p in prompts]
     noise_seeds = [s * 100_000 + i for s in seeds for i in range(len(prompts))]
     images = sample(teacher, [p.text for p in rows], noise_seeds, sampler, transformer=transformer)
-    return evaluate(rows, images)
+    return score_images(rows, images)
