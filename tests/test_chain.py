@@ -167,3 +167,11 @@ def test_average_init_is_the_mean_of_the_span() -> None:
     rep = next(r for r in addon.plan.replacements if r.id == LATE)
     assert rep.init == "average" and rep.init_blocks == (3, 4) and rep.init_block == 3
     assert "blocks [3, 4]" in rep.describe()
+
+
+def test_small_batches_still_chain_and_rotate_over_the_levels() -> None:
+    teacher = {"image": torch.zeros(1, 2, 2)}
+    a, b = {"image": torch.ones(1, 2, 2)}, {"image": torch.full((1, 2, 2), 2.0)}
+    # One sample per device: at least one row is chained, and the chain used rotates with the batch index.
+    assert torch.equal(mix_inputs(teacher, [a, b], 0.5, offset=0)["image"], a["image"])
+    assert torch.equal(mix_inputs(teacher, [a, b], 0.5, offset=1)["image"], b["image"])

@@ -147,3 +147,16 @@ def test_refusals(toy: ToyTeacher, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         finetune(case.model, addon, FixedData(case), config, tmp_path / "c", level="all",
                  objective=FinetuneObjective(levels=("nope",)))
+
+
+def test_objective_needs_an_active_term_and_cli_flags_need_the_finetune_stage(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no active term"):
+        FinetuneObjective(output_weight=0.0).validate()
+    with pytest.raises(ConfigError, match="no active term"):
+        FinetuneObjective(guidance=4.0, output_weight=0.0, guided_weight=0.0).validate()
+    FinetuneObjective(guidance=4.0, output_weight=0.0).validate()  # the guided term alone is a valid objective
+    from ppcl.cli.main import main
+
+    code = main(["-q", "distill", "--plan", "docs/example-report/plan", "--out", str(tmp_path / "d"),
+                 "--direction-weight", "2"])
+    assert code == 2 and not (tmp_path / "d").exists()

@@ -83,25 +83,29 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
 def averaged_block_copy(blocks: list[nn.Module]) -> nn.Module:
     """A plain copy of ``blocks[0]`` whose every floating-point parameter and buffer is the mean over ``blocks``.
 
-    The blocks must share one structure (blocks of one stack do). Means are taken in float32 and cast back, so a
-    bf16 base does not lose the average to rounding. Used for the ``average`` student initialisation.
+    The blocks must share one structure (blocks of one stack do). Means are summed in float32 one block at a time
+    (one extra block copy in memory, whatever the span's length) and cast back, so a bf16 base does not lose the
+    average to rounding. Used for the ``average`` student initialisation.
 
     Raises:
         ConfigError: the blocks differ in parameter names or shapes.
     """
     clone = plain_block_copy(blocks[0])
-    states = [plain_block_copy(b).state_dict() for b in blocks[1:]]
-    with torch.no_grad():
-        for name, value in clone.state_dict().items():
-            if not value.is_floating_point():
-                continue
-            others = [s.get(name) for s in states]
-            if any(o is None or o.shape != value.shape for o in others):
+    target = {k: v for k, v in clone.state_dict().items() if v.is_floating_point()}
+    sums = {k: v.float().clone() for k, v in target.items()}
+    for block in blocks[1:]:
+        state = plain_block_copy(block).state_dict()  # adapters stripped, as in the clone
+        for name, total in sums.items():
+            other = state.get(name)
+            if other is None or other.shape != total.shape:
                 raise ConfigError("cannot average blocks of different structure", expected="blocks of one stack",
                                   found=f"parameter {name!r} missing or of another shape in some block",
                                   fix="use init 'first', 'middle' or 'last' for this span")
-            mean = torch.stack([value.float(), *(o.float() for o in others)]).mean(0)  # type: ignore[union-attr]
-            value.copy_(mean.to(value.dtype))
+            total.add_(other.float())
+        del state
+    with torch.no_grad():
+        for name, value in target.items():
+            value.copy_((sums[name] / len(blocks)).to(value.dtype))
     return clone
 
 

@@ -23,6 +23,11 @@ STAGES = ("depth", "width", "finetune")
 _DEFAULTS = DistillConfig()
 _OBJECTIVE = FinetuneObjective()
 _WARMUP_SHARE = DEFAULT_WARMUP_SHARE
+# The objective's flags and their defaults: set on another stage, they would do nothing.
+_OBJECTIVE_FLAGS = {"guidance": _OBJECTIVE.guidance, "output_weight": _OBJECTIVE.output_weight,
+                    "guided_weight": _OBJECTIVE.guided_weight, "direction_weight": _OBJECTIVE.direction_weight,
+                    "levels": "", "level_mode": _OBJECTIVE.level_mode, "on_policy": _OBJECTIVE.on_policy,
+                    "on_policy_steps": _OBJECTIVE.on_policy_steps}
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -155,8 +160,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.data is not None and args.pipeline is None and args.model is None:
         raise ConfigError("--data is a latent cache of a real pipeline", expected="--pipeline P --data CACHE",
                           found="no --pipeline", fix="pass the pipeline the cache was built with")
-    if args.stage != "finetune" and (args.guidance is not None or args.levels):
-        raise ConfigError("--guidance and --levels shape the fine-tune objective", expected="--stage finetune",
+    objective_flags = [f"--{k.replace('_', '-')}" for k, default in _OBJECTIVE_FLAGS.items()
+                       if getattr(args, k) != default]
+    if args.stage != "finetune" and objective_flags:
+        raise ConfigError(f"{', '.join(objective_flags)} shape the fine-tune objective", expected="--stage finetune",
                           found=f"--stage {args.stage}", fix="drop them, or use --stage finetune")
     if args.full and args.stage != "finetune":
         raise ConfigError("--full is a fine-tune option", expected="--stage finetune --full",

@@ -37,6 +37,8 @@ from ppcl.distill import (
     FinetuneObjective,
     finetune,
 )
+from ppcl.distill.config import DEFAULT_WARMUP_SHARE
+from ppcl.errors import ConfigError
 from ppcl.eval.guided import paired_toy_batches, predict_pairs
 from ppcl.eval.levels import evaluate_levels
 from ppcl.eval.metrics import guided_agreement, velocity_agreement
@@ -160,7 +162,14 @@ def make_plan(report: RedundancyReport, model_config: Any, ffn_blocks: int) -> P
     top = dataclasses.replace(source, name=TOP_LEVEL)  # keeps its interval scores for the summary
     used = {rid for lv in [*levels, top] for rid in lv.replacement_ids}
     replacements = [r for r in width.replacements if r.id in used]
-    return dataclasses.replace(width, replacements=replacements, levels=[*levels, top]).validate()
+    plan = dataclasses.replace(width, replacements=replacements, levels=[*levels, top]).validate()
+    if plan.level_names != list(LEVELS):
+        # The budget guard may stop a level short or drop one that would repeat another: the demo's fixed levels
+        # then do not exist, and training must not start.
+        raise ConfigError("the demo's levels do not fit this teacher's analysis", expected=f"levels {list(LEVELS)}",
+                          found=f"levels {plan.level_names}; notes: {'; '.join(plan.notes) or 'none'}",
+                          fix="run the stages by hand (README 'Width levels, training stages') with targets that fit")
+    return plan
 
 
 def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, command: str = "ppcl demo"
@@ -237,7 +246,8 @@ def _clear_previous_run(out: Path) -> None:
 
 
 def _train_config(config: DemoConfig, steps: int) -> DistillConfig:
-    return DistillConfig(steps=steps, lr=config.lr, batch_size=config.batch_size, warmup=max(1, steps // 20),
+    return DistillConfig(steps=steps, lr=config.lr, batch_size=config.batch_size,
+                         warmup=max(1, round(steps * DEFAULT_WARMUP_SHARE)),
                          checkpoint_every=0, log_every=max(1, min(10, steps // 10)), seed=config.seed)
 
 

@@ -30,8 +30,11 @@ Streams = dict[str, Tensor]
 
 
 def chain_groups(plan: PruningPlan, trained: Sequence[DepthReplacement]) -> list[list[DepthReplacement]]:
-    """Per plan level, the trained depth spans it activates, ordered by position; duplicates and single spans with
-    nothing upstream are kept once (a level's chain may still matter for the blocks between)."""
+    """Per plan level, the trained depth spans it activates, ordered by position; levels with fewer than two such
+    spans have no chain and are left out, and a chain shared by several levels is kept once.
+
+    Limits: a level's width replacements are not applied (the kept blocks between spans run as the teacher's), and
+    depth spans not being trained are treated as kept teacher blocks."""
     ids = {rep.id: rep for rep in trained}
     seen: set[tuple[str, ...]] = set()
     groups = []
@@ -87,46 +90,57 @@ def chained_inputs(
         position = 0  # the block after the previous span
         for rep in group:
             u = rep.span.start
+            dtype = _stream_dtype(spec, model, u, records[u])
             if state is not None and _same_stack(model, spec, position - 1, u):
                 for j in range(position, u):
                     state = _streams(spec, model, j, teacher_block(j)(**call_with_streams(spec, model, j, records[j],
-                                                                                             state)))
+                                                                                             state)), dtype)
+                    if state is None:  # a kept block that returns no text (SD3's last) ends the chain
+                        break
                 if state is not None:
                     out.setdefault(rep.id, []).append(state)
             else:
                 state = None
             kwargs = call_with_streams(spec, model, u, records[u], state) if state else records[u].kwargs
             args = () if state else records[u].args
-            state = _streams(spec, model, u, student_of(rep)(*args, **kwargs))
+            state = _streams(spec, model, u, student_of(rep)(*args, **kwargs), dtype)
             position = rep.span.stop
     return out
 
 
-def mix_inputs(teacher: Streams, chained: Sequence[Streams], ratio: float) -> Streams:
-    """The teacher input with the first ``round(ratio * B)`` rows taken from the chained inputs (row ``r`` from
-    ``chained[r % len(chained)]``), so every level's chain is represented and no extra student forward is needed.
+def mix_inputs(teacher: Streams, chained: Sequence[Streams], ratio: float, offset: int = 0) -> Streams:
+    """The teacher input with the first ``round(ratio * B)`` rows (at least one when ``ratio > 0``) taken from the
+    chained inputs, row ``r`` from ``chained[r % len(chained)]``, so every level's chain is represented and no extra
+    student forward is needed. When there are fewer such rows than chains (batches of 1-2 per device), the choice
+    rotates with ``offset`` (the batch index), so every chain is still trained over the steps.
 
     Shapes: every stream ``(B, N, D)``; rows are whole samples.
     """
     batch = next(iter(teacher.values())).shape[0]
-    rows = int(round(ratio * batch))
+    rows = max(1, int(round(ratio * batch))) if ratio > 0 else 0
     if rows == 0 or not chained:
         return dict(teacher)
+    shift = offset if rows < len(chained) else 0
     out = {}
     for stream, x in teacher.items():
         mixed = x.clone()
         for r in range(rows):
-            mixed[r] = chained[r % len(chained)][stream][r].to(x.dtype)
+            mixed[r] = chained[(r + shift) % len(chained)][stream][r].to(x.dtype)
         out[stream] = mixed
     return out
 
 
-def _streams(spec: ArchSpec, model: nn.Module, i: int, output: Any) -> Streams | None:
-    """The streams block ``i`` returned, or None when one is missing (SD3's last block returns no text)."""
+def _streams(spec: ArchSpec, model: nn.Module, i: int, output: Any, dtype: torch.dtype) -> Streams | None:
+    """The streams block ``i`` returned, in the stream dtype the model passes between blocks (an fp32 master student
+    under autocast may return float32), or None when one is missing (SD3's last block returns no text)."""
     split = spec.split_outputs(model, i, output)
     if any(v is None for v in split.values()):
         return None
-    return {k: v for k, v in split.items() if v is not None}
+    return {k: v.to(dtype) for k, v in split.items() if v is not None}
+
+
+def _stream_dtype(spec: ArchSpec, model: nn.Module, i: int, call: BlockCall) -> torch.dtype:
+    return spec.split_inputs(model, i, call.args, call.kwargs)["image"].dtype
 
 
 def _same_stack(model: nn.Module, spec: ArchSpec, i: int, j: int) -> bool:

@@ -220,7 +220,8 @@ class DepthStep(nn.Module):
             return call.args, call.kwargs
         model, spec = self.model, self.spec
         teacher = {k: v for k, v in spec.split_inputs(model, u, call.args, call.kwargs).items() if k in chained[0]}
-        return (), call_with_streams(spec, model, u, call, mix_inputs(teacher, chained, self.chain_mix))
+        mixed = mix_inputs(teacher, chained, self.chain_mix, getattr(self, "micro_index", 0))
+        return (), call_with_streams(spec, model, u, call, mixed)
 
     def _nonsequential(self, records: dict[int, BlockCall], chained: dict[str, list[dict[str, torch.Tensor]]]
                        ) -> dict[str, torch.Tensor]:

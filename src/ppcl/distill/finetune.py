@@ -167,7 +167,8 @@ class FinetuneStep(nn.Module):
         rows = int(round(objective.on_policy * x.shape[0]))
         if rows == 0:
             return batch, uncond
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([objective.seed, self.micro_index, 11])
+        index = getattr(self, "data_index", self.micro_index)  # per process: ranks draw different noise
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([objective.seed, index, 11])
                                                 .integers(0, 2**62)))
         noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         set_level(model, level)

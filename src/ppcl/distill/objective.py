@@ -77,10 +77,13 @@ class FinetuneObjective:
             if not ok:
                 raise ConfigError(f"fine-tune objective `{name}` is out of range", expected=expected,
                                   found=repr(found))
-        if self.guidance is None and (self.guided_weight or self.direction_weight) and self.output_weight == 0:
+        guided = self.guidance is not None and (self.guided_weight > 0 or self.direction_weight > 0)
+        if self.output_weight == 0 and not guided:
             raise ConfigError("the fine-tune objective has no active term", expected="output_weight > 0, or a "
-                              "guidance scale for the guided terms", found="guidance None and output_weight 0",
-                              fix="set guidance=G (the sampler's scale) or output_weight > 0")
+                              "guidance scale with a guided or direction weight > 0",
+                              found=f"output_weight 0, guidance {self.guidance}, guided_weight {self.guided_weight}, "
+                              f"direction_weight {self.direction_weight}",
+                              fix="set output_weight > 0, or guidance=G (the sampler's scale) with a guided weight")
         return self
 
     @property

@@ -284,9 +284,10 @@ class TrainingSession:
                 index = (step * accum + micro) * procs + rank
                 batch = {k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                          for k, v in self.data.batch(index).items()}
-                # Step modules that draw per batch (a fine-tune's level) key their draws on the data index, so a
-                # resumed run draws exactly what an uninterrupted one would.
-                inner.micro_index = index
+                # Step modules that draw per batch (a fine-tune's level) key their draws on the micro-batch index,
+                # the same on every process (all ranks train one level per step) and on resume; random tensors
+                # key on the data index, which differs between processes.
+                inner.micro_index, inner.data_index = step * accum + micro, index
                 with accelerator.no_sync(step_module) if micro < accum - 1 else nullcontext():
                     with autocast():
                         losses = step_module(**batch)
