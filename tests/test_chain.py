@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_distill import EARLY, LATE, FixedData, _plan
+from test_distill import EARLY, LATE, FixedData, _plan, student_inputs
 from tiny_models import build_tiny
 
 from ppcl.addon import PruningAddon, student_key
@@ -31,21 +31,7 @@ def _perturbed_addon(model: torch.nn.Module, plan: PruningPlan) -> PruningAddon:
 
 
 def _student_inputs(step: DepthStep, addon: PruningAddon, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    seen: dict[str, dict[str, Any]] = {}
-
-    def spy(key: str) -> Any:
-        def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-            seen.setdefault(key, dict(kwargs))
-
-        return hook
-
-    handles = [s.register_forward_pre_hook(spy(k), with_kwargs=True) for k, s in addon.students.items()]
-    try:
-        step(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    return student_inputs(step, addon, inputs)[0]
 
 
 def test_chained_input_is_what_the_pruned_model_feeds_the_span() -> None:

@@ -189,6 +189,26 @@ def test_nonsequential_lowers_loss_and_changes_students_only(name: str, tmp_path
     assert all(torch.equal(v, addon.state_dict()[k]) for k, v in saved.state_dict().items())
 
 
+def student_inputs(step: DepthStep, addon: PruningAddon, inputs: dict[str, Any]
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Run ``step`` on ``inputs``; the keyword arguments each student was first called with, and the losses."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    def spy(key: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            seen.setdefault(key, dict(kwargs))
+
+        return hook
+
+    handles = [s.register_forward_pre_hook(spy(k), with_kwargs=True) for k, s in addon.students.items()]
+    try:
+        losses = step(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, losses
+
+
 def test_student_input_is_the_teachers_even_behind_an_active_student() -> None:
     case = build_tiny("qwenimage")
     model, inputs = case.model, case.make_inputs(0)
@@ -200,20 +220,9 @@ def test_student_input_is_the_teachers_even_behind_an_active_student() -> None:
         for p in addon.students[student_key(EARLY)].parameters():
             p.mul_(1.5)
     apply_addon(model, addon, level="all")  # the pruned model is what runs outside the teacher pass
-    seen: dict[str, dict[str, Any]] = {}
-
-    def spy(key: str) -> Any:
-        def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-            seen.setdefault(key, dict(kwargs))
-
-        return hook
-
-    handles = [s.register_forward_pre_hook(spy(k), with_kwargs=True) for k, s in addon.students.items()]
     step = DepthStep(model, addon.students, depth_replacements(plan))
-    losses = step(**inputs)
+    seen, losses = student_inputs(step, addon, inputs)
     assert set(losses) == {EARLY, LATE}
-    for handle in handles:
-        handle.remove()
     for key, block in ((student_key(EARLY), 1), (student_key(LATE), 3)):
         recorded = teacher[block][0].kwargs
         for arg in ("hidden_states", "encoder_hidden_states", "temb"):
