@@ -8,9 +8,9 @@ pruned output and a flow-matching target that the data provides under the batch 
 The objective (:class:`~ppcl.distill.objective.FinetuneObjective`) can add the guided terms on paired cond/uncond
 inputs, train several levels at once, and mix in the pruned model's own sampling states.
 
-Default: only the add-on parameters active at ``level`` (and at the objective's other levels) train (its depth students and projections), so every level
-stays valid on the original base. ``full=True`` also trains the base blocks that survive at ``level``: the result is a
-*standalone* model, valid only with those changed base weights. The run then records ``"standalone"`` (with the
+Default: only the add-on parameters active at ``level`` and at the objective's other levels train (depth students
+and projections), so every level stays valid on the original base. ``full=True`` also trains the base blocks that
+survive at ``level``: the result is a *standalone* model, valid only with those changed base weights. The run then records ``"standalone"`` (with the
 level) in the add-on provenance, refreshes the add-on's base fingerprint to the changed base, and writes the merged
 model of that level to ``out_dir/merged`` (diffusers ``save_pretrained`` + the width record, see
 :func:`ppcl.runtime.save_merged`): use that folder, not the add-on on an original base.
