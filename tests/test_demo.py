@@ -125,3 +125,28 @@ def test_demo_rerun_replaces_the_previous_run(demo_out: Path, tmp_path: Path) ->
 def test_demo_rejects_bad_budgets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--fast", "--depth-steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--depth-steps must be positive" in capsys.readouterr().err
+
+
+def test_demo_plan_puts_width_on_the_chosen_depth_level() -> None:
+    """The top level is ``width_base``'s depth spans + width replacements; a higher text-CKA threshold prunes fewer
+    text runs; an unknown base is refused before anything trains."""
+    from ppcl.analysis import RedundancyReport
+    from ppcl.demo.run import DemoConfig, make_plan
+    from ppcl.errors import ConfigError
+    from ppcl.toy.teacher import ToyTeacher
+
+    report = RedundancyReport.load(Path(__file__).parents[1] / "docs" / "example-report")
+    model_config = ToyTeacher.load().transformer.config
+    cfg = DemoConfig()
+    on_p25 = make_plan(report, model_config, 3, "p25", None)  # the demo's earlier plan: every text run at CKA 0.95
+    on_p40 = make_plan(report, model_config, cfg.ffn_blocks, cfg.width_base, cfg.text_cka_threshold)
+    for plan, base in ((on_p25, "p25"), (on_p40, "p40")):
+        depth = {r for r in plan.level(base).replacement_ids}
+        top = set(plan.level("p50").replacement_ids)
+        assert depth < top and {r for r in top if r.startswith("depth")} == depth
+        assert plan.level("p50").replacement_ids != plan.level(base).replacement_ids
+    runs = [r for r in on_p40.level("p50").replacement_ids if r.startswith("text")]
+    assert len(runs) < len([r for r in on_p25.level("p50").replacement_ids if r.startswith("text")])
+    assert sum(r.startswith("ffn") for r in on_p40.level("p50").replacement_ids) == cfg.ffn_blocks
+    with pytest.raises(ConfigError, match="width base"):
+        make_plan(report, model_config, 3, "p50", None)

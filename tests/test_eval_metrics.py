@@ -26,6 +26,8 @@ from ppcl.eval.metrics import (
     x0_prediction,
 )
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
+from ppcl.runtime import apply_addon, remove_addon, set_level
+from ppcl.toy.benchmark import sample_benchmark
 
 TINY_TOY = {"patch_size": 4, "in_channels": 48, "out_channels": 3, "num_layers": 4, "attention_head_dim": 16,
             "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (4, 6, 6)}
@@ -205,6 +207,22 @@ def test_evaluate_levels_with_the_toy_adds_psnr_and_categories(toy_teacher: Any,
     for name in ("PSNR (dB)", "strict overall", "single", "two objects", "position", "color", "R"):
         assert name in header, name
     assert cells[0][header.index("PSNR (dB)")] == "—"
+    # The PSNR is taken on the ShapesEval images themselves (equal prompts and noise): recompute it from them.
+    apply_addon(model, toy_addon)
+    try:
+        images = {}
+        for level in (None, "all"):
+            set_level(model, level)
+            images[level] = sample_benchmark(toy_teacher, model, n_per_category=1)[1]
+    finally:
+        remove_addon(model)
+    assert rows["all"]["psnr_db"] == image_psnr(images["all"], images[None])
+    # Without the teacher's images (its scores given), the PSNR samples its own prompts instead.
+    known = evaluate_levels(model, toy_addon, [pairs[0][0]], repeats=1, toy=toy_teacher,
+                            shapes_eval={"n_per_category": 1}, teacher_scores=rows["teacher"]["shapes_eval"],
+                            paired=pairs, psnr_per_category=1)
+    assert _finite(known["all"]["psnr_db"])
+    assert known["all"]["shapes_eval"]["overall"] == rows["all"]["shapes_eval"]["overall"]  # same images scored
 
 
 def test_tables_read_old_rows_and_the_strict_score() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppcl.analysis.probes import ProbeAccumulator, ProbeFit, ResidualProbe, refine_probe
+from ppcl.analysis.probe_refine import refine_probe
+from ppcl.analysis.probes import ProbeAccumulator, ProbeFit, ResidualProbe
 from ppcl.errors import ConfigError, PPCLError
 
 D = 8

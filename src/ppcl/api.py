@@ -9,7 +9,7 @@ from ppcl.analysis import AnalysisConfig, RedundancyReport, plan_from_report
 from ppcl.analysis import analyze as _analyze
 from ppcl.data.calibration import CalibrationSet
 from ppcl.plan import PruningPlan
-from ppcl.plan.propose import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR
+from ppcl.plan.guard import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR
 
 
 def calibrate(source: Any, prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,), n_timesteps: int = 6,

@@ -19,7 +19,8 @@ from torch import nn
 from ppcl.analysis.cka import cka_matrix, cka_trajectories
 from ppcl.analysis.collect import STREAMS, StreamStats, collect
 from ppcl.analysis.intervals import Interval, scan_intervals
-from ppcl.analysis.probes import ProbeAccumulator, ResidualProbe, refine_probe
+from ppcl.analysis.probe_refine import refine_probe
+from ppcl.analysis.probes import ProbeAccumulator, ResidualProbe
 from ppcl.analysis.report import RedundancyReport
 from ppcl.arch import get_spec
 from ppcl.data.calibration import CalibrationSet

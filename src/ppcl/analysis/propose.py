@@ -14,7 +14,7 @@ from ppcl.errors import ArtefactError, ConfigError
 from ppcl.io import config_hash
 from ppcl.plan import PruningPlan, param_table, propose_plan
 from ppcl.plan.count import resolve_model_class
-from ppcl.plan.propose import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR
+from ppcl.plan.guard import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR
 
 
 def plan_from_report(

@@ -8,7 +8,7 @@ from typing import Any
 
 from ppcl.cli.common import add_model_args, load_model, parse_floats
 from ppcl.logging import get_logger
-from ppcl.plan.propose import DEFAULT_GUARD_FACTOR
+from ppcl.plan.guard import DEFAULT_GUARD_FACTOR
 
 log = get_logger("cli.analyze")
 
@@ -47,7 +47,7 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
 
 def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``plan_from_report`` keywords from the budget arguments; a bad guard factor fails here, before any work."""
-    from ppcl.plan.propose import check_guard
+    from ppcl.plan.guard import check_guard
 
     check_guard(args.guard_factor)
     return {"guard_factor": args.guard_factor}

@@ -22,10 +22,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--no-shapes-eval", action="store_true", help="toy: skip the sampled metrics (ShapesEval, PSNR)")
     p.add_argument("--per-category", type=int, default=60, help="toy ShapesEval prompts per category")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance g of the guided metrics and PSNR images (default: the toy "
-                   "sampler's, 4.0)")
+                   help="classifier-free guidance g of the guided metrics and the sampled images (ShapesEval, "
+                   "PSNR) (default: the toy sampler's, 4.0)")
     p.add_argument("--psnr-per-category", type=int, default=4,
-                   help="toy: PSNR prompts per ShapesEval category (x 2 seeds); 0 skips the PSNR")
+                   help="toy: 0 skips the PSNR; any other value takes it on every ShapesEval image pair "
+                   "(teacher and level at equal prompts and noise, no extra sampling)")
     p.set_defaults(func=_run)
 
 

@@ -4,9 +4,11 @@ Levels (nominal share of the teacher's *block* parameters removed; the toy's 16 
 
 * ``p25``: the cheapest depth spans reaching 25% (on the committed teacher: 2 spans, 31.2%);
 * ``p40``: the next depth span on top (3 spans, 37.5%: the toy has no set of spans nearer 40%);
-* ``p50``: ``p25``'s depth spans + every text-stream run + FFN → linear maps on ``ffn_blocks`` blocks (53.1%).
-  Width on top of the smaller depth level is the paper's recipe (12B depth + width → 10B) and it keeps the deep
-  spans few: on the toy each further depth span costs more than the width replacements.
+* ``p50``: ``p40``'s depth spans + the text-stream runs whose text CKA is at least 0.99 + FFN → linear maps on
+  ``ffn_blocks`` = 4 blocks (52.1%). Width on top of a depth level is the paper's recipe (12B depth + width → 10B).
+  On the toy, text-stream runs in the early blocks (text CKA 0.95-0.98) cost the two-object and position prompts
+  most, so the demo prunes only the nearly unchanged late text stream and replaces more FFNs instead
+  (benchmarks/RESULTS.md, "Demo budgets and the p50 width plan").
 
 One non-sequential, chain-aware depth training serves every level (pluggability); the width projections are trained
 for ``p50``; the fine-tune trains the add-on parameters of every level (one level drawn per batch), so every level
@@ -54,7 +56,6 @@ log = get_logger("demo")
 
 DEPTH_TARGETS = (0.25, 0.375)
 DEPTH_LEVELS = ("p25", "p40")
-WIDTH_BASE = "p25"
 TOP_LEVEL = "p50"
 LEVELS = (*DEPTH_LEVELS, TOP_LEVEL)
 
@@ -72,6 +73,8 @@ class DemoConfig:
             every level trains (``finetune_level_mode``: ``draw`` = one level per batch, the old single-level
             fine-tune's cost), so none gets worse from the fine-tune.
         finetune_direction_weight: weight of the guidance-direction term.
+        width_base: the depth level the top level's width replacements go on (``p25`` or ``p40``).
+        text_cka_threshold: minimum text-stream CKA of a text-pruned run (None: the selector's 0.95).
         ffn_blocks: FFN → linear replacements in the top level.
         per_category: ShapesEval prompts per category (x2 seeds, 4 categories) per level.
         latency_repeats: interleaved timing repeats per level.
@@ -83,18 +86,20 @@ class DemoConfig:
 
     calib_prompts: int = 32
     calib_timesteps: int = 6
-    depth_steps: int = 600
-    width_steps: int = 300
-    finetune_steps: int = 600
+    depth_steps: int = 300
+    width_steps: int = 150
+    finetune_steps: int = 300
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
     chain_mix: float = 0.5
     init: str = "first"
     finetune_guidance: float | None = None
     finetune_direction_weight: float = 0.0
     finetune_level_mode: str = "draw"
-    ffn_blocks: int = 3
-    per_category: int = 40
+    width_base: str = "p40"
+    text_cka_threshold: float | None = 0.99
+    ffn_blocks: int = 4
+    per_category: int = 30
     latency_repeats: int = 10
     eval_batches: int = 4
     grid_prompts: int = 6
@@ -103,7 +108,7 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **overrides: Any) -> DemoConfig:
-        """The README's demo: about 10-12 minutes on 2 CPU cores."""
+        """The README's demo: about 14 minutes on 2 CPU cores."""
         return cls(**overrides)
 
     @classmethod
@@ -153,11 +158,15 @@ class _Clock:
         return out
 
 
-def make_plan(report: RedundancyReport, model_config: Any, ffn_blocks: int) -> PruningPlan:
-    """The demo's three levels (module docstring) from ``report``."""
+def make_plan(report: RedundancyReport, model_config: Any, ffn_blocks: int, width_base: str,
+              text_cka_threshold: float | None) -> PruningPlan:
+    """The demo's three levels (module docstring) from ``report``: the top level is ``width_base``'s depth spans plus
+    the width replacements."""
+    if width_base not in DEPTH_LEVELS:
+        raise ConfigError("unknown width base level", expected=f"one of {list(DEPTH_LEVELS)}", found=repr(width_base))
     depth = plan_from_report(report, model_config, DEPTH_TARGETS, level_names=DEPTH_LEVELS)
-    width = add_width_levels(depth, report, ffn_blocks=ffn_blocks, suffix="+w")
-    source = width.level(f"{WIDTH_BASE}+w")
+    width = add_width_levels(depth, report, threshold=text_cka_threshold, ffn_blocks=ffn_blocks, suffix="+w")
+    source = width.level(f"{width_base}+w")
     levels = [lv for lv in width.levels if lv.name in DEPTH_LEVELS]
     top = dataclasses.replace(source, name=TOP_LEVEL)  # keeps its interval scores for the summary
     used = {rid for lv in [*levels, top] for rid in lv.replacement_ids}
@@ -186,7 +195,7 @@ def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, c
                                                                 n_timesteps=config.calib_timesteps))
     report = clock.stage("analyze", lambda: analyze(model, calibration, AnalysisConfig(seed=config.seed)))
     report.save(out / "analysis")
-    plan = make_plan(report, model.config, config.ffn_blocks)
+    plan = make_plan(report, model.config, config.ffn_blocks, config.width_base, config.text_cka_threshold)
     plan.save(out / "plan")
     log.info("demo: plan\n%s", plan.summary())
     addon = PruningAddon.from_plan(model, plan, init=config.init)
@@ -210,11 +219,10 @@ def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, c
                                                    f"guidance {config.finetune_guidance}, "
                                                    f"{config.finetune_level_mode})"))
     shapes = {"n_per_category": config.per_category}
-    # Guided metrics on as many captioned pairs as unguided held-out batches; PSNR on a tenth of the ShapesEval
-    # prompts (x 2 seeds) keeps its sampling cheap beside ShapesEval's.
+    # Guided metrics on as many captioned pairs as unguided held-out batches; the PSNR on the ShapesEval images
+    # (teacher and level at equal prompts and noise), so it costs no sampling of its own.
     levels = clock.stage("evaluate every level", lambda: evaluate_levels(
-        model, addon, held_out, list(LEVELS), config.latency_repeats, teacher, shapes, paired=paired,
-        psnr_per_category=max(1, config.per_category // 10)))
+        model, addon, held_out, list(LEVELS), config.latency_repeats, teacher, shapes, paired=paired))
     result = DemoResult(config, _card(teacher), plan.summary(), levels, stages, clock.timings,
                         _level_blocks(plan), [(i.u, i.v) for i in report.intervals], command=command)
     prompts = GRID_PROMPTS[: config.grid_prompts]

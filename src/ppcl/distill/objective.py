@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from ppcl.errors import ConfigError

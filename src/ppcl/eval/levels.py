@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,15 +82,19 @@ def evaluate_levels(
         levels: level names (default: all of the plan's).
         repeats: interleaved timing repeats.
         toy: a ToyTeacher for ShapesEval and PSNR (None: skip); ``shapes_eval`` are keyword arguments of
-            :func:`ppcl.toy.benchmark.score_model` (e.g. ``{"n_per_category": 60}``).
+            :func:`ppcl.toy.benchmark.sample_benchmark` (e.g. ``{"n_per_category": 60}``).
         teacher_scores: the teacher's ShapesEval under the same protocol, when already known (not re-sampled).
         paired: (conditional, unconditional twin) batches for the guided metrics (see
             :func:`ppcl.eval.guided.uncond_twin`); default with ``toy``: :func:`ppcl.eval.guided.paired_toy_batches`
             (4 x 32, t stratified over ``t_buckets``), without: no guided metrics.
-        guidance: classifier-free guidance scale g of ``v_g = v_u + g·(v_c − v_u)`` (use the sampler's).
+        guidance: classifier-free guidance scale g of ``v_g = v_u + g·(v_c − v_u)`` (use the sampler's); also the
+            guidance of the sampled images (ShapesEval, PSNR) unless ``shapes_eval`` names a ``sampler``.
         t_buckets: time buckets of the x0-prediction NMSE.
-        psnr_per_category: toy: PSNR prompts per ShapesEval category (x ``psnr_seeds``); 0 skips the PSNR.
-        psnr_seeds: noise seeds of the PSNR images.
+        psnr_per_category: toy: 0 skips the PSNR. Otherwise, when the teacher's ShapesEval images are sampled here
+            (no ``teacher_scores``), the PSNR is taken on every ShapesEval image pair at no extra sampling (equal
+            prompts and noise); when they are not, on ``psnr_per_category`` prompts per category x ``psnr_seeds``
+            sampled for it at ``guidance``.
+        psnr_seeds: noise seeds of those separately sampled PSNR images.
     """
     check_buckets(t_buckets)
     levels = list(levels) if levels is not None else addon.plan.level_names
@@ -117,10 +122,13 @@ def evaluate_levels(
         timing = interleaved_latency({_name(lv): _timed(model, lv, batches[0]) for lv in [None, *levels]}, repeats)
         for name, ratio in ratios(timing, TEACHER).items():
             rows[name].update(latency_ms=round(timing[name]["median_ms"], 3), latency_ratio=round(ratio, 4))
-        if toy is not None and psnr_per_category > 0:
-            _psnr(model, toy, levels, rows, psnr_prompts(psnr_per_category), psnr_seeds, guidance)
         if toy is not None:
-            _shapes_eval(model, toy, [None, *levels], rows, shapes_eval or {}, teacher_scores)
+            images = _shapes_eval(model, toy, [None, *levels], rows, _with_sampler(shapes_eval, guidance),
+                                  teacher_scores)
+            if psnr_per_category > 0 and TEACHER in images:
+                _psnr_from(images, rows)
+            elif psnr_per_category > 0:
+                _psnr(model, toy, levels, rows, psnr_prompts(psnr_per_category), psnr_seeds, guidance)
     finally:
         if was_applied:
             set_level(model, previous)
@@ -153,6 +161,21 @@ def _psnr(model: nn.Module, toy: Any, levels: list[str], rows: dict, prompts: li
         rows[lv]["psnr_db"] = image_psnr(psnr_images(toy, model, prompts, seeds, guidance), reference)
 
 
+def _with_sampler(kwargs: dict[str, Any] | None, guidance: float) -> dict[str, Any]:
+    """ShapesEval keyword arguments whose sampler runs at ``guidance`` unless they name their own sampler."""
+    from ppcl.toy.sampler import SamplerConfig
+
+    return {"sampler": SamplerConfig(guidance=guidance), **(kwargs or {})}
+
+
+def _psnr_from(images: dict[str, np.ndarray], rows: dict) -> None:
+    """Image PSNR of every level to the teacher on the ShapesEval images (same prompts and noise seeds)."""
+    rows[TEACHER]["psnr_db"] = None
+    for name, level_images in images.items():
+        if name != TEACHER:
+            rows[name]["psnr_db"] = image_psnr(level_images, images[TEACHER])
+
+
 def _static_row(model: nn.Module, addon: PruningAddon, level: str | None) -> dict[str, Any]:
     count = addon.plan.param_count(model.config, level)
     return {"params": count.after, "blocks": count.blocks_after,
@@ -167,19 +190,24 @@ def _timed(model: nn.Module, level: str | None, batch: dict[str, Any]):
 
 
 def _shapes_eval(model: nn.Module, toy: Any, levels: list[str | None], rows: dict, kwargs: dict[str, Any],
-                 teacher_scores: dict[str, Any] | None) -> None:
-    from ppcl.toy.benchmark import score_model
+                 teacher_scores: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """ShapesEval and R of every level (the teacher re-sampled unless ``teacher_scores``); returns the sampled
+    images ``(M, 32, 32, 3)`` by row name."""
+    from ppcl.toy.benchmark import sample_benchmark, score_images
 
     if teacher_scores is not None:
         rows[TEACHER]["shapes_eval"] = dict(teacher_scores)
         levels = [lv for lv in levels if lv is not None]
+    images: dict[str, np.ndarray] = {}
     for lv in levels:
         set_level(model, lv)
         log.info("eval: ShapesEval of %s", _name(lv))
-        rows[_name(lv)]["shapes_eval"] = score_model(toy, transformer=model, **kwargs)
+        prompts, images[_name(lv)] = sample_benchmark(toy, transformer=model, **kwargs)
+        rows[_name(lv)]["shapes_eval"] = score_images(prompts, images[_name(lv)])
     reference = rows[TEACHER]["shapes_eval"]
     for row in rows.values():
         row["R"] = round(relative_drop(row["shapes_eval"], reference), 4)
+    return images
 
 
 def strict_overall(shapes: dict[str, Any] | None) -> float | None:

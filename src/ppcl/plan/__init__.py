@@ -19,7 +19,8 @@ from ppcl.plan.count import (
     param_table,
 )
 from ppcl.plan.plan import PLAN_FILE, Level, PruningPlan
-from ppcl.plan.propose import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR, BudgetGuard, check_guard, propose_plan
+from ppcl.plan.guard import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR, BudgetGuard, check_guard
+from ppcl.plan.propose import propose_plan
 from ppcl.plan.replacements import (
     DepthReplacement,
     Issue,

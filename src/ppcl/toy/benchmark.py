@@ -34,6 +34,25 @@ def score_ground_truth(n_per_category: int = N_PER_CATEGORY, seeds: tuple[int, .
     return score_images(rows, images)
 
 
+def sample_benchmark(
+    teacher: ToyTeacher,
+    transformer: torch.nn.Module | None = None,
+    n_per_category: int = N_PER_CATEGORY,
+    seeds: tuple[int, ...] = SEEDS,
+    sampler: SamplerConfig = SamplerConfig(),
+) -> tuple[list[Prompt], np.ndarray]:
+    """The benchmark rows (every prompt once per seed) and uint8 images ``(len(rows), 32, 32, 3)`` of
+    ``transformer`` (default: the teacher) at its active level.
+
+    The noise of (prompt i, seed s) is seeded by ``s * 100_000 + i``, so teacher and pruned models are compared on
+    exactly the same starting noise (and their images pixel by pixel).
+    """
+    prompts = benchmark_prompts(n_per_category)
+    rows = [p for _ in seeds for p in prompts]
+    noise_seeds = [s * 100_000 + i for s in seeds for i in range(len(prompts))]
+    return rows, sample(teacher, [p.text for p in rows], noise_seeds, sampler, transformer=transformer)
+
+
 def score_model(
     teacher: ToyTeacher,
     transformer: torch.nn.Module | None = None,
@@ -41,13 +60,6 @@ def score_model(
     seeds: tuple[int, ...] = SEEDS,
     sampler: SamplerConfig = SamplerConfig(),
 ) -> dict[str, Any]:
-    """ShapesEval of images sampled from ``transformer`` (default: the teacher) for every prompt and seed.
-
-    The noise of (prompt i, seed s) is seeded by ``s * 100_000 + i``, so teacher and pruned models are compared on
-    exactly the same starting noise.
-    """
-    prompts = benchmark_prompts(n_per_category)
-    rows = [p for _ in seeds for p in prompts]
-    noise_seeds = [s * 100_000 + i for s in seeds for i in range(len(prompts))]
-    images = sample(teacher, [p.text for p in rows], noise_seeds, sampler, transformer=transformer)
-    return score_images(rows, images)
+    """ShapesEval of images sampled from ``transformer`` (default: the teacher) for every prompt and seed
+    (:func:`sample_benchmark`)."""
+    return score_images(*sample_benchmark(teacher, transformer, n_per_category, seeds, sampler))
