@@ -87,8 +87,8 @@ class DemoConfig:
     calib_prompts: int = 32
     calib_timesteps: int = 6
     depth_steps: int = 300
-    width_steps: int = 150
-    finetune_steps: int = 300
+    width_steps: int = 130
+    finetune_steps: int = 270
     batch_size: int = 32
     lr: float = 1e-3
     chain_mix: float = 0.5
@@ -99,8 +99,8 @@ class DemoConfig:
     width_base: str = "p40"
     text_cka_threshold: float | None = 0.99
     ffn_blocks: int = 4
-    per_category: int = 30
-    latency_repeats: int = 10
+    per_category: int = 25
+    latency_repeats: int = 5
     eval_batches: int = 4
     grid_prompts: int = 6
     grid_seeds: int = 2
@@ -108,7 +108,7 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **overrides: Any) -> DemoConfig:
-        """The README's demo: about 14 minutes on 2 CPU cores."""
+        """The README's demo: about 13-14 minutes on 2 CPU cores."""
         return cls(**overrides)
 
     @classmethod
