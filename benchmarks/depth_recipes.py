@@ -111,7 +111,7 @@ def run_variant(teacher: ToyTeacher, plan: PruningPlan, name: str, seed: int, ar
     addon = PruningAddon.from_plan(model, plan, init=spec.get("init"))
     cfg = DistillConfig(mode=spec["mode"], chain_mix=spec.get("chain_mix", 0.0), steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, warmup=max(1, args.steps // 20),
-                        checkpoint_every=0, log_every=10, seed=seed)
+                        checkpoint_every=0, log_every=10, seed=seed, teacher_reuse=args.teacher_reuse)
     data = ToyDistillData(teacher, args.batch_size, seed=seed)
     folder = out / f"{name}{args.tag}" / f"seed{seed}"
     t0 = time.perf_counter()
@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--targets", default="0.25,0.375")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--teacher-reuse", type=int, default=1, help="data echoing: steps per teacher pass")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--per-category", type=int, default=20)
     parser.add_argument("--eval-batches", type=int, default=4)
@@ -201,7 +202,10 @@ def main() -> None:
             results.setdefault(name + args.tag, []).append(run_variant(teacher, plan, name, seed, args, pairs, reference, out))
             print(name + args.tag, seed, json.dumps(results[name + args.tag][-1]), flush=True)
     body = (f"Plan (toy teacher analysis, targets {args.targets}):\n\n```\n{plan.summary()}\n```\n\n"
-            f"{args.steps} depth steps at batch {args.batch_size}, lr {args.lr}, seeds {args.seeds}; ShapesEval "
+            + ("Re-scored images of finished runs; each variant's steps and teacher reuse are in its tag (train s as "
+               "measured then, at that run's threads); " if args.rescore else
+               f"{args.steps} depth steps at batch {args.batch_size}, lr {args.lr}, teacher reuse {args.teacher_reuse}, ")
+            + f"seeds {args.seeds}; ShapesEval "
             f"{args.per_category} prompts per category x 2 seeds; mean ± standard error over seeds.\n\n"
             + table(results, plan.level_names, teacher_scores))
     print(body)

@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "none": {},
     "plain-top": {"objective": FinetuneObjective()},
     "plain-all": {"objective": FinetuneObjective(), "all": True},
+    "plain-draw": {"objective": FinetuneObjective(level_mode="draw"), "all": True},  # the demo's
     "guided-all": {"objective": FinetuneObjective(guidance=G), "all": True},
     "guided+dir-all": {"objective": FinetuneObjective(guidance=G, direction_weight=1.0), "all": True},
 }
@@ -58,7 +59,7 @@ def run(teacher: ToyTeacher, name: str, seed: int, args: argparse.Namespace, pai
         ) -> dict[str, Any]:
     model = teacher.transformer
     addon = PruningAddon.from_pretrained(Path(args.depth_run) / f"seed{seed}" / "run" / "addon", model)
-    folder = Path(args.out) / name / f"seed{seed}"
+    folder = Path(args.out) / f"{name}{args.tag}" / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     spec = VARIANTS[name]
     t0 = time.perf_counter()
@@ -69,11 +70,13 @@ def run(teacher: ToyTeacher, name: str, seed: int, args: argparse.Namespace, pai
         if spec.get("all"):
             objective = FinetuneObjective(**{**objective.to_json(), "levels": tuple(levels[:-1]), "seed": seed})
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            warmup=max(1, args.steps // 20), checkpoint_every=0, log_every=10, seed=seed)
+                            warmup=max(1, args.steps // 20), checkpoint_every=0, log_every=10, seed=seed,
+                            teacher_reuse=args.teacher_reuse)
         finetune(model, addon, ToyDistillData(teacher, args.batch_size, seed=seed), cfg, folder / "run", level=top,
                  objective=objective)
+    train_s = round(time.perf_counter() - t0, 1)
     rows = evaluate(teacher, addon, pairs, reference, args.per_category, folder)
-    rows["train_s"] = round(time.perf_counter() - t0, 1)
+    rows["train_s"] = train_s
     (folder / "result.json").write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -86,9 +89,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--teacher-reuse", type=int, default=1, help="data echoing: steps per teacher pass")
+    parser.add_argument("--tag", default="", help="suffix of the variants' folders and table rows")
     parser.add_argument("--per-category", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/finetune_recipes")
+    parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     teacher = ToyTeacher.load()
@@ -99,8 +105,8 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for name in args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            results.setdefault(name, []).append(run(teacher, name, seed, args, pairs, reference))
-            print(name, seed, json.dumps(results[name][-1]), flush=True)
+            results.setdefault(name + args.tag, []).append(run(teacher, name, seed, args, pairs, reference))
+            print(name + args.tag, seed, json.dumps(results[name + args.tag][-1]), flush=True)
     levels = [k for k in results[next(iter(results))][0] if k != "train_s"]
     keys = ["cosine", "guided_nmse", "direction_nmse", *teacher_scores]
     lines = ["| fine-tune | level | " + " | ".join(keys) + " | s |", "|---" * (len(keys) + 3) + "|",
@@ -110,10 +116,11 @@ def main() -> None:
             lines.append(f"| {name} | {level} | " + " | ".join(mean_se([r[level][k] for r in runs]) for k in keys)
                          + f" | {np.mean([r['train_s'] for r in runs]):.0f} |")
     body = (f"From the depth add-ons of `{args.depth_run}`; {args.steps} fine-tune steps at batch {args.batch_size}, "
-            f"lr {args.lr}, guidance {G} for the guided variants; ShapesEval {args.per_category} prompts per category "
+            f"lr {args.lr}, teacher reuse {args.teacher_reuse}, guidance {G} for the guided variants; ShapesEval {args.per_category} prompts per category "
             "x 2 seeds; mean ± standard error over seeds " + args.seeds + ".\n\n" + "\n".join(lines))
     print(body)
-    append("Fine-tune objectives: plain vs multi-level vs guided (toy teacher)", body)
+    if not args.no_append:
+        append("Fine-tune objectives: plain vs multi-level vs guided (toy teacher)", body)
 
 
 if __name__ == "__main__":

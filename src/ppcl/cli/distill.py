@@ -67,6 +67,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", action="store_true",
                    help="depth (non-sequential): FSDP2-shard the frozen teacher and the students over the processes "
                    "(on by itself under an accelerate FSDP config; docs/scale.md)")
+    p.add_argument("--teacher-reuse", type=int, default=_DEFAULTS.teacher_reuse,
+                   help="data echoing: each batch and its frozen teacher pass serve this many consecutive steps "
+                        "(README 'Recipes beyond the paper')")
     p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
     p.add_argument("--init", choices=("first", "middle", "last", "average"), default=None, help="override the plan's init")
     p.add_argument("--level", default=None,
@@ -118,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     config = DistillConfig(mode=args.mode, chain_mix=args.chain_mix, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=warmup,
                            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                            gradient_accumulation=args.gradient_accumulation, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed, shard=args.shard)
+                           seed=args.seed, shard=args.shard, teacher_reuse=args.teacher_reuse)
     data = _data(args, model)
     if args.stage == "depth":
         distill_depth(model, addon, data, config, args.out, resume=args.resume, level=args.level)

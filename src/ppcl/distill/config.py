@@ -32,6 +32,8 @@ class DistillConfig:
         chain_mix: non-sequential depth mode: share of each batch on which a student trains on its chained input
             (the upstream students' output in the levels containing it, :mod:`ppcl.distill.chain`); 0 = the paper's
             pure non-sequential distillation. A plan whose levels each hold one span (per block stack) trains as with 0.
+        teacher_reuse: data echoing (:mod:`ppcl.distill.echo`): each batch and its frozen teacher pass serve this many
+            consecutive optimiser steps (depth and fine-tune stages); 1 = a fresh batch every step.
         shard: FSDP2-shard the frozen teacher's blocks and the students across the processes (non-sequential depth
             distillation; on by itself under an accelerate FSDP config). Same results as unsharded, up to the
             summation order of the gradient norm.
@@ -59,6 +61,7 @@ class DistillConfig:
     # guided-velocity NMSE and ShapesEval at both levels, beyond 2 standard errors; chained-only (1, one seed) had
     # a worse guided NMSE than 0.5. Sequential distillation still beats both at 3 adjacent spans.
     chain_mix: float = 0.5
+    teacher_reuse: int = 1
 
     def validate(self) -> DistillConfig:
         """Raise :class:`~ppcl.errors.ConfigError` on the first out-of-range value; return ``self``."""
@@ -77,7 +80,9 @@ class DistillConfig:
             (c.gradient_accumulation >= 1, "gradient_accumulation", ">= 1", c.gradient_accumulation),
             (c.checkpoint_every >= 0, "checkpoint_every", ">= 0", c.checkpoint_every),
             (c.log_every >= 1, "log_every", ">= 1", c.log_every),
-            (0.0 <= c.chain_mix <= 1.0, "chain_mix", "in [0, 1]", c.chain_mix)]
+            (0.0 <= c.chain_mix <= 1.0, "chain_mix", "in [0, 1]", c.chain_mix),
+            (isinstance(c.teacher_reuse, int) and c.teacher_reuse >= 1, "teacher_reuse", "an integer >= 1",
+             c.teacher_reuse)]
         for ok, name, expected, found in checks:
             if not ok:
                 raise ConfigError(f"distillation setting `{name}` is out of range", expected=expected, found=repr(found))

@@ -30,6 +30,7 @@ from ppcl.addon import student_key
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.data.recorder import ActivationRecorder, BlockCall
 from ppcl.distill.chain import call_with_streams, chain_blocks, chain_groups, chained_inputs, mix_inputs
+from ppcl.distill.echo import NO_ECHO, TeacherEcho
 from ppcl.distill.losses import depth_loss
 from ppcl.errors import ConfigError
 from ppcl.plan import DepthReplacement, PruningPlan
@@ -153,11 +154,13 @@ class DepthStep(nn.Module):
         self.measure = False
 
     model: nn.Module
+    echo: TeacherEcho = NO_ECHO  # the trainer sets its own (data echoing)
 
     def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
         """``{replacement id: scalar loss}`` for ``batch`` (the transformer's keyword arguments)."""
         t0 = self._clock()
-        records = self.teacher_pass(batch)
+        # Echoed steps (DistillConfig.teacher_reuse) meet the same data index and reuse its pass.
+        records = self.echo.get(getattr(self, "data_index", None), lambda: self.teacher_pass(batch))
         t1 = self._clock()
         if self.mode == "nonsequential":
             losses = self._nonsequential(records, self._chained(records))

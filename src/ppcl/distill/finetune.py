@@ -35,6 +35,7 @@ from ppcl.addon import PruningAddon, student_key
 from ppcl.addon.fingerprint import fingerprint_of
 from ppcl.arch import get_spec
 from ppcl.distill.data import DistillData
+from ppcl.distill.echo import NO_ECHO, TeacherEcho
 from ppcl.distill.objective import FinetuneObjective, euler_to, guided_terms
 from ppcl.distill.trainer import DistillConfig, TrainingSession
 from ppcl.errors import ConfigError
@@ -125,6 +126,7 @@ class FinetuneStep(nn.Module):
         self.measure, self.timing, self.micro_index = False, {}, 0
 
     model: nn.Module
+    echo: TeacherEcho = NO_ECHO  # the trainer sets its own (data echoing)
 
     def forward(self, **batch: Any) -> dict[str, Tensor]:
         """``{term: scalar loss}`` for ``batch`` (transformer kwargs, plus the optional flow target)."""
@@ -137,8 +139,10 @@ class FinetuneStep(nn.Module):
         uncond = self.unconditional(batch) if objective.paired and self.unconditional is not None else None
         if objective.on_policy > 0 and uncond is not None:
             batch, uncond = self._on_policy(batch, uncond, levels[-1])
-        with torch.no_grad(), disabled(model), _original_weights(self.originals):
-            teacher = self._velocities(batch, uncond)
+        # Echoed steps (DistillConfig.teacher_reuse) reuse the batch's teacher velocities; on-policy states are the
+        # pruned model's own and change every step, so they are never echoed.
+        key = getattr(self, "data_index", None) if objective.on_policy == 0 else None
+        teacher = self.echo.get(key, lambda: self._teacher(batch, uncond))
         losses: dict[str, Tensor] = {}
         for name in levels:
             set_level(model, name)
@@ -150,6 +154,11 @@ class FinetuneStep(nn.Module):
             losses.update({prefix + k: v for k, v in terms.items()})
         # Left at the last trained level: with one level per batch, checkpointed blocks recompute as they ran.
         return losses
+
+    def _teacher(self, batch: dict[str, Any], uncond: dict[str, Any] | None) -> tuple[Tensor, Tensor | None]:
+        """The original model's velocities (add-on off, frozen original weights), as :meth:`_velocities`."""
+        with torch.no_grad(), disabled(self.model), _original_weights(self.originals):
+            return self._velocities(batch, uncond)
 
     def _velocities(self, batch: dict[str, Any], uncond: dict[str, Any] | None) -> tuple[Tensor, Tensor | None]:
         """The model's output ``(B, N, C)`` on the batch and (paired) on its unconditional twin."""

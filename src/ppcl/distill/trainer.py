@@ -41,6 +41,7 @@ from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpo
 from ppcl.distill.config import DistillConfig
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
+from ppcl.distill.echo import TeacherEcho
 from ppcl.distill.precision import MasterWeights, autocast_dtype, base_dtype, precision_record
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
@@ -267,7 +268,8 @@ class TrainingSession:
 
     def _loop(self, start: int, end: int, elapsed: float) -> dict[str, Any]:
         accelerator, step_module, config = self.accelerator, self.step_module, self.config
-        inner, accum = accelerator.unwrap_model(step_module), config.gradient_accumulation
+        inner, accum, reuse = accelerator.unwrap_model(step_module), config.gradient_accumulation, config.teacher_reuse
+        inner.echo = TeacherEcho(accum if reuse > 1 else 0)
         autocast = self._autocast
         procs, rank = accelerator.num_processes, accelerator.process_index
         t0, t_run = time.perf_counter() - elapsed, time.perf_counter()
@@ -281,7 +283,8 @@ class TrainingSession:
             sums: dict[str, float] = {}
             teacher_s = 0.0
             for micro in range(accum):
-                index = (step * accum + micro) * procs + rank
+                # Data echoing: a new batch every `teacher_reuse` steps; the step module keeps its teacher pass.
+                index = ((step // reuse) * accum + micro) * procs + rank
                 batch = {k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                          for k, v in self.data.batch(index).items()}
                 # Step modules that draw per batch (a fine-tune's level) key their draws on the micro-batch index,
@@ -315,6 +318,7 @@ class TrainingSession:
             fault_point("step", step + 1)
             if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
                 self._save_checkpoint(step + 1, time.perf_counter() - t0)
+        inner.echo.clear()  # the kept teacher tensors are not needed past the run
         return {"final": last, "elapsed": time.perf_counter() - t0,
                 "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
                 "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
@@ -371,7 +375,8 @@ class TrainingSession:
             optimizer = self.shards.full_optimizer_state(self.opt)
         if self.accelerator.is_main_process:
             # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
-            state = {"step": step, "data_index": step * self.config.gradient_accumulation, "elapsed": elapsed,
+            state = {"step": step, "data_index": step // self.config.teacher_reuse * self.config.gradient_accumulation,
+                     "elapsed": elapsed,
                      "config": self.config.to_json(), "optimizer": self.opt.state_dict() if optimizer is None else optimizer,
                      "scheduler": self.sched.state_dict(), "rng": rng_state()}
             self.addon.provenance["checkpoint"] = {"step": step}

@@ -42,6 +42,7 @@ from ppcl.data.calibration import CalibrationSet
 from ppcl.data.recorder import ActivationRecorder, BlockCall
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import _raise_done, _TeacherDone, _text_mask
+from ppcl.distill.echo import NO_ECHO, TeacherEcho
 from ppcl.distill.losses import depth_loss
 from ppcl.distill.trainer import CHECKPOINT_DIR, STATE_FILE, DistillConfig, TrainingSession
 from ppcl.errors import ConfigError
@@ -289,16 +290,20 @@ class WidthStep(nn.Module):
         self.keys = [k for r in self.reps for k in projection_keys(r)]  # the projections, hooked for L_linear
         joint = sorted({p.student for p in self.positions if p.trained and p.student is not None})
         self.trained = nn.ModuleDict({k: addon.students[k] for k in self.keys + (joint if train_students else [])})
+        # The capture runs the depth students of width positions: echoing it is exact only while they are frozen.
+        self.echoable = not (train_students and joint)
         self.students = addon.students
         self.linear_weight, self.relative = linear_weight, linear_loss == "relative"
         self.measure, self.timing = False, {}
 
     model: nn.Module
+    echo: TeacherEcho = NO_ECHO  # the trainer sets its own (data echoing)
 
     def forward(self, **batch: Any) -> dict[str, Tensor]:
         """``{term: scalar loss}`` for ``batch`` (the transformer's keyword arguments)."""
         t0 = time.perf_counter()
-        cap = self.capture(batch)
+        key = getattr(self, "data_index", None) if self.echoable else None
+        cap = self.echo.get(key, lambda: self.capture(batch))  # echoed steps reuse it (DistillConfig.teacher_reuse)
         t1 = time.perf_counter()
         targets = {key: (y, mask) for key, _, y, mask in self.capture.pairs(cap, self.plan, self.level)}
         losses: dict[str, Tensor] = {}
