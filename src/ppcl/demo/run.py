@@ -113,7 +113,7 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **overrides: Any) -> DemoConfig:
-        """The README's demo: about 12-14 minutes on 2 CPU cores (12 min on a fresh clone at 2cf8682)."""
+        """The README's demo: about 12-14 minutes on 2 CPU cores (13.9 min on a fresh clone at 0e5bdb5)."""
         return cls(**overrides)
 
     @classmethod

@@ -33,7 +33,7 @@ class DistillConfig:
             (the upstream students' output in the levels containing it, :mod:`ppcl.distill.chain`); 0 = the paper's
             pure non-sequential distillation. A plan whose levels each hold one span (per block stack) trains as with 0.
         teacher_reuse: data echoing (:mod:`ppcl.distill.echo`): each batch and its frozen teacher pass serve this many
-            consecutive optimiser steps (depth and fine-tune stages); 1 = a fresh batch every step.
+            consecutive optimiser steps (depth, width and fine-tune stages); 1 = a fresh batch every step.
         shard: FSDP2-shard the frozen teacher's blocks and the students across the processes (non-sequential depth
             distillation; on by itself under an accelerate FSDP config). Same results as unsharded, up to the
             summation order of the gradient norm.
