@@ -112,7 +112,8 @@ def run_variant(teacher: ToyTeacher, plan: PruningPlan, name: str, seed: int, ar
     cfg = DistillConfig(mode=spec["mode"], chain_mix=spec.get("chain_mix", 0.0), steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, warmup=max(1, args.steps // 20),
                         checkpoint_every=0, log_every=10, seed=seed, teacher_reuse=args.teacher_reuse)
-    data = ToyDistillData(teacher, args.batch_size, seed=seed)
+    data = ToyDistillData(teacher, args.batch_size, seed=seed, timestep_sampling=args.timestep_sampling,
+                          caption_dropout=args.caption_dropout)
     folder = out / f"{name}{args.tag}" / f"seed{seed}"
     t0 = time.perf_counter()
     distill_depth(model, addon, data, cfg, folder / "run")
@@ -176,6 +177,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--teacher-reuse", type=int, default=1, help="data echoing: steps per teacher pass")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--timestep-sampling", default="uniform", help="training times: uniform or logit_normal")
+    parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty-prompt training samples")
     parser.add_argument("--per-category", type=int, default=20)
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
@@ -204,7 +207,8 @@ def main() -> None:
     body = (f"Plan (toy teacher analysis, targets {args.targets}):\n\n```\n{plan.summary()}\n```\n\n"
             + ("Re-scored images of finished runs; each variant's steps and teacher reuse are in its tag (train s as "
                "measured then, at that run's threads); " if args.rescore else
-               f"{args.steps} depth steps at batch {args.batch_size}, lr {args.lr}, teacher reuse {args.teacher_reuse}, ")
+               f"{args.steps} depth steps at batch {args.batch_size}, lr {args.lr}, teacher reuse {args.teacher_reuse}, "
+               f"times {args.timestep_sampling}, caption dropout {args.caption_dropout}, ")
             + f"seeds {args.seeds}; ShapesEval "
             f"{args.per_category} prompts per category x 2 seeds; mean ± standard error over seeds.\n\n"
             + table(results, plan.level_names, teacher_scores))

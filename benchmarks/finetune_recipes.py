@@ -72,7 +72,8 @@ def run(teacher: ToyTeacher, name: str, seed: int, args: argparse.Namespace, pai
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             warmup=max(1, args.steps // 20), checkpoint_every=0, log_every=10, seed=seed,
                             teacher_reuse=args.teacher_reuse)
-        finetune(model, addon, ToyDistillData(teacher, args.batch_size, seed=seed), cfg, folder / "run", level=top,
+        data = ToyDistillData(teacher, args.batch_size, seed=seed, caption_dropout=args.caption_dropout)
+        finetune(model, addon, data, cfg, folder / "run", level=top,
                  objective=objective)
     train_s = round(time.perf_counter() - t0, 1)
     rows = evaluate(teacher, addon, pairs, reference, args.per_category, folder)
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--teacher-reuse", type=int, default=1, help="data echoing: steps per teacher pass")
+    parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty-prompt training samples")
     parser.add_argument("--tag", default="", help="suffix of the variants' folders and table rows")
     parser.add_argument("--per-category", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -116,7 +118,7 @@ def main() -> None:
             lines.append(f"| {name} | {level} | " + " | ".join(mean_se([r[level][k] for r in runs]) for k in keys)
                          + f" | {np.mean([r['train_s'] for r in runs]):.0f} |")
     body = (f"From the depth add-ons of `{args.depth_run}`; {args.steps} fine-tune steps at batch {args.batch_size}, "
-            f"lr {args.lr}, teacher reuse {args.teacher_reuse}, guidance {G} for the guided variants; ShapesEval {args.per_category} prompts per category "
+            f"lr {args.lr}, teacher reuse {args.teacher_reuse}, caption dropout {args.caption_dropout}, guidance {G} for the guided variants; ShapesEval {args.per_category} prompts per category "
             "x 2 seeds; mean ± standard error over seeds " + args.seeds + ".\n\n" + "\n".join(lines))
     print(body)
     if not args.no_append:

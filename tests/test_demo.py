@@ -150,3 +150,34 @@ def test_demo_plan_puts_width_on_the_chosen_depth_level() -> None:
     assert sum(r.startswith("ffn") for r in on_p40.level("p50").replacement_ids) == cfg.ffn_blocks
     with pytest.raises(ConfigError, match="width base"):
         make_plan(report, model_config, 3, "p50", None)
+
+
+def test_demo_plan_refuses_a_top_level_under_half() -> None:
+    """The top level is named p50: a plan whose top level removes less than half the block parameters is refused
+    before anything trains, with the figure it found."""
+    from ppcl.analysis import RedundancyReport
+    from ppcl.demo.run import TOP_MIN_REMOVED, make_plan
+    from ppcl.errors import ConfigError
+    from ppcl.toy.teacher import ToyTeacher
+
+    report = RedundancyReport.load(Path(__file__).parents[1] / "docs" / "example-report")
+    model_config = ToyTeacher.load().transformer.config
+    plan = make_plan(report, model_config, 4, "p40", 0.99)
+    assert plan.param_count(model_config, "p50").block_fraction_removed >= TOP_MIN_REMOVED
+    with pytest.raises(ConfigError, match="removes too little") as caught:
+        make_plan(report, model_config, 1, "p40", 0.9999)
+    assert "of the block parameters removed" in str(caught.value) and "%" in str(caught.value)
+
+
+def test_demo_refuses_a_teacher_inside_its_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Outputs are never inputs: a re-run replaces the demo's sub-folders, so a teacher inside --out is refused."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--out", str(out), "--teacher", str(out / "depth")]) == 2
+    assert "teacher lies inside the demo's output folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_records_its_teacher(demo_out: Path) -> None:
+    """results.json names the teacher the demo ran on (the committed one by default) and its size."""
+    teacher = json.loads((demo_out / "results.json").read_text())["teacher"]
+    assert teacher["folder"] == "committed" and teacher["config"]["num_layers"] == 16

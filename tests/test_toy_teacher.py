@@ -92,3 +92,21 @@ def test_committed_teacher_scores_as_its_card_says():
             # Same machine kind gives the same images; allow a few flipped images for another CPU's float rounding.
             assert scores[key] == pytest.approx(stored[key], abs=0.03), key
         assert scores["n_images"] == stored["n_images"]
+
+
+def test_deeper_committed_teacher_loads_by_name():
+    """``toy24`` (the deeper, more redundant teacher of issue 13): 24 fp16 blocks of width 96, a card that says how
+    it was trained and scored, and the demo's name resolution."""
+    from ppcl.toy.teacher import COMMITTED, teacher_folder
+
+    folder = teacher_folder("toy24")
+    assert folder == COMMITTED["toy24"] and teacher_folder("some/folder").as_posix() == "some/folder"
+    card = load_card(folder)
+    assert card["config"]["num_layers"] == 24
+    assert card["config"]["num_attention_heads"] * card["config"]["attention_head_dim"] == 96
+    assert {"shapes_eval", "shapes_eval_robust", "train", "command"} <= set(card)
+    weights = load_file(str(folder / TRANSFORMER_FILE))
+    assert all(v.dtype == torch.float16 for v in weights.values())
+    teacher = ToyTeacher.load(folder)
+    assert len(teacher.transformer.transformer_blocks) == 24
+    assert not any(p.requires_grad for p in teacher.transformer.parameters())

@@ -20,6 +20,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     demo.add_argument("--width-steps", type=int, default=None, help="override the width distillation steps")
     demo.add_argument("--finetune-steps", type=int, default=None, help="override the fine-tune steps")
     demo.add_argument("--per-category", type=int, default=None, help="ShapesEval prompts per category (x2 seeds)")
+    demo.add_argument("--teacher", default=None, metavar="NAME|FOLDER",
+                      help="a committed toy teacher (toy16, the default; toy24: 24 blocks of width 96) or a folder "
+                           "saved by `ppcl toy train-teacher`")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     demo.set_defaults(func=_run)
 
@@ -28,6 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ppcl.demo import DemoConfig, run_demo
+    from ppcl.toy.teacher import teacher_folder
 
     overrides = {k: v for k, v in (("depth_steps", args.depth_steps), ("width_steps", args.width_steps),
                                    ("finetune_steps", args.finetune_steps), ("per_category", args.per_category))
@@ -41,6 +45,12 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = DemoConfig.fast(**overrides) if args.fast else DemoConfig.full(**overrides)
     out = Path(args.out)
-    run_demo(out, config, command="ppcl " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "ppcl demo")
+    teacher = teacher_folder(args.teacher)
+    if teacher is not None and out.resolve() in (teacher.resolve(), *teacher.resolve().parents):
+        # A re-run replaces the demo's own sub-folders of --out: a teacher inside it could be deleted.
+        raise ConfigError("the teacher lies inside the demo's output folder", expected="--teacher outside --out",
+                          found=f"--out {out}, --teacher {teacher}", fix="pick another --out")
+    command = "ppcl " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "ppcl demo"
+    run_demo(out, config, command=command, teacher_folder=teacher)
     print(out / "report.html")
     return 0

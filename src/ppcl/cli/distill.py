@@ -44,8 +44,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None,
                    help="train on a latent cache written by `ppcl cache` (noised at scheduler-shaped times; "
                         "instead of --calibration)")
-    p.add_argument("--caption-dropout", type=float, default=0.0,
-                   help="--data: probability of training a sample on the empty prompt's embedding")
+    p.add_argument("--caption-dropout", type=float, default=None,
+                   help="probability of training a sample on the empty prompt's embedding (default: 0 with --data, "
+                        "0.1 on the toy; the demo's depth stage uses 0.3)")
     p.add_argument("--calibration", default=None,
                    help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
                         "(default for the toy: fresh ShapesWorld batches)")
@@ -219,7 +220,8 @@ def _data(args: argparse.Namespace, model: Any) -> Any:
         from ppcl.distill.latent_data import LatentCacheData, read_scheduler_config
 
         scheduler = read_scheduler_config(args.pipeline) if args.pipeline is not None else None
-        data = LatentCacheData(args.data, args.batch_size, args.seed, args.timestep_sampling, args.caption_dropout,
+        data = LatentCacheData(args.data, args.batch_size, args.seed, args.timestep_sampling,
+                               0.0 if args.caption_dropout is None else args.caption_dropout,
                                scheduler_config=scheduler, dtype=parse_dtype(args.dtype))
         data.check_model(model)
         return data
@@ -237,4 +239,5 @@ def _data(args: argparse.Namespace, model: Any) -> Any:
                           found="none", fix="capture inputs with `ppcl calibrate --pipeline ...` first")
     from ppcl.toy.teacher import ToyTeacher
 
-    return ToyDistillData(ToyTeacher.load(), args.batch_size, args.seed, args.timestep_sampling)
+    dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
+    return ToyDistillData(ToyTeacher.load(), args.batch_size, args.seed, args.timestep_sampling, dropout)

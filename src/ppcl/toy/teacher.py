@@ -42,6 +42,16 @@ ASSETS = Path(__file__).parent / "assets"
 TRANSFORMER_FILE = "toy_teacher.safetensors"
 TEXT_ENCODER_FILE = "toy_text_encoder.safetensors"
 CARD_FILE = "toy_teacher.json"
+#: Committed teachers by name: the default 16-block one and the deeper, more redundant 24-block one (issue 13).
+COMMITTED = {"toy16": ASSETS, "toy24": ASSETS / "toy24"}
+
+
+def teacher_folder(name_or_folder: str | os.PathLike[str] | None) -> Path | None:
+    """The folder of a committed teacher named in :data:`COMMITTED`, else ``name_or_folder`` as a path (None: the
+    default teacher)."""
+    if name_or_folder is None:
+        return None
+    return COMMITTED.get(str(name_or_folder), Path(name_or_folder))
 
 
 def patchify(images: torch.Tensor) -> torch.Tensor:
