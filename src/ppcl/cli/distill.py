@@ -46,7 +46,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
                         "instead of --calibration)")
     p.add_argument("--caption-dropout", type=float, default=None,
                    help="probability of training a sample on the empty prompt's embedding (default: 0 with --data, "
-                        "0.1 on the toy; the demo's depth stage uses 0.3)")
+                        "0.1 on the toy; the demo uses 0.3)")
     p.add_argument("--calibration", default=None,
                    help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
                         "(default for the toy: fresh ShapesWorld batches)")
