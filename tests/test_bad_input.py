@@ -563,3 +563,244 @@ def test_inspect_a_non_artefact(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_inspect_a_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     check_cli_error(capsys, main(["-q", "inspect", str(tmp_path / "nothing")]))
+
+
+# ------------------------------------------------------------------------------------ output safety (issue 14, item 1)
+def user_folder(root: Path) -> Path:
+    """A folder of the user's own (ppcl did not write it); the tests check it survives untouched."""
+    folder = root / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    return folder
+
+
+def untouched(folder: Path) -> bool:
+    names = sorted(p.name for p in folder.iterdir())
+    return names == ["notes.txt"] and (folder / "notes.txt").read_text() == "my notes"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TOY_CALIBRATE = ["--num-prompts", "2", "--timesteps", "1", "--steps", "2"]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_calibrate_cli_out_is_a_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            overwrite: list[str]) -> None:
+    mine = user_folder(tmp_path)
+    code = main(["-q", "calibrate", "--out", str(mine), *TOY_CALIBRATE, *overwrite])
+    check_cli_error(capsys, code, "did not write", "ppcl calibration set")
+    assert untouched(mine)
+
+
+def test_calibrate_cli_replaces_a_calibration_set_only_with_overwrite(calibration_copy: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree(calibration_copy)
+    check_cli_error(capsys, main(["-q", "calibrate", "--out", str(calibration_copy), *TOY_CALIBRATE]),
+                    "already holds a ppcl calibration set", "--overwrite")
+    assert tree(calibration_copy) == before
+    assert main(["-q", "calibrate", "--out", str(calibration_copy), *TOY_CALIBRATE, "--overwrite"]) == 0
+    assert tree(calibration_copy) != before and CalibrationSet.load(calibration_copy).arch == "qwenimage"
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_analyze_cli_out_overlaps_its_calibration(calibration_copy: Path, capsys: pytest.CaptureFixture[str],
+                                                  where: str) -> None:
+    before = tree(calibration_copy)
+    out = calibration_copy if where == "same" else calibration_copy.parent
+    code = main(["-q", "analyze", "--calibration", str(calibration_copy), "--out", str(out), "--overwrite"])
+    check_cli_error(capsys, code, "overlaps an input")
+    assert tree(calibration_copy) == before
+
+
+@pytest.mark.parametrize("target", ["addon", "model"])
+def test_merge_cli_out_is_an_input(addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   target: str) -> None:
+    model = user_folder(tmp_path)  # stands for the user's base model folder: never read, the check comes first
+    out = addon_copy if target == "addon" else model
+    before = tree(addon_copy)
+    code = main(["-q", "merge", "--addon", str(addon_copy), "--level", "a", "--model", str(model), "--out", str(out),
+                 "--overwrite"])
+    check_cli_error(capsys, code, "overlaps an input")
+    assert tree(addon_copy) == before and untouched(model)
+
+
+def test_eval_cli_out_inside_the_addon(addon_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree(addon_copy)
+    code = main(["-q", "eval", "--addon", str(addon_copy), "--out", str(addon_copy / ADDON_FILE), "--overwrite"])
+    check_cli_error(capsys, code, "overlaps an input", "lies inside")
+    assert tree(addon_copy) == before
+
+
+def test_plan_cli_out_inside_the_report(saved_report: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree(saved_report)
+    code = main(["-q", "plan", "--report", str(saved_report), "--out", str(saved_report / "plan2")])
+    check_cli_error(capsys, code, "overlaps an input")
+    assert tree(saved_report) == before
+
+
+def test_save_api_replaces_an_artefact_only_with_overwrite(calibration_copy: Path, qwen: nn.Module) -> None:
+    before = tree(calibration_copy)
+    calibration = CalibrationSet.load(calibration_copy)
+    with pytest.raises(ConfigError) as err:
+        calibration.save(calibration_copy)
+    check_error(err, ConfigError, "already holds a ppcl calibration set", "overwrite=True")
+    assert tree(calibration_copy) == before
+    calibration.save(calibration_copy, overwrite=True)
+    assert CalibrationSet.load(calibration_copy).content_hash == calibration.content_hash
+
+
+def test_save_api_never_replaces_another_kind(calibration_copy: Path, qwen: nn.Module) -> None:
+    before = tree(calibration_copy)
+    with pytest.raises(ConfigError) as err:
+        PruningAddon.from_plan(qwen, two_span_plan(qwen)).save_pretrained(calibration_copy, overwrite=True)
+    check_error(err, ConfigError, "did not write", "ppcl add-on")
+    assert tree(calibration_copy) == before
+
+
+def test_save_api_refuses_a_symlinked_output(saved_report: Path, tmp_path: Path) -> None:
+    from ppcl.analysis import RedundancyReport
+
+    link = tmp_path / "link"
+    link.symlink_to(user_folder(tmp_path), target_is_directory=True)
+    with pytest.raises(ConfigError) as err:
+        RedundancyReport.load(saved_report).save(link, overwrite=True)
+    check_error(err, ConfigError, "symlink")
+    assert untouched(tmp_path / "mine")
+
+
+def test_save_api_writes_into_an_empty_folder(tmp_path: Path, qwen: nn.Module) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    PruningAddon.from_plan(qwen, two_span_plan(qwen)).save_pretrained(empty)
+    assert (empty / ADDON_FILE).is_file()
+
+
+def distill_cli(out: Path, *extra: str) -> int:
+    plan = Path(__file__).parents[1] / "docs" / "example-report" / "plan"
+    return main(["-q", "distill", "--stage", "depth", "--plan", str(plan), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--checkpoint-every", "0", *extra])
+
+
+def test_distill_cli_out_is_a_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = user_folder(tmp_path)
+    check_cli_error(capsys, distill_cli(mine, "--overwrite"), "not a ppcl run")
+    assert untouched(mine)
+
+
+def test_distill_cli_second_run_needs_resume_or_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert distill_cli(out) == 0
+    capsys.readouterr()
+    (out / "notes.txt").write_text("my notes")  # a user's file inside a run folder is never removed
+    before = tree(out)
+    check_cli_error(capsys, distill_cli(out), "already holds a distillation run", "--resume", "--overwrite")
+    assert tree(out) == before
+    assert distill_cli(out, "--overwrite", "--seed", "1") == 0
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "addon" / ADDON_FILE).is_file()
+    assert tree(out)["addon/" + WEIGHTS_FILE] != before["addon/" + WEIGHTS_FILE]
+
+
+def test_demo_out_is_a_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = user_folder(tmp_path)
+    check_cli_error(capsys, main(["-q", "demo", "--fast", "--out", str(mine)]), "no demo wrote")
+    assert untouched(mine)
+
+
+def test_toy_eval_cli_never_replaces_a_foreign_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('mine')")
+    code = main(["-q", "toy", "eval", "--ground-truth", "--per-category", "1", "--out", str(script), "--overwrite"])
+    check_cli_error(capsys, code, "not a file ppcl writes", "a .py file")
+    assert script.read_text() == "print('mine')"
+
+
+def test_toy_sample_cli_replaces_an_image_only_with_overwrite(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "grid.png"
+    image.write_bytes(b"not really a png")
+    args = ["-q", "toy", "sample", "--prompt", "a red circle", "--n", "1", "--steps", "2", "--out", str(image)]
+    check_cli_error(capsys, main(args), "already exists", "--overwrite")
+    assert image.read_bytes() == b"not really a png"
+    assert main([*args, "--overwrite"]) == 0
+    assert image.read_bytes().startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------- disk full, Ctrl-C, bad counts (issue 14, item 4)
+def test_disk_full_while_saving_an_artefact(tmp_path: Path, qwen: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import ppcl.io
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ppcl.io, "save_file", full)
+    out = tmp_path / "cal"
+    with pytest.raises(ArtefactError) as err:
+        _calibration(qwen).save(out)
+    check_error(err, ArtefactError, "cannot write the output", "No space left on device")
+    no_partial_output(tmp_path, out)
+
+
+def test_disk_full_while_writing_a_json_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import ppcl.io
+
+    path = tmp_path / "rows.json"
+    path.write_text('{"old": true}')
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ppcl.io.os, "replace", full)
+    with pytest.raises(ArtefactError) as err:
+        ppcl.io.write_json({"new": True}, path)
+    check_error(err, ArtefactError, "No space left on device")
+    assert path.read_text() == '{"old": true}' and sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+def test_a_planted_tmp_symlink_is_not_followed(tmp_path: Path) -> None:
+    from ppcl.io import write_json
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("user data")
+    (tmp_path / "rows.json.tmp").symlink_to(victim)  # the old fixed temp name
+    write_json({"a": 1}, tmp_path / "rows.json")
+    assert victim.read_text() == "user data" and json.loads((tmp_path / "rows.json").read_text()) == {"a": 1}
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import ppcl.cli.plan as cli_plan
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_plan, "_run", interrupted)
+    assert main(["-q", "plan", "--validate", "x"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ppcl: interrupted") and len(err.splitlines()) == 1 and "--resume" in err
+
+
+def test_calibrate_cli_prompt_file_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle\n\xff\xfe latin-1 text\n")
+    out = tmp_path / "cal"
+    check_cli_error(capsys, main(["-q", "calibrate", "--prompts", str(prompts), "--out", str(out)]), "not UTF-8",
+                    "byte 13")
+    no_partial_output(tmp_path, out)
+
+
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "--num-prompts", "0"], ["calibrate", "--timesteps", "-1"], ["calibrate", "--steps", "0"],
+    ["eval", "--addon", "ADDON", "--repeats", "0"], ["eval", "--addon", "ADDON", "--batches", "0"],
+    ["eval", "--addon", "ADDON", "--batch-size", "0"], ["eval", "--addon", "ADDON", "--per-category", "-2"]])
+def test_zero_or_negative_counts(argv: list[str], addon_copy: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [str(addon_copy) if a == "ADDON" else a for a in argv]
+    out = tmp_path / ("out.json" if argv[0] == "eval" else "cal")
+    check_cli_error(capsys, main(["-q", *argv, "--out", str(out)]), "must be positive")
+    no_partial_output(tmp_path, out)

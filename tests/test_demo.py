@@ -173,7 +173,7 @@ def test_demo_refuses_a_teacher_inside_its_output(tmp_path: Path, capsys: pytest
     """Outputs are never inputs: a re-run replaces the demo's sub-folders, so a teacher inside --out is refused."""
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out", str(out), "--teacher", str(out / "depth")]) == 2
-    assert "teacher lies inside the demo's output folder" in capsys.readouterr().err
+    assert "the output overlaps an input" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -19,8 +19,9 @@ from ppcl.data.recorder import ActivationRecorder
 from ppcl.distill.data import CalibrationData, DistillData, ToyDistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.losses import depth_loss, normalized_mse
+from ppcl.distill.run_folder import read_trainer_state
 from ppcl.distill.trainer import DistillConfig, distill_depth
-from ppcl.errors import ConfigError, TrainingError
+from ppcl.errors import ArtefactError, ConfigError, TrainingError
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import active_level, apply_addon, remove_addon
 
@@ -310,7 +311,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
     full = run(tmp_path / "full")
     run(tmp_path / "cut", stop_at=2)
     assert not (tmp_path / "cut" / "addon").exists()
-    state = torch.load(tmp_path / "cut" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    state = read_trainer_state(tmp_path / "cut" / "checkpoint")
     assert state["step"] == 2
     with pytest.raises(ConfigError, match="already holds"):
         run(tmp_path / "cut")
@@ -330,12 +331,97 @@ def test_nan_loss_raises_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="step 3 of 4") as err:
         distill_depth(model, addon, FixedData(case, nan_from=2), config, tmp_path)
     assert EARLY in str(err.value) and LATE in str(err.value)
-    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)
+    state = read_trainer_state(tmp_path / "checkpoint")
     assert state["step"] == 2
     saved = PruningAddon.from_pretrained(tmp_path / "checkpoint", model)
     assert all(torch.isfinite(v).all() for v in saved.state_dict().values())
     # The model is handed back as it came.
     assert not hasattr(model, "ppcl") and all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+def test_lr_inf_stops_keeps_a_finite_checkpoint_and_a_resume_at_a_sane_lr_completes(tmp_path: Path) -> None:
+    """Issue 14: the checkpoint of a diverged update is never written, and --lr on --resume is applied."""
+    import dataclasses
+
+    case = build_tiny("flux")
+    model = case.model
+    addon = PruningAddon.from_plan(model, _plan(case))
+    sane = DistillConfig(steps=4, batch_size=2, checkpoint_every=1, log_every=1, lr=1e-3)
+    distill_depth(model, addon, FixedData(case), sane, tmp_path, stop_at=2)
+    with pytest.raises(TrainingError, match="not finite after step 3 of 4") as err:
+        distill_depth(model, addon, FixedData(case), dataclasses.replace(sane, lr=float("inf")), tmp_path,
+                      resume=True)
+    assert "checkpoint of this step was not written" in str(err.value) and "--resume --lr" in str(err.value)
+    assert read_trainer_state(tmp_path / "checkpoint")["step"] == 2
+    kept = PruningAddon.from_pretrained(tmp_path / "checkpoint", model)
+    assert all(torch.isfinite(v).all() for v in kept.state_dict().values())
+    lower = dataclasses.replace(sane, lr=5e-4)
+    distill_depth(model, addon, FixedData(case), lower, tmp_path, resume=True)
+    done = PruningAddon.from_pretrained(tmp_path / "addon", model)
+    assert all(torch.isfinite(v).all() for v in done.state_dict().values())
+    assert done.provenance["depth"]["resumed_with_changes"] == {"lr": [1e-3, 5e-4]}
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["lr"] == pytest.approx(1e-3 * sane.lr_factor(1))
+    assert rows[2]["lr"] == pytest.approx(5e-4 * lower.lr_factor(2))  # the new lr from the resumed step on
+
+
+def test_checkpoints_pickle_nothing_and_a_legacy_state_still_resumes_exactly(tmp_path: Path) -> None:
+    """Issue 14: the trainer state is JSON + safetensors; an old torch.save state resumes to the same weights."""
+    case = build_tiny("flux")
+    config = DistillConfig(steps=4, batch_size=2, checkpoint_every=1, log_every=1, lr=1e-3)
+
+    def run(out: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
+        addon = PruningAddon.from_plan(case.model, _plan(case))
+        distill_depth(case.model, addon, FixedData(case), config, out, **kwargs)
+        return addon.state_dict()
+
+    reference = run(tmp_path / "ref")
+    run(tmp_path / "cut", stop_at=2)
+    folder = tmp_path / "cut" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("trainer_state")) == [
+        "trainer_state.json", "trainer_state.safetensors"]
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pkl", ".bin")]
+    state = read_trainer_state(folder)
+    torch.save(state, folder / "trainer_state.pt")  # what a checkpoint of an earlier ppcl holds
+    for name in ("trainer_state.json", "trainer_state.safetensors"):
+        (folder / name).unlink()
+    resumed = run(tmp_path / "cut", resume=True)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_resume_drops_a_cut_short_metrics_line_and_refuses_a_damaged_log(tmp_path: Path) -> None:
+    """What a SIGKILL during the metrics append leaves (a half line) is dropped; damage before the end is an error."""
+    case = build_tiny("flux")
+    config = DistillConfig(steps=4, batch_size=2, checkpoint_every=1, log_every=1)
+    addon = PruningAddon.from_plan(case.model, _plan(case))
+    distill_depth(case.model, addon, FixedData(case), config, tmp_path / "a", stop_at=2)
+    with (tmp_path / "a" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 3, "loss": 0.1')
+    distill_depth(case.model, addon, FixedData(case), config, tmp_path / "a", resume=True)
+    assert [r["step"] for r in _rows(tmp_path / "a")] == [1, 2, 3, 4]
+    distill_depth(case.model, addon, FixedData(case), config, tmp_path / "b", stop_at=2)
+    log = tmp_path / "b" / "metrics.jsonl"
+    log.write_text("garbage\n" + log.read_text())
+    with pytest.raises(ArtefactError, match="metrics log is damaged") as err:
+        distill_depth(case.model, addon, FixedData(case), config, tmp_path / "b", resume=True)
+    assert "line 1" in str(err.value)
+
+
+def test_resume_refuses_a_change_of_run(tmp_path: Path) -> None:
+    import dataclasses
+
+    case = build_tiny("flux")
+    addon = PruningAddon.from_plan(case.model, _plan(case))
+    config = DistillConfig(steps=4, batch_size=2, checkpoint_every=1, log_every=1)
+    distill_depth(case.model, addon, FixedData(case), config, tmp_path, stop_at=2)
+    with pytest.raises(ConfigError, match="would train something else") as err:
+        distill_depth(case.model, addon, FixedData(case), dataclasses.replace(config, seed=3, chain_mix=0.0),
+                      tmp_path, resume=True)
+    assert "seed 0 -> 3" in str(err.value) and "chain_mix 0.5 -> 0.0" in str(err.value)
+    with pytest.raises(ConfigError, match="trains something else") as err:
+        distill_depth(case.model, addon, FixedData(case), config, tmp_path, resume=True, level="early")
+    assert "1 span(s)" in str(err.value) and "2 span(s)" in str(err.value)
 
 
 def test_sequential_training_runs_with_checkpointing_and_bf16(tmp_path: Path) -> None:

@@ -134,8 +134,8 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         raise OSError("disk full")
 
     monkeypatch.setattr(plan_module.os, "replace", crash)
-    with pytest.raises(OSError):
-        qwen_plan([(2, 4), (8, 9)]).save(tmp_path)
+    with pytest.raises(ArtefactError, match="cannot write the plan.*disk full"):
+        qwen_plan([(2, 4), (8, 9)]).save(tmp_path, overwrite=True)
     assert (tmp_path / "plan.json").read_text() == before
     assert sorted(os.listdir(tmp_path)) == ["plan.json"]  # the temp file is gone
 

@@ -23,6 +23,7 @@ from tiny_models import TinyCase, build_tiny, two_span_plan
 
 from ppcl.addon import PruningAddon
 from ppcl.distill import distill_width
+from ppcl.distill.run_folder import read_trainer_state
 from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.errors import ConfigError, TrainingError
 from ppcl.plan import PruningPlan
@@ -143,7 +144,7 @@ def test_nan_stops_a_sharded_run_and_keeps_the_last_checkpoint(tmp_path: Path) -
     addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
     with pytest.raises(TrainingError, match="step 3 of 4"):
         distill_depth(case.model, addon, Inputs(case, nan_from=2), _config(shard=True), tmp_path)
-    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert read_trainer_state(tmp_path / "checkpoint")["step"] == 2
     assert [list(stack) for stack in _stacks(case)] == blocks and not dist.is_initialized()
     assert all(torch.isfinite(v).all() for v in addon.students.state_dict().values())
 

@@ -25,6 +25,7 @@ from tiny_models import build_tiny, two_span_plan
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon
 from ppcl.distill.checkpoint import PAUSE_ENV, PAUSE_FILE_ENV
+from ppcl.distill.run_folder import LOCK_FILE, read_trainer_state
 from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.errors import ArtefactError, TrainingError
 from ppcl.io import load_tensors
@@ -57,7 +58,7 @@ def _kill_at(proc: subprocess.Popen[str], marker: Path) -> None:
 def _checkpoint_step(out: Path) -> int:
     """The visible checkpoint's step; asserts it is complete and loadable (a half-written one fails here)."""
     folder = out / "checkpoint"
-    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    state = read_trainer_state(folder)
     weights = load_tensors(folder / WEIGHTS_FILE, "checkpoint")
     meta = json.loads((folder / "ppcl_addon.json").read_text())
     assert weights and all(torch.isfinite(v).all() for v in weights.values()) and meta["provenance"]["checkpoint"]
@@ -76,7 +77,7 @@ def test_sigkill_between_and_during_checkpoint_writes_then_resume_equals_uninter
     #    the visible checkpoint is still step 2's, whole.
     _kill_at(_start(cut, "--resume", pause="checkpoint:4", marker=tmp_path / "m2"), tmp_path / "m2")
     temps = list(cut.glob(".checkpoint.*.tmp"))
-    assert temps and (temps[0] / "trainer_state.pt").is_file()  # the kill really landed inside the write
+    assert temps and (temps[0] / "trainer_state.json").is_file()  # the kill really landed inside the write
     assert _checkpoint_step(cut) == 2
 
     # 3. Resumed to the end.
@@ -94,6 +95,31 @@ def test_sigkill_between_and_during_checkpoint_writes_then_resume_equals_uninter
     ref_rows = [json.loads(r) for r in (ref_out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over_by_resume(tmp_path: Path) -> None:
+    """Issue 14: a second run into a folder a live run holds is refused (its files untouched); after a SIGKILL the
+    stale lock is taken over by --resume, which completes and leaves no lock behind."""
+    out = tmp_path / "run"
+    first = _start(out, pause="step:3", marker=tmp_path / "m")
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "m").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never reached its pause point"
+        time.sleep(0.05)
+    lock = json.loads((out / LOCK_FILE).read_text())
+    assert lock["pid"] == first.pid
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    second = _start(out, "--resume")
+    text, _ = second.communicate(timeout=300)
+    assert second.returncode != 0 and "another ppcl run is writing into this folder" in text
+    assert f"pid {first.pid}" in text
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    resumed = _start(out, "--resume")
+    text, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, text[-3000:]
+    assert (out / "addon" / WEIGHTS_FILE).is_file() and not (out / LOCK_FILE).exists()
 
 
 def _run(out: Path, steps: int = 2, **kwargs: object) -> PruningAddon:
@@ -166,4 +192,4 @@ def test_nan_gradient_stops_the_run_naming_the_step(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="gradient norm is not finite at step 3 of 4") as err:
         distill_depth(case.model, addon, Data(), config, tmp_path)  # type: ignore[arg-type]
     assert "last good checkpoint" in str(err.value)
-    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert read_trainer_state(tmp_path / "checkpoint")["step"] == 2

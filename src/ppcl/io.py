@@ -21,33 +21,34 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ppcl.errors import ArtefactError
+from ppcl.outputs import OutputKind, check_output
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it replaces ``path``, on error it is removed."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ArtefactError(
-            "output folder already exists",
-            expected="a new folder",
-            found=str(path),
-            fix="choose another --out or remove the folder",
-        )
+def atomic_folder(path: str | os.PathLike[str], kind: OutputKind, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it replaces ``path``, on error it is removed.
+
+    ``path`` must pass :func:`ppcl.outputs.check_output` for ``kind``: an existing folder is replaced only when ppcl
+    wrote it as ``kind`` and ``overwrite`` is true.
+    """
+    path = check_output(path, kind, overwrite=overwrite)
     parent = path.parent if str(path.parent) else Path(".")
     _check_writable(parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        if path.exists():
-            # Swap through a second name so a reader never sees a missing folder for long.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            if path.exists():
+                # Swap through a second name so a reader never sees a missing folder for long.
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+                os.replace(path, old / "x")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except OSError as exc:  # disk full or permissions while writing: one line for the user, no partial folder
+            raise _write_error(path, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -78,11 +79,30 @@ def _fsync_tree(folder: Path) -> None:
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # An unpredictable name created exclusively beside the target: a planted X.tmp symlink is never followed.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> ArtefactError:
+    """Disk full, read-only or missing permissions while writing ``path``, as a one-line error."""
+    return ArtefactError("cannot write the output", expected="a writable location with free space",
+                         found=f"{path}: {exc.strerror or exc}", fix="free some space, fix the permissions or choose "
+                         "another --out (nothing partial was left behind)")
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
@@ -145,3 +165,62 @@ def config_hash(config: Mapping[str, Any]) -> str:
     """Short stable hash of a model config (keys starting with ``_`` ignored)."""
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_state(state: Mapping[str, Any], folder: Path, name: str) -> None:
+    """Write a nested training state (dicts, lists, numbers, strings, tensors) as ``name.json`` + ``name.safetensors``
+    in ``folder``, so nothing is ever pickled: tensors go to the safetensors file, the JSON holds
+    ``{"__tensor__": key}`` in their place, and dicts with integer keys (an optimiser's per-parameter state) are kept
+    as ``{"__int_keys__": {...}}``."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, "", tensors)
+    save_tensors(tensors, folder / f"{name}.safetensors", metadata={"format": "pt", "ppcl_format": "state"})
+    (folder / f"{name}.json").write_text(json.dumps({"format": "ppcl.state", "version": 1, "state": tree}) + "\n",
+                                         encoding="utf-8")
+
+
+def load_state(folder: Path, name: str, what: str) -> dict[str, Any]:
+    """Read what :func:`save_state` wrote; a missing, truncated or foreign pair raises :class:`ArtefactError`."""
+    data = read_json(folder / f"{name}.json", what)
+    tensors = load_tensors(folder / f"{name}.safetensors", what)
+    if data.get("format") != "ppcl.state" or not isinstance(data.get("state"), dict):
+        raise ArtefactError(f"{what} is not a ppcl training state", expected="format ppcl.state with a state object",
+                            found=f"{folder / name}.json: format {data.get('format')!r}",
+                            fix="start the run again (--overwrite)")
+    try:
+        return _decode(data["state"], tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtefactError(f"{what} is incomplete", expected="every tensor its JSON names",
+                            found=f"{folder / name}.*: {type(exc).__name__}: {exc}",
+                            fix="the files are from different writes or damaged; start the run again") from exc
+
+
+def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if key in tensors:
+            raise TypeError(f"two state entries flatten to the same key {key!r}")
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, f"{key}.{k}", tensors) for k, v in obj.items()}
+        if all(isinstance(k, int) for k in obj):
+            return {"__int_keys__": {str(k): _encode(v, f"{key}.{k}", tensors) for k, v in obj.items()}}
+        raise TypeError(f"state keys at {key!r} are neither all strings nor all integers")
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} at {key!r} in a training state")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__int_keys__"}:
+            return {int(k): _decode(v, tensors) for k, v in obj["__int_keys__"].items()}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj

@@ -53,6 +53,7 @@ from ppcl.addon.projections import (
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
 from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from ppcl.outputs import ADDON as ADDON_KIND
 from ppcl.plan import DepthReplacement, PruningPlan
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z_]")
@@ -190,10 +191,14 @@ class PruningAddon:
             "metrics": self.metrics,
         }
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Write the add-on folder atomically: manifest, safetensors weights and a README.md model card."""
+    def save_pretrained(self, folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the add-on folder atomically: manifest, safetensors weights and a README.md model card.
+
+        An existing add-on folder is replaced only with ``overwrite``; any other existing folder is refused
+        (:mod:`ppcl.outputs`).
+        """
         manifest = self.manifest()
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, ADDON_KIND, overwrite) as tmp:
             write_json(manifest, tmp / ADDON_FILE)
             save_tensors(self.state_dict(), tmp / WEIGHTS_FILE,
                          metadata={"format": "pt", "ppcl_format": FORMAT,

@@ -15,6 +15,7 @@ from ppcl.analysis import plots
 from ppcl.analysis.intervals import Interval, delta
 from ppcl.errors import ArtefactError
 from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from ppcl.outputs import REPORT
 
 FORMAT_VERSION = 1
 MANIFEST = "report.json"
@@ -83,9 +84,10 @@ class RedundancyReport:
                           for name in ("probe_rel_error", "ffn_rel_error", "block_influence")},
         }
 
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write the report folder atomically: manifest, matrices, plots and report.md."""
-        with atomic_folder(folder) as tmp:
+    def save(self, folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the report folder atomically: manifest, matrices, plots and report.md (an existing report is replaced
+        only with ``overwrite``; any other existing folder is refused, :mod:`ppcl.outputs`)."""
+        with atomic_folder(folder, REPORT, overwrite) as tmp:
             save_tensors(self._tensors(), tmp / WEIGHTS)
             write_json(self.to_json(), tmp / MANIFEST)
             figures = self.write_plots(tmp / "plots")

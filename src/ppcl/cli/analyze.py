@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ppcl.cli.common import add_model_args, load_model, parse_floats
+from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_model, parse_floats
 from ppcl.logging import get_logger
 from ppcl.plan.guard import DEFAULT_GUARD_FACTOR
 
@@ -30,6 +30,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--delta-tol", type=float, default=1e-6, help="float-noise tolerance of the Δ boundary rule")
     add_budget_args(p)
     add_width_args(p)
+    add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -90,6 +91,9 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.analysis import AnalysisConfig, analyze, plan_from_report
     from ppcl.data.calibration import CalibrationSet
 
+    from ppcl.outputs import REPORT
+
+    check_out(args, REPORT, args.calibration, args.model)
     targets = parse_floats(args.targets, "targets")  # fail on a bad budget before the analysis runs
     budget = budget_kwargs(args)
     calibration = CalibrationSet.load(args.calibration)
@@ -103,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
                             args.level_names.split(",") if args.level_names else None, args.init, **budget)
     plan = finish_plan(plan, report, model, args)
     # Both artefacts are written only once both exist, so a failed plan leaves no report behind either.
-    report.save(args.out)
+    report.save(args.out, overwrite=args.overwrite)
     plan.save(Path(args.out) / "plan")
     log.info("analyze: report → %s, plan → %s", args.out, Path(args.out) / "plan")
     print(report_summary(report))

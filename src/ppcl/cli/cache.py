@@ -45,6 +45,9 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.data.latent_cache import build_image_cache, build_prompt_cache
     from ppcl.data.loading import load_pipeline_folder, parse_dtype
 
+    from ppcl.outputs import refuse_overlap
+
+    refuse_overlap(args.out, (args.pipeline, args.images, args.prompts))
     if Path(args.out).exists():
         raise ConfigError("output folder already exists", expected="a new folder for the cache", found=args.out,
                           fix="choose another --out or remove the folder")

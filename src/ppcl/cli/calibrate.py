@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ppcl.cli.common import add_overwrite_arg, check_out, require_positive
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -25,6 +26,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
     p.add_argument("--dtype", default="float32", help="pipelines: float32 | bf16 | fp16")
     p.add_argument("--device", default="cpu")
+    add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -43,7 +45,13 @@ def _read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError("prompt file not found", expected="a text file, one prompt per line", found=path)
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("the prompt file is not UTF-8 text", expected="a UTF-8 text file, one prompt per line",
+                          found=f"{path}: byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}",
+                          fix="save the file as UTF-8") from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("prompt file is empty", expected="one prompt per line", found=f"no prompts in {path}",
                           fix="add prompts to the file")
@@ -51,12 +59,16 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ppcl.outputs import CALIBRATION
+
+    check_out(args, CALIBRATION, args.pipeline, args.prompts)
+    require_positive(args, "num_prompts", "timesteps", "steps", "height", "width")
     seeds = _seeds(args.seeds)
     if args.pipeline is None:
         calib = _toy(args, seeds)
     else:
         calib = _pipeline(args, seeds)
-    calib.save(args.out)
+    calib.save(args.out, overwrite=args.overwrite)
     log.info("calibrate: %d samples → %s (content %s)", len(calib), args.out, calib.content_hash[:12])
     print(args.out)
     return 0

@@ -40,3 +40,26 @@ def parse_floats(text: str, what: str) -> list[float]:
         raise ConfigError(f"no {what} given", expected="at least one number", found=repr(text),
                           fix=f"pass e.g. --{what} 0.25,0.4,0.5")
     return values
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that ppcl wrote as the same kind of artefact (never anything "
+                             "else; an --out overlapping an input is always refused)")
+
+
+def check_out(args: argparse.Namespace, kind: Any, *inputs: Any) -> None:
+    """Refuse ``args.out`` before any work when the output rules (:mod:`ppcl.outputs`) forbid writing ``kind`` there."""
+    from ppcl.outputs import check_output
+
+    check_output(args.out, kind, overwrite=args.overwrite, inputs=inputs)
+
+
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a zero or negative count among ``args.<name>`` (``None`` means "use the default" and passes)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be positive", expected=f"{flag} >= 1", found=str(value),
+                              fix=f"pass a positive {flag} or leave it at its default")

@@ -31,6 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ppcl.demo import DemoConfig, run_demo
+    from ppcl.outputs import refuse_overlap
     from ppcl.toy.teacher import teacher_folder
 
     overrides = {k: v for k, v in (("depth_steps", args.depth_steps), ("width_steps", args.width_steps),
@@ -46,10 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     config = DemoConfig.fast(**overrides) if args.fast else DemoConfig.full(**overrides)
     out = Path(args.out)
     teacher = teacher_folder(args.teacher)
-    if teacher is not None and out.resolve() in (teacher.resolve(), *teacher.resolve().parents):
-        # A re-run replaces the demo's own sub-folders of --out: a teacher inside it could be deleted.
-        raise ConfigError("the teacher lies inside the demo's output folder", expected="--teacher outside --out",
-                          found=f"--out {out}, --teacher {teacher}", fix="pick another --out")
+    # A re-run replaces the demo's own sub-folders of --out: a teacher inside it (or around it) could be deleted.
+    refuse_overlap(out, [teacher])
     command = "ppcl " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "ppcl demo"
     run_demo(out, config, command=command, teacher_folder=teacher)
     print(out / "report.html")

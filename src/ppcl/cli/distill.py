@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ppcl.cli.common import add_model_args, load_model
+from ppcl.cli.common import add_model_args, add_overwrite_arg, load_model
 from ppcl.distill.config import DEFAULT_WARMUP_SHARE, DistillConfig
 from ppcl.distill.objective import LEVEL_MODES, FinetuneObjective
 from ppcl.logging import get_logger
@@ -81,6 +81,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default="uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint")
+    add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -114,7 +115,11 @@ def _objective(args: argparse.Namespace, addon: Any) -> FinetuneObjective:
 def _run(args: argparse.Namespace) -> int:
     from ppcl.distill import distill_depth, distill_width, finetune
 
+    from ppcl.outputs import refuse_overlap
+
     _check_args(args)
+    # The run folder's own rules (resume / overwrite / not a run) are checked by the trainer (ppcl.distill.run_folder).
+    refuse_overlap(args.out, (args.model, args.plan, args.addon, args.pipeline, args.calibration, args.data))
     _pipeline_args(args)
     model = load_model(args)
     addon = _addon(args, model)
@@ -125,13 +130,15 @@ def _run(args: argparse.Namespace) -> int:
                            seed=args.seed, shard=args.shard, teacher_reuse=args.teacher_reuse)
     data = _data(args, model)
     if args.stage == "depth":
-        distill_depth(model, addon, data, config, args.out, resume=args.resume, level=args.level)
+        distill_depth(model, addon, data, config, args.out, resume=args.resume, level=args.level,
+                      overwrite=args.overwrite)
     elif args.stage == "width":
         calibration = getattr(data, "calibration", None)
-        distill_width(model, addon, data, config, args.out, args.level, calibration=calibration, resume=args.resume)
+        distill_width(model, addon, data, config, args.out, args.level, calibration=calibration, resume=args.resume,
+                      overwrite=args.overwrite)
     else:
         finetune(model, addon, data, config, args.out, args.level, full=args.full, resume=args.resume,
-                 objective=_objective(args, addon))
+                 objective=_objective(args, addon), overwrite=args.overwrite)
     print(Path(args.out) / "addon")
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppcl.cli.common import add_model_args, load_model
+from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_model, require_positive
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--psnr-per-category", type=int, default=4,
                    help="toy: 0 skips the PSNR; any other value takes it on every ShapesEval image pair "
                    "(teacher and level at equal prompts and noise, no extra sampling)")
+    add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -40,6 +41,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.psnr_per_category < 0:
         raise ConfigError("--psnr-per-category must not be negative", expected=">= 0 (0 skips the PSNR)",
                           found=str(args.psnr_per_category))
+    require_positive(args, "batches", "batch_size", "repeats", "per_category")
+    if args.out:
+        from ppcl.outputs import JSON_RESULTS
+
+        check_out(args, JSON_RESULTS, args.addon, args.model, args.calibration)
     model = load_model(args)
     addon = PruningAddon.from_pretrained(args.addon, model)
     toy, paired = None, None

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ppcl.cli.common import add_overwrite_arg, check_out
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -37,6 +38,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
     p.add_argument("--dtype", default="float32", help="float32 | bf16 | fp16")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -50,6 +52,9 @@ def _run(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ConfigError("unknown image format", expected="--out ending in .png, .jpg or .webp", found=args.out,
                           fix="pass e.g. --out img.png")
+    from ppcl.outputs import IMAGE
+
+    check_out(args, IMAGE, args.pipeline, args.addon)
     pipe = ppcl.load_pipeline(args.pipeline, args.addon, level=args.level, dtype=parse_dtype(args.dtype))
     image = _toy_image(pipe, args) if args.pipeline is None else _pipeline_image(pipe, args)
     _save_image(image, Path(args.out))

@@ -1,6 +1,8 @@
 """The ``ppcl`` command: one sub-command per verb, each in its own module.
 
-A :class:`~ppcl.errors.PPCLError` ends the command with exit code 2 and a one-line message, no traceback.
+A :class:`~ppcl.errors.PPCLError` ends the command with exit code 2 and a one-line message, no traceback; Ctrl-C
+ends it with one line and exit code 130 (every writer is atomic and a run keeps its last checkpoint, so the state on
+disk is consistent; a distillation run continues with ``--resume``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PPCLError as exc:
         print(f"ppcl: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ppcl: interrupted (Ctrl-C); nothing partial was written: outputs appear only when complete, and a "
+              "distillation run continues from its last checkpoint with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

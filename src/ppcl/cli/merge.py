@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppcl.cli.common import add_model_args, load_model
+from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_model
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -19,21 +19,26 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--level", required=True, help="level name")
     p.add_argument("--out", required=True, help="output model folder")
     add_model_args(p)
+    add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppcl.addon import PruningAddon
     from ppcl.io import atomic_folder
+    from ppcl.outputs import MERGED, write_marker
     from ppcl.runtime import merge, save_merged
     from ppcl.runtime.merge_width import MERGED_FILE
 
+    check_out(args, MERGED, args.addon, args.model)
     model = load_model(args)
     addon = PruningAddon.from_pretrained(args.addon, model)
     merged = merge(model, addon, args.level)
-    with atomic_folder(args.out) as tmp:
-        # save_merged writes the substitution record only for width levels: depth-only folders stay stock diffusers.
+    with atomic_folder(args.out, MERGED, args.overwrite) as tmp:
+        # save_merged writes the substitution record only for width levels: depth-only folders stay stock diffusers
+        # (the marker is one small JSON file diffusers ignores; it lets a later merge --overwrite recognise the folder).
         save_merged(merged, tmp)
+        write_marker(tmp, MERGED)
         width = (tmp / MERGED_FILE).is_file()
     n = sum(p.numel() for p in merged.parameters())
     how = "load with ppcl.load_merged" if width else "stock diffusers checkpoint"

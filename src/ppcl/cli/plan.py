@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ppcl.cli.analyze import add_budget_args, add_width_args, budget_kwargs, finish_plan, level_params
-from ppcl.cli.common import add_model_args, load_model, parse_floats
+from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_model, parse_floats
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_budget_args(p)
     add_width_args(p)
+    add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -31,6 +32,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("ppcl plan needs a report and an output", expected="--report DIR --out DIR",
                           found=f"--report {args.report} --out {args.out}", fix="or use --validate PLAN")
     from ppcl.analysis import RedundancyReport, plan_from_report
+    from ppcl.outputs import PLAN
+
+    check_out(args, PLAN, args.report, args.model)
 
     targets, budget = parse_floats(args.targets, "targets"), budget_kwargs(args)  # bad budgets fail before loading
     report = RedundancyReport.load(args.report)
@@ -38,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = plan_from_report(report, model.config, targets, args.target_kind,
                             args.level_names.split(",") if args.level_names else None, args.init, **budget)
     plan = finish_plan(plan, report, model, args)
-    plan.save(args.out)
+    plan.save(args.out, overwrite=args.overwrite)
     print(plan.summary())
     print(level_params(plan, model.config))
     return 0

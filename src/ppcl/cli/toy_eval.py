@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from ppcl.cli.common import add_overwrite_arg, check_out
 from ppcl.errors import ConfigError
 from ppcl.io import write_json
 from ppcl.logging import get_logger
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--per-category", type=int, default=60, help="benchmark prompts per category (4 categories)")
     ev.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 2; 3 for --ground-truth)")
     _sampler_args(ev)
+    add_overwrite_arg(ev)
     ev.set_defaults(func=_eval)
 
     sa = sub.add_parser("sample", help="sample an image grid from the toy teacher")
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--teacher", default=None, help="teacher folder (default: the committed teacher)")
     _sampler_args(sa)
+    add_overwrite_arg(sa)
     sa.set_defaults(func=_sample)
 
 
@@ -53,6 +56,9 @@ def _eval(args: argparse.Namespace) -> int:
     from ppcl.toy.benchmark import score_ground_truth, score_model
     from ppcl.toy.teacher import ToyTeacher
 
+    from ppcl.outputs import JSON_RESULTS
+
+    check_out(args, JSON_RESULTS, args.teacher)
     if args.seeds is None:
         args.seeds = 3 if args.ground_truth else 2
     if args.per_category < 1 or args.seeds < 1:
@@ -77,6 +83,9 @@ def _sample(args: argparse.Namespace) -> int:
     from ppcl.toy.sampler import sample
     from ppcl.toy.teacher import ToyTeacher
 
+    from ppcl.outputs import IMAGE
+
+    check_out(args, IMAGE, args.teacher)
     teacher = ToyTeacher.load(args.teacher)
     for prompt in args.prompt:
         teacher.tokenizer.encode_one(prompt)  # fail on a bad caption before any sampling

@@ -21,6 +21,7 @@ from torch import nn
 from ppcl.arch import ArchSpec, ModelInputs, get_spec
 from ppcl.errors import ArtefactError, ConfigError
 from ppcl.io import atomic_folder, config_hash, content_hash, load_tensors, read_json, save_tensors, write_json
+from ppcl.outputs import CALIBRATION
 
 FORMAT_VERSION = 1
 MANIFEST = "calibration.json"
@@ -83,13 +84,14 @@ class CalibrationSet:
                 fix="run `ppcl calibrate` with this model",
             )
 
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``calibration.json`` + ``calibration.safetensors`` to ``folder`` atomically."""
+    def save(self, folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write ``calibration.json`` + ``calibration.safetensors`` to ``folder`` atomically (an existing calibration
+        set is replaced only with ``overwrite``; any other existing folder is refused, :mod:`ppcl.outputs`)."""
         tensors = {**self.batched, **{_SHARED_PREFIX + k: v for k, v in self.shared.items()}}
         manifest = {"format_version": FORMAT_VERSION, "kind": "ppcl.CalibrationSet", "arch": self.arch,
                     "model_class": self.model_class, "config_hash": self.config_hash, "n_samples": len(self),
                     "content_hash": self.content_hash, "lists": self.lists, "meta": self.meta}
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, CALIBRATION, overwrite) as tmp:
             save_tensors(tensors, tmp / WEIGHTS)
             write_json(manifest, tmp / MANIFEST)
         return Path(folder)

@@ -51,6 +51,7 @@ from ppcl.io import (
     write_json,
 )
 from ppcl.logging import get_logger, progress
+from ppcl.outputs import LATENT_CACHE
 
 log = get_logger("cache")
 
@@ -228,7 +229,7 @@ def build_image_cache(pipe: Any, records: list[ImageRecord], out: str | os.PathL
     log.info("cache: %d images into buckets %s", len(records),
              {f"{buckets[b][0]}x{buckets[b][1]}": len(r) for b, r in sorted(per_bucket.items())})
     pipe.set_progress_bar_config(disable=True)
-    with atomic_folder(out, overwrite=False) as tmp:
+    with atomic_folder(out, LATENT_CACHE) as tmp:
         writer = _Writer(tmp, [])
         chunks = [(b, rs[i:i + shard_size]) for b, rs in sorted(per_bucket.items())
                   for i in range(0, len(rs), shard_size)]
@@ -264,7 +265,7 @@ def build_prompt_cache(pipe: Any, prompts: list[str], out: str | os.PathLike[str
     h, w = buckets[0]
     pipe.set_progress_bar_config(disable=True)
     seeds = [int(np.random.default_rng([seed, i]).integers(2**31)) for i in range(len(prompts))]
-    with atomic_folder(out, overwrite=False) as tmp:
+    with atomic_folder(out, LATENT_CACHE) as tmp:
         writer = _Writer(tmp, [])
         for start in progress(range(0, len(prompts), shard_size), desc="generate",
                               total=-(-len(prompts) // shard_size)):

@@ -46,6 +46,7 @@ from ppcl.eval.levels import evaluate_levels
 from ppcl.eval.metrics import guided_agreement, velocity_agreement
 from ppcl.io import write_json
 from ppcl.logging import get_logger
+from ppcl.outputs import DEMO, is_kind, write_marker
 from ppcl.plan import PruningPlan
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.calibrate import calibrate_toy
@@ -271,8 +272,21 @@ STAGE_DIRS = ("analysis", "plan", "depth", "width", "finetune", "figures")
 
 def _clear_previous_run(out: Path) -> None:
     """Remove what an earlier demo run left in ``out`` (only the demo's own sub-folders and files), so a second
-    ``ppcl demo`` starts fresh instead of refusing to overwrite a finished training run."""
+    ``ppcl demo`` starts fresh instead of refusing to overwrite a finished training run; then mark ``out`` as a demo
+    folder. A folder that is neither new, empty nor a demo's is refused: the demo never deletes a user's files.
+
+    Raises:
+        ConfigError: ``out`` is a file, a symlink, or a non-empty folder no demo wrote.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError("the demo's output is not a folder", expected="a new, empty or demo folder",
+                          found=f"{out} is a {'symlink' if out.is_symlink() else 'file'}", fix="pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_kind(out, DEMO):
+        raise ConfigError("the demo's output folder holds files no demo wrote", expected="a new, empty or demo folder",
+                          found=f"{out} is not empty",
+                          fix="pick another --out (the demo replaces only its own folders)")
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, DEMO)
     old = [out / d for d in STAGE_DIRS if (out / d).exists()]
     for path in old:
         shutil.rmtree(path)

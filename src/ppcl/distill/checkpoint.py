@@ -163,3 +163,37 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         AcceleratorState._reset_state()
         log.debug("accelerate state reset for mixed precision %s", mixed_precision)
         return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=ddp)
+
+
+def not_finite_state(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parts of the training state that hold NaN/Inf: ``"parameters"``, ``"gradients"``, ``"optimiser state"``
+    (empty when all are finite). A checkpoint of such a state is never written: resuming it could not recover.
+
+    Sharded tensors are checked on their local shard (the caller combines the answers of all processes).
+    """
+    def finite(t: torch.Tensor) -> bool:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return bool(torch.isfinite(t.detach()).all())
+
+    bad = []
+    if not all(finite(p) for p in params):
+        bad.append("parameters")
+    if not all(p.grad is None or finite(p.grad) for p in params):
+        bad.append("gradients")
+    moments = [v for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.is_floating_point()]
+    if not all(finite(v) for v in moments):
+        bad.append("optimiser state")
+    return bad
+
+
+def not_finite_anywhere(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                        accelerator: Accelerator) -> list[str]:
+    """:func:`not_finite_state` combined over processes: every process gets a non-empty answer when any has one, so
+    all of them stop together (one stopping alone would leave the others waiting in the next collective)."""
+    bad = not_finite_state(params, optimizer)
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(bool(bad))], device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() and not bad:
+            bad = ["state of another process"]
+    return bad

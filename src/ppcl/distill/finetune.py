@@ -207,11 +207,12 @@ def _check_levels(addon: PruningAddon, levels: list[str], objective: FinetuneObj
 def finetune(model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
              out_dir: str | os.PathLike[str], level: str, full: bool = False, flow_matching_weight: float = 0.0,
              resume: bool = False, stop_at: int | None = None,
-             accelerator: Accelerator | None = None, objective: FinetuneObjective | None = None) -> PruningAddon:
+             accelerator: Accelerator | None = None, objective: FinetuneObjective | None = None,
+             overwrite: bool = False) -> PruningAddon:
     """End-to-end output distillation of ``level`` (pruned model vs the same model with the add-on disabled).
 
     Args:
-        model, addon, data, config, out_dir, resume, stop_at, accelerator: as in
+        model, addon, data, config, out_dir, resume, stop_at, accelerator, overwrite: as in
             :func:`~ppcl.distill.trainer.distill_depth` (``config.gradient_checkpointing`` turns on the model's own
             checkpointing; ``config.mode`` is ignored).
         level: the level to fine-tune.
@@ -235,7 +236,8 @@ def finetune(model: nn.Module, addon: PruningAddon, data: DistillData, config: D
     trained = nn.ModuleDict({k: m for name in levels for k, m in level_modules(addon, name).items()})
     blocks = surviving_blocks(model, addon, level) if full else {}
     extra = {f"{name}.{k}": p for name, block in blocks.items() for k, p in block.named_parameters()}
-    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator, extra) as session:
+    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator, extra,
+                         overwrite=overwrite) as session:
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         step = FinetuneStep(model, trained, level, blocks, flow_matching_weight, objective,

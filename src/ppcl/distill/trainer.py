@@ -1,11 +1,7 @@
 """The distillation training loop (depth here; width and fine-tune reuse :class:`TrainingSession`): accelerate,
 schedule, metrics, atomic checkpoints and exact resume.
 
-Layout of ``out_dir``::
-
-    metrics.jsonl          one row per logged step: step, loss (total and per span / term), lr, seconds
-    checkpoint/            the latest checkpoint: a valid add-on folder + trainer_state.pt (written atomically)
-    addon/                 the final add-on (written when the run reaches ``config.steps``)
+Layout of ``out_dir`` and the rules for an existing one: :mod:`ppcl.distill.run_folder`.
 
 Batches are a pure function of the micro-batch index (see :mod:`ppcl.distill.data`), so a checkpoint only needs the
 step number next to the optimiser, scheduler and RNG states; a resumed run reproduces an uninterrupted one exactly.
@@ -37,16 +33,22 @@ from torch import nn
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
 from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpoint_bytes, fault_point,
-                                    make_accelerator, preflight, recover_checkpoint, rng_state, set_rng_state)
+                                    make_accelerator, not_finite_anywhere, preflight, recover_checkpoint, rng_state,
+                                    set_rng_state)
 from ppcl.distill.config import DistillConfig
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.echo import TeacherEcho
 from ppcl.distill.precision import MasterWeights, autocast_dtype, base_dtype, precision_record
+from ppcl.distill.resume import apply_changes, resume_changes
+from ppcl.distill.run_folder import (ADDON_DIR, CHECKPOINT_DIR, EXTRA_FILE, METRICS_FILE, STATE_NAME, acquire_lock,
+                                    check_lock, check_run_folder, has_trainer_state, metrics_rows,
+                                    read_trainer_state, release_lock, start_run_folder)
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
-from ppcl.io import atomic_folder, load_tensors, save_tensors
+from ppcl.io import atomic_folder, load_tensors, save_state, save_tensors
 from ppcl.logging import get_logger, progress
+from ppcl.outputs import CHECKPOINT
 from ppcl.runtime import ADDON_ATTR, STATE_ATTR, active_level, apply_addon, remove_addon, set_level
 
 if TYPE_CHECKING:
@@ -54,14 +56,10 @@ if TYPE_CHECKING:
 
 log = get_logger("distill")
 
-CHECKPOINT_DIR = "checkpoint"
-ADDON_DIR = "addon"
-STATE_FILE = "trainer_state.pt"
-EXTRA_FILE = "trained_base.safetensors"
-METRICS_FILE = "metrics.jsonl"
 def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
                   out_dir: str | os.PathLike[str], resume: bool = False, level: str | None = None,
-                  stop_at: int | None = None, accelerator: Accelerator | None = None) -> PruningAddon:
+                  stop_at: int | None = None, accelerator: Accelerator | None = None,
+                  overwrite: bool = False) -> PruningAddon:
     """Train the add-on's depth students against the frozen teacher (the same ``model`` with the add-on off).
 
     Args:
@@ -75,18 +73,21 @@ def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, conf
         stop_at: stop after this many steps with a checkpoint and without ``addon/``, as a pre-empted job would.
         accelerator: a caller-made ``accelerate.Accelerator`` (its mixed precision wins over the config's); by
             default one is made from ``config.mixed_precision``.
+        overwrite: start again in an ``out_dir`` that holds a run (only the run's own files are removed); a folder
+            with anything else in it is always refused (:mod:`ppcl.distill.run_folder`).
 
     Returns: the trained add-on (the same object).
 
     Raises:
         TrainingError: a loss became NaN/Inf (names the step and spans; the last checkpoint is kept).
-        ConfigError: bad settings, or ``out_dir`` already holds a run and ``resume`` is false.
+        ConfigError: bad settings, ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given, or it
+            holds files that are not a ppcl run.
     """
     reps = depth_replacements(addon.plan, level)
     run_level = sequential_level(addon.plan, reps, level) if config.mode == "sequential" else None
     keys = {rep.id for rep in reps}
     with TrainingSession(model, addon, data, config, out_dir, resume, accelerator,
-                         shardable=config.mode == "nonsequential") as session:
+                         shardable=config.mode == "nonsequential", overwrite=overwrite) as session:
         chain_mix = config.chain_mix if config.mode == "nonsequential" else 0.0
         step_module = DepthStep(model, addon.students, reps, config.mode, run_level,
                                 config.gradient_checkpointing and config.mode == "nonsequential",
@@ -114,8 +115,9 @@ class TrainingSession:
     (errors too) it restores ``requires_grad``, gradient checkpointing and the level, and removes an add-on it
     applied. :meth:`run` drives the accelerate loop for any step module returning ``{term: scalar loss}``.
 
-    Args: ``model, addon, data, config, out_dir, resume, accelerator`` as in :func:`distill_depth`; ``extra``: trained
-    parameters outside the add-on (a full fine-tune's base blocks), checkpointed as ``trained_base.safetensors``;
+    Args: ``model, addon, data, config, out_dir, resume, accelerator, overwrite`` as in :func:`distill_depth`;
+    ``extra``: trained parameters outside the add-on (a full fine-tune's base blocks), checkpointed as
+    ``trained_base.safetensors``;
     ``shardable``: the stage's step module trains only ``step_module.students`` from recorded teacher calls, so it
     may run sharded (non-sequential depth distillation).
 
@@ -127,7 +129,8 @@ class TrainingSession:
 
     def __init__(self, model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
                  out_dir: str | os.PathLike[str], resume: bool, accelerator: Accelerator | None,
-                 extra: dict[str, nn.Parameter] | None = None, shardable: bool = False) -> None:
+                 extra: dict[str, nn.Parameter] | None = None, shardable: bool = False,
+                 overwrite: bool = False) -> None:
         config.validate()
         if not callable(getattr(data, "batch", None)):
             raise ConfigError("the data source has no batch(step) method", expected="a DistillData", found=str(data))
@@ -145,12 +148,9 @@ class TrainingSession:
         trained = sum(p.numel() for p in addon.students.parameters()) + sum(p.numel() for p in (extra or {}).values())
         # Every process checks (they may not share a file system); only the main one repairs an interrupted swap.
         preflight(self.out, checkpoint_bytes(trained))
-        if self.accelerator.is_main_process:
-            recover_checkpoint(self.out / CHECKPOINT_DIR)
-        self.accelerator.wait_for_everyone()
-        if (self.out / CHECKPOINT_DIR).exists() and not resume:
-            raise ConfigError("the output folder already holds a distillation run", expected="a new folder or resume",
-                              found=str(self.out / CHECKPOINT_DIR), fix="pass resume=True (--resume) or another out_dir")
+        # Every process refuses before any one writes (the folder is claimed in __enter__).
+        check_lock(self.out)
+        self.clear = check_run_folder(self.out, resume, overwrite)
         self.model, self.addon, self.data, self.config, self.resume = model, addon, data, config, resume
         self.extra, self.stage, self.terms_key = dict(extra or {}), "distillation", "terms"
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
@@ -160,10 +160,36 @@ class TrainingSession:
         self.mixed_precision = str(getattr(self.accelerator, "mixed_precision", config.mixed_precision))
         self.autocast_dtype = autocast_dtype(self.base_dtype, self.mixed_precision)
         self.masters = MasterWeights(())
+        self.resume_changes: dict[str, list[Any]] = {}
 
     def __enter__(self) -> Self:
+        self._claim_folder()
+        try:
+            return self._enter()
+        except BaseException:  # __exit__ does not run when __enter__ fails: free the folder here
+            self._release_folder()
+            raise
+
+    def _claim_folder(self) -> None:
+        """Lock the run folder for this run (main process), clear it if ``overwrite`` starts it again, mark it, and
+        put back a checkpoint an interrupted swap left aside."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            acquire_lock(self.out)
+            try:
+                start_run_folder(self.out, self.clear)
+                recover_checkpoint(self.out / CHECKPOINT_DIR)
+            except BaseException:
+                release_lock(self.out)
+                raise
+        self.accelerator.wait_for_everyone()
+
+    def _release_folder(self) -> None:
+        if self.accelerator.is_main_process:
+            release_lock(self.out)
+
+    def _enter(self) -> Self:
         model = self.model
-        self.out.mkdir(parents=True, exist_ok=True)
         state = getattr(model, STATE_ATTR, None)
         if state is not None and state.addon.students is not self.addon.students:
             raise ConfigError("another add-on is applied to the model", expected="the add-on being trained, or none",
@@ -200,6 +226,12 @@ class TrainingSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        try:
+            self._restore_model()
+        finally:
+            self._release_folder()
+
+    def _restore_model(self) -> None:
         model = self.model
         if self.shards is not None:
             self.shards.close()
@@ -222,7 +254,7 @@ class TrainingSession:
         """Optimise ``params`` (AdamW + schedule) on the summed losses of ``step_module(**batch)``; returns
         ``{"final": {term: loss}, "end": last step, "elapsed", "seconds_per_step", "teacher_ratio"}``."""
         config, accelerator = self.config, self.accelerator
-        self.stage, self.terms_key, self.params = stage, terms_key, params
+        self.stage, self.terms_key, self.params, self.what = stage, terms_key, params, what
         for p in params:
             p.requires_grad_(True)
         # Before loading a checkpoint (its float32 masters load exactly) and before sharding (twins share storage).
@@ -259,9 +291,10 @@ class TrainingSession:
             "data": data.describe() if hasattr(data, "describe") else {"source": type(data).__name__},
             "seconds_per_step": stats["seconds_per_step"], "teacher_forward_ratio": stats["teacher_ratio"],
             "mixed_precision": config.mixed_precision, "num_processes": self.accelerator.num_processes,
-            "precision": precision_record(self.base_dtype, self.autocast_dtype, self.mixed_precision)}
+            "precision": precision_record(self.base_dtype, self.autocast_dtype, self.mixed_precision),
+            **({"resumed_with_changes": self.resume_changes} if self.resume_changes else {})}
         if self.accelerator.is_main_process:
-            self.addon.save_pretrained(self.out / ADDON_DIR)  # atomic by itself
+            self.addon.save_pretrained(self.out / ADDON_DIR, overwrite=True)  # atomic by itself; the run owns it
         self.accelerator.wait_for_everyone()
         log.info("%s: done in %.1f s, final loss %.5f; add-on at %s", self.stage, stats["elapsed"],
                  sum(stats["final"].values()), self.out / ADDON_DIR)
@@ -359,6 +392,19 @@ class TrainingSession:
             found=", ".join(f"{key}={v}" for key, v in zip(keys, values, strict=True)),
             fix=f"lower the learning rate or use bf16 instead of fp16, then {then}")
 
+    def _refuse_not_finite_state(self, step: int) -> None:
+        """Raise before a checkpoint of a non-finite state is written (every process, so none waits alone); the
+        previous checkpoint stays the last good one."""
+        bad = not_finite_anywhere(self.params, self.opt, self.accelerator)
+        if not bad:
+            return
+        kept = self.out / CHECKPOINT_DIR
+        then = f"resume (--resume --lr ...) from the last good checkpoint {kept}" if kept.exists() else "start again"
+        raise TrainingError(f"{self.stage}: the {' and '.join(bad)} are not finite after step {step} of "
+                            f"{self.config.steps} ({self.what}); the checkpoint of this step was not written",
+                            expected="finite weights, gradients and optimiser moments", found=", ".join(bad),
+                            fix=f"lower the learning rate or use bf16 instead of fp16, then {then}")
+
     def _log_row(self, step: int, window: dict[str, list[float]], lr: float, seconds: float) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -369,6 +415,7 @@ class TrainingSession:
 
     def _save_checkpoint(self, step: int, elapsed: float) -> None:
         self.accelerator.wait_for_everyone()
+        self._refuse_not_finite_state(step)
         optimizer = None
         if self.shards is not None:  # collectives: every process gathers, the main one writes
             self.shards.pull()
@@ -376,13 +423,13 @@ class TrainingSession:
         if self.accelerator.is_main_process:
             # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
             state = {"step": step, "data_index": step // self.config.teacher_reuse * self.config.gradient_accumulation,
-                     "elapsed": elapsed,
+                     "elapsed": elapsed, "trains": self.what,
                      "config": self.config.to_json(), "optimizer": self.opt.state_dict() if optimizer is None else optimizer,
                      "scheduler": self.sched.state_dict(), "rng": rng_state()}
             self.addon.provenance["checkpoint"] = {"step": step}
-            with atomic_folder(self.out / CHECKPOINT_DIR) as tmp:
+            with atomic_folder(self.out / CHECKPOINT_DIR, CHECKPOINT, overwrite=True) as tmp:
                 self.addon.save_pretrained(tmp)  # first: it may replace the folder it is given
-                torch.save(state, tmp / STATE_FILE)
+                save_state(state, tmp, STATE_NAME)
                 if self.extra:
                     save_tensors({k: p.detach() for k, p in self.extra.items()}, tmp / EXTRA_FILE)
                 fault_point("checkpoint", step)
@@ -393,9 +440,9 @@ class TrainingSession:
         """A resumed run's trainer state, after loading the checkpoint's weights into the add-on (and ``extra``);
         ``None`` for a fresh run. Runs before sharding, so the shards are cut from the loaded weights."""
         folder = self.out / CHECKPOINT_DIR
-        if not (self.resume and (folder / STATE_FILE).is_file()):
+        if not (self.resume and has_trainer_state(folder)):
             return None
-        state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
+        state = read_trainer_state(folder)
         try:  # the file's keys are the students' own state-dict keys ("<student key>.<param>")
             self.addon.students.load_state_dict(load_tensors(folder / WEIGHTS_FILE, "checkpoint add-on"), strict=True)
             saved = load_tensors(folder / EXTRA_FILE, "checkpoint base") if self.extra else {}
@@ -417,20 +464,24 @@ class TrainingSession:
             for seed in (torch.manual_seed, np.random.seed, random.seed):
                 seed(config.seed)
             return 0, 0.0
-        # Layout-only settings: a run resumes exactly under another checkpoint/log cadence or with(out) sharding.
-        changed = sorted(k for k, v in state.get("config", {}).items()
-                         if k not in ("checkpoint_every", "log_every", "shard") and config.to_json().get(k) != v)
-        if changed:
-            log.warning("%s: resuming with changed settings %s; it will not match an uninterrupted run", stage, changed)
+        self.resume_changes = resume_changes(state.get("config", {}), config)  # refuses a change of run
+        if state.get("trains", self.what) != self.what:  # another --level (spans, levels or objective)
+            raise ConfigError("the resumed run trains something else than the checkpoint's run",
+                              expected=f"what the checkpoint trained: {state['trains']}", found=self.what,
+                              fix="resume with the --level (and objective) the run started with, or start again "
+                                  "with --overwrite")
         optimizer = state["optimizer"]
         if self.shards is not None:
             optimizer = self.shards.sharded_optimizer_state(optimizer, self.params)
         self.opt.load_state_dict(optimizer)
         self.sched.load_state_dict(state["scheduler"])
+        if self.resume_changes:
+            apply_changes(self.opt, self.sched, config, int(state["step"]))
+            log.warning("%s: resuming with changed settings %s (applied from step %d; recorded in the add-on's "
+                        "provenance)", stage, self.resume_changes, state["step"])
         set_rng_state(state["rng"])
         if self.accelerator.is_main_process:  # drop the rows logged after the checkpoint: they are logged again
-            rows = (out / METRICS_FILE).read_text().splitlines() if (out / METRICS_FILE).exists() else []
-            (out / METRICS_FILE).write_text("".join(r + "\n" for r in rows
-                                                    if r and json.loads(r)["step"] <= state["step"]))
+            rows = metrics_rows(out / METRICS_FILE)
+            (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))
         log.info("%s: resuming from %s at step %d", stage, folder, state["step"])
         return int(state["step"]), float(state["elapsed"])

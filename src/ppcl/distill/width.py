@@ -25,6 +25,7 @@ each projection's output against the teacher tensor at the same point.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -41,7 +42,8 @@ from ppcl.distill.data import DistillData
 from ppcl.distill.depth import _text_mask
 from ppcl.distill.echo import NO_ECHO, TeacherEcho
 from ppcl.distill.losses import depth_loss
-from ppcl.distill.trainer import CHECKPOINT_DIR, STATE_FILE, DistillConfig, TrainingSession
+from ppcl.distill.run_folder import CHECKPOINT_DIR, has_trainer_state
+from ppcl.distill.trainer import DistillConfig, TrainingSession
 from ppcl.distill.width_capture import Capture, Position, TeacherCapture, width_positions
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
@@ -188,11 +190,11 @@ def distill_width(model: nn.Module, addon: PruningAddon, data: DistillData, conf
                   calibration: CalibrationSet | Iterable[dict[str, Any]] | None = None, resume: bool = False,
                   stop_at: int | None = None, accelerator: Accelerator | None = None, *, init: bool = True,
                   init_batches: int = 8, ridge: float = 1e-4, train_students: bool = False,
-                  linear_weight: float = 1.0, linear_loss: LinearLoss = "mse") -> PruningAddon:
+                  linear_weight: float = 1.0, linear_loss: LinearLoss = "mse", overwrite: bool = False) -> PruningAddon:
     """Least-squares initialise, then train, the projections of ``level`` against the frozen teacher.
 
     Args:
-        model, addon, data, config, out_dir, resume, stop_at, accelerator: as in
+        model, addon, data, config, out_dir, resume, stop_at, accelerator, overwrite: as in
             :func:`~ppcl.distill.trainer.distill_depth` (same folder layout, checkpoints and exact resume;
             ``config.mode`` is ignored: width training is non-sequential).
         level: the level whose text runs / FFN blocks are trained.
@@ -207,9 +209,9 @@ def distill_width(model: nn.Module, addon: PruningAddon, data: DistillData, conf
     Returns: the add-on (trained in place), with ``provenance["width"]`` and ``metrics["width_init_rel_error"]``.
     """
     positions = width_positions(addon.plan, level)
-    resuming = resume and (os.path.isfile(os.path.join(out_dir, CHECKPOINT_DIR, STATE_FILE)))
+    resuming = resume and has_trainer_state(Path(out_dir) / CHECKPOINT_DIR)
     errors: dict[str, float] | None = None
-    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator) as session:
+    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator, overwrite=overwrite) as session:
         if init and not resuming:
             batches: Iterable[dict[str, Any]] = (
                 calibration.batches(config.batch_size, device=session.accelerator.device)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppcl.errors import ArtefactError, ConfigError, PPCLError
+from ppcl.outputs import PLAN as PLAN_KIND
+from ppcl.outputs import check_output
 from ppcl.plan import _json
 from ppcl.plan.replacements import Replacement, replacement_from_json
 from ppcl.plan.span import BlockLayout, Span
@@ -319,10 +321,14 @@ class PruningPlan:
         )
         return plan.validate() if validate else plan
 
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Validate, then write ``folder/plan.json`` atomically (temp file + ``os.replace``); returns its path."""
+    def save(self, folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Validate, then write ``folder/plan.json`` atomically (temp file + ``os.replace``); returns its path.
+
+        An existing plan is replaced only with ``overwrite``; a non-empty folder without one is refused
+        (:mod:`ppcl.outputs`).
+        """
         self.validate()
-        out = Path(folder)
+        out = check_output(folder, PLAN_KIND, overwrite=overwrite)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -342,9 +348,12 @@ class PruningPlan:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except OSError as exc:  # disk full or read-only while writing: the old plan.json stays as it was
+            raise ArtefactError("cannot write the plan", expected="a writable location with free space",
+                                found=f"{path}: {exc.strerror or exc}",
+                                fix="free some space, fix the permissions or choose another --out") from exc
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -18,13 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ppcl.io import atomic_folder, load_state, save_state
 from ppcl.logging import get_logger, progress
+from ppcl.outputs import CHECKPOINT
 from ppcl.toy.teacher import ToyTeacher, patchify
 from ppcl.toy.world import sample_batch
 
 log = get_logger("toy.train")
 
-STATE_FILE = "trainer_state.pt"
+STATE_DIR = "state"  # trainer_state.json + .safetensors (ppcl.io.save_state), written atomically: nothing pickled
+LEGACY_STATE_FILE = "trainer_state.pt"  # earlier runs (torch.save); still resumed from, with a deprecation note
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def train_teacher(
 ) -> ToyTeacher | None:
     """Train (or resume) the toy teacher; writes the EMA teacher to ``out_dir`` and returns it.
 
-    ``out_dir`` also receives ``loss.jsonl`` (one line per 10 steps) and a resumable ``trainer_state.pt``.
+    ``out_dir`` also receives ``loss.jsonl`` (one line per 10 steps) and a resumable ``state/`` (JSON + safetensors).
     ``model_config`` overrides the transformer config (tests use a tiny one). ``stop_at`` ends the run after that
     many steps with a checkpoint but no final teacher, as a pre-empted job would, and returns None.
     """
@@ -173,17 +176,21 @@ def _append_jsonl(path: Path, row: dict) -> None:
 def _save_state(out: Path, step: int, elapsed: float, params, opt, ema: _Ema) -> None:
     state = {"step": step, "elapsed": elapsed, "params": {k: v.detach() for k, v in params.items()},
              "opt": opt.state_dict(), "ema": ema.shadow}
-    tmp = out / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE_FILE)
+    with atomic_folder(out / STATE_DIR, CHECKPOINT, overwrite=True) as tmp:
+        save_state(state, tmp, "trainer_state")
+    (out / LEGACY_STATE_FILE).unlink(missing_ok=True)
 
 
 def _maybe_resume(out: Path, params, opt, ema: _Ema) -> tuple[int, float]:
-    path = out / STATE_FILE
-    if not path.exists():
+    if (out / STATE_DIR / "trainer_state.json").is_file():
+        state = load_state(out / STATE_DIR, "trainer_state", "toy teacher trainer state")
+    elif (out / LEGACY_STATE_FILE).is_file():
+        log.warning("%s is in the old torch.save format; the next save replaces it with %s/", out / LEGACY_STATE_FILE,
+                    STATE_DIR)
+        state = torch.load(out / LEGACY_STATE_FILE, weights_only=True)
+    else:
         (out / "loss.jsonl").unlink(missing_ok=True)
         return 0, 0.0
-    state = torch.load(path, weights_only=True)
     with torch.no_grad():
         for k, v in params.items():
             v.copy_(state["params"][k])
