@@ -804,3 +804,124 @@ def test_zero_or_negative_counts(argv: list[str], addon_copy: Path, tmp_path: Pa
     out = tmp_path / ("out.json" if argv[0] == "eval" else "cal")
     check_cli_error(capsys, main(["-q", *argv, "--out", str(out)]), "must be positive")
     no_partial_output(tmp_path, out)
+
+
+# ------------------------------------------------------------------------------ bounded resources (issue 14, item 7)
+@pytest.mark.parametrize("sizes", [[10**9], [6, 0], [], [1] * 9])
+def test_plan_with_absurd_stack_sizes(tmp_path: Path, qwen: nn.Module, sizes: list[int]) -> None:
+    """A 200-byte plan declaring 1e9 blocks is refused while parsing, before validation walks any block."""
+    data = plan_json(qwen)
+    data["stack_sizes"] = sizes
+    with pytest.raises(ArtefactError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ArtefactError, "stack_sizes", "out of range")
+
+
+def test_plan_with_a_huge_span(tmp_path: Path, qwen: nn.Module) -> None:
+    data = plan_json(qwen)
+    data["replacements"][0]["stop"] = 10**15
+    with pytest.raises(ConfigError) as err:
+        PruningPlan.load(write_plan(tmp_path, data))
+    check_error(err, ConfigError, "past the last block")
+
+
+# ---------------------------------------------------------------------------------------- integrity (issue 14, item 6)
+@pytest.mark.parametrize("change", ["drop config", "null block_shapes", "stack_sizes text", "not an object"])
+def test_addon_fingerprint_incomplete(addon_copy: Path, qwen: nn.Module, change: str) -> None:
+    """A fingerprint missing a field used to skip that check silently; now loading fails and names the field."""
+    manifest = json.loads((addon_copy / ADDON_FILE).read_text())
+    fp = manifest["fingerprint"]
+    if change == "drop config":
+        del fp["config"]
+    elif change == "null block_shapes":
+        fp["block_shapes"] = None
+    elif change == "stack_sizes text":
+        fp["stack_sizes"] = ["six"]
+    else:
+        manifest["fingerprint"] = "qwen"
+    (addon_copy / ADDON_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError) as err:
+        PruningAddon.from_pretrained(addon_copy, qwen)
+    check_error(err, ArtefactError, "fingerprint")
+
+
+def test_addon_with_non_finite_weights(addon_copy: Path, qwen: nn.Module) -> None:
+    weights = load_file(addon_copy / WEIGHTS_FILE)
+    key = sorted(weights)[0]
+    weights[key] = weights[key].clone().fill_(float("nan"))
+    save_file(weights, addon_copy / WEIGHTS_FILE)
+    with pytest.raises(ArtefactError) as err:
+        PruningAddon.from_pretrained(addon_copy, qwen)
+    check_error(err, ArtefactError, "non-finite", key)
+
+
+def test_merge_cli_never_writes_a_non_finite_model(addon_copy: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import ppcl.cli.merge as cli_merge
+
+    def nan_base(args: object) -> nn.Module:
+        model = build_tiny("qwenimage").model
+        with torch.no_grad():
+            next(model.transformer_blocks[0].parameters()).fill_(float("nan"))  # a block every level keeps
+        return model
+
+    monkeypatch.setattr(cli_merge, "load_model", nan_base)
+    out = tmp_path / "merged"
+    code = main(["-q", "merge", "--addon", str(addon_copy), "--level", "a", "--out", str(out)])
+    check_cli_error(capsys, code, "non-finite", "transformer_blocks.0")
+    no_partial_output(tmp_path, out)
+
+
+@pytest.mark.parametrize("damage", ["nan", "rows", "count"])
+def test_calibration_inconsistent_or_not_finite(calibration_copy: Path, damage: str) -> None:
+    weights = calibration_copy / "calibration.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k, t in tensors.items() if t.is_floating_point() and t.dim() > 1 and not k.startswith("shared."))
+    if damage == "nan":
+        tensors[key] = tensors[key].clone().fill_(float("nan"))
+    elif damage == "rows":
+        tensors[key] = tensors[key][:1].clone()
+    if damage != "count":
+        save_file(tensors, str(weights))
+    else:
+        manifest = json.loads((calibration_copy / "calibration.json").read_text())
+        manifest["n_samples"] += 5
+        (calibration_copy / "calibration.json").write_text(json.dumps(manifest))
+    words = {"nan": "not finite", "rows": "disagree on the number of samples", "count": "n_samples"}[damage]
+    with pytest.raises(ArtefactError) as err:
+        CalibrationSet.load(calibration_copy)
+    check_error(err, ArtefactError, words)
+
+
+@pytest.mark.parametrize(("device", "words"), [("gpu", "unknown --device"), ("cuda:99", "not available")])
+def test_bad_device(addon_copy: Path, capsys: pytest.CaptureFixture[str], device: str, words: str) -> None:
+    code = main(["-q", "eval", "--addon", str(addon_copy), "--device", device, "--no-shapes-eval"])
+    check_cli_error(capsys, code, words, device)
+
+
+@pytest.mark.parametrize("drop", ["n_samples", "content_hash"])
+def test_inspect_an_incomplete_manifest(calibration_copy: Path, capsys: pytest.CaptureFixture[str], drop: str) -> None:
+    manifest = json.loads((calibration_copy / "calibration.json").read_text())
+    del manifest[drop]
+    (calibration_copy / "calibration.json").write_text(json.dumps(manifest))
+    check_cli_error(capsys, main(["-q", "inspect", str(calibration_copy)]), "manifest is incomplete", drop)
+
+
+def test_report_matrices_from_another_report(saved_report: Path, tmp_path: Path) -> None:
+    from ppcl.analysis import RedundancyReport
+
+    folder = Path(shutil.copytree(saved_report, tmp_path / "report"))
+    tensors = load_file(folder / "report.safetensors")
+    tensors["cka.used"] = tensors["cka.used"].clone() * 0.5  # values a plan would silently be built from
+    save_file(tensors, folder / "report.safetensors")
+    with pytest.raises(ArtefactError) as err:
+        RedundancyReport.load(folder)
+    check_error(err, ArtefactError, "do not belong to its manifest")
+
+
+def test_toy_train_teacher_out_is_a_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = user_folder(tmp_path)
+    code = main(["-q", "toy", "train-teacher", "--out", str(mine), "--steps", "1", "--layers", "2"])
+    check_cli_error(capsys, code, "not a toy-teacher run")
+    assert untouched(mine)

@@ -238,3 +238,35 @@ def test_prompt_cache_and_cli_distill(pipes: dict[str, Path], tmp_path: Path) ->
         assert "latent_cache" in json.dumps(addon)
     assert main([*run, "--data", str(cache), "--calibration", str(cache), "--out", str(tmp_path / "x")]) == 2
     assert main([*run, "--data", str(tmp_path / "gen-flux"), "--out", str(tmp_path / "y")]) == 2  # other model
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "link.safetensors"])
+def test_a_manifest_path_leaving_the_cache_is_refused(pipes: dict[str, Path], tmp_path: Path, entry: str) -> None:
+    """Issue 14 (containment): a shard path from the manifest must resolve inside the cache folder."""
+    import json
+
+    out = build_image_cache(ppcl.load_pipeline(pipes["flux"]), scan_folder(_write_images(tmp_path / "img")),
+                            tmp_path / "cache", 16)
+    (tmp_path / "outside.safetensors").write_bytes((out / "shard_00000.safetensors").read_bytes())
+    if entry == "link.safetensors":
+        (out / entry).symlink_to(tmp_path / "outside.safetensors")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = entry
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PPCLError, match="path in the manifest leaves its folder") as err:
+        LatentCache(out)
+    assert repr(entry) in str(err.value)
+
+
+def test_a_modified_shard_is_refused_on_first_read(pipes: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 14 (integrity): shard hashes are checked the first time training reads a shard, not only by verify()."""
+    from safetensors.torch import load_file, save_file
+
+    out = build_image_cache(ppcl.load_pipeline(pipes["flux"]), scan_folder(_write_images(tmp_path / "img")),
+                            tmp_path / "cache", 16)
+    shard = out / "shard_00000.safetensors"
+    tensors = load_file(shard)
+    tensors["latents"] = tensors["latents"] + 1.0
+    save_file(tensors, shard)
+    with pytest.raises(PPCLError, match="shard does not match its manifest"):
+        LatentCache(out).read(0, [0])

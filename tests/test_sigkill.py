@@ -136,6 +136,24 @@ def _run(out: Path, steps: int = 2, **kwargs: object) -> PruningAddon:
     return distill_depth(case.model, addon, Data(), config, out, **kwargs)  # type: ignore[arg-type]
 
 
+def test_debris_of_killed_writes_is_removed_by_the_next_resume_and_user_files_are_not(tmp_path: Path) -> None:
+    """Issue 14 (no debris): temp and old folders of killed add-on / checkpoint writes, nested ones included, go with
+    the next --resume; names that only resemble them (a user's) stay."""
+    _run(tmp_path, steps=3, stop_at=2)
+    debris = [".addon.k1ll3d00.tmp", ".addon.k1ll3d01.old", "..checkpoint.abcdefgh.tmp.ijklmnop.tmp",
+              ".checkpoint.qrstuvwx.tmp"]
+    for name in debris:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x").write_text("partial")
+    mine = [tmp_path / ".addon.notes.txt", tmp_path / ".addon.backup"]
+    mine[0].write_text("my notes")
+    mine[1].mkdir()
+    _run(tmp_path, steps=3, resume=True)
+    assert not [n for n in debris if (tmp_path / n).exists()]
+    assert mine[0].read_text() == "my notes" and mine[1].is_dir()
+    assert (tmp_path / "addon" / WEIGHTS_FILE).is_file()
+
+
 def test_a_kill_between_the_swap_renames_loses_no_checkpoint(tmp_path: Path) -> None:
     # atomic_folder replaces a checkpoint in two renames (old → .checkpoint.*.old/x, temp → checkpoint); a kill in
     # between leaves no checkpoint/ but a complete old one, which a resume puts back instead of starting afresh.

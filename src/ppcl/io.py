@@ -6,9 +6,11 @@ only when complete, so a failed or killed run never leaves a partial artefact be
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -17,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ppcl.errors import ArtefactError
 from ppcl.outputs import OutputKind, check_output
+
+# What a full disk, a quota, a read-only mount or missing permissions raise while writing (other OSErrors are bugs or
+# the caller's own reads, and stay visible).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @contextmanager
@@ -34,6 +40,7 @@ def atomic_folder(path: str | os.PathLike[str], kind: OutputKind, overwrite: boo
     path = check_output(path, kind, overwrite=overwrite)
     parent = path.parent if str(path.parent) else Path(".")
     _check_writable(parent)
+    remove_debris(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
         try:
@@ -48,10 +55,26 @@ def atomic_folder(path: str | os.PathLike[str], kind: OutputKind, overwrite: boo
             else:
                 os.replace(tmp, path)
         except OSError as exc:  # disk full or permissions while writing: one line for the user, no partial folder
+            if exc.errno not in WRITE_ERRNOS:
+                raise
             raise _write_error(path, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_debris(path: Path) -> list[Path]:
+    """Remove what killed writes of ``path`` left beside it: ``.<name>.XXXXXXXX.tmp`` / ``.old`` folders (this module's
+    own temp names) and the nested ``..<name>.XXXXXXXX.tmp.YYYYYYYY.tmp`` of a write inside a temp folder. Only those
+    exact patterns match, so a user's file is never touched. Returns what was removed."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.\.?{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.(tmp|old)(\.[A-Za-z0-9_]{{8}}\.tmp)?$")
+    gone = [p for p in parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink()]
+    for debris in gone:
+        shutil.rmtree(debris, ignore_errors=True)
+    return gone
 
 
 def _check_writable(parent: Path) -> None:
@@ -85,12 +108,16 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
         # An unpredictable name created exclusively beside the target: a planted X.tmp symlink is never followed.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
         raise _write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
         raise _write_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
@@ -122,6 +149,24 @@ def read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     return data
 
 
+def contained_file(folder: Path, name: Any, what: str) -> Path:
+    """``folder / name`` for a file name read from ``folder``'s own manifest, refused unless it stays inside ``folder``:
+    no absolute path, no ``..``, no symlink resolving outside (a manifest must not make ppcl read elsewhere).
+
+    Raises:
+        ArtefactError: naming the manifest entry.
+    """
+    bad = not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts
+    path = folder / str(name)
+    root = folder.resolve()
+    if bad or root not in path.resolve().parents:
+        raise ArtefactError(f"a {what} path in the manifest leaves its folder",
+                            expected=f"a file name inside {folder}", found=repr(name),
+                            fix="the manifest was edited or the folder holds a symlink out of it; re-create the "
+                                "artefact with ppcl")
+    return path
+
+
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save tensors (made contiguous, on CPU) to a safetensors file; tensors sharing memory are stored separately."""
     out, seen = {}, set()
@@ -143,7 +188,7 @@ def load_tensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Ten
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+    except (SafetensorError, OSError, ValueError) as exc:  # what a truncated or corrupt file raises
         raise ArtefactError(f"{what} weights are unreadable", expected="a complete safetensors file",
                             found=f"{path}: {type(exc).__name__}: {exc}",
                             fix="the file is truncated or corrupt; re-create the artefact") from exc

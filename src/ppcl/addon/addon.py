@@ -226,6 +226,11 @@ class PruningAddon:
         spec = check_plan_fits(model, plan)
         check_fingerprint(manifest["fingerprint"], fingerprint_of(model, plan))
         tensors = load_tensors(folder / WEIGHTS_FILE, "add-on")
+        bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if bad:  # a diverged run's weights would make every level of the model NaN: never load them silently
+            raise ArtefactError("the add-on holds non-finite weights", expected="finite values in every tensor",
+                                found=f"NaN/Inf in {bad[:3]}{' ...' if len(bad) > 3 else ''} ({len(bad)} tensor(s))",
+                                fix="re-train from the last good checkpoint (ppcl distill --resume with a lower --lr)")
         projections = load_projections(spec, model, plan, manifest.get("projections"), tensors,
                                        str(folder / ADDON_FILE))
         students = _load_modules(spec, model, plan, projections, tensors, folder / WEIGHTS_FILE)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ppcl.addon.blocks import base_named_shapes
 from ppcl.arch import get_spec
-from ppcl.errors import AddonMismatchError
+from ppcl.errors import AddonMismatchError, ArtefactError
 from ppcl.io import config_hash
 from ppcl.logging import get_logger
 
@@ -78,7 +78,12 @@ def check_fingerprint(expected: Mapping[str, Any], found: Mapping[str, Any]) -> 
 
     Order: class, arch, stack sizes, config values, block parameter shapes. Config entries present on only one side
     are tolerated (diffusers adds config keys across versions with defaults); a logged warning says which.
+
+    Raises:
+        ArtefactError: ``expected`` (read from an add-on) lacks a field or has one of the wrong type: a check that
+            would be skipped is an error, not a pass.
     """
+    require_complete(expected)
     for field in ("class", "arch", "stack_sizes"):
         if list_or_value(expected.get(field)) != list_or_value(found.get(field)):
             _mismatch(field, expected.get(field), found.get(field))
@@ -95,6 +100,21 @@ def check_fingerprint(expected: Mapping[str, Any], found: Mapping[str, Any]) -> 
     extra = sorted(n for n in have if _block_of(n) in recorded and n not in want)
     if extra:
         _mismatch(f"block_shapes[{extra[0]}]", "no such parameter", list(have[extra[0]]))
+
+
+FIELDS: dict[str, type | tuple[type, ...]] = {"class": str, "arch": str, "config": dict, "config_hash": str,
+                                              "stack_sizes": list, "block_shapes": dict}
+
+
+def require_complete(fingerprint: Mapping[str, Any]) -> None:
+    """Raise :class:`ArtefactError` naming the first missing, null or mistyped field of a recorded fingerprint."""
+    for field, kind in FIELDS.items():
+        value = fingerprint.get(field) if isinstance(fingerprint, Mapping) else None
+        if not isinstance(value, kind) or (field == "stack_sizes" and not all(isinstance(s, int) for s in value)):
+            raise ArtefactError("the add-on's base-model fingerprint is incomplete",
+                                expected=f"fingerprint.{field} as a {getattr(kind, '__name__', kind)}",
+                                found=f"{value!r}"[:80], fix="re-create the add-on with ppcl (the manifest was "
+                                "edited or damaged); the base model cannot be checked without it")
 
 
 def list_or_value(value: Any) -> Any:

@@ -14,7 +14,7 @@ import torch
 from ppcl.analysis import plots
 from ppcl.analysis.intervals import Interval, delta
 from ppcl.errors import ArtefactError
-from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from ppcl.io import atomic_folder, content_hash, load_tensors, read_json, save_tensors, write_json
 from ppcl.outputs import REPORT
 
 FORMAT_VERSION = 1
@@ -77,6 +77,7 @@ class RedundancyReport:
             "format_version": FORMAT_VERSION, "kind": "ppcl.RedundancyReport", "arch": self.arch,
             "model_class": self.model_class, "config_hash": self.config_hash, "stack_sizes": self.stack_sizes,
             "calibration_hash": self.calibration_hash, "settings": self.settings, "stats": self.stats,
+            "tensors_hash": content_hash(self._tensors()),
             "intervals_convention": "inclusive [u, v]; replaced by one student, v - u blocks removed",
             "intervals": [{"u": i.u, "v": i.v, "cka": round(i.cka, 6), "score": round(i.score, 6),
                            "removed": i.removed, "span": f"[{i.u}:{i.v + 1}] (half-open)"} for i in self.intervals],
@@ -102,6 +103,12 @@ class RedundancyReport:
             raise ArtefactError("not a redundancy report", expected="kind ppcl.RedundancyReport",
                                 found=str(m.get("kind")), fix="pass the folder written by `ppcl analyze`")
         t = load_tensors(folder / WEIGHTS, "redundancy report")
+        # Reports written before the hash existed (docs/example-report) have none and load as they are.
+        if "tensors_hash" in m and content_hash(t) != m["tensors_hash"]:
+            raise ArtefactError("the report's matrices do not belong to its manifest",
+                                expected=f"tensors hash {str(m['tensors_hash'])[:16]}… (report.json)",
+                                found=f"{content_hash(t)[:16]}… in {folder / WEIGHTS}",
+                                fix="the files were mixed or modified; re-run `ppcl analyze`")
 
         def per(name: str) -> dict[str, np.ndarray]:
             return {s: t[f"{name}.{s}"].numpy() for s in STREAMS}

@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ppcl.cli.calibrate import _read_prompts
+    from ppcl.cli.common import check_device
     from ppcl.data import images as image_data
     from ppcl.data.latent_cache import build_image_cache, build_prompt_cache
     from ppcl.data.loading import load_pipeline_folder, parse_dtype
@@ -48,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.outputs import refuse_overlap
 
     refuse_overlap(args.out, (args.pipeline, args.images, args.prompts))
+    device = check_device(args.device)
     if Path(args.out).exists():
         raise ConfigError("output folder already exists", expected="a new folder for the cache", found=args.out,
                           fix="choose another --out or remove the folder")
@@ -55,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     records = (image_data.scan_folder(args.images) if args.images is not None else
                image_data.scan_shards(args.shards) if args.shards is not None else None)
-    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(args.device)
+    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(device)
     common = {"pipeline_path": args.pipeline, "shard_size": args.shard_size,
               "max_sequence_length": args.max_sequence_length}
     if records is not None:

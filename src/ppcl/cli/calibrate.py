@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppcl.cli.common import add_overwrite_arg, check_out, require_positive
+from ppcl.cli.common import add_overwrite_arg, check_device, check_out, require_positive
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -62,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.outputs import CALIBRATION
 
     check_out(args, CALIBRATION, args.pipeline, args.prompts)
+    check_device(args.device)
     require_positive(args, "num_prompts", "timesteps", "steps", "height", "width")
     seeds = _seeds(args.seeds)
     if args.pipeline is None:

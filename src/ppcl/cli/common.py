@@ -19,6 +19,7 @@ def load_model(args: argparse.Namespace) -> Any:
     """The transformer named by ``--model`` (or the toy teacher's), on ``--device`` in ``--dtype``."""
     from ppcl.data.loading import load_transformer, parse_dtype
 
+    device = check_device(args.device)  # before the (possibly large) model loads
     dtype = parse_dtype(args.dtype)
     if args.model is None:
         from ppcl.toy.teacher import ToyTeacher
@@ -26,7 +27,7 @@ def load_model(args: argparse.Namespace) -> Any:
         model = ToyTeacher.load(dtype=dtype).transformer
     else:
         model = load_transformer(args.model, dtype)
-    return model.to(args.device)
+    return model.to(device)
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -63,3 +64,21 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} must be positive", expected=f"{flag} >= 1", found=str(value),
                               fix=f"pass a positive {flag} or leave it at its default")
+
+
+def check_device(text: str) -> str:
+    """``text`` if torch can place tensors there, else a :class:`ConfigError` (a typo or a missing GPU)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ConfigError("unknown --device", expected="a torch device such as cpu, cuda or cuda:1", found=repr(text),
+                          fix="pass --device cpu or --device cuda") from exc
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    count = torch.cuda.device_count() if device.type == "cuda" else 1
+    if not available.get(device.type, True) or (device.index is not None and device.index >= count):
+        raise ConfigError("the --device is not available on this machine", expected="an available device",
+                          found=f"{text} ({count if device.type == 'cuda' else 0} {device.type} device(s) here)",
+                          fix="pass --device cpu, or run on a machine with that device")
+    return text

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ppcl.cli.common import add_overwrite_arg, check_out
+from ppcl.cli.common import add_overwrite_arg, check_device, check_out
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -55,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.outputs import IMAGE
 
     check_out(args, IMAGE, args.pipeline, args.addon)
+    check_device(args.device)
     pipe = ppcl.load_pipeline(args.pipeline, args.addon, level=args.level, dtype=parse_dtype(args.dtype))
     image = _toy_image(pipe, args) if args.pipeline is None else _pipeline_image(pipe, args)
     _save_image(image, Path(args.out))

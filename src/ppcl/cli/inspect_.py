@@ -51,5 +51,14 @@ def _summary(kind: str, m: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     kind, manifest = _manifest(Path(args.path))
-    print(json.dumps(manifest, indent=2) if args.json else _summary(kind, manifest))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    try:
+        text = _summary(kind, manifest)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a field missing or of the wrong shape
+        raise ArtefactError(f"the {kind} manifest is incomplete", expected=f"the fields a ppcl {kind} records",
+                            found=f"{args.path}: {type(exc).__name__} {exc}",
+                            fix="re-create the artefact with ppcl, or read it raw with --json") from exc
+    print(text)
     return 0

@@ -24,7 +24,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from ppcl.addon import PruningAddon
+    from ppcl.errors import ArtefactError
     from ppcl.io import atomic_folder
     from ppcl.outputs import MERGED, write_marker
     from ppcl.runtime import merge, save_merged
@@ -34,6 +37,11 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(args)
     addon = PruningAddon.from_pretrained(args.addon, model)
     merged = merge(model, addon, args.level)
+    bad = [name for name, p in merged.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # a standalone model with NaN weights would only fail later, far from its cause
+        raise ArtefactError("the merged model would hold non-finite weights", expected="finite values everywhere",
+                            found=f"NaN/Inf in {bad[:3]} ({len(bad)} tensor(s))",
+                            fix="check the base model's and the add-on's weights (ppcl inspect), then merge again")
     with atomic_folder(args.out, MERGED, args.overwrite) as tmp:
         # save_merged writes the substitution record only for width levels: depth-only folders stay stock diffusers
         # (the marker is one small JSON file diffusers ignores; it lets a later merge --overwrite recognise the folder).

@@ -118,6 +118,7 @@ class CalibrationSet:
                                 found=f"an empty {folder / WEIGHTS}", fix="re-run `ppcl calibrate`")
         shared = {k[len(_SHARED_PREFIX):]: v for k, v in tensors.items() if k.startswith(_SHARED_PREFIX)}
         batched = {k: v for k, v in tensors.items() if not k.startswith(_SHARED_PREFIX)}
+        _check_consistent(batched, manifest.get("n_samples"), folder)
         out = cls(manifest["arch"], manifest["model_class"], manifest["config_hash"], batched, shared,
                   manifest.get("lists", {}), manifest.get("meta", {}))
         if verify and out.content_hash != manifest.get("content_hash"):
@@ -125,6 +126,26 @@ class CalibrationSet:
                                 expected=f"content hash {manifest.get('content_hash')}",
                                 found=out.content_hash, fix="the files were modified or mixed; re-run calibrate")
         return out
+
+
+def _check_consistent(batched: dict[str, torch.Tensor], n_samples: Any, folder: Path) -> None:
+    """Every batched input has one row per sample (as many as the manifest says) and finite values: analysis and
+    distillation on NaN inputs would fail far from the cause."""
+    counts = {k: (t.shape[0] if t.dim() else None) for k, t in batched.items()}
+    if not batched or len(set(counts.values())) != 1 or None in counts.values():
+        raise ArtefactError("calibration set inputs disagree on the number of samples",
+                            expected="one row per sample in every batched input", found=str(counts)[:160],
+                            fix="re-run `ppcl calibrate`")
+    n = next(iter(counts.values()))
+    if isinstance(n_samples, int) and n_samples != n:
+        raise ArtefactError("calibration set does not hold the samples its manifest counts",
+                            expected=f"n_samples {n_samples} (calibration.json)", found=f"{n} rows in the tensors",
+                            fix="the files were mixed; re-run `ppcl calibrate`")
+    bad = sorted(k for k, t in batched.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ArtefactError("calibration set inputs are not finite", expected="finite captured inputs",
+                            found=f"NaN/Inf in {bad} ({folder})", fix="re-run `ppcl calibrate` (check the model "
+                            "and dtype: fp16 overflows show up here)")
 
 
 def _to(t: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> torch.Tensor:

@@ -44,6 +44,7 @@ from ppcl.errors import ArtefactError, ConfigError
 from ppcl.io import (
     atomic_folder,
     config_hash,
+    contained_file,
     content_hash,
     load_tensors,
     read_json,
@@ -322,6 +323,7 @@ class LatentCache:
         # bucket → [(shard file, first row of the bucket in it, count)]
         self._rows: dict[int, list[tuple[str, int, int]]] = {}
         for shard in manifest["shards"]:
+            contained_file(self.folder, shard.get("file"), "latent cache shard")
             if not (self.folder / shard["file"]).is_file():
                 raise ArtefactError("latent cache shard missing", expected=shard["file"],
                                     found=f"nothing at {self.folder / shard['file']}", fix="re-run `ppcl cache`")
@@ -329,6 +331,7 @@ class LatentCache:
             start = parts[-1][1] + parts[-1][2] if parts else 0
             parts.append((shard["file"], start, shard["count"]))
         self.empty = load_tensors(self.folder / EMPTY, "latent cache empty prompt")
+        self._verified: set[str] = set()
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -340,11 +343,19 @@ class LatentCache:
     def verify(self) -> None:
         """Check every shard against the content hash in the manifest."""
         for shard in self.manifest["shards"]:
-            found = content_hash(load_tensors(self.folder / shard["file"], "latent cache shard"))
-            if found != shard["content_hash"]:
-                raise ArtefactError("latent cache shard does not match its manifest",
-                                    expected=f"content hash {shard['content_hash']}", found=f"{found} in {shard['file']}",
-                                    fix="the files were modified; re-run `ppcl cache`")
+            self._verify_shard(shard["file"])
+
+    def _verify_shard(self, file: str) -> None:
+        """Check one shard against its manifest hash, once per cache object (the first read of the shard)."""
+        if file in self._verified:
+            return
+        shard = next(s for s in self.manifest["shards"] if s["file"] == file)
+        found = content_hash(load_tensors(self.folder / file, "latent cache shard"))
+        if found != shard.get("content_hash"):
+            raise ArtefactError("latent cache shard does not match its manifest",
+                                expected=f"content hash {shard.get('content_hash')}", found=f"{found} in {file}",
+                                fix="the files were modified; re-run `ppcl cache`")
+        self._verified.add(file)
 
     def read(self, bucket: int, rows: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """Samples ``rows`` (indices within ``bucket``, in that order) stacked: latents, embeddings (padded)."""
@@ -358,6 +369,7 @@ class LatentCache:
         return self.stack(samples)
 
     def _row(self, file: str, i: int) -> dict[str, torch.Tensor]:
+        self._verify_shard(file)  # training never reads a modified or swapped shard unknowingly
         with safe_open(str(self.folder / file), framework="pt") as handle:
             return {k: handle.get_slice(k)[i:i + 1][0] for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 

@@ -192,7 +192,7 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         ArtefactError: the state is truncated, foreign or incomplete.
     """
     if (checkpoint / STATE_FILE).is_file():
-        return load_state(checkpoint, STATE_NAME, "trainer state")
+        return _checked(load_state(checkpoint, STATE_NAME, "trainer state"), checkpoint / STATE_FILE)
     log.warning("%s is in the pre-issue-14 format (torch.save); it is read once and the next checkpoint replaces it "
                 "with trainer_state.json + .safetensors. Support for reading it will be removed.",
                 checkpoint / LEGACY_STATE_FILE)
@@ -202,9 +202,28 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise ArtefactError("the legacy trainer state is unreadable", expected="a complete trainer_state.pt",
                             found=f"{checkpoint / LEGACY_STATE_FILE}: {type(exc).__name__}: {exc}",
                             fix="start the run again (--overwrite)") from exc
+    return _checked(state, checkpoint / LEGACY_STATE_FILE)
+
+
+STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "data_index": int, "elapsed": (int, float), "config": dict, "optimizer": dict, "scheduler": dict,
+    "rng": dict}
+
+
+def _checked(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` after checking it has the fields a resume reads, of the right types."""
     if not isinstance(state, dict):
-        raise ArtefactError("the legacy trainer state is not a state", expected="a dict",
-                            found=type(state).__name__, fix="start the run again (--overwrite)")
+        state, bad = {"step": 0, "data_index": 0}, ["the state itself"]
+    else:
+        bad = [k for k, kind in STATE_FIELDS.items()
+               if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+    if not bad:
+        opt = state["optimizer"]
+        bad = [] if isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list) else ["optimizer"]
+    if bad or state["step"] < 0 or state["data_index"] < 0:
+        raise ArtefactError("the trainer state is incomplete", expected=f"the fields {sorted(STATE_FIELDS)}",
+                            found=f"{path}: missing or malformed {bad or ['step / data_index']}",
+                            fix="start the run again (--overwrite); the checkpoint was edited or damaged")
     return state
 
 

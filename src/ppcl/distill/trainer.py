@@ -46,7 +46,7 @@ from ppcl.distill.run_folder import (ADDON_DIR, CHECKPOINT_DIR, EXTRA_FILE, METR
                                     read_trainer_state, release_lock, start_run_folder)
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
-from ppcl.io import atomic_folder, load_tensors, save_state, save_tensors
+from ppcl.io import atomic_folder, load_tensors, remove_debris, save_state, save_tensors
 from ppcl.logging import get_logger, progress
 from ppcl.outputs import CHECKPOINT
 from ppcl.runtime import ADDON_ATTR, STATE_ATTR, active_level, apply_addon, remove_addon, set_level
@@ -178,7 +178,9 @@ class TrainingSession:
             acquire_lock(self.out)
             try:
                 start_run_folder(self.out, self.clear)
-                recover_checkpoint(self.out / CHECKPOINT_DIR)
+                recover_checkpoint(self.out / CHECKPOINT_DIR)  # first: an interrupted swap's .old may be the only copy
+                for name in (CHECKPOINT_DIR, ADDON_DIR):
+                    remove_debris(self.out / name)
             except BaseException:
                 release_lock(self.out)
                 raise

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from ppcl.plan.count import ParamCount
 
 PLAN_FILE = "plan.json"
+MAX_STACKS = 8
+MAX_STACK_BLOCKS = 1024
 FORMAT = "ppcl.pruning_plan"
 FORMAT_VERSION = 1
 SPAN_CONVENTION = (
@@ -305,10 +307,18 @@ class PruningPlan:
                                 expected=f"format {FORMAT!r} version <= {FORMAT_VERSION}",
                                 found=f"format {fmt!r} version {version}", fix="upgrade ppcl or check the file")
         sizes = _json.require(obj, "stack_sizes", list, "")
+        stack_sizes = tuple(_json.check(s, int, f"stack_sizes[{i}]") for i, s in enumerate(sizes))
+        if not 1 <= len(stack_sizes) <= MAX_STACKS or not all(1 <= s <= MAX_STACK_BLOCKS for s in stack_sizes):
+            # Validation walks every block: a 200-byte file declaring 1e9 blocks must not take unbounded memory.
+            raise ArtefactError("Plan field `stack_sizes` is out of range",
+                                expected=f"1 to {MAX_STACKS} stacks of 1 to {MAX_STACK_BLOCKS} blocks (the largest "
+                                         "supported DiTs have about 60 per stack)",
+                                found=repr(sizes)[:80],
+                                fix="correct the field: it is the base model's blocks per stack")
         plan = cls(
             arch=_json.require(obj, "arch", str, ""),
             model_class=_json.require(obj, "model_class", str, ""),
-            stack_sizes=tuple(_json.check(s, int, f"stack_sizes[{i}]") for i, s in enumerate(sizes)),
+            stack_sizes=stack_sizes,
             replacements=[replacement_from_json(r, f"replacements[{i}]")
                           for i, r in enumerate(_json.require(obj, "replacements", list, ""))],
             levels=[Level.from_json(lvl, f"levels[{i}]")

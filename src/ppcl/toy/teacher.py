@@ -187,13 +187,13 @@ def _save_half(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         return load_file(str(path)), metadata
-    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+    except (SafetensorError, OSError, ValueError) as exc:  # what a truncated or corrupt file raises
         raise ArtefactError(
             "cannot read a safetensors file",
             expected=f"a valid safetensors file at {path}",

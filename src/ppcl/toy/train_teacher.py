@@ -20,7 +20,12 @@ from torch import nn
 
 from ppcl.io import atomic_folder, load_state, save_state
 from ppcl.logging import get_logger, progress
-from ppcl.outputs import CHECKPOINT
+from ppcl.errors import ConfigError
+from ppcl.outputs import CHECKPOINT, OutputKind, is_kind
+
+# A folder train_teacher wrote: its loss log, its state or the finished teacher's card.
+TOY_TEACHER_RUN = OutputKind("toy-teacher run", ("loss.jsonl", "state/trainer_state.json", "trainer_state.pt",
+                                                 "toy_teacher.json"))
 from ppcl.toy.teacher import ToyTeacher, patchify
 from ppcl.toy.world import sample_batch
 
@@ -122,6 +127,11 @@ def train_teacher(
     many steps with a checkpoint but no final teacher, as a pre-empted job would, and returns None.
     """
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not is_kind(out, TOY_TEACHER_RUN):
+        raise ConfigError("the output folder holds files that are not a toy-teacher run",
+                          expected="a new, empty or toy-teacher folder (it resumes from its state/)",
+                          found=f"{out} is not empty", fix="choose another --out (ppcl does not write into a folder "
+                          "it did not create)")
     out.mkdir(parents=True, exist_ok=True)
     teacher = ToyTeacher.build(seed=cfg.seed, config=model_config)
     params = _params(teacher)
