@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ppcl.errors import ArtefactError, ConfigError
-from ppcl.io import load_state
+from ppcl.io import load_state, remove_debris
 from ppcl.logging import get_logger
 from ppcl.outputs import DISTILL_RUN, OUTPUT_MARKER, is_kind, write_marker
 
@@ -105,8 +105,7 @@ def _clear_run(out: Path) -> None:
         elif path.exists() or path.is_symlink():
             path.unlink()
     for name in (CHECKPOINT_DIR, ADDON_DIR):
-        for debris in [*out.glob(f".{name}.*.tmp"), *out.glob(f".{name}.*.old")]:
-            shutil.rmtree(debris, ignore_errors=True)
+        remove_debris(out / name)  # only ppcl's exact temp names
 
 
 def check_lock(out: Path) -> None:
