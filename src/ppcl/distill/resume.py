@@ -22,13 +22,15 @@ APPLIED = ("lr", "weight_decay", "grad_clip", "steps", "warmup", "schedule", "mi
 LAYOUT = ("checkpoint_every", "log_every", "shard", "gradient_checkpointing")
 
 
-def resume_changes(saved: dict[str, Any], config: DistillConfig) -> dict[str, list[Any]]:
-    """The applied settings that differ from the checkpoint's, as ``{name: [old, new]}``.
+def resume_changes(state: dict[str, Any], config: DistillConfig, trains: str) -> dict[str, list[Any]]:
+    """The applied settings that differ from the checkpoint ``state``'s, as ``{name: [old, new]}``; ``trains`` says
+    what the resumed stage trains (spans, levels, objective), to compare with what the checkpoint trained.
 
     Raises:
-        ConfigError: a setting outside :data:`APPLIED` and :data:`LAYOUT` differs (named with both values).
+        ConfigError: a setting outside :data:`APPLIED` and :data:`LAYOUT` differs (named with both values), or the
+            stage trains something else (another ``--level``).
     """
-    now = config.to_json()
+    saved, now = state.get("config", {}), config.to_json()
     changed = {k: [v, now.get(k)] for k, v in saved.items() if k in now and now[k] != v}
     refused = {k: v for k, v in changed.items() if k not in APPLIED + LAYOUT}
     if refused:
@@ -37,6 +39,11 @@ def resume_changes(saved: dict[str, Any], config: DistillConfig) -> dict[str, li
                                    f"{', '.join(APPLIED)} and the checkpoint/log cadence)",
                           found=", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items())),
                           fix="resume with the run's settings, or start again with --overwrite")
+    if state.get("trains", trains) != trains:
+        raise ConfigError("the resumed run trains something else than the checkpoint's run",
+                          expected=f"what the checkpoint trained: {state['trains']}", found=trains,
+                          fix="resume with the --level (and objective) the run started with, or start again "
+                              "with --overwrite")
     return {k: v for k, v in changed.items() if k in APPLIED}
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ppcl.distill.checkpoint import recover_checkpoint
 from ppcl.errors import ArtefactError, ConfigError
 from ppcl.io import load_state, remove_debris
 from ppcl.logging import get_logger
@@ -87,13 +88,23 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> bool:
     return True
 
 
-def start_run_folder(out: Path, clear: bool) -> None:
-    """Clear the previous run in ``out`` when ``clear`` (see :func:`check_run_folder`), then mark it as a run."""
-    if clear:
-        _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / OUTPUT_MARKER).is_file():
-        write_marker(out, DISTILL_RUN)
+def claim_run_folder(out: Path, clear: bool) -> None:
+    """Take ``out`` for this run (main process): lock it, clear the previous run when ``clear`` (see
+    :func:`check_run_folder`), mark it, put back a checkpoint an interrupted swap left aside, and drop the debris of
+    killed writes. The lock is released again if any of that fails."""
+    acquire_lock(out)
+    try:
+        if clear:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / OUTPUT_MARKER).is_file():
+            write_marker(out, DISTILL_RUN)
+        recover_checkpoint(out / CHECKPOINT_DIR)  # before the debris: an interrupted swap's .old may be the only copy
+        for name in (CHECKPOINT_DIR, ADDON_DIR):
+            remove_debris(out / name)
+    except BaseException:  # re-raised: only the lock is undone
+        release_lock(out)
+        raise
 
 
 def _clear_run(out: Path) -> None:

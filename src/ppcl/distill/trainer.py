@@ -33,7 +33,7 @@ from torch import nn
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
 from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpoint_bytes, fault_point,
-                                    make_accelerator, not_finite_anywhere, preflight, recover_checkpoint, rng_state,
+                                    make_accelerator, not_finite_anywhere, preflight, rng_state,
                                     set_rng_state)
 from ppcl.distill.config import DistillConfig
 from ppcl.distill.data import DistillData
@@ -41,12 +41,12 @@ from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.echo import TeacherEcho
 from ppcl.distill.precision import MasterWeights, autocast_dtype, base_dtype, precision_record
 from ppcl.distill.resume import apply_changes, resume_changes
-from ppcl.distill.run_folder import (ADDON_DIR, CHECKPOINT_DIR, EXTRA_FILE, METRICS_FILE, STATE_NAME, acquire_lock,
-                                    check_lock, check_run_folder, has_trainer_state, metrics_rows,
-                                    read_trainer_state, release_lock, start_run_folder)
+from ppcl.distill.run_folder import (ADDON_DIR, CHECKPOINT_DIR, EXTRA_FILE, METRICS_FILE, STATE_NAME, check_lock,
+                                    check_run_folder, claim_run_folder, has_trainer_state, metrics_rows,
+                                    read_trainer_state, release_lock)
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
-from ppcl.io import atomic_folder, load_tensors, remove_debris, save_state, save_tensors
+from ppcl.io import atomic_folder, load_tensors, save_state, save_tensors
 from ppcl.logging import get_logger, progress
 from ppcl.outputs import CHECKPOINT
 from ppcl.runtime import ADDON_ATTR, STATE_ATTR, active_level, apply_addon, remove_addon, set_level
@@ -175,15 +175,7 @@ class TrainingSession:
         put back a checkpoint an interrupted swap left aside."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            acquire_lock(self.out)
-            try:
-                start_run_folder(self.out, self.clear)
-                recover_checkpoint(self.out / CHECKPOINT_DIR)  # first: an interrupted swap's .old may be the only copy
-                for name in (CHECKPOINT_DIR, ADDON_DIR):
-                    remove_debris(self.out / name)
-            except BaseException:
-                release_lock(self.out)
-                raise
+            claim_run_folder(self.out, self.clear)
         self.accelerator.wait_for_everyone()
 
     def _release_folder(self) -> None:
@@ -466,12 +458,7 @@ class TrainingSession:
             for seed in (torch.manual_seed, np.random.seed, random.seed):
                 seed(config.seed)
             return 0, 0.0
-        self.resume_changes = resume_changes(state.get("config", {}), config)  # refuses a change of run
-        if state.get("trains", self.what) != self.what:  # another --level (spans, levels or objective)
-            raise ConfigError("the resumed run trains something else than the checkpoint's run",
-                              expected=f"what the checkpoint trained: {state['trains']}", found=self.what,
-                              fix="resume with the --level (and objective) the run started with, or start again "
-                                  "with --overwrite")
+        self.resume_changes = resume_changes(state, config, self.what)  # refuses a change of run
         optimizer = state["optimizer"]
         if self.shards is not None:
             optimizer = self.shards.sharded_optimizer_state(optimizer, self.params)
