@@ -2,7 +2,7 @@
 
 Used by ``tests/test_multiprocess.py`` (under ``accelerate launch --num_processes 2 --cpu``, and as the 1-process
 reference) and ``tests/test_sigkill.py`` (killed with SIGKILL at the points named by ``PPCL_TEST_PAUSE``, see
-:mod:`ppcl.distill.checkpoint`). The final add-on lands in ``OUT/addon``; the run's exit code is 0 on success.
+:mod:`ppcl.faults`). The final add-on lands in ``OUT/addon``; the run's exit code is 0 on success.
 
 With ``--shard`` the depth run is FSDP2-sharded (:mod:`ppcl.distill.sharding`). With ``--more-stages`` it then also
 trains a width level (projections and the text-pruned student jointly) into

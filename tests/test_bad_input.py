@@ -6,6 +6,7 @@ docs/errors.md lists these cases, one row per test.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -678,9 +679,11 @@ def test_save_api_writes_into_an_empty_folder(tmp_path: Path, qwen: nn.Module) -
     assert (empty / ADDON_FILE).is_file()
 
 
+PLAN_DIR = str(Path(__file__).parents[1] / "docs" / "example-report" / "plan")
+
+
 def distill_cli(out: Path, *extra: str) -> int:
-    plan = Path(__file__).parents[1] / "docs" / "example-report" / "plan"
-    return main(["-q", "distill", "--stage", "depth", "--plan", str(plan), "--out", str(out), "--steps", "2",
+    return main(["-q", "distill", "--stage", "depth", "--plan", PLAN_DIR, "--out", str(out), "--steps", "2",
                  "--batch-size", "2", "--checkpoint-every", "0", *extra])
 
 
@@ -701,6 +704,39 @@ def test_distill_cli_second_run_needs_resume_or_overwrite(tmp_path: Path, capsys
     assert distill_cli(out, "--overwrite", "--seed", "1") == 0
     assert (out / "notes.txt").read_text() == "my notes" and (out / "addon" / ADDON_FILE).is_file()
     assert tree(out)["addon/" + WEIGHTS_FILE] != before["addon/" + WEIGHTS_FILE]
+
+
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "checkpoint/trainer_state.json"])
+def test_distill_cli_refuses_a_run_folder_entry_that_is_a_symlink(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  entry: str) -> None:
+    """Issue 14 (containment): a run appends to metrics.jsonl and reads its checkpoint; a symlink planted among them
+    would make it write to or read from a file outside --out."""
+    out = tmp_path / "run"
+    assert distill_cli(out) == 0
+    capsys.readouterr()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes((out / entry).read_bytes())
+    (out / entry).unlink()
+    (out / entry).symlink_to(victim)
+    before = victim.read_bytes()
+    check_cli_error(capsys, distill_cli(out, "--resume", "--steps", "3"), "symlink ppcl did not create")
+    assert victim.read_bytes() == before
+
+
+def test_distill_cli_disk_full_while_appending_the_metrics_log(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = Path.open
+
+    def full(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if self.name == "metrics.jsonl" and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", full)
+    monkeypatch.setenv("PPCL_NO_PROGRESS", "1")  # the bar a terminal clears would precede the line in capsys
+    out = tmp_path / "run"
+    check_cli_error(capsys, distill_cli(out), "cannot write the metrics log", "No space left", "--resume")
+    assert not (out / ".ppcl-run.lock").exists() and not (out / "addon").exists()
 
 
 def test_demo_out_is_a_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -804,6 +840,41 @@ def test_zero_or_negative_counts(argv: list[str], addon_copy: Path, tmp_path: Pa
     out = tmp_path / ("out.json" if argv[0] == "eval" else "cal")
     check_cli_error(capsys, main(["-q", *argv, "--out", str(out)]), "must be positive")
     no_partial_output(tmp_path, out)
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--batch-size", "0"], "--batch-size must be positive"),
+    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--max-len", "0"], "--max-len must be positive"),
+    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--cache-tokens", "-5"], "--cache-tokens must be positive"),
+    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--protect-first", "-1"], "must be zero or positive"),
+    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--refine-steps", "-1"], "must be zero or positive"),
+    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
+    (["plan", "--report", "MISSING", "--out", "OUT", "--width", "--ffn-blocks", "-1"], "--ffn-blocks must be zero"),
+    (["cache", "--pipeline", "MISSING", "--images", "MISSING", "--resolution", "0", "--out", "OUT"],
+     "--resolution must be positive"),
+    (["cache", "--pipeline", "MISSING", "--images", "MISSING", "--resolution", "16", "--shard-size", "0", "--out",
+      "OUT"], "--shard-size must be positive"),
+    (["cache", "--pipeline", "MISSING", "--prompts", "MISSING", "--resolution", "16", "--seed", str(2**32), "--out",
+      "OUT"], "--seed must be a valid seed"),
+    (["generate", "--prompt", "a red circle", "--out", "OUT.png", "--height", "0"], "--height must be positive"),
+    (["generate", "--prompt", "a red circle", "--out", "OUT.png", "--seed", "-3"], "--seed must be a valid seed"),
+    (["demo", "--out", "OUT", "--depth-steps", "0"], "--depth-steps must be positive"),
+    (["demo", "--out", "OUT", "--threads", "0"], "--threads must be positive"),
+    (["toy", "train-teacher", "--out", "OUT", "--batch-size", "0"], "--batch-size must be positive"),
+    (["toy", "train-teacher", "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
+    (["toy", "eval", "--out", "OUT.json", "--seeds", "0"], "--seeds must be positive"),
+    (["toy", "sample", "--prompt", "a red circle", "--out", "OUT.png", "--n", "0"], "--n must be positive"),
+    (["toy", "sample", "--prompt", "a red circle", "--out", "OUT.png", "--steps", "0"], "--steps must be positive"),
+    (["distill", "--plan", PLAN_DIR, "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
+    (["calibrate", "--seeds", "0,-1", "--out", "OUT"], "--seeds out of range")])
+def test_out_of_range_counts_and_seeds_in_every_verb(argv: list[str], words: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 14: every count flag refuses zero / negative values, every seed flag a value numpy cannot take, before
+    anything loads or is written."""
+    swap = {"MISSING": str(tmp_path / "missing"), "OUT": str(tmp_path / "out"), "OUT.png": str(tmp_path / "out.png"),
+            "OUT.json": str(tmp_path / "out.json")}
+    check_cli_error(capsys, main(["-q", *[swap.get(a, a) for a in argv]]), words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
 # ------------------------------------------------------------------------------ bounded resources (issue 14, item 7)

@@ -1,13 +1,16 @@
 """Seeded, bounded fuzzing of every artefact kind ppcl reads (issue 14): random truncations and byte flips of each file
 a loader reads; every load must either raise a :class:`~ppcl.errors.PPCLError` or return content that passed its
 checks. Any other exception is a bug (a traceback a user would see); a load taking longer than :data:`LIMIT_S`
-fails the test (a hang, or work growing with a corrupt size field).
+fails the test (a hang, or work growing with a corrupt size field), and so does one whose peak resident memory grows
+by more than :data:`MEMORY_LIMIT_MB` (an allocation sized by a corrupt field; measured with Linux's resettable peak,
+``/proc/self/clear_refs``).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -31,6 +34,25 @@ from ppcl.runtime.merge_width import MERGED_FILE, load_merged
 
 MUTATIONS = 24  # per file; seeded, so a failure reproduces
 LIMIT_S = 30
+MEMORY_LIMIT_MB = 256  # every intact artefact here loads in a few MB
+
+
+def _memory_kb() -> tuple[int, int]:
+    """(peak, current) resident memory of this process in kB, from ``/proc/self/status``."""
+    status = Path("/proc/self/status").read_text()
+    return tuple(int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) for key in ("VmHWM", "VmRSS"))  # type: ignore
+
+
+@contextmanager
+def memory_limit(megabytes: int) -> Iterator[None]:
+    """Fail when the peak resident memory grows by more than ``megabytes`` inside the block."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _memory_kb()[1]
+    try:
+        yield
+    finally:  # also when the load raised: it may have allocated first
+        grown = (_memory_kb()[0] - before) / 1024
+        assert grown < megabytes, f"a load grew the peak resident memory by {grown:.0f} MB"
 
 
 @contextmanager
@@ -150,7 +172,7 @@ def test_corrupt_artefacts_fail_cleanly(artefacts: dict, tmp_path: Path, kind: s
             shutil.copytree(folder, broken)
             (broken / name).write_bytes(mutate(original, rng))
             try:
-                with time_limit(LIMIT_S):
+                with time_limit(LIMIT_S), memory_limit(MEMORY_LIMIT_MB):
                     load(broken)
             except PPCLError:
                 outcomes["PPCLError"] += 1
@@ -159,6 +181,14 @@ def test_corrupt_artefacts_fail_cleanly(artefacts: dict, tmp_path: Path, kind: s
             shutil.rmtree(broken)
     assert outcomes["PPCLError"] > 0, outcomes  # the corruptions are real: most must be caught
     assert sum(outcomes.values()) == MUTATIONS * len(files)
+
+
+def test_the_memory_limit_catches_a_large_allocation() -> None:
+    with pytest.raises(AssertionError, match="grew the peak resident memory"), memory_limit(64):
+        block = bytearray(200 * 2**20)
+        block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page so it is resident
+    with memory_limit(64):
+        bytearray(2**20)
 
 
 def test_mutations_are_seeded_and_change_the_bytes() -> None:

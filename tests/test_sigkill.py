@@ -1,9 +1,10 @@
 """Faults: a distillation SIGKILLed between and during checkpoint writes resumes to exactly the uninterrupted result;
 a checkpoint is never visible half-written; bad output folders and NaN gradients fail clearly.
 
-The kill points come from the trainer's fault-injection hook ``PPCL_TEST_PAUSE`` (see :mod:`ppcl.distill.checkpoint`):
-``step:N`` pauses after optimiser step N before its checkpoint, ``checkpoint:N`` pauses inside the temp folder of step
-N's checkpoint, after every file is written and before the rename. The paused process touches ``PPCL_TEST_PAUSE_FILE``
+The kill points come from the fault-injection hook ``PPCL_TEST_PAUSE`` (see :mod:`ppcl.faults`): ``step:N`` pauses
+after optimiser step N before its checkpoint, ``checkpoint:N`` inside the temp folder of step N's checkpoint (every file
+written, not renamed), ``metrics:N`` with half of step N's ``metrics.jsonl`` row appended, ``write:addon`` inside the
+temp folder of the run's final add-on. The paused process touches ``PPCL_TEST_PAUSE_FILE``
 and the test SIGKILLs it there, so the kill lands at exactly that point on any machine speed.
 """
 
@@ -24,7 +25,7 @@ import torch
 from tiny_models import build_tiny, two_span_plan
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon
-from ppcl.distill.checkpoint import PAUSE_ENV, PAUSE_FILE_ENV
+from ppcl.faults import PAUSE_ENV, PAUSE_FILE_ENV
 from ppcl.distill.run_folder import LOCK_FILE, read_trainer_state
 from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.errors import ArtefactError, TrainingError
@@ -95,6 +96,37 @@ def test_sigkill_between_and_during_checkpoint_writes_then_resume_equals_uninter
     ref_rows = [json.loads(r) for r in (ref_out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+def test_kills_during_the_metrics_append_and_inside_the_final_addon_save_resume_bit_exact(tmp_path: Path) -> None:
+    """Issue 14: a kill halfway through a ``metrics.jsonl`` append leaves a cut-short line, which the resume drops; a
+    kill inside the final add-on's write leaves only its temp folder. Both resume to the uninterrupted result, and the
+    finished folder holds no debris and no lock."""
+    ref_out, cut = tmp_path / "ref", tmp_path / "cut"
+    reference = _start(ref_out)
+
+    _kill_at(_start(cut, pause="metrics:3", marker=tmp_path / "m1"), tmp_path / "m1")
+    log_text = (cut / "metrics.jsonl").read_text()
+    assert log_text.count("\n") == 2 and not log_text.endswith("\n")  # the kill landed inside step 3's append
+
+    _kill_at(_start(cut, "--resume", pause="write:addon", marker=tmp_path / "m2"), tmp_path / "m2")
+    assert not (cut / "addon").exists() and list(cut.glob(".addon.*.tmp"))  # inside the final write
+    assert _checkpoint_step(cut) == STEPS
+
+    last = _start(cut, "--resume")
+    out, _ = last.communicate(timeout=300)
+    assert last.returncode == 0, out[-3000:]
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out[-3000:]
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in ref_out.iterdir())  # no debris, no lock
+    manifests = [json.loads((folder / "addon" / "ppcl_addon.json").read_text()) for folder in (ref_out, cut)]
+    assert manifests[1]["metrics"]["depth_loss"] == manifests[0]["metrics"]["depth_loss"] != {}  # even with no step left
+    want = load_tensors(ref_out / "addon" / WEIGHTS_FILE, "reference")
+    got = load_tensors(cut / "addon" / WEIGHTS_FILE, "resumed")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    rows = [json.loads(r) for r in (cut / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(r) for r in (ref_out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in ref_rows]
 
 
 def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over_by_resume(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ppcl.errors import ArtefactError
+from ppcl.faults import fault_point
 from ppcl.outputs import OutputKind, check_output
 
 # What a full disk, a quota, a read-only mount or missing permissions raise while writing (other OSErrors are bugs or
@@ -45,6 +46,7 @@ def atomic_folder(path: str | os.PathLike[str], kind: OutputKind, overwrite: boo
     try:
         try:
             yield tmp
+            fault_point("write", path.name)
             _fsync_tree(tmp)
             if path.exists():
                 # Swap through a second name so a reader never sees a missing folder for long.

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_model, parse_floats
+from ppcl.cli.common import (add_model_args, add_overwrite_arg, check_out, load_model, parse_floats, require_non_negative,
+                             require_positive, require_seed)
 from ppcl.logging import get_logger
 from ppcl.plan.guard import DEFAULT_GUARD_FACTOR
 
@@ -93,6 +94,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from ppcl.outputs import REPORT
 
+    require_positive(args, "max_len", "cache_tokens", "batch_size")
+    require_non_negative(args, "protect_first", "protect_last", "refine_steps", "ffn_blocks")
+    require_seed(args, "seed")
     check_out(args, REPORT, args.calibration, args.model)
     targets = parse_floats(args.targets, "targets")  # fail on a bad budget before the analysis runs
     budget = budget_kwargs(args)

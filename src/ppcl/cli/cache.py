@@ -41,13 +41,15 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ppcl.cli.calibrate import _read_prompts
-    from ppcl.cli.common import check_device
+    from ppcl.cli.common import check_device, require_positive, require_seed
     from ppcl.data import images as image_data
     from ppcl.data.latent_cache import build_image_cache, build_prompt_cache
     from ppcl.data.loading import load_pipeline_folder, parse_dtype
 
     from ppcl.outputs import refuse_overlap
 
+    require_positive(args, "resolution", "shard_size", "encode_batch", "max_sequence_length", "steps")
+    require_seed(args, "seed")
     refuse_overlap(args.out, (args.pipeline, args.images, args.prompts))
     device = check_device(args.device)
     if Path(args.out).exists():

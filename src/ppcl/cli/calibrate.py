@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppcl.cli.common import add_overwrite_arg, check_device, check_out, require_positive
+from ppcl.cli.common import SEED_LIMIT, add_overwrite_arg, check_device, check_out, require_positive
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -38,6 +38,10 @@ def _seeds(text: str) -> tuple[int, ...]:
                           fix="pass e.g. --seeds 0,1") from exc
     if not seeds:
         raise ConfigError("no seeds given", expected="at least one seed", found=repr(text), fix="pass e.g. --seeds 0")
+    bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise ConfigError("--seeds out of range", expected=f"seeds in [0, {SEED_LIMIT - 1}]", found=str(bad),
+                          fix="pass e.g. --seeds 0,1")
     return seeds
 
 

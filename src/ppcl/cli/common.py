@@ -56,14 +56,34 @@ def check_out(args: argparse.Namespace, kind: Any, *inputs: Any) -> None:
     check_output(args.out, kind, overwrite=args.overwrite, inputs=inputs)
 
 
+SEED_LIMIT = 2**32
+"""Seeds must lie in ``[0, SEED_LIMIT)``: numpy's range, the narrowest of the RNGs ppcl seeds."""
+
+
 def require_positive(args: argparse.Namespace, *names: str) -> None:
     """Refuse a zero or negative count among ``args.<name>`` (``None`` means "use the default" and passes)."""
+    _require_range(args, names, 1, None, "positive")
+
+
+def require_non_negative(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a negative value among ``args.<name>`` (0 is allowed: "none" / "closed form" / "no protection")."""
+    _require_range(args, names, 0, None, "zero or positive")
+
+
+def require_seed(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a seed outside ``[0, 2**32)`` (numpy raises a raw ``ValueError`` on one deep inside a run)."""
+    _require_range(args, names, 0, SEED_LIMIT - 1, "a valid seed")
+
+
+def _require_range(args: argparse.Namespace, names: tuple[str, ...], low: int, high: int | None, what: str) -> None:
     for name in names:
         value = getattr(args, name)
-        if value is not None and value < 1:
+        if value is not None and (value < low or (high is not None and value > high)):
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} must be positive", expected=f"{flag} >= 1", found=str(value),
-                              fix=f"pass a positive {flag} or leave it at its default")
+            expected = f"{flag} >= {low}" if high is None else f"{flag} in [{low}, {high}]"
+            raise ConfigError(f"{flag} must be {what}", expected=expected, found=str(value),
+                              fix=f"pass {'a positive' if low else 'a non-negative'} {flag} or leave it at its "
+                              "default")
 
 
 def check_device(text: str) -> str:

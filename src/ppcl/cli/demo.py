@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ppcl.errors import ConfigError
+from ppcl.cli.common import require_positive
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -37,12 +37,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("depth_steps", args.depth_steps), ("width_steps", args.width_steps),
                                    ("finetune_steps", args.finetune_steps), ("per_category", args.per_category))
                  if v is not None}
-    for key, value in overrides.items():
-        if value < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be positive", expected=">= 1", found=str(value))
+    require_positive(args, "depth_steps", "width_steps", "finetune_steps", "per_category", "threads")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError("--threads must be positive", expected=">= 1", found=str(args.threads))
         torch.set_num_threads(args.threads)
     config = DemoConfig.fast(**overrides) if args.fast else DemoConfig.full(**overrides)
     out = Path(args.out)

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ppcl.cli.common import add_model_args, add_overwrite_arg, load_model
+from ppcl.cli.common import add_model_args, add_overwrite_arg, load_model, require_seed
 from ppcl.distill.config import DEFAULT_WARMUP_SHARE, DistillConfig
 from ppcl.distill.objective import LEVEL_MODES, FinetuneObjective
 from ppcl.logging import get_logger
@@ -118,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.outputs import refuse_overlap
 
     _check_args(args)
+    require_seed(args, "seed")
     # The run folder's own rules (resume / overwrite / not a run) are checked by the trainer (ppcl.distill.run_folder).
     refuse_overlap(args.out, (args.model, args.plan, args.addon, args.pipeline, args.calibration, args.data))
     _pipeline_args(args)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ppcl.cli.common import add_overwrite_arg, check_device, check_out
+from ppcl.cli.common import add_overwrite_arg, check_device, check_out, require_positive, require_seed
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -46,9 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     import ppcl
     from ppcl.data.loading import parse_dtype
 
-    if args.steps < 1:
-        raise ConfigError("the number of sampling steps must be positive", expected="--steps >= 1",
-                          found=str(args.steps), fix="pass e.g. --steps 28")
+    require_positive(args, "steps", "height", "width")
+    require_seed(args, "seed")
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ConfigError("unknown image format", expected="--out ending in .png, .jpg or .webp", found=args.out,
                           fix="pass e.g. --out img.png")

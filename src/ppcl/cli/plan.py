@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ppcl.cli.analyze import add_budget_args, add_width_args, budget_kwargs, finish_plan, level_params
-from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_model, parse_floats
+from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_model, parse_floats, require_non_negative
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.analysis import RedundancyReport, plan_from_report
     from ppcl.outputs import PLAN
 
+    require_non_negative(args, "ffn_blocks")
     check_out(args, PLAN, args.report, args.model)
 
     targets, budget = parse_floats(args.targets, "targets"), budget_kwargs(args)  # bad budgets fail before loading

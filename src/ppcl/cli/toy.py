@@ -6,6 +6,8 @@ import argparse
 import shlex
 import sys
 
+from ppcl.cli.common import require_positive, require_seed
+
 
 def register(verbs: argparse._SubParsersAction) -> None:
     toy = verbs.add_parser("toy", help="the embedded toy world: train-teacher, sample, eval")
@@ -55,6 +57,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from ppcl.toy.train_teacher import TeacherTrainConfig, train_teacher
 
+    require_positive(args, "steps", "batch_size", "threads", "layers", "heads")
+    require_seed(args, "seed")
     if args.threads is not None:
         # Float reductions depend on the thread count: fixing it makes the run reproducible bit for bit.
         torch.set_num_threads(args.threads)

@@ -8,8 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from ppcl.cli.common import add_overwrite_arg, check_out
-from ppcl.errors import ConfigError
+from ppcl.cli.common import add_overwrite_arg, check_out, require_positive, require_seed
 from ppcl.io import write_json
 from ppcl.logging import get_logger
 
@@ -46,9 +45,7 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
 def _sampler(args: argparse.Namespace):
     from ppcl.toy.sampler import SamplerConfig
 
-    if args.steps < 1:
-        raise ConfigError("--steps must be positive", expected="an integer >= 1", found=str(args.steps),
-                          fix="pass e.g. --steps 20")
+    require_positive(args, "steps")
     return SamplerConfig(steps=args.steps, guidance=args.guidance)
 
 
@@ -61,9 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
     check_out(args, JSON_RESULTS, args.teacher)
     if args.seeds is None:
         args.seeds = 3 if args.ground_truth else 2
-    if args.per_category < 1 or args.seeds < 1:
-        raise ConfigError("benchmark size must be positive", expected="--per-category >= 1 and --seeds >= 1",
-                          found=f"{args.per_category} and {args.seeds}", fix="use the defaults (60 and 2)")
+    require_positive(args, "per_category", "seeds")
     seeds = tuple(range(args.seeds))
     if args.ground_truth:
         result = score_ground_truth(args.per_category, seeds)
@@ -85,6 +80,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     from ppcl.outputs import IMAGE
 
+    require_positive(args, "n")
+    require_seed(args, "seed")
     check_out(args, IMAGE, args.teacher)
     teacher = ToyTeacher.load(args.teacher)
     for prompt in args.prompt:

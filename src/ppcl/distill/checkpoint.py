@@ -1,5 +1,5 @@
 """Session and checkpoint plumbing of :class:`~ppcl.distill.trainer.TrainingSession`: accelerator, RNG state, output-folder pre-flight checks,
-recovery after a kill, and the fault-injection hook the SIGKILL tests use.
+recovery after a kill (the SIGKILL tests' fault-injection hook is :mod:`ppcl.faults`).
 
 A checkpoint folder is written by :func:`ppcl.io.atomic_folder` (temp sibling, fsync, rename). The rename of an
 existing checkpoint goes through a second sibling ``.checkpoint.*.old/x``; a kill between those two renames leaves no
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +28,6 @@ if TYPE_CHECKING:
 
 log = get_logger("distill")
 
-PAUSE_ENV = "PPCL_TEST_PAUSE"
-"""Test hook: ``"<where>:<step>"`` with ``where`` = ``step`` (after optimiser step ``step``, before any checkpoint of
-it) or ``checkpoint`` (inside the temp folder of step ``step``'s checkpoint, complete but not yet renamed). The process
-then touches the file named by :data:`PAUSE_FILE_ENV` and sleeps, so a test can SIGKILL it at exactly that point."""
-PAUSE_FILE_ENV = "PPCL_TEST_PAUSE_FILE"
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,16 +96,6 @@ def recover_checkpoint(folder: Path) -> None:
                 break
     for stale in [*olds, *parent.glob(f".{folder.name}.*.tmp")]:
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def fault_point(where: str, step: int) -> None:
-    """The fault-injection point (see :data:`PAUSE_ENV`); does nothing unless that variable names this point."""
-    if os.environ.get(PAUSE_ENV) != f"{where}:{step}":
-        return
-    marker = os.environ.get(PAUSE_FILE_ENV)
-    if marker:
-        Path(marker).write_text(f"{where}:{step}\n")
-    time.sleep(600)  # the test kills the process long before this ends
 
 
 def check_distributed(accelerator: Accelerator) -> None:

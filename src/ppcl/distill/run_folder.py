@@ -26,6 +26,7 @@ import os
 import pickle
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ import torch
 
 from ppcl.distill.checkpoint import recover_checkpoint
 from ppcl.errors import ArtefactError, ConfigError
-from ppcl.io import load_state, remove_debris
+from ppcl.faults import fault_point, pausing_at
+from ppcl.io import WRITE_ERRNOS, load_state, remove_debris
 from ppcl.logging import get_logger
 from ppcl.outputs import DISTILL_RUN, OUTPUT_MARKER, is_kind, write_marker
 
@@ -66,14 +68,15 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> bool:
     returns whether the run in it must be cleared first (``overwrite`` without ``resume``).
 
     Raises:
-        ConfigError: ``out`` is a symlink, holds files that are not a ppcl run (never deleted), or holds a run and
-            neither ``resume`` nor ``overwrite`` is given.
+        ConfigError: ``out`` or one of the run's own entries is a symlink, ``out`` holds files that are not a ppcl
+            run (never deleted), or holds a run and neither ``resume`` nor ``overwrite`` is given.
     """
     if out.is_symlink():
         raise ConfigError("the run folder is a symlink", expected="a new, empty or ppcl run folder",
                           found=f"{out} -> {out.readlink()}", fix="pass the real folder as --out")
     if not (out.is_dir() and any(out.iterdir())):
         return False
+    _refuse_symlinks(out)
     if not is_run_folder(out):
         raise ConfigError("the output folder holds files that are not a ppcl run",
                           expected="a new, empty or ppcl run folder", found=f"{out} is not empty",
@@ -86,6 +89,19 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> bool:
                           found=str(out), fix="pass --resume (resume=True) or --overwrite (overwrite=True), "
                           "or choose another out_dir")
     return True
+
+
+def _refuse_symlinks(out: Path) -> None:
+    """Refuse a run whose own entries (or what is inside its checkpoint / add-on) are symlinks: ppcl never makes
+    them, and a run reads, appends to and replaces these paths, so it would read or rewrite whatever they point to."""
+    entries = [out / name for name in RUN_ENTRIES]
+    entries += [p for name in (CHECKPOINT_DIR, ADDON_DIR) if (out / name).is_dir() and not (out / name).is_symlink()
+                for p in (out / name).iterdir()]
+    linked = [p for p in entries if p.is_symlink()]
+    if linked:
+        raise ConfigError("the run folder holds a symlink ppcl did not create", expected="plain files and folders "
+                          "written by ppcl", found=", ".join(f"{p} -> {p.readlink()}" for p in linked),
+                          fix="replace the symlink by the real file or folder, or choose another --out")
 
 
 def claim_run_folder(out: Path, clear: bool) -> None:
@@ -262,3 +278,45 @@ def metrics_rows(path: Path) -> list[dict[str, Any]]:
                                 found=f"{path} line {i + 1}: {line[:80]!r}",
                                 fix="remove the damaged line, or start the run again (--overwrite)")
     return rows
+
+
+def append_metrics_row(out: Path, row: dict[str, Any]) -> None:
+    """Append one row to ``out/metrics.jsonl``. A kill during the append leaves a cut-short last line, which
+    :func:`metrics_rows` drops on resume; a full disk or read-only folder is an :class:`ArtefactError`."""
+    line = json.dumps(row) + "\n"
+    path = out / METRICS_FILE
+    try:
+        with path.open("a", encoding="utf-8") as handle:
+            if pausing_at("metrics", row["step"]):  # the SIGKILL test's cut-short append
+                handle.write(line[: len(line) // 2])
+                handle.flush()
+                fault_point("metrics", row["step"])
+            handle.write(line)
+    except OSError as exc:
+        raise _metrics_write_error(path, exc) from exc
+
+
+def keep_metrics_rows(out: Path, last_step: int) -> None:
+    """Rewrite ``out/metrics.jsonl`` keeping the rows up to ``last_step`` (a resumed run logs the later ones again);
+    atomic: a new file beside it, then a rename."""
+    path = out / METRICS_FILE
+    text = "".join(json.dumps(r) + "\n" for r in metrics_rows(path) if r["step"] <= last_step)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{METRICS_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        raise _metrics_write_error(path, exc) from exc
+
+
+def _metrics_write_error(path: Path, exc: OSError) -> ArtefactError:
+    if exc.errno not in WRITE_ERRNOS:
+        raise exc
+    return ArtefactError("cannot write the metrics log", expected="a writable run folder with free space",
+                         found=f"{path}: {exc.strerror or exc}", fix="free some space or fix the permissions, then "
+                         "--resume (the last checkpoint is intact; a cut-short last line is dropped)")

@@ -17,7 +17,6 @@ Sharded (``shard=True`` or an accelerate FSDP config): see :mod:`ppcl.distill.sh
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -32,7 +31,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
-from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpoint_bytes, fault_point,
+from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpoint_bytes,
                                     make_accelerator, not_finite_anywhere, preflight, rng_state,
                                     set_rng_state)
 from ppcl.distill.config import DistillConfig
@@ -41,11 +40,12 @@ from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.echo import TeacherEcho
 from ppcl.distill.precision import MasterWeights, autocast_dtype, base_dtype, precision_record
 from ppcl.distill.resume import apply_changes, resume_changes
-from ppcl.distill.run_folder import (ADDON_DIR, CHECKPOINT_DIR, EXTRA_FILE, METRICS_FILE, STATE_NAME, check_lock,
-                                    check_run_folder, claim_run_folder, has_trainer_state, metrics_rows,
-                                    read_trainer_state, release_lock)
+from ppcl.distill.run_folder import (ADDON_DIR, CHECKPOINT_DIR, EXTRA_FILE, METRICS_FILE, STATE_NAME,
+                                    append_metrics_row, check_lock, check_run_folder, claim_run_folder,
+                                    has_trainer_state, keep_metrics_rows, read_trainer_state, release_lock)
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
+from ppcl.faults import fault_point
 from ppcl.io import atomic_folder, load_tensors, save_state, save_tensors
 from ppcl.logging import get_logger, progress
 from ppcl.outputs import CHECKPOINT
@@ -270,12 +270,12 @@ class TrainingSession:
             self.step_module, self.opt = accelerator.prepare(step_module, opt)
         else:  # FSDP2 does the sharding and gradient averaging itself; accelerate only autocasts (in _loop)
             self.step_module, self.opt = step_module, opt
-        start, elapsed = self._start(saved)
+        start, elapsed, last = self._start(saved)
         end = config.steps if stop_at is None else min(stop_at, config.steps)
         log.info("%s: %s, steps %d..%d of %d%s, %d trainable parameters", stage, what, start, end, config.steps,
                  " (stopping early: resume with resume=True)" if end < config.steps else "",
                  sum(p.numel() for p in params))
-        return {**self._loop(start, end, elapsed), "end": end}
+        return {**self._loop(start, end, elapsed, last), "end": end}
 
     def finish(self, key: str, stats: dict[str, Any], fields: dict[str, Any]) -> None:
         """Record ``addon.provenance[key]`` (``fields`` + the common run fields), write ``out_dir/addon`` and log."""
@@ -293,7 +293,8 @@ class TrainingSession:
         log.info("%s: done in %.1f s, final loss %.5f; add-on at %s", self.stage, stats["elapsed"],
                  sum(stats["final"].values()), self.out / ADDON_DIR)
 
-    def _loop(self, start: int, end: int, elapsed: float) -> dict[str, Any]:
+    def _loop(self, start: int, end: int, elapsed: float, last: dict[str, float]) -> dict[str, Any]:
+        """Steps ``start..end``; ``last`` is the last step's losses so far (a checkpoint's, on resume)."""
         accelerator, step_module, config = self.accelerator, self.step_module, self.config
         inner, accum, reuse = accelerator.unwrap_model(step_module), config.gradient_accumulation, config.teacher_reuse
         inner.echo = TeacherEcho(accum if reuse > 1 else 0)
@@ -302,7 +303,6 @@ class TrainingSession:
         t0, t_run = time.perf_counter() - elapsed, time.perf_counter()
         window: dict[str, list[float]] = {}
         ratios: list[float] = []
-        last: dict[str, float] = {}
         for step in progress(range(start, end), desc=self.stage, total=end - start):
             inner.measure = measure = (step + 1) % config.log_every == 0 or step + 1 == end
             t_step = time.perf_counter()
@@ -344,7 +344,7 @@ class TrainingSession:
                 window = {}
             fault_point("step", step + 1)
             if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
-                self._save_checkpoint(step + 1, time.perf_counter() - t0)
+                self._save_checkpoint(step + 1, time.perf_counter() - t0, last)
         inner.echo.clear()  # the kept teacher tensors are not needed past the run
         return {"final": last, "elapsed": time.perf_counter() - t0,
                 "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
@@ -404,10 +404,9 @@ class TrainingSession:
             return
         terms = {key: float(np.mean(values)) for key, values in window.items()}
         row = {"step": step, "loss": sum(terms.values()), self.terms_key: terms, "lr": lr, "seconds": round(seconds, 3)}
-        with (self.out / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_metrics_row(self.out, row)
 
-    def _save_checkpoint(self, step: int, elapsed: float) -> None:
+    def _save_checkpoint(self, step: int, elapsed: float, last: dict[str, float]) -> None:
         self.accelerator.wait_for_everyone()
         self._refuse_not_finite_state(step)
         optimizer = None
@@ -417,7 +416,7 @@ class TrainingSession:
         if self.accelerator.is_main_process:
             # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
             state = {"step": step, "data_index": step // self.config.teacher_reuse * self.config.gradient_accumulation,
-                     "elapsed": elapsed, "trains": self.what,
+                     "elapsed": elapsed, "trains": self.what, "last_losses": last,
                      "config": self.config.to_json(), "optimizer": self.opt.state_dict() if optimizer is None else optimizer,
                      "scheduler": self.sched.state_dict(), "rng": rng_state()}
             self.addon.provenance["checkpoint"] = {"step": step}
@@ -448,7 +447,7 @@ class TrainingSession:
                                 fix="resume with the plan (and settings) the run started with") from exc
         return state
 
-    def _start(self, state: dict[str, Any] | None) -> tuple[int, float]:
+    def _start(self, state: dict[str, Any] | None) -> tuple[int, float, dict[str, float]]:
         out, config, stage, folder = self.out, self.config, self.stage, self.out / CHECKPOINT_DIR
         if state is None:
             if self.resume:
@@ -457,7 +456,7 @@ class TrainingSession:
                 (out / METRICS_FILE).unlink(missing_ok=True)
             for seed in (torch.manual_seed, np.random.seed, random.seed):
                 seed(config.seed)
-            return 0, 0.0
+            return 0, 0.0, {}
         self.resume_changes = resume_changes(state, config, self.what)  # refuses a change of run
         optimizer = state["optimizer"]
         if self.shards is not None:
@@ -470,7 +469,10 @@ class TrainingSession:
                         "provenance)", stage, self.resume_changes, state["step"])
         set_rng_state(state["rng"])
         if self.accelerator.is_main_process:  # drop the rows logged after the checkpoint: they are logged again
-            rows = metrics_rows(out / METRICS_FILE)
-            (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))
+            keep_metrics_rows(out, int(state["step"]))
         log.info("%s: resuming from %s at step %d", stage, folder, state["step"])
-        return int(state["step"]), float(state["elapsed"])
+        # The last step's losses: the add-on's metrics when the checkpoint is the run's last step (no step left).
+        raw = state.get("last_losses")
+        last = ({str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict)
+                else {})
+        return int(state["step"]), float(state["elapsed"]), last
