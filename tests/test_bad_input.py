@@ -799,14 +799,22 @@ def test_disk_full_while_writing_a_json_file(tmp_path: Path, monkeypatch: pytest
     assert path.read_text() == '{"old": true}' and sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
 
 
-def test_a_planted_tmp_symlink_is_not_followed(tmp_path: Path) -> None:
-    from ppcl.io import write_json
+@pytest.mark.parametrize("writer", ["json", "text", "png"])
+def test_a_planted_tmp_symlink_is_not_followed(tmp_path: Path, writer: str) -> None:
+    import numpy as np
 
+    from ppcl.io import write_json, write_text
+    from ppcl.toy.images import save_png
+
+    name, write = {"json": ("rows.json", lambda p: write_json({"a": 1}, p)),
+                   "text": ("report.html", lambda p: write_text("<html></html>", p)),
+                   "png": ("grid.png", lambda p: save_png(np.zeros((4, 4, 3), dtype=np.uint8), p))}[writer]
     victim = tmp_path / "victim.txt"
     victim.write_text("user data")
-    (tmp_path / "rows.json.tmp").symlink_to(victim)  # the old fixed temp name
-    write_json({"a": 1}, tmp_path / "rows.json")
-    assert victim.read_text() == "user data" and json.loads((tmp_path / "rows.json").read_text()) == {"a": 1}
+    (tmp_path / f"{name}.tmp").symlink_to(victim)  # the old fixed temp name
+    write(tmp_path / name)
+    assert victim.read_text() == "user data" and (tmp_path / name).stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f"{name}.tmp", "victim.txt"])  # no temp left
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -101,30 +101,48 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as indented JSON to ``path`` atomically (temp file + rename)."""
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; when the block ends without error it is flushed to disk and
+    renamed over ``path``, otherwise removed. Readers only ever see the old or the complete new file.
+
+    The temp name is unpredictable and created exclusively (``mkstemp``), so a planted ``X.tmp`` symlink is never
+    followed; it keeps ``path``'s suffix, for writers that pick a format from it (PIL). A full disk or a read-only
+    location is an :class:`ArtefactError`; other ``OSError`` s stay visible.
+    """
     path = Path(path)
-    text = json.dumps(data, indent=2) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # An unpredictable name created exclusively beside the target: a planted X.tmp symlink is never followed.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+        os.close(fd)
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
         raise _write_error(path, exc) from exc
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
         raise _write_error(path, exc) from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically (:func:`atomic_file`)."""
+    return write_text(json.dumps(data, indent=2) + "\n", path)
 
 
 def _write_error(path: Path, exc: OSError) -> ArtefactError:

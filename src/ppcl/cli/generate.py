@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +97,7 @@ def _save_image(image: np.ndarray, path: Path) -> None:
     """Write ``image`` atomically (temp file in the same folder, then rename), so no half-written file remains."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    from ppcl.io import atomic_file
+
+    with atomic_file(path) as tmp:
         Image.fromarray(image).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -16,6 +16,7 @@ from ppcl.addon import PruningAddon
 from ppcl.analysis import RedundancyReport
 from ppcl.demo import figures
 from ppcl.eval.levels import level_columns, x0_columns
+from ppcl.io import write_text
 from ppcl.plan import DepthReplacement, PruningPlan
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.sampler import sample
@@ -153,8 +154,4 @@ def render_html(result: Mapping[str, Any], made: Mapping[str, Path], command: st
 
 def write_html(out: Path, result: Mapping[str, Any], made: Mapping[str, Path], command: str) -> Path:
     """Write ``out / "report.html"`` atomically."""
-    path = out / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(result, made, command), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(render_html(result, made, command), out / "report.html")

@@ -26,7 +26,6 @@ import os
 import pickle
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 from ppcl.distill.checkpoint import recover_checkpoint
 from ppcl.errors import ArtefactError, ConfigError
 from ppcl.faults import fault_point, pausing_at
-from ppcl.io import WRITE_ERRNOS, load_state, remove_debris
+from ppcl.io import WRITE_ERRNOS, load_state, remove_debris, write_text
 from ppcl.logging import get_logger
 from ppcl.outputs import DISTILL_RUN, OUTPUT_MARKER, is_kind, write_marker
 
@@ -298,20 +297,9 @@ def append_metrics_row(out: Path, row: dict[str, Any]) -> None:
 
 def keep_metrics_rows(out: Path, last_step: int) -> None:
     """Rewrite ``out/metrics.jsonl`` keeping the rows up to ``last_step`` (a resumed run logs the later ones again);
-    atomic: a new file beside it, then a rename."""
+    atomic (:func:`ppcl.io.write_text`)."""
     path = out / METRICS_FILE
-    text = "".join(json.dumps(r) + "\n" for r in metrics_rows(path) if r["step"] <= last_step)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{METRICS_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as exc:
-        raise _metrics_write_error(path, exc) from exc
+    write_text("".join(json.dumps(r) + "\n" for r in metrics_rows(path) if r["step"] <= last_step), path)
 
 
 def _metrics_write_error(path: Path, exc: OSError) -> ArtefactError:

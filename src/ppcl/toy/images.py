@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ppcl.io import atomic_file
+
 
 def make_grid(images: np.ndarray, ncols: int, pad: int = 2, scale: int = 1) -> np.ndarray:
     """Tile uint8 images ``(N, H, W, 3)`` into one uint8 image with ``ncols`` columns and ``pad`` white pixels."""
@@ -26,8 +28,6 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, scale: int = 1) -> n
 def save_png(image: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write uint8 ``(H, W, 3)`` to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
     return path

@@ -18,6 +18,7 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from ppcl.errors import ArtefactError
+from ppcl.io import atomic_file, write_json
 from ppcl.toy.text_encoder import ToyTextEncoder
 from ppcl.toy.tokenizer import WordTokenizer
 from ppcl.toy.world import IMAGE_SIZE
@@ -117,9 +118,7 @@ class ToyTeacher:
         _save_half(self.text_encoder.state_dict(), folder / TEXT_ENCODER_FILE,
                    {"config": json.dumps(self.text_encoder.config())})
         if card is not None:
-            tmp = folder / (CARD_FILE + ".tmp")
-            tmp.write_text(json.dumps(card, indent=2) + "\n")
-            os.replace(tmp, folder / CARD_FILE)
+            write_json(card, folder / CARD_FILE)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32) -> ToyTeacher:
@@ -181,9 +180,8 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _save_half(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     half = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(half, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(half, str(tmp), metadata=metadata)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

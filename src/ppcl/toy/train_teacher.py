@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ppcl.io import atomic_folder, load_state, save_state
+from ppcl.io import atomic_folder, load_state, save_state, write_text
 from ppcl.logging import get_logger, progress
 from ppcl.errors import ConfigError
 from ppcl.outputs import CHECKPOINT, OutputKind, is_kind
@@ -215,4 +215,4 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+    write_text("".join(r + "\n" for r in rows), path)
