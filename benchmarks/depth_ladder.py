@@ -18,8 +18,10 @@ import torch
 
 from _results import append
 from ppcl.addon import PruningAddon
-from ppcl.analysis import AnalysisConfig, analyze, plan_from_report
-from ppcl.distill import DistillConfig, ToyDistillData, distill_depth
+from ppcl.analysis import AnalysisConfig, analyze
+from ppcl.plan import plan_from_report
+from ppcl.distill import DistillConfig, distill_depth
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.eval.levels import evaluate_levels, format_table
 from ppcl.toy.calibrate import calibrate_toy
 from ppcl.toy.teacher import ToyTeacher

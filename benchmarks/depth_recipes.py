@@ -27,8 +27,10 @@ import torch
 from _results import append
 
 from ppcl.addon import PruningAddon
-from ppcl.analysis import AnalysisConfig, analyze, plan_from_report
-from ppcl.distill import DistillConfig, ToyDistillData, distill_depth
+from ppcl.analysis import AnalysisConfig, analyze
+from ppcl.plan import plan_from_report
+from ppcl.distill import DistillConfig, distill_depth
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.plan import PruningPlan
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.calibrate import calibrate_toy

@@ -19,7 +19,8 @@ CHILD = r"""
 import json, sys, tempfile
 import torch
 from ppcl.toy.teacher import ToyTeacher
-from ppcl.distill import DistillConfig, ToyDistillData, distill_depth
+from ppcl.distill import DistillConfig, distill_depth
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.addon import PruningAddon
 from ppcl.plan import PruningPlan
 

@@ -22,7 +22,8 @@ from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, analyze
 from ppcl.demo import DemoConfig, make_plan
-from ppcl.distill import DistillConfig, ToyDistillData, distill_depth
+from ppcl.distill import DistillConfig, distill_depth
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.plan import PruningPlan
 from ppcl.toy.calibrate import calibrate_toy
 from ppcl.toy.teacher import ToyTeacher

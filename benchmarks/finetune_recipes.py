@@ -21,7 +21,8 @@ from _results import append
 from depth_recipes import agreement, mean_se, paired_batches, score, shapes_images, velocities
 
 from ppcl.addon import PruningAddon
-from ppcl.distill import DistillConfig, FinetuneObjective, ToyDistillData, finetune
+from ppcl.distill import DistillConfig, FinetuneObjective, finetune
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.sampler import SamplerConfig
 from ppcl.toy.teacher import ToyTeacher

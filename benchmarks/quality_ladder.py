@@ -35,20 +35,17 @@ import torch
 from _results import append
 
 from ppcl.addon import PruningAddon
-from ppcl.analysis import (
-    AnalysisConfig,
-    RedundancyReport,
-    analyze,
-    plan_from_removed,
-    plan_from_report,
-)
+from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze
+from ppcl.plan import plan_from_report
+from ppcl.api import plan_from_removed
 from ppcl.analysis.baselines import (
     every_other_layer,
     random_blocks,
     select_by_influence,
 )
 from ppcl.analysis.intervals import Interval
-from ppcl.distill import DistillConfig, ToyDistillData, distill_depth
+from ppcl.distill import DistillConfig, distill_depth
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.errors import ConfigError
 from ppcl.eval.levels import TEACHER, evaluate_levels
 from ppcl.plan import PruningPlan

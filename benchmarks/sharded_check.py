@@ -28,10 +28,10 @@ import torch
 from _results import append
 
 from ppcl.addon import PruningAddon
-from ppcl.analysis import plan_from_removed
+from ppcl.api import plan_from_removed
 from ppcl.analysis.intervals import Interval
 from ppcl.distill import DistillConfig, distill_depth
-from ppcl.distill.data import ToyDistillData
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.teacher import ToyTeacher
 
 REMOVED = ((3, 4), (7, 8), (11, 12))

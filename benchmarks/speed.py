@@ -32,8 +32,9 @@ from torch import nn
 from width_ladder import _width_plan
 
 from ppcl.addon import PruningAddon
-from ppcl.analysis import AnalysisConfig, analyze, plan_from_report
-from ppcl.distill import ToyDistillData
+from ppcl.analysis import AnalysisConfig, analyze
+from ppcl.plan import plan_from_report
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.eval.flops import forward_flops
 from ppcl.eval.latency import interleaved_latency, ratios
 from ppcl.plan import PruningPlan

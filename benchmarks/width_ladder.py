@@ -14,8 +14,9 @@ from pathlib import Path
 from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.analysis import RedundancyReport
-from ppcl.api import add_width_levels
-from ppcl.distill import DistillConfig, ToyDistillData, distill_width, finetune
+from ppcl.plan import add_width_levels
+from ppcl.distill import DistillConfig, distill_width, finetune
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.eval.levels import evaluate_levels, format_table
 from ppcl.plan import PruningPlan
 from ppcl.plan.width import TextRun

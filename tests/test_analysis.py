@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_models import build_tiny
 
-from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze, plan_from_report
+from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze
+from ppcl.plan import plan_from_report
 from ppcl.arch import get_spec
 from ppcl.data.calibration import CalibrationSet, assemble
 from ppcl.errors import ArtefactError

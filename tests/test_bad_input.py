@@ -518,7 +518,8 @@ def test_analyze_missing_calibration_folder(tmp_path: Path, capsys: pytest.Captu
 def test_report_with_another_model_config(saved_report: Path) -> None:
     from diffusers import QwenImageTransformer2DModel
 
-    from ppcl.analysis import RedundancyReport, plan_from_report
+    from ppcl.analysis import RedundancyReport
+    from ppcl.plan import plan_from_report
 
     base = build_tiny("qwenimage").model
     other = QwenImageTransformer2DModel.from_config({**base.config, "num_layers": 8})

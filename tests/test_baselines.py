@@ -10,7 +10,7 @@ import torch
 from tiny_models import build_tiny
 
 from ppcl.addon import PruningAddon
-from ppcl.analysis import plan_from_removed
+from ppcl.api import plan_from_removed
 from ppcl.analysis.baselines import (
     BlockInfluenceAccumulator,
     every_other_layer,

@@ -17,7 +17,7 @@ import pytest
 from ppcl.analysis.intervals import Interval, nested_levels, param_cost, select_budget
 from ppcl.cli.main import main
 from ppcl.errors import ArtefactError, ConfigError
-from ppcl.plan import DEFAULT_GUARD_FACTOR, Level, PruningPlan, propose_plan, with_width_level
+from ppcl.plan import DEFAULT_GUARD_FACTOR, Level, PruningPlan, plan_from_intervals, with_width_level
 
 QWEN = "QwenImageTransformer2DModel"
 BLOCKS = [10] * 16
@@ -38,7 +38,7 @@ EVERYTHING = (*P40, "depth:2-5")
 
 def _propose(targets: tuple[float, ...] = (0.25, 0.4, 0.5), intervals: list[FakeInterval] | None = None,
              kind: str = "fraction", **kwargs: object) -> PruningPlan:
-    return propose_plan(intervals or TOY, "qwenimage", QWEN, (16,), BLOCKS, targets, kind,  # type: ignore[arg-type]
+    return plan_from_intervals(intervals or TOY, "qwenimage", QWEN, (16,), BLOCKS, targets, kind,  # type: ignore[arg-type]
                         **kwargs)
 
 
@@ -138,7 +138,8 @@ def test_identical_levels_are_merged_into_the_first_with_a_note() -> None:
 
 
 def test_no_proposal_of_the_committed_teacher_has_identical_levels() -> None:
-    from ppcl.analysis import RedundancyReport, plan_from_report
+    from ppcl.analysis import RedundancyReport
+    from ppcl.plan import plan_from_report
     from ppcl.toy.teacher import ToyTeacher
 
     report, config = RedundancyReport.load(EXAMPLE), ToyTeacher.load().transformer.config

@@ -16,7 +16,8 @@ from ppcl.addon import PruningAddon, student_key
 from ppcl.arch import get_spec
 from ppcl.data.calibration import CalibrationSet
 from ppcl.data.recorder import ActivationRecorder
-from ppcl.distill.data import CalibrationData, DistillData, ToyDistillData
+from ppcl.distill.data import CalibrationData, DistillData
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.losses import depth_loss, normalized_mse
 from ppcl.distill.run_folder import read_trainer_state

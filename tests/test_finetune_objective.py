@@ -11,7 +11,8 @@ import torch
 from test_distill import FixedData
 
 from ppcl.addon import PruningAddon, student_key
-from ppcl.distill import DistillConfig, FinetuneObjective, ToyDistillData, finetune
+from ppcl.distill import DistillConfig, FinetuneObjective, finetune
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.distill.finetune import FinetuneStep, level_modules
 from ppcl.distill.objective import euler_to, guided_terms
 from ppcl.errors import ConfigError

@@ -23,7 +23,7 @@ from ppcl.plan import (
     Span,
     describe,
     param_count,
-    propose_plan,
+    plan_from_intervals,
     replacement_from_json,
 )
 from ppcl.plan import plan as plan_module
@@ -279,7 +279,7 @@ CANDIDATES = [FakeInterval(0, 2, 0.0), FakeInterval(5, 6, 0.3), FakeInterval(8, 
 
 
 def _propose(targets: list[float], kind: str = "fraction", **kwargs: object) -> PruningPlan:
-    return propose_plan(CANDIDATES, "qwenimage", QWEN, (20,), [10] * 20, targets, kind,  # type: ignore[arg-type]
+    return plan_from_intervals(CANDIDATES, "qwenimage", QWEN, (20,), [10] * 20, targets, kind,  # type: ignore[arg-type]
                         **kwargs)
 
 
@@ -318,10 +318,10 @@ def test_propose_blocks_and_params_targets_and_unreachable() -> None:
 
 def test_propose_ties_init_and_stack_boundaries() -> None:
     ties = [FakeInterval(9, 10, 0.5), FakeInterval(3, 4, 0.5), FakeInterval(6, 7, 0.5)]
-    plan = propose_plan(ties, "qwenimage", QWEN, (20,), [10] * 20, [0.05], init="middle")
+    plan = plan_from_intervals(ties, "qwenimage", QWEN, (20,), [10] * 20, [0.05], init="middle")
     assert plan.level("p5").replacement_ids == ("depth:3-5",)  # equal scores: earliest position first
     assert plan.replacements[0].init == "middle"
-    flux = propose_plan([FakeInterval(8, 11, 0.0), FakeInterval(12, 14, 0.1)], "flux", "FluxTransformer2DModel",
+    flux = plan_from_intervals([FakeInterval(8, 11, 0.0), FakeInterval(12, 14, 0.1)], "flux", "FluxTransformer2DModel",
                         (10, 10), [20] * 10 + [10] * 10, [1], "blocks")
     assert flux.level("b1").replacement_ids == ("depth:12-15",)
     assert "crosses" in flux.provenance["skipped"][0]["reason"]
@@ -330,13 +330,13 @@ def test_propose_ties_init_and_stack_boundaries() -> None:
         with pytest.raises(ConfigError):
             _propose(bad)
     with pytest.raises(ConfigError):
-        propose_plan(CANDIDATES, "qwenimage", QWEN, (20,), None, [0.1])
+        plan_from_intervals(CANDIDATES, "qwenimage", QWEN, (20,), None, [0.1])
     with pytest.raises(ConfigError):
-        propose_plan([FakeInterval(3, 25, 0.0)], "qwenimage", QWEN, (20,), [10] * 20, [0.1])
+        plan_from_intervals([FakeInterval(3, 25, 0.0)], "qwenimage", QWEN, (20,), [10] * 20, [0.1])
 
 
 def test_sd3_proposals_never_touch_the_last_block() -> None:
-    plan = propose_plan([FakeInterval(20, 23, 0.0), FakeInterval(2, 3, 0.1)], "sd3", "SD3Transformer2DModel", (24,),
+    plan = plan_from_intervals([FakeInterval(20, 23, 0.0), FakeInterval(2, 3, 0.1)], "sd3", "SD3Transformer2DModel", (24,),
                         [5] * 24, [1], "blocks", protect_last=0)
     assert plan.level("b1").replacement_ids == ("depth:2-4",)
     assert SD3_SPEC.protect_last_block and 23 in plan.protected_blocks()

@@ -16,7 +16,7 @@ Data flows through artefacts: CalibrationSet → RedundancyReport → PruningPla
 
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, RedundancyReport
-from ppcl.api import add_width_levels, analyze, calibrate, propose_plan
+from ppcl.api import add_width_levels, analyze, calibrate, plan_from_removed, propose_plan
 from ppcl.data.calibration import CalibrationSet
 from ppcl.errors import PPCLError
 from ppcl.pipeline import ToyPipeline, load_pipeline
@@ -31,7 +31,7 @@ from ppcl.runtime import (
     set_level,
 )
 
-__version__ = "0.1.0"
+from ppcl.version import __version__
 
 __all__ = [
     "AnalysisConfig",
@@ -50,6 +50,7 @@ __all__ = [
     "load_merged",
     "load_pipeline",
     "merge",
+    "plan_from_removed",
     "propose_plan",
     "remap_lora_state_dict",
     "remove_addon",

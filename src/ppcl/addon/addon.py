@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +51,12 @@ from ppcl.addon.projections import (
 )
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
+from ppcl.kinds import kind_of, student_key
 from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
 from ppcl.outputs import ADDON as ADDON_KIND
 from ppcl.plan import DepthReplacement, PruningPlan
 
-_UNSAFE = re.compile(r"[^0-9A-Za-z_]")
 _INITS = ("first", "middle", "last", "average")
-
-
-def student_key(replacement_id: str) -> str:
-    """``nn.ModuleDict``-safe key of a replacement's student: ``"depth:3-5"`` → ``"depth_3_5"``."""
-    return _UNSAFE.sub("_", replacement_id)
 
 
 @dataclass(eq=False)
@@ -108,7 +102,7 @@ class PruningAddon:
                 raise ConfigError(f"Unknown student initialisation {init!r}", expected=f"one of {_INITS} or None",
                                   found=repr(init))
             plan = dataclasses.replace(plan, replacements=[
-                dataclasses.replace(r, init=init) if isinstance(r, DepthReplacement) else r for r in plan.replacements
+                dataclasses.replace(r, init=init) if kind_of(r).owns_student else r for r in plan.replacements
             ]).validate(spec)
         students = nn.ModuleDict()
         for rep in _depth_with_unique_keys(plan):

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ppcl.errors import ArtefactError, ConfigError, PPCLError
+from ppcl.kinds import kind_of, registered_kinds
 from ppcl.logging import get_logger
+from ppcl.version import __version__
 
 if TYPE_CHECKING:
     from ppcl.plan import DepthReplacement, PruningPlan, Replacement
@@ -51,8 +53,6 @@ _JSON_SCALARS = (int, float, str, bool, type(None))
 
 def ppcl_version() -> str:
     """The installed ppcl version string."""
-    from ppcl import __version__
-
     return __version__
 
 
@@ -112,22 +112,12 @@ def _describe(plan: PruningPlan, rep: Any) -> str:
 
 
 def _is_depth(rep: Replacement) -> bool:
-    from ppcl.plan import DepthReplacement
-
-    return isinstance(rep, DepthReplacement)
+    return kind_of(rep).owns_student
 
 
 def width_label(rep: Replacement) -> str:
-    """Short human label of a width replacement, e.g. ``"text:50-60 (text run, inclusive [50, 59], 10 blocks)"``."""
-    from ppcl.plan import FFNLinear, TextRun
-
-    if isinstance(rep, TextRun):
-        a, b = rep.run.inclusive
-        skip = f", skipping {list(rep.skip)}" if rep.skip else ""
-        return f"{rep.id} (text run, inclusive [{a}, {b}]{skip})"
-    if isinstance(rep, FFNLinear):
-        return f"{rep.id} (FFN → linear at flat block {rep.block}, streams {'+'.join(rep.streams)})"
-    return rep.id
+    """Short human label of a width replacement, e.g. ``"text:50-60 (text run, inclusive [50, 59])"``."""
+    return kind_of(rep).label(rep)
 
 
 def student_entry(plan: PruningPlan, rep: DepthReplacement, student: nn.Module) -> dict[str, Any]:
@@ -197,19 +187,12 @@ def manifest_version(has_projections: bool) -> int:
 
 
 def check_plan_kinds(plan: PruningPlan) -> list[Replacement]:
-    """The plan's replacements; a kind add-ons cannot hold raises :class:`ConfigError`.
-
-    Add-ons hold depth replacements (one student block each) and the width kinds text run and FFN-to-linear
-    (residual linear projections).
-    """
-    from ppcl.plan import DepthReplacement, FFNLinear, TextRun
-
-    known = (DepthReplacement, TextRun, FFNLinear)
-    others = [rep for rep in plan.replacements if not isinstance(rep, known)]
+    """The plan's replacements; a kind no :mod:`ppcl.kinds` module handles raises :class:`ConfigError`."""
+    others = [rep for rep in plan.replacements if rep.kind not in registered_kinds()]
     if others:
         raise ConfigError(
             f"The plan has replacement kinds this add-on cannot hold: {sorted({r.kind for r in others})}",
-            expected=f"replacement kinds {[k.kind for k in known]}",
+            expected=f"replacement kinds {registered_kinds()}",
             found=str([r.id for r in others]),
             fix="remove those replacements from the plan, or use a ppcl version that supports them",
         )
@@ -217,7 +200,5 @@ def check_plan_kinds(plan: PruningPlan) -> list[Replacement]:
 
 
 def depth_replacements(plan: PruningPlan) -> list[DepthReplacement]:
-    """The plan's depth replacements (after :func:`check_plan_kinds`), in plan order."""
-    from ppcl.plan import DepthReplacement
-
-    return [rep for rep in check_plan_kinds(plan) if isinstance(rep, DepthReplacement)]
+    """The plan's replacements that own a student block (depth), after :func:`check_plan_kinds`, in plan order."""
+    return [rep for rep in check_plan_kinds(plan) if kind_of(rep).owns_student]  # type: ignore[misc]

@@ -3,11 +3,9 @@
 Every text run and FFN-to-linear replacement of a plan owns residual linear projections
 (:class:`~ppcl.modules.projection.ResidualLinear`, ``z ↦ z + z Wᵀ + b`` with ``W`` ``(D, D)``, ``b`` ``(D,)``). They live
 in the add-on's ``students`` ``nn.ModuleDict`` next to the depth students, under the keys the runtime looks them up by
-(:func:`ppcl.runtime.width.projection_keys`): ``text_50_60__in_51`` (``L_j`` of text-pruned block 51), ``text_50_60__out``
-(``L_h``), ``ffn_2__image`` / ``ffn_2__text``.
-
-The key scheme and the identity initialisation belong to :mod:`ppcl.runtime.width`; it is imported lazily here because
-the runtime itself imports :mod:`ppcl.addon`.
+(:meth:`ppcl.kinds.Kind.module_keys`): ``text_50_60__in_51`` (``L_j`` of text-pruned block 51), ``text_50_60__out``
+(``L_h``), ``ffn_2__image`` / ``ffn_2__text``. The key scheme and the identity initialisation belong to each kind's
+module in :mod:`ppcl.kinds`.
 """
 
 from __future__ import annotations
@@ -18,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ppcl.arch import get_spec
 from ppcl.errors import ArtefactError, ConfigError
+from ppcl.kinds import block_dim, kind_of
+from ppcl.modules.projection import ResidualLinear
 
 if TYPE_CHECKING:
     from ppcl.arch import ArchSpec
@@ -26,17 +27,13 @@ if TYPE_CHECKING:
 
 
 def width_replacements(plan: PruningPlan) -> list[Replacement]:
-    """The plan's text-run and FFN-to-linear replacements, in plan order."""
-    from ppcl.runtime.width import WIDTH_KINDS
-
-    return [rep for rep in plan.replacements if isinstance(rep, WIDTH_KINDS)]
+    """The plan's width replacements (text runs, FFN-to-linear maps), in plan order."""
+    return [rep for rep in plan.replacements if kind_of(rep).is_width]
 
 
 def expected_projections(plan: PruningPlan) -> dict[str, Replacement]:
     """Projection key → the width replacement owning it, for every projection ``plan`` needs."""
-    from ppcl.runtime.width import projection_keys
-
-    return {key: rep for rep in width_replacements(plan) for key in projection_keys(rep)}
+    return {key: rep for rep in width_replacements(plan) for key in kind_of(rep).module_keys(rep)}
 
 
 def fresh_projections(model: nn.Module, plan: PruningPlan) -> dict[str, nn.Module]:
@@ -44,9 +41,9 @@ def fresh_projections(model: nn.Module, plan: PruningPlan) -> dict[str, nn.Modul
 
     Initialise them afterwards with ``fit_from`` (least squares on calibration statistics) or ``set_map``.
     """
-    from ppcl.runtime.width import width_modules
-
-    modules = width_modules(model, plan)
+    spec = get_spec(model)
+    modules = {key: module for rep in width_replacements(plan)
+               for key, module in kind_of(rep).fresh_modules(model, spec, rep).items()}
     for module in modules.values():
         module.requires_grad_(True)
     return modules
@@ -89,9 +86,6 @@ def load_projections(spec: ArchSpec, model: nn.Module, plan: PruningPlan, record
         ArtefactError: the recorded projection keys differ from the ones the plan needs (both lists named), or a
             recorded shape is malformed or does not match the base block's width.
     """
-    from ppcl.modules.projection import ResidualLinear
-    from ppcl.runtime.width import block_dim
-
     expected = expected_projections(plan)
     recorded = {} if recorded is None else recorded
     if not isinstance(recorded, Mapping):

@@ -1,7 +1,9 @@
-"""Stage 1 of PPCL: residual linear probes, CKA trajectories, contiguous intervals, baselines, reports."""
+"""Stage 1 of PPCL: residual linear probes, CKA trajectories, contiguous intervals, baselines, reports.
+
+Analysis measures; planning decides: a report becomes a plan in :mod:`ppcl.plan` (:func:`ppcl.plan.plan_from_report`).
+"""
 
 from ppcl.analysis.analyze import AnalysisConfig, analyze
-from ppcl.analysis.propose import plan_from_removed, plan_from_report
 from ppcl.analysis.report import RedundancyReport
 
-__all__ = ["AnalysisConfig", "RedundancyReport", "analyze", "plan_from_removed", "plan_from_report"]
+__all__ = ["AnalysisConfig", "RedundancyReport", "analyze"]

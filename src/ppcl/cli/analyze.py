@@ -69,7 +69,7 @@ def finish_plan(plan: Any, report: Any, model: Any, args: argparse.Namespace) ->
         if args.text_cka_threshold is not None or args.ffn_blocks != 2:
             log.warning("--text-cka-threshold/--ffn-blocks have no effect without --width")
         return plan
-    from ppcl.api import add_width_levels
+    from ppcl.plan import add_width_levels
 
     out = add_width_levels(plan, report, threshold=args.text_cka_threshold, ffn_blocks=args.ffn_blocks)
     if len(out.levels) == len(plan.levels):
@@ -89,7 +89,8 @@ def level_params(plan: Any, model_config: Any) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppcl.analysis import AnalysisConfig, analyze, plan_from_report
+    from ppcl.analysis import AnalysisConfig, analyze
+    from ppcl.plan import plan_from_report
     from ppcl.data.calibration import CalibrationSet
 
     from ppcl.outputs import REPORT

@@ -221,7 +221,8 @@ def _addon(args: argparse.Namespace, model: Any) -> Any:
 def _data(args: argparse.Namespace, model: Any) -> Any:
     """Training batches: a latent cache (``--data``), the CalibrationSet (``--calibration``) or, for the toy, fresh
     ShapesWorld batches."""
-    from ppcl.distill import CalibrationData, ToyDistillData
+    from ppcl.distill import CalibrationData
+    from ppcl.toy.distill_data import ToyDistillData
 
     if args.data is not None:
         from ppcl.data.loading import parse_dtype

@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         calibration = CalibrationSet.load(args.calibration)
         batches = list(calibration.batches(args.batch_size))[: args.batches]
     else:
-        from ppcl.distill import ToyDistillData
+        from ppcl.toy.distill_data import ToyDistillData
         from ppcl.eval.guided import paired_toy_batches
         from ppcl.toy.teacher import ToyTeacher
 

@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.report is None or args.out is None:
         raise ConfigError("ppcl plan needs a report and an output", expected="--report DIR --out DIR",
                           found=f"--report {args.report} --out {args.out}", fix="or use --validate PLAN")
-    from ppcl.analysis import RedundancyReport, plan_from_report
+    from ppcl.analysis import RedundancyReport
+    from ppcl.plan import plan_from_report
     from ppcl.outputs import PLAN
 
     require_non_negative(args, "ffn_blocks")

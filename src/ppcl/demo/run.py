@@ -28,17 +28,12 @@ from typing import Any
 import torch
 
 from ppcl.addon import PruningAddon
-from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze, plan_from_report
-from ppcl.api import add_width_levels
+from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze
+from ppcl.plan import plan_from_report
+from ppcl.plan import add_width_levels
 from ppcl.demo.report import GRID_PROMPTS, make_figures, sample_rows, write_html
-from ppcl.distill import (
-    DistillConfig,
-    ToyDistillData,
-    distill_depth,
-    distill_width,
-    FinetuneObjective,
-    finetune,
-)
+from ppcl.distill import DistillConfig, distill_depth, distill_width, FinetuneObjective, finetune
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.distill.config import DEFAULT_WARMUP_SHARE
 from ppcl.errors import ConfigError
 from ppcl.eval.guided import paired_toy_batches, predict_pairs

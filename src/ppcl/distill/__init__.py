@@ -3,7 +3,8 @@
 Example (toy world)::
 
     from ppcl.addon import PruningAddon
-    from ppcl.distill import DistillConfig, ToyDistillData, distill_depth
+    from ppcl.distill import DistillConfig, distill_depth
+    from ppcl.toy.distill_data import ToyDistillData
 
     addon = PruningAddon.from_plan(teacher.transformer, plan)
     data = ToyDistillData(teacher, batch_size=16, seed=0)
@@ -15,7 +16,7 @@ teacher pass; ``width`` initialises projections by least squares and trains them
 and exact resume for all three.
 """
 
-from ppcl.distill.data import CalibrationData, DistillData, ToyDistillData
+from ppcl.distill.data import CalibrationData, DistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.finetune import FLOW_TARGET_KEY, FinetuneStep, finetune
 from ppcl.distill.latent_data import LatentCacheData
@@ -33,7 +34,6 @@ __all__ = [
     "FinetuneObjective",
     "FinetuneStep",
     "LatentCacheData",
-    "ToyDistillData",
     "TrainingSession",
     "WidthStep",
     "depth_loss",

@@ -33,6 +33,7 @@ from ppcl.distill.chain import call_with_streams, chain_blocks, chain_groups, ch
 from ppcl.distill.echo import NO_ECHO, TeacherEcho
 from ppcl.distill.losses import depth_loss
 from ppcl.errors import ConfigError
+from ppcl.kinds import kind_of
 from ppcl.plan import DepthReplacement, PruningPlan
 from ppcl.runtime import STATE_ATTR, disabled, set_level
 
@@ -47,7 +48,7 @@ class _TeacherDone(Exception):
 def depth_replacements(plan: PruningPlan, level: str | None = None) -> list[DepthReplacement]:
     """The depth replacements to train: all of the plan's (``level=None``) or those active at ``level``."""
     reps = plan.replacements if level is None else plan.replacements_of(level)
-    out = [rep for rep in reps if isinstance(rep, DepthReplacement)]
+    out = [rep for rep in reps if kind_of(rep).owns_student]
     if not out:
         raise ConfigError(
             "nothing to distill",

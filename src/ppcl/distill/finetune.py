@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from ppcl.addon import PruningAddon, student_key
+from ppcl.addon import PruningAddon
 from ppcl.addon.fingerprint import fingerprint_of
 from ppcl.arch import get_spec
 from ppcl.distill.data import DistillData
@@ -40,9 +40,8 @@ from ppcl.distill.objective import FinetuneObjective, euler_to, guided_terms
 from ppcl.distill.trainer import DistillConfig, TrainingSession
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
-from ppcl.plan import DepthReplacement
+from ppcl.kinds import kind_of
 from ppcl.runtime import disabled, merge, save_merged, set_level
-from ppcl.runtime.width import projection_keys
 
 log = get_logger("distill")
 
@@ -55,7 +54,7 @@ def level_modules(addon: PruningAddon, level: str) -> nn.ModuleDict:
     """The add-on modules active at ``level``: depth students and width projections, by their add-on keys."""
     keys: list[str] = []
     for rep in addon.plan.replacements_of(level):
-        keys += [student_key(rep.id)] if isinstance(rep, DepthReplacement) else projection_keys(rep)
+        keys += kind_of(rep).module_keys(rep)
     return nn.ModuleDict({k: addon.students[k] for k in keys})
 
 
@@ -63,8 +62,7 @@ def surviving_blocks(model: nn.Module, addon: PruningAddon, level: str) -> dict[
     """``{qualified block name: block}`` of the base blocks that still run at ``level`` (not inside an active depth
     span; a span's first block is replaced by its student)."""
     spec = get_spec(model)
-    gone = {i for rep in addon.plan.replacements_of(level) if isinstance(rep, DepthReplacement)
-            for i in rep.span.blocks}
+    gone = {i for rep in addon.plan.replacements_of(level) if kind_of(rep).owns_student for i in rep.blocks()}
     return {spec.block_name(model, i): spec.block(model, i) for i in range(spec.num_blocks(model)) if i not in gone}
 
 

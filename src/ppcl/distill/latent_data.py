@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ppcl.data.latent_cache import TRANSFORMER_KEYS, LatentCache
-from ppcl.distill.data import TimestepSampling, _generator, check_sampling
+from ppcl.data.sampling import TimestepSampling, batch_generator, check_sampling
 from ppcl.errors import ArtefactError
 
 _MAX_SHIFT_DEFAULT = {"sd3": 1.16}  # the SD3 pipeline's default; FLUX.1 and Qwen-Image use 1.15
@@ -109,7 +109,7 @@ class LatentCacheData:
 
     def sigmas(self, step: int, bucket: int) -> torch.Tensor:
         """σ of batch ``step`` for ``bucket`` (shape ``(batch_size,)``)."""
-        gen = _generator(self.seed, step, 1)
+        gen = batch_generator(self.seed, step, 1)
         if self.timestep_sampling == "uniform":
             u = torch.rand(self.batch_size, generator=gen)
         else:
@@ -136,7 +136,7 @@ class LatentCacheData:
         data = self.cache.stack(samples)
         x0 = data["latents"]
         sigma = self.sigmas(step, bucket)
-        noise = torch.randn(x0.shape, generator=_generator(self.seed, step, 2))
+        noise = torch.randn(x0.shape, generator=batch_generator(self.seed, step, 2))
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         return self._kwargs(x_t, sigma, data)

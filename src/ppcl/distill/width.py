@@ -158,7 +158,7 @@ class WidthStep(nn.Module):
         if pos.mode.text in ("pruned", "last"):
             assert pos.run is not None and ctx is not None
             # The pruned model hands block j the anchor's text output (passed through) and the anchor's z_a.
-            bound[dict(spec.stack_of(model, i).stream_inputs)["text"]] = self.capture.text_out(cap, pos.run.anchor)
+            bound[dict(spec.stack_of(model, i).stream_inputs)["text"]] = self.capture.output(cap, pos.run.anchor, "text")
             ctx.z = cap.z[pos.run.anchor]
         parts = parts_for(self.students, self.plan, self.reps, i, pos.mode)
         outputs: dict[str, Tensor] = {}  # filled by the projections this position calls

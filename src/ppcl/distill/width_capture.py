@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +20,13 @@ from ppcl.data.recorder import ActivationRecorder, BlockCall
 from ppcl.distill.depth import _raise_done, _TeacherDone, _text_mask
 from ppcl.errors import ConfigError
 from ppcl.modules.width import WidthMode
-from ppcl.plan import DepthReplacement, FFNLinear, PruningPlan, TextRun
+from ppcl.kinds import kind_of
+from ppcl.plan import PruningPlan
 from ppcl.runtime import STATE_ATTR, disabled
-from ppcl.runtime.width import level_modes, width_key
+from ppcl.runtime.width import level_modes
+
+if TYPE_CHECKING:
+    from ppcl.plan import TextRun
 
 @dataclass(frozen=True)
 class Position:
@@ -63,11 +67,11 @@ def width_positions(plan: PruningPlan, level: str) -> list[Position]:
     Raises: ConfigError: the level has no width replacement.
     """
     reps = plan.replacements_of(level)
-    if not any(isinstance(r, TextRun | FFNLinear) for r in reps):
+    if not any(kind_of(r).is_width for r in reps):
         raise ConfigError(f"level {level!r} has nothing to width-distill", expected="a text run or an FFN block",
                           found=str([r.id for r in reps]), fix="pick a level with width replacements")
-    spans = {r.span.start: r for r in reps if isinstance(r, DepthReplacement)}
-    runs = {i: r for r in reps if isinstance(r, TextRun) for i in (r.anchor, *r.pruned_blocks())}
+    spans = {r.span.start: r for r in reps if kind_of(r).owns_student}
+    runs = {i: r for r in reps if kind_of(r).name == "text_run" for i in (r.anchor, *r.pruned_blocks())}
     out = []
     for i, mode in level_modes(plan, reps).items():
         span = spans.get(i)
@@ -162,27 +166,33 @@ class TeacherCapture:
         pos = self.by_index.get(i)
         return pos is None or pos.student is None
 
-    def text_out(self, cap: Capture, i: int) -> Tensor | None:
-        """The teacher's text output of position ``i`` (of its span's last block for a student)."""
+    def output(self, cap: Capture, i: int, stream: str) -> Tensor | None:
+        """The teacher's ``stream`` output of position ``i`` (of its span's last block for a student)."""
         last = self.by_index[i].last if i in self.by_index else i
-        return self.spec.split_outputs(self.model, last, cap.calls[last].output).get("text")
+        return self.spec.split_outputs(self.model, last, cap.calls[last].output).get(stream)
 
     def pairs(self, cap: Capture, plan: PruningPlan, level: str) -> Iterator[tuple[str, Tensor, Tensor | None,
                                                                                    Tensor | None]]:
         """``(projection key, input, teacher target, text mask or None)`` for every projection of the level."""
-        model, spec = self.model, self.spec
+        view = _CaptureView(self, cap)
         for rep in plan.replacements_of(level):
-            if isinstance(rep, TextRun):
-                a = rep.anchor
-                mask = _text_mask(spec, model, a, cap.calls[a])
-                for j in rep.pruned_blocks():
-                    yield width_key(rep, f"in_{j}"), cap.z[a], cap.z[j], mask
-                h_a = self.text_out(cap, a)
-                assert h_a is not None  # an anchor is followed by run blocks, so it returns text
-                yield width_key(rep, "out"), h_a, self.text_out(cap, rep.last), mask
-            elif isinstance(rep, FFNLinear):
-                pos = self.by_index[rep.block]
-                out = spec.split_outputs(model, pos.last, cap.calls[pos.last].output)
-                mask = _text_mask(spec, model, rep.block, cap.calls[rep.block])
-                for s in rep.streams:
-                    yield width_key(rep, s), cap.g[(rep.block, s)], out[s], mask if s == "text" else None
+            yield from kind_of(rep).projection_targets(rep, view)
+
+
+class _CaptureView:
+    """One captured teacher pass as a :class:`~ppcl.kinds.base.TargetView` for the kinds' projection targets."""
+
+    def __init__(self, capture: TeacherCapture, cap: Capture) -> None:
+        self.capture, self.cap = capture, cap
+
+    def z(self, i: int) -> Tensor:
+        return self.cap.z[i]
+
+    def g(self, i: int, stream: str) -> Tensor:
+        return self.cap.g[(i, stream)]
+
+    def output(self, i: int, stream: str) -> Tensor | None:
+        return self.capture.output(self.cap, i, stream)
+
+    def text_mask(self, i: int) -> Tensor | None:
+        return _text_mask(self.capture.spec, self.capture.model, i, self.cap.calls[i])

@@ -20,7 +20,8 @@ from ppcl.plan.count import (
 )
 from ppcl.plan.plan import PLAN_FILE, Level, PruningPlan
 from ppcl.plan.guard import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR, BudgetGuard, check_guard
-from ppcl.plan.propose import propose_plan
+from ppcl.plan.from_report import WIDTH_SUFFIX, add_width_levels, plan_from_report, plan_from_spans
+from ppcl.plan.propose import plan_from_intervals, propose_plan
 from ppcl.plan.replacements import (
     DepthReplacement,
     Issue,
@@ -62,7 +63,12 @@ __all__ = [
     "dual_stream_blocks",
     "param_count",
     "param_table",
+    "add_width_levels",
+    "plan_from_intervals",
+    "plan_from_report",
+    "plan_from_spans",
     "propose_plan",
+    "WIDTH_SUFFIX",
     "register_replacement",
     "replacement_from_json",
     "replacement_kinds",

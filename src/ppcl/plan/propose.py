@@ -13,6 +13,7 @@ targets, with a note saying so. Two targets that end up with the same intervals 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -62,7 +63,7 @@ class _Draft:
 
 
 
-def propose_plan(
+def plan_from_intervals(
     intervals: Iterable[IntervalLike],
     spec_name: str,
     model_class: str,
@@ -153,7 +154,7 @@ def propose_plan(
     plan.replacements = sorted((rep for _, rep in accepted), key=lambda r: r.span)
     plan.levels = levels
     plan.provenance = {
-        "selector": "ppcl.plan.propose_plan",
+        "selector": "ppcl.plan.plan_from_intervals",
         "rule": "intervals accepted cheapest-first (score ascending, ties by position) until each target is met; "
                 "levels are nested prefixes of that order; the budget guard refuses an interval scoring more than "
                 "guard_factor x max(largest accepted score, guard_floor), and the order stops there; a level with "
@@ -334,3 +335,11 @@ def _level(draft: _Draft, table: ParamTable | None, total: int, kind: str, refus
                                   guarded=refusal is not None)
     return Level(draft.name, tuple(rep.id for _, rep in draft.accepted), description,
                  worst_score=max(scores) if scores else None, cheapest_score=min(scores) if scores else None)
+
+
+def propose_plan(*args: Any, **kwargs: Any) -> PruningPlan:
+    """Deprecated name of :func:`plan_from_intervals` (it read like :func:`ppcl.propose_plan`, which plans from a
+    report); kept so existing code keeps working."""
+    warnings.warn("ppcl.plan.propose_plan is renamed plan_from_intervals (ppcl.propose_plan plans from a report)",
+                  DeprecationWarning, stacklevel=2)
+    return plan_from_intervals(*args, **kwargs)

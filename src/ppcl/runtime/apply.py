@@ -29,20 +29,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ppcl.addon import PruningAddon, student_key
+from ppcl.addon import PruningAddon
 from ppcl.addon.fingerprint import touched_blocks
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.modules.width import RunContext
-from ppcl.plan import DepthReplacement, PruningPlan
-from ppcl.runtime.width import (
-    WIDTH_KINDS,
-    WidthAction,
-    check_width_support,
-    like_input,
-    projection_keys,
-    width_actions,
-)
+from ppcl.kinds import check_kinds, kind_of
+from ppcl.runtime.width import WidthAction, check_width_support, like_input, width_actions
 
 ADDON_ATTR = "ppcl"
 """Name of the submodule holding the students while an add-on is applied."""
@@ -216,41 +209,27 @@ def runtime_state(model: nn.Module) -> RuntimeState:
 
 def _dispatch_tables(addon: PruningAddon, spec: ArchSpec, model: nn.Module,
                      contexts: dict[str, RunContext]) -> dict[str | None, dict[int, Action]]:
-    reps = {rep.id: rep for rep in _known_kinds(addon.plan)}
+    reps = {rep.id: rep for rep in check_kinds(addon.plan.replacements)}
     for rep in reps.values():
-        if isinstance(rep, DepthReplacement):
+        if kind_of(rep).owns_student:
             addon.student(rep.id)  # raises when a student is missing
     check_width_support(spec, model, addon.plan)
     tables: dict[str | None, dict[int, Action]] = {None: {}}
     for lvl in addon.plan.levels:
         table: dict[int, Action] = {}
         for rep_id in lvl.replacement_ids:
-            rep = reps[rep_id]
-            if not isinstance(rep, DepthReplacement):
-                continue
-            table[rep.span.start] = addon.students[student_key(rep_id)]
-            table.update(dict.fromkeys(range(rep.span.start + 1, rep.span.stop), SKIP))
+            kind_of(reps[rep_id]).add_dispatch(reps[rep_id], addon.students, table, SKIP)  # type: ignore[arg-type]
         # Width actions overwrite a span start's student entry: the student then runs in its width mode.
         table.update(width_actions(model, spec, addon.plan, lvl.name, addon.students, table, contexts))
         tables[lvl.name] = table
     return tables
 
 
-def _known_kinds(plan: PruningPlan) -> list[DepthReplacement]:
-    others = [r for r in plan.replacements if not isinstance(r, (DepthReplacement, *WIDTH_KINDS))]
-    if others:
-        raise ConfigError(f"The plan has replacement kinds the runtime cannot run: {sorted({r.kind for r in others})}",
-                          expected="depth, text_run and ffn_linear replacements", found=str([r.id for r in others]),
-                          fix="remove those replacements from the plan, or use a ppcl version that supports them")
-    return list(plan.replacements)  # type: ignore[arg-type]
-
-
 def _align_devices(spec: ArchSpec, model: nn.Module, addon: PruningAddon) -> None:
     # In-place .to keeps the Parameter objects, so an optimiser built on addon.parameters() stays valid.
     for rep in addon.plan.replacements:
         target = next(spec.block(model, rep.blocks()[0]).parameters(), None)
-        keys = [student_key(rep.id)] if isinstance(rep, DepthReplacement) else projection_keys(rep)
-        for key in keys:
+        for key in kind_of(rep).module_keys(rep):
             if key not in addon.students:
                 continue  # a missing student/projection is reported when the dispatch tables are built
             module = addon.students[key]

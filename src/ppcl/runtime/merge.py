@@ -19,10 +19,10 @@ from torch import nn
 from ppcl.addon import PruningAddon, has_adapter_layers, student_key
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
-from ppcl.plan import DepthReplacement
-from ppcl.runtime.apply import ADDON_ATTR, _known_kinds
+from ppcl.kinds import check_kinds, kind_of
+from ppcl.runtime.apply import ADDON_ATTR
 from ppcl.runtime.merge_width import make_record, replay, substitution
-from ppcl.runtime.width import WIDTH_KINDS, check_width_support, level_modes, parts_for
+from ppcl.runtime.width import check_width_support, level_modes, parts_for
 
 
 def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
@@ -42,10 +42,10 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
                           fix="the original model (level None) needs no merge")
     addon.check_base(model)
     spec = get_spec(model)
-    _known_kinds(addon.plan)
+    check_kinds(addon.plan.replacements)
     check_width_support(spec, model, addon.plan)
     all_reps = addon.plan.replacements_of(level)
-    reps = [r for r in all_reps if isinstance(r, DepthReplacement)]
+    reps = [r for r in all_reps if kind_of(r).owns_student]
     if _has_base_adapters(model):
         raise ConfigError("The base model carries adapter layers (e.g. a LoRA)", expected="a plain base model",
                           found="PEFT tuner layers in the transformer",
@@ -71,7 +71,7 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
     _check_students_fit(spec, merged, addon, reps, kept)
     merged.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     _copy_buffers(spec, model, merged, addon, reps, kept)
-    if any(isinstance(r, WIDTH_KINDS) for r in all_reps):
+    if any(kind_of(r).is_width for r in all_reps):
         _apply_width(spec, merged, addon, level, all_reps, kept)
     merged.train(model.training)
     return merged

@@ -19,74 +19,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ppcl.addon import student_key
 from ppcl.arch import ArchSpec, get_spec
-from ppcl.errors import ConfigError
-from ppcl.modules.projection import ResidualLinear
+from ppcl.kinds import block_dim, kind_of, width_key
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
-from ppcl.plan import (
-    FFNLinear,
-    PruningPlan,
-    Replacement,
-    TextRun,
-    check_level_width,
-)
+from ppcl.plan import PruningPlan, Replacement, check_level_width
 
-WIDTH_KINDS: tuple[type[Replacement], ...] = (TextRun, FFNLinear)
-
-
-def width_key(rep: TextRun | FFNLinear, part: str) -> str:
-    """Key of one projection of ``rep`` in the add-on's ModuleDict; ``part`` is ``"in_<j>"``, ``"out"`` or a stream."""
-    return f"{student_key(rep.id)}__{part}"
-
+__all__ = ["WidthAction", "block_dim", "check_width_support", "level_modes", "like_input", "parts_for",
+           "projection_keys", "width_actions", "width_key", "width_modules"]
 
 def projection_keys(rep: Replacement) -> list[str]:
-    """Every projection key ``rep`` needs (empty for depth replacements)."""
-    if isinstance(rep, TextRun):
-        return [width_key(rep, f"in_{j}") for j in rep.pruned_blocks()] + [width_key(rep, "out")]
-    if isinstance(rep, FFNLinear):
-        return [width_key(rep, s) for s in rep.streams]
-    return []
-
-
-def block_dim(block: nn.Module) -> int:
-    """Token width ``D`` of a dual-stream block (its image query input; text tokens share it)."""
-    return int(block.attn.to_q.in_features)
+    """Every projection key ``rep`` needs (empty for kinds without projections)."""
+    kind = kind_of(rep)
+    return kind.module_keys(rep) if kind.is_width else []
 
 
 def width_modules(model: nn.Module, plan: PruningPlan, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Fresh identity projections (``W = 0, b = 0``) for every width replacement of ``plan``, on the blocks' device."""
     spec = get_spec(model)
-    out: dict[str, nn.Module] = {}
-    for rep in plan.replacements:
-        if not isinstance(rep, WIDTH_KINDS):
-            continue
-        block = spec.block(model, rep.blocks()[0])
-        device = next(block.parameters()).device
-        for key in projection_keys(rep):
-            out[key] = ResidualLinear(block_dim(block), dtype=dtype, device=device)
-    return out
+    return {key: module for rep in plan.replacements
+            for key, module in kind_of(rep).fresh_modules(model, spec, rep, dtype).items()}
 
 
 def check_width_support(spec: ArchSpec, model: nn.Module, plan: PruningPlan) -> None:
-    """Raise :class:`ConfigError` if a width replacement targets a block :func:`width_forward` cannot run."""
-    from ppcl.modules.width import SUPPORTED_BLOCKS
-
+    """Raise :class:`ConfigError` if a replacement targets a block that cannot run it (each kind checks its own)."""
     for rep in plan.replacements:
-        if isinstance(rep, WIDTH_KINDS):
-            for i in rep.blocks():
-                name = type(spec.block(model, i)).__name__
-                if name not in SUPPORTED_BLOCKS:
-                    raise ConfigError(f"Replacement {rep.id} targets a {name}", expected=f"one of {SUPPORTED_BLOCKS}",
-                                      found=f"flat block {i}", fix="keep width replacements on dual-stream blocks")
-            if isinstance(rep, FFNLinear):
-                targets = spec.width_targets(model, rep.block)
-                missing = [s for s in rep.streams if targets.ffn_of(s) is None]
-                if missing:
-                    raise ConfigError(f"Replacement {rep.id} replaces the FFN of stream(s) {missing}, which block "
-                                      f"{rep.block} does not have", expected=f"streams among "
-                                      f"{[s for s, _ in targets.ffn]}", found=str(list(rep.streams)),
-                                      fix="drop those streams (e.g. SD3's last block has no text FFN)")
+        kind_of(rep).check_support(spec, model, rep)
 
 
 class WidthAction:
@@ -134,12 +91,7 @@ def level_modes(plan: PruningPlan, reps: Sequence[Replacement]) -> dict[int, Wid
     text: dict[int, tuple[str, str]] = {}
     ffn: dict[int, set[str]] = {}
     for rep in reps:
-        if isinstance(rep, TextRun):
-            text[rep.anchor] = ("anchor", rep.id)
-            for j in rep.pruned_blocks():
-                text[j] = ("last" if j == rep.last else "pruned", rep.id)
-        elif isinstance(rep, FFNLinear):
-            ffn.setdefault(rep.block, set()).update(rep.streams)
+        kind_of(rep).add_width_modes(rep, text, ffn)
     return {i: WidthMode(text.get(i, ("full", None))[0], frozenset(ffn.get(i, ())),  # type: ignore[arg-type]
                          text.get(i, ("full", None))[1]) for i in sorted(text.keys() | ffn.keys())}
 
@@ -149,12 +101,7 @@ def parts_for(students: Mapping[str, nn.Module], plan: PruningPlan, reps: Sequen
     """The projections block ``index`` uses in ``mode``, looked up in ``students`` (the add-on's ModuleDict)."""
     parts = WidthParts()
     for rep in reps:
-        if isinstance(rep, TextRun) and rep.id == mode.run and mode.text in ("pruned", "last"):
-            parts.text_in = _get(students, width_key(rep, f"in_{index}"))
-            if mode.text == "last":
-                parts.text_out = _get(students, width_key(rep, "out"))
-        elif isinstance(rep, FFNLinear) and rep.block == index:
-            parts.ffn.update({s: _get(students, width_key(rep, s)) for s in rep.streams})
+        kind_of(rep).add_width_parts(rep, students, index, mode.run, mode.text, parts)
     return parts
 
 
@@ -162,7 +109,7 @@ def width_actions(model: nn.Module, spec: ArchSpec, plan: PruningPlan, level: st
                   depth_table: Mapping[int, Any], contexts: dict[str, RunContext]) -> dict[int, WidthAction]:
     """Width actions of ``level``; a position that starts an active depth span runs its student in width mode."""
     reps = plan.replacements_of(level)
-    if not any(isinstance(r, WIDTH_KINDS) for r in reps):
+    if not any(kind_of(r).is_width for r in reps):
         return {}
     check_level_width(plan, level)
     actions = {}
@@ -172,11 +119,3 @@ def width_actions(model: nn.Module, spec: ArchSpec, plan: PruningPlan, level: st
         ctx = contexts.setdefault(mode.run, RunContext()) if mode.run is not None else None
         actions[i] = WidthAction(model, spec, i, module, mode, parts_for(students, plan, reps, i, mode), ctx)
     return actions
-
-
-def _get(students: Mapping[str, nn.Module], key: str) -> nn.Module:
-    if key not in students:
-        raise ConfigError(f"The add-on has no projection {key!r}", expected="one projection per width target",
-                          found=f"keys {sorted(students)[:6]}...",
-                          fix="build the add-on with PruningAddon.from_plan(model, plan)")
-    return students[key]

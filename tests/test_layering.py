@@ -1,0 +1,126 @@
+"""The package layering of DESIGN.md, checked on the source: which package may import which.
+
+Order (a package imports only packages before it): errors/logging/faults/version → arch, outputs → io → plan → data → toy →
+analysis → modules → kinds → addon → runtime → distill, eval → pipeline, api, demo → cli and the top-level ``ppcl``.
+On top of the order: addon never imports runtime, analysis never imports plan, distill never imports toy, and the maths
+modules import no model code. Imports under ``if TYPE_CHECKING:`` are annotations only and do not count; imports
+inside functions do (they are still dependencies, only deferred).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "ppcl"
+
+RANKS = {
+    "errors": 0, "logging": 0, "faults": 0, "version": 0,
+    "arch": 1, "outputs": 1, "io": 1.5,
+    "plan": 2,
+    "data": 3,
+    "toy": 4,
+    "analysis": 5,
+    "modules": 6,
+    "kinds": 7,
+    "addon": 8,
+    "runtime": 9,
+    "distill": 10, "eval": 10,
+    "pipeline": 11, "api": 11, "demo": 11,
+    "cli": 12, "__init__": 12, "__main__": 12,
+}
+FORBIDDEN = {("addon", "runtime"), ("analysis", "plan"), ("distill", "toy")}
+MATHS = ["analysis/cka.py", "analysis/probes.py", "analysis/probe_refine.py", "analysis/intervals.py",
+         "distill/losses.py", "distill/objective.py", "plan/guard.py", "eval/metrics.py"]
+MATHS_MAY_IMPORT = {"ppcl.errors", "ppcl.analysis.probes"}
+MODEL_CODE = ("diffusers", "transformers", "peft", "accelerate")
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def runtime_imports(path: Path) -> list[str]:
+    """Every module ``path`` imports at run time (absolute names), TYPE_CHECKING blocks excluded."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
+               for child in node.body for n in ast.walk(child)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            out += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module != "ppcl":
+                out.append(node.module)
+            else:  # `from ppcl import io` imports ppcl.io; `from ppcl import __version__` the top-level package
+                out += [f"ppcl.{a.name}" if a.name in RANKS else "ppcl.__init__" for a in node.names]
+    return out
+
+
+def package_edges() -> dict[tuple[str, str], list[str]]:
+    """(importer package, imported package) → the files that make the edge."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        here = _package(path)
+        for name in runtime_imports(path):
+            parts = name.split(".")
+            if parts[0] != "ppcl" or len(parts) < 2 or parts[1] == here:
+                continue
+            edges.setdefault((here, parts[1]), []).append(str(path.relative_to(SRC)))
+    return edges
+
+
+def test_the_version_is_the_packages() -> None:
+    import re
+
+    from ppcl.version import __version__
+
+    text = (SRC.parents[1] / "pyproject.toml").read_text(encoding="utf-8")  # tomllib needs Python 3.11
+    assert re.search(r'^version = "([^"]+)"$', text, re.M).group(1) == __version__  # type: ignore[union-attr]
+
+
+def test_every_package_has_a_rank() -> None:
+    assert {_package(p) for p in SRC.rglob("*.py")} <= RANKS.keys()
+
+
+def test_packages_import_only_packages_below_them() -> None:
+    wrong = {f"{a} -> {b} ({', '.join(sorted(set(files)))})" for (a, b), files in package_edges().items()
+             if RANKS[b] >= RANKS[a] and a not in ("__init__", "__main__")}
+    assert not wrong, sorted(wrong)
+
+
+@pytest.mark.parametrize(("importer", "imported"), sorted(FORBIDDEN))
+def test_forbidden_edges(importer: str, imported: str) -> None:
+    assert (importer, imported) not in package_edges(), package_edges().get((importer, imported))
+
+
+def test_no_import_loop_between_packages() -> None:
+    edges = package_edges()
+    loops = sorted(f"{a} <-> {b}" for (a, b) in edges if (b, a) in edges and a < b)
+    assert not loops, loops
+
+
+@pytest.mark.parametrize("module", MATHS)
+def test_maths_modules_import_no_model_code(module: str) -> None:
+    names = runtime_imports(SRC / module)
+    bad = [n for n in names if n.split(".")[0] in MODEL_CODE or (n.startswith("ppcl.") and n not in MATHS_MAY_IMPORT)]
+    assert not bad, bad
+
+
+def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
+    """The checker itself: a function-local import counts, a TYPE_CHECKING one does not."""
+    path = tmp_path / "mod.py"
+    path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ppcl.runtime import x\n"
+                    "def f():\n    from ppcl.plan import y\n")
+    assert runtime_imports(path) == ["typing", "ppcl.plan"]
