@@ -10,6 +10,8 @@ demo: $(STAMP)
 	$(BIN)/ppcl demo --out ppcl-demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 setup: $(STAMP)

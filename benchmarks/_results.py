@@ -17,8 +17,10 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 def machine() -> str:
     """A one-line description of this machine."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def append(title: str, body: str) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _results import append
 
+from _results import append
 from ppcl.demo import DemoConfig, run_demo
 from ppcl.demo.report import level_table, x0_table
 
@@ -29,23 +29,47 @@ def body(results: dict[str, Any]) -> str:
     """The RESULTS.md section of one finished run."""
     header, rows = level_table(results["levels"])
     cfg = results["config"]
-    lines = [(f"Demo run: `{results.get('command', 'ppcl demo')}`, torch threads {results.get('threads', '?')}; "
-             f"budgets: depth {cfg['depth_steps']}, width {cfg['width_steps']}, fine-tune {cfg['finetune_steps']} "
-             f"steps at batch {cfg['batch_size']}, lr {cfg['lr']}; ShapesEval {cfg['per_category']} prompts per "
-             "category x 2 seeds per level."), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        (
+            f"Demo run: `{results.get('command', 'ppcl demo')}`, torch threads {results.get('threads', '?')}; "
+            f"budgets: depth {cfg['depth_steps']}, width {cfg['width_steps']}, fine-tune {cfg['finetune_steps']} "
+            f"steps at batch {cfg['batch_size']}, lr {cfg['lr']}; ShapesEval {cfg['per_category']} prompts per "
+            "category x 2 seeds per level."
+        ),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     x0_header, x0_rows = x0_table(results["levels"])
     if x0_header:  # runs from before the guided metrics have none
-        lines += ["", "x0-prediction NMSE vs the teacher per time bucket (guided velocity, g = 4; x̂0 = x_t − t·v_g):",
-                  "", "| " + " | ".join(x0_header) + " |", "|" + "---|" * len(x0_header)]
+        lines += [
+            "",
+            "x0-prediction NMSE vs the teacher per time bucket (guided velocity, g = 4; x̂0 = x_t − t·v_g):",
+            "",
+            "| " + " | ".join(x0_header) + " |",
+            "|" + "---|" * len(x0_header),
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in x0_rows]
     levels = [k for k in results["stages"][0] if k != "stage"]
-    lines += ["", "Velocity cosine of every level after each stage (held-out batches):", "",
-              "| after stage | " + " | ".join(levels) + " |", "|" + "---|" * (len(levels) + 1)]
+    lines += [
+        "",
+        "Velocity cosine of every level after each stage (held-out batches):",
+        "",
+        "| after stage | " + " | ".join(levels) + " |",
+        "|" + "---|" * (len(levels) + 1),
+    ]
     lines += [f"| {s['stage']} | " + " | ".join(f"{s[lv]:.4f}" for lv in levels) + " |" for s in results["stages"]]
-    lines += ["", "Plan:", "", "```", results["plan"], "```", "",
-              "Wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items()) + "."]
+    lines += [
+        "",
+        "Plan:",
+        "",
+        "```",
+        results["plan"],
+        "```",
+        "",
+        "Wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items()) + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -62,8 +86,11 @@ def main() -> None:
     if args.from_run:
         results = json.loads((Path(args.from_run) / "results.json").read_text())
     else:
-        overrides = {k: v for k, v in vars(args).items()
-                     if k in ("depth_steps", "width_steps", "finetune_steps", "per_category") and v is not None}
+        overrides = {
+            k: v
+            for k, v in vars(args).items()
+            if k in ("depth_steps", "width_steps", "finetune_steps", "per_category") and v is not None
+        }
         out = Path(args.out)
         run_demo(out, DemoConfig.full(**overrides), command="python benchmarks/demo_levels.py (run_demo)")
         results = json.loads((out / "results.json").read_text())

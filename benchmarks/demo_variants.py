@@ -19,7 +19,6 @@ from typing import Any
 
 from _results import append
 from budget_curve import _strict_r
-
 from ppcl.demo import DemoConfig, run_demo
 from ppcl.eval.levels import TEACHER
 
@@ -55,19 +54,25 @@ def run_one(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 def table(runs: dict[str, dict[str, Any]]) -> str:
     defaults = asdict(DemoConfig.full())
     levels = [k for k in next(iter(runs.values()))["levels"] if k != TEACHER]
-    head = "| variant | settings that differ from the defaults | wall min | " + " | ".join(
-        f"{lv} removed / R / strict R / guided NMSE / PSNR" for lv in levels) + " |"
+    head = (
+        "| variant | settings that differ from the defaults | wall min | "
+        + " | ".join(f"{lv} removed / R / strict R / guided NMSE / PSNR" for lv in levels)
+        + " |"
+    )
     lines = [head, "|---" * (3 + len(levels)) + "|"]
     for name, res in runs.items():
         diff = {k: v for k, v in res["config"].items() if defaults.get(k) != v}
         rows, cells = res["levels"], []
         for lv in levels:
             r, strict = rows[lv], _strict_r(rows[lv], rows[TEACHER])
-            cells.append(f"{r['block_params_removed']:.1%} / {r['R']:.1%} / "
-                         f"{'—' if strict is None else f'{strict:.1%}'} / {r.get('guided_nmse', float('nan')):.3f} / "
-                         f"{r.get('psnr_db') or float('nan'):.1f}")
-        lines.append(f"| {name} | {diff or 'defaults'} | {res['timings']['total'] / 60:.1f} | "
-                     + " | ".join(cells) + " |")
+            cells.append(
+                f"{r['block_params_removed']:.1%} / {r['R']:.1%} / "
+                f"{'—' if strict is None else f'{strict:.1%}'} / {r.get('guided_nmse', float('nan')):.3f} / "
+                f"{r.get('psnr_db') or float('nan'):.1f}"
+            )
+        lines.append(
+            f"| {name} | {diff or 'defaults'} | {res['timings']['total'] / 60:.1f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 

@@ -19,24 +19,34 @@ import torch
 from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, analyze
-from ppcl.plan import plan_from_report
 from ppcl.distill import DistillConfig, distill_depth
-from ppcl.toy.distill_data import ToyDistillData
 from ppcl.eval.levels import evaluate_levels, format_table
+from ppcl.plan import plan_from_report
 from ppcl.toy.calibrate import calibrate_toy
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.teacher import ToyTeacher
 
 
 def _train(teacher: ToyTeacher, plan, mode: str, args, out: Path) -> tuple[PruningAddon, dict]:
     addon = PruningAddon.from_plan(teacher.transformer, plan)
-    config = DistillConfig(mode=mode, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                           warmup=max(1, args.steps // 20), checkpoint_every=0, seed=0)
+    config = DistillConfig(
+        mode=mode,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        warmup=max(1, args.steps // 20),
+        checkpoint_every=0,
+        seed=0,
+    )
     data = ToyDistillData(teacher, args.batch_size, seed=0)
     t0 = time.perf_counter()
     distill_depth(teacher.transformer, addon, data, config, out / mode, level=args.level)
     depth = addon.provenance.get("depth", {})
-    info = {"seconds": round(time.perf_counter() - t0, 1), "seconds_per_step": depth.get("seconds_per_step"),
-            "teacher_forward_ratio": depth.get("teacher_forward_ratio")}
+    info = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds_per_step": depth.get("seconds_per_step"),
+        "teacher_forward_ratio": depth.get("teacher_forward_ratio"),
+    }
     return addon, info
 
 
@@ -66,8 +76,9 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ppcl-ladder-"))
     teacher = ToyTeacher.load()
     model = teacher.transformer
-    report = analyze(model, calibrate_toy(teacher),
-                     AnalysisConfig(protect_first=args.protect, protect_last=args.protect))
+    report = analyze(
+        model, calibrate_toy(teacher), AnalysisConfig(protect_first=args.protect, protect_last=args.protect)
+    )
     # A fixed-budget ladder: every target is met exactly as before the budget guard (guard_factor=0).
     plan = plan_from_report(report, model.config, [float(t) for t in args.targets.split(",")], guard_factor=0)
     plan.save(out / "plan")
@@ -88,24 +99,34 @@ def main() -> None:
         t["step_over_forward"] = round(t["seconds_per_step"] / forward, 2)
     (out / "results.json").write_text(json.dumps({"results": results, "timings": timings}, indent=2))
     teacher_row = results["(c) non-sequential"]["teacher"]
-    lines = [f"Plan (inclusive intervals, cheapest first): "
-             f"{[r.describe(plan.layout()) for r in plan.replacements]}", "",
-             f"Teacher ShapesEval overall {teacher_row['shapes_eval']['overall']:.3f} "
-             f"({teacher_row['shapes_eval']['n_images']} images).", "",
-             "| variant | level | blocks | block params removed | velocity cosine | ShapesEval overall | R |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Plan (inclusive intervals, cheapest first): {[r.describe(plan.layout()) for r in plan.replacements]}",
+        "",
+        f"Teacher ShapesEval overall {teacher_row['shapes_eval']['overall']:.3f} "
+        f"({teacher_row['shapes_eval']['n_images']} images).",
+        "",
+        "| variant | level | blocks | block params removed | velocity cosine | ShapesEval overall | R |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, rows in results.items():
         for name, r in rows.items():
             if name == "teacher":
                 continue
-            lines.append(f"| {label} | {name} | {r['blocks']} | {r['block_params_removed']:.1%} | "
-                         f"{r['cosine']:.4f} | {r['shapes_eval']['overall']:.3f} | {r['R']:.2%} |")
-    lines += ["", f"Training: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, same data (seed 0) for "
-              f"both modes. Wall time: " + ", ".join(f"{m} {t['seconds']} s" for m, t in timings.items()),
-              f"One full teacher forward at batch {args.batch_size}: {forward * 1e3:.0f} ms. Distillation step time / "
-              "teacher forward: " + ", ".join(f"{m} {t['step_over_forward']}x ({t['seconds_per_step']:.3f} s/step)"
-                                              for m, t in timings.items()),
-              "", "Full tables:", ""]
+            lines.append(
+                f"| {label} | {name} | {r['blocks']} | {r['block_params_removed']:.1%} | "
+                f"{r['cosine']:.4f} | {r['shapes_eval']['overall']:.3f} | {r['R']:.2%} |"
+            )
+    lines += [
+        "",
+        f"Training: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, same data (seed 0) for "
+        f"both modes. Wall time: " + ", ".join(f"{m} {t['seconds']} s" for m, t in timings.items()),
+        f"One full teacher forward at batch {args.batch_size}: {forward * 1e3:.0f} ms. Distillation step time / "
+        "teacher forward: "
+        + ", ".join(f"{m} {t['step_over_forward']}x ({t['seconds_per_step']:.3f} s/step)" for m, t in timings.items()),
+        "",
+        "Full tables:",
+        "",
+    ]
     for label, rows in results.items():
         lines += [f"{label}:", "", format_table(rows), ""]
     append("Depth pruning ladder on the toy teacher", "\n".join(lines))

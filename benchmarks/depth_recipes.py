@@ -24,16 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from _results import append
 
+from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, analyze
-from ppcl.plan import plan_from_report
 from ppcl.distill import DistillConfig, distill_depth
-from ppcl.toy.distill_data import ToyDistillData
-from ppcl.plan import PruningPlan
+from ppcl.plan import PruningPlan, plan_from_report
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.calibrate import calibrate_toy
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.sampler import SamplerConfig, sample
 from ppcl.toy.shapes_eval import benchmark_prompts, evaluate
 from ppcl.toy.teacher import ToyTeacher
@@ -82,12 +81,16 @@ def nmse(pred: torch.Tensor, ref: torch.Tensor) -> float:
     return float((pred - ref).pow(2).sum() / ref.pow(2).sum())
 
 
-def agreement(pruned: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor], g: float
-              ) -> dict[str, float]:
+def agreement(
+    pruned: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor], g: float
+) -> dict[str, float]:
     (pc, pu), (tc, tu) = pruned, teacher
     cos = torch.nn.functional.cosine_similarity(pc.flatten(1), tc.flatten(1)).mean()
-    return {"cosine": float(cos), "guided_nmse": nmse(pu + g * (pc - pu), tu + g * (tc - tu)),
-            "direction_nmse": nmse(pc - pu, tc - tu)}
+    return {
+        "cosine": float(cos),
+        "guided_nmse": nmse(pu + g * (pc - pu), tu + g * (tc - tu)),
+        "direction_nmse": nmse(pc - pu, tc - tu),
+    }
 
 
 def shapes_images(teacher: ToyTeacher, model: torch.nn.Module, per_category: int) -> tuple[list, np.ndarray]:
@@ -100,22 +103,46 @@ def shapes_images(teacher: ToyTeacher, model: torch.nn.Module, per_category: int
 def score(rows: list, images: np.ndarray) -> dict[str, float]:
     """Robust and (when the scorer has modes) strict ShapesEval overall."""
     try:
-        return {"robust": evaluate(rows, images, mode="robust")["overall"],
-                "strict": evaluate(rows, images, mode="strict")["overall"]}
+        return {
+            "robust": evaluate(rows, images, mode="robust")["overall"],
+            "strict": evaluate(rows, images, mode="strict")["overall"],
+        }
     except TypeError:  # a scorer without modes: the strict one
         return {"strict": evaluate(rows, images)["overall"]}
 
 
-def run_variant(teacher: ToyTeacher, plan: PruningPlan, name: str, seed: int, args: argparse.Namespace,
-                pairs: list, reference: tuple, out: Path) -> dict[str, Any]:
+def run_variant(
+    teacher: ToyTeacher,
+    plan: PruningPlan,
+    name: str,
+    seed: int,
+    args: argparse.Namespace,
+    pairs: list,
+    reference: tuple,
+    out: Path,
+) -> dict[str, Any]:
     spec = VARIANTS[name]
     model = teacher.transformer
     addon = PruningAddon.from_plan(model, plan, init=spec.get("init"))
-    cfg = DistillConfig(mode=spec["mode"], chain_mix=spec.get("chain_mix", 0.0), steps=args.steps,
-                        batch_size=args.batch_size, lr=args.lr, warmup=max(1, args.steps // 20),
-                        checkpoint_every=0, log_every=10, seed=seed, teacher_reuse=args.teacher_reuse)
-    data = ToyDistillData(teacher, args.batch_size, seed=seed, timestep_sampling=args.timestep_sampling,
-                          caption_dropout=args.caption_dropout)
+    cfg = DistillConfig(
+        mode=spec["mode"],
+        chain_mix=spec.get("chain_mix", 0.0),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=max(1, args.steps // 20),
+        checkpoint_every=0,
+        log_every=10,
+        seed=seed,
+        teacher_reuse=args.teacher_reuse,
+    )
+    data = ToyDistillData(
+        teacher,
+        args.batch_size,
+        seed=seed,
+        timestep_sampling=args.timestep_sampling,
+        caption_dropout=args.caption_dropout,
+    )
     folder = out / f"{name}{args.tag}" / f"seed{seed}"
     t0 = time.perf_counter()
     distill_depth(model, addon, data, cfg, folder / "run")
@@ -138,8 +165,9 @@ def run_variant(teacher: ToyTeacher, plan: PruningPlan, name: str, seed: int, ar
 
 def rescore(out: Path, names: list[str], seeds: list[int], levels: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Re-score the kept images of finished runs with the current ShapesEval (robust and strict), no re-sampling."""
-    prompts = [p for _ in (0, 1) for p in benchmark_prompts(int(len(np.load(next(out.glob("*/seed*/*_images.npy"))))
-                                                              // 8))]
+    prompts = [
+        p for _ in (0, 1) for p in benchmark_prompts(int(len(np.load(next(out.glob("*/seed*/*_images.npy")))) // 8))
+    ]
     results: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         for seed in seeds:
@@ -160,13 +188,17 @@ def mean_se(values: list[float]) -> str:
 
 def table(results: dict[str, list[dict[str, Any]]], levels: list[str], teacher_scores: dict[str, float]) -> str:
     keys = ["cosine", "guided_nmse", "direction_nmse", *teacher_scores]
-    lines = ["| variant | level | " + " | ".join(keys) + " | train s |", "|---" * (len(keys) + 3) + "|",
-             "| teacher | | 1 | 0 | 0 | " + " | ".join(f"{teacher_scores[k]:.3f}" for k in teacher_scores) + " | |"]
+    lines = [
+        "| variant | level | " + " | ".join(keys) + " | train s |",
+        "|---" * (len(keys) + 3) + "|",
+        "| teacher | | 1 | 0 | 0 | " + " | ".join(f"{teacher_scores[k]:.3f}" for k in teacher_scores) + " | |",
+    ]
     for name, runs in results.items():
         for level in levels:
             cells = [mean_se([r[level][k] for r in runs]) for k in keys]
-            lines.append(f"| {name} | {level} | " + " | ".join(cells)
-                         + f" | {np.mean([r['train_s'] for r in runs]):.0f} |")
+            lines.append(
+                f"| {name} | {level} | " + " | ".join(cells) + f" | {np.mean([r['train_s'] for r in runs]):.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -187,8 +219,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/depth_recipes")
     parser.add_argument("--tag", default="", help="suffix of the variants' folders and table rows (e.g. -lr1e-3)")
     parser.add_argument("--no-append", action="store_true")
-    parser.add_argument("--rescore", action="store_true",
-                        help="re-score the kept images of finished runs (variants x seeds) instead of training")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="re-score the kept images of finished runs (variants x seeds) instead of training",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -202,18 +237,25 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     if args.rescore:
         results = rescore(out, args.variants.split(","), [int(s) for s in args.seeds.split(",")], plan.level_names)
-    for name in ([] if args.rescore else args.variants.split(",")):
+    for name in [] if args.rescore else args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            results.setdefault(name + args.tag, []).append(run_variant(teacher, plan, name, seed, args, pairs, reference, out))
+            results.setdefault(name + args.tag, []).append(
+                run_variant(teacher, plan, name, seed, args, pairs, reference, out)
+            )
             print(name + args.tag, seed, json.dumps(results[name + args.tag][-1]), flush=True)
-    body = (f"Plan (toy teacher analysis, targets {args.targets}):\n\n```\n{plan.summary()}\n```\n\n"
-            + ("Re-scored images of finished runs; each variant's steps and teacher reuse are in its tag (train s as "
-               "measured then, at that run's threads); " if args.rescore else
-               f"{args.steps} depth steps at batch {args.batch_size}, lr {args.lr}, teacher reuse {args.teacher_reuse}, "
-               f"times {args.timestep_sampling}, caption dropout {args.caption_dropout}, ")
-            + f"seeds {args.seeds}; ShapesEval "
-            f"{args.per_category} prompts per category x 2 seeds; mean ± standard error over seeds.\n\n"
-            + table(results, plan.level_names, teacher_scores))
+    body = (
+        f"Plan (toy teacher analysis, targets {args.targets}):\n\n```\n{plan.summary()}\n```\n\n"
+        + (
+            "Re-scored images of finished runs; each variant's steps and teacher reuse are in its tag (train s as "
+            "measured then, at that run's threads); "
+            if args.rescore
+            else f"{args.steps} depth steps at batch {args.batch_size}, lr {args.lr}, teacher reuse {args.teacher_reuse}, "
+            f"times {args.timestep_sampling}, caption dropout {args.caption_dropout}, "
+        )
+        + f"seeds {args.seeds}; ShapesEval "
+        f"{args.per_category} prompts per category x 2 seeds; mean ± standard error over seeds.\n\n"
+        + table(results, plan.level_names, teacher_scores)
+    )
     print(body)
     if not args.no_append:
         append("Depth recipes: pure non-sequential vs chain-aware vs sequential (toy teacher)", body)

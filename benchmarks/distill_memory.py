@@ -53,16 +53,23 @@ def main() -> None:
     rows = {}
     for mode in ("inference", "nonsequential", "sequential"):
         plan = str(Path(args.plan).resolve())  # the child runs in a temp folder
-        out = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.batch_size), str(args.steps), plan],
-                             check=True, capture_output=True, text=True, cwd=tempfile.gettempdir(),
-                             env={**__import__("os").environ, "PPCL_NO_PROGRESS": "1"})
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, mode, str(args.batch_size), str(args.steps), plan],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=tempfile.gettempdir(),
+            env={**__import__("os").environ, "PPCL_NO_PROGRESS": "1"},
+        )
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     inf = rows["inference"]["peak_mib"] - rows["inference"]["base_mib"]
     lines = ["| workload | peak RSS | peak − RSS after loading | vs inference |", "|---|---|---|---|"]
     for mode, r in rows.items():
         grow = r["peak_mib"] - r["base_mib"]
-        lines.append(f"| {mode} (batch {args.batch_size}) | {r['peak_mib']:.0f} MiB | {grow:.0f} MiB | "
-                     f"{grow / max(inf, 1e-9):.1f}x |")
+        lines.append(
+            f"| {mode} (batch {args.batch_size}) | {r['peak_mib']:.0f} MiB | {grow:.0f} MiB | "
+            f"{grow / max(inf, 1e-9):.1f}x |"
+        )
     append("Peak memory: depth distillation vs teacher inference (toy teacher, CPU)", "\n".join(lines))
 
 

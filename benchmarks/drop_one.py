@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from _results import append
 from tqdm import tqdm
 
+from _results import append
 from ppcl.toy.benchmark import score_model
 from ppcl.toy.teacher import ToyTeacher, load_card
 
@@ -60,8 +60,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default=None, help="a folder saved by `ppcl toy train-teacher` (default: the "
-                                                         "committed teacher)")
+    parser.add_argument(
+        "--teacher", default=None, help="a folder saved by `ppcl toy train-teacher` (default: the committed teacher)"
+    )
     parser.add_argument("--per-category", type=int, default=10, help="ShapesEval prompts per category (x 2 seeds)")
     parser.add_argument("--blocks", default=None, help="comma-separated block indices (default: every block)")
     parser.add_argument("--threads", type=int, default=None)
@@ -75,10 +76,11 @@ def main() -> None:
     rows = drop_one_rows(teacher, args.per_category, blocks)
     config = load_card(args.teacher)["config"]
     width = config["num_attention_heads"] * config["attention_head_dim"]
-    body = (f"Teacher: {args.teacher or 'the committed toy teacher'} ({n_blocks} blocks, width {width}); one block "
-            f"skipped at a time, no training; ShapesEval {args.per_category} prompts per category x 2 seeds "
-            f"({8 * args.per_category} images), teacher and every row on the same prompts and noise.\n\n"
-            + table(rows))
+    body = (
+        f"Teacher: {args.teacher or 'the committed toy teacher'} ({n_blocks} blocks, width {width}); one block "
+        f"skipped at a time, no training; ShapesEval {args.per_category} prompts per category x 2 seeds "
+        f"({8 * args.per_category} images), teacher and every row on the same prompts and noise.\n\n" + table(rows)
+    )
     print(body)
     if not args.no_append:
         append(f"Drop-one-block redundancy of a toy teacher ({n_blocks} blocks)", body)

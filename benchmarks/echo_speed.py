@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _results import append
 
+from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, analyze
 from ppcl.demo import DemoConfig, make_plan
 from ppcl.distill import DistillConfig, distill_depth
-from ppcl.toy.distill_data import ToyDistillData
 from ppcl.plan import PruningPlan
 from ppcl.toy.calibrate import calibrate_toy
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.teacher import ToyTeacher
 
 
@@ -39,12 +39,22 @@ def demo_plan(teacher: ToyTeacher, cfg: DemoConfig) -> PruningPlan:
 def time_depth(teacher: ToyTeacher, plan: PruningPlan, cfg: DemoConfig, steps: int, reuse: int) -> float:
     """Seconds per step of one depth run of ``steps`` steps (the demo's chain mix, batch and lr)."""
     addon = PruningAddon.from_plan(teacher.transformer, plan, init=cfg.init)
-    config = DistillConfig(steps=steps, lr=cfg.lr, batch_size=cfg.batch_size, warmup=1, checkpoint_every=0,
-                           log_every=steps, chain_mix=cfg.chain_mix, teacher_reuse=reuse, seed=cfg.seed)
+    config = DistillConfig(
+        steps=steps,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        warmup=1,
+        checkpoint_every=0,
+        log_every=steps,
+        chain_mix=cfg.chain_mix,
+        teacher_reuse=reuse,
+        seed=cfg.seed,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        distill_depth(teacher.transformer, addon, ToyDistillData(teacher, cfg.batch_size, seed=cfg.seed), config,
-                      Path(tmp))
+        distill_depth(
+            teacher.transformer, addon, ToyDistillData(teacher, cfg.batch_size, seed=cfg.seed), config, Path(tmp)
+        )
         return (time.perf_counter() - t0) / steps
 
 
@@ -64,13 +74,18 @@ def main() -> None:
         for r in values:
             times[r].append(time_depth(teacher, plan, cfg, args.steps, r))
     base = float(np.median(times[values[0]]))
-    lines = ["| teacher reuse | s/step (median) | runs | speed-up vs reuse " + str(values[0]) + " |", "|---|---|---|---|"]
+    lines = [
+        "| teacher reuse | s/step (median) | runs | speed-up vs reuse " + str(values[0]) + " |",
+        "|---|---|---|---|",
+    ]
     for r in values:
         med = float(np.median(times[r]))
         lines.append(f"| {r} | {med:.3f} | {', '.join(f'{t:.3f}' for t in times[r])} | {base / med:.2f}x |")
-    body = (f"Depth stage of the demo's plan (3 spans + the demo's chain mix {cfg.chain_mix:g}), batch "
-            f"{cfg.batch_size}, {args.steps} steps per run, torch threads {args.threads}, {args.repeats} interleaved "
-            "rounds.\n\n" + "\n".join(lines))
+    body = (
+        f"Depth stage of the demo's plan (3 spans + the demo's chain mix {cfg.chain_mix:g}), batch "
+        f"{cfg.batch_size}, {args.steps} steps per run, torch threads {args.threads}, {args.repeats} interleaved "
+        "rounds.\n\n" + "\n".join(lines)
+    )
     print(body)
     append("Data echoing: seconds per depth step (toy demo plan)", body)
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from _results import append
 from depth_recipes import agreement, mean_se, paired_batches, score, shapes_images, velocities
-
 from ppcl.addon import PruningAddon
 from ppcl.distill import DistillConfig, FinetuneObjective, finetune
-from ppcl.toy.distill_data import ToyDistillData
 from ppcl.runtime import apply_addon, remove_addon, set_level
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.sampler import SamplerConfig
 from ppcl.toy.teacher import ToyTeacher
 
@@ -38,8 +38,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def evaluate(teacher: ToyTeacher, addon: PruningAddon, pairs: list, reference: tuple, per_category: int,
-             folder: Path) -> dict[str, Any]:
+def evaluate(
+    teacher: ToyTeacher, addon: PruningAddon, pairs: list, reference: tuple, per_category: int, folder: Path
+) -> dict[str, Any]:
     model = teacher.transformer
     rows: dict[str, Any] = {}
     apply_addon(model, addon)
@@ -56,8 +57,9 @@ def evaluate(teacher: ToyTeacher, addon: PruningAddon, pairs: list, reference: t
     return rows
 
 
-def run(teacher: ToyTeacher, name: str, seed: int, args: argparse.Namespace, pairs: list, reference: tuple
-        ) -> dict[str, Any]:
+def run(
+    teacher: ToyTeacher, name: str, seed: int, args: argparse.Namespace, pairs: list, reference: tuple
+) -> dict[str, Any]:
     model = teacher.transformer
     addon = PruningAddon.from_pretrained(Path(args.depth_run) / f"seed{seed}" / "run" / "addon", model)
     folder = Path(args.out) / f"{name}{args.tag}" / f"seed{seed}"
@@ -70,12 +72,18 @@ def run(teacher: ToyTeacher, name: str, seed: int, args: argparse.Namespace, pai
         objective = spec["objective"]
         if spec.get("all"):
             objective = FinetuneObjective(**{**objective.to_json(), "levels": tuple(levels[:-1]), "seed": seed})
-        cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            warmup=max(1, args.steps // 20), checkpoint_every=0, log_every=10, seed=seed,
-                            teacher_reuse=args.teacher_reuse)
+        cfg = DistillConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup=max(1, args.steps // 20),
+            checkpoint_every=0,
+            log_every=10,
+            seed=seed,
+            teacher_reuse=args.teacher_reuse,
+        )
         data = ToyDistillData(teacher, args.batch_size, seed=seed, caption_dropout=args.caption_dropout)
-        finetune(model, addon, data, cfg, folder / "run", level=top,
-                 objective=objective)
+        finetune(model, addon, data, cfg, folder / "run", level=top, objective=objective)
     train_s = round(time.perf_counter() - t0, 1)
     rows = evaluate(teacher, addon, pairs, reference, args.per_category, folder)
     rows["train_s"] = train_s
@@ -112,15 +120,23 @@ def main() -> None:
             print(name + args.tag, seed, json.dumps(results[name + args.tag][-1]), flush=True)
     levels = [k for k in results[next(iter(results))][0] if k != "train_s"]
     keys = ["cosine", "guided_nmse", "direction_nmse", *teacher_scores]
-    lines = ["| fine-tune | level | " + " | ".join(keys) + " | s |", "|---" * (len(keys) + 3) + "|",
-             "| teacher | | 1 | 0 | 0 | " + " | ".join(f"{teacher_scores[k]:.3f}" for k in teacher_scores) + " | |"]
+    lines = [
+        "| fine-tune | level | " + " | ".join(keys) + " | s |",
+        "|---" * (len(keys) + 3) + "|",
+        "| teacher | | 1 | 0 | 0 | " + " | ".join(f"{teacher_scores[k]:.3f}" for k in teacher_scores) + " | |",
+    ]
     for name, runs in results.items():
         for level in levels:
-            lines.append(f"| {name} | {level} | " + " | ".join(mean_se([r[level][k] for r in runs]) for k in keys)
-                         + f" | {np.mean([r['train_s'] for r in runs]):.0f} |")
-    body = (f"From the depth add-ons of `{args.depth_run}`; {args.steps} fine-tune steps at batch {args.batch_size}, "
-            f"lr {args.lr}, teacher reuse {args.teacher_reuse}, caption dropout {args.caption_dropout}, guidance {G} for the guided variants; ShapesEval {args.per_category} prompts per category "
-            "x 2 seeds; mean ± standard error over seeds " + args.seeds + ".\n\n" + "\n".join(lines))
+            lines.append(
+                f"| {name} | {level} | "
+                + " | ".join(mean_se([r[level][k] for r in runs]) for k in keys)
+                + f" | {np.mean([r['train_s'] for r in runs]):.0f} |"
+            )
+    body = (
+        f"From the depth add-ons of `{args.depth_run}`; {args.steps} fine-tune steps at batch {args.batch_size}, "
+        f"lr {args.lr}, teacher reuse {args.teacher_reuse}, caption dropout {args.caption_dropout}, guidance {G} for the guided variants; ShapesEval {args.per_category} prompts per category "
+        "x 2 seeds; mean ± standard error over seeds " + args.seeds + ".\n\n" + "\n".join(lines)
+    )
     print(body)
     if not args.no_append:
         append("Fine-tune objectives: plain vs multi-level vs guided (toy teacher)", body)

@@ -58,7 +58,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from _results import append
+from ppcl.addon import PruningAddon
+from ppcl.arch import get_spec
+from ppcl.distill.trainer import METRICS_FILE, DistillConfig, distill_depth
+from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from real_size_latency import (
     QWEN_IMAGE_20B,
     TINY,
@@ -66,12 +72,6 @@ from real_size_latency import (
     make_inputs,
     materialize,
 )
-from torch import nn
-
-from ppcl.addon import PruningAddon
-from ppcl.arch import get_spec
-from ppcl.distill.trainer import METRICS_FILE, DistillConfig, distill_depth
-from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 
 LEVEL = "depth"
 PUBLIC_SPAN = "15-24"  # the public interval [15, 24] (inclusive), the largest of the authors' Qwen-Image plan
@@ -89,24 +89,35 @@ class SyntheticBatches:
 
     batch_size = 1
 
-    def __init__(self, config: Mapping[str, Any], height: int, width: int, text_len: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        height: int,
+        width: int,
+        text_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.config, self.height, self.width, self.text_len = config, height, width, text_len
         self.device, self.dtype = device, dtype
 
     def batch(self, index: int) -> dict[str, Any]:
         """``hidden_states``, ``encoder_hidden_states``, ``timestep`` (U(0, 1)), ``img_shapes`` for batch ``index``;
         no ``return_dict`` (the trainer passes it)."""
-        inputs = make_inputs(self.config, self.height, self.width, self.text_len, self.device, self.dtype,
-                             seed=index)
+        inputs = make_inputs(self.config, self.height, self.width, self.text_len, self.device, self.dtype, seed=index)
         t = torch.rand(1, generator=torch.Generator().manual_seed(10_000 + index))
         inputs["timestep"] = t.to(self.device, self.dtype)
         return inputs
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description (recorded in the add-on's provenance)."""
-        return {"source": "synthetic random inputs (benchmarks/real_size_distill_step.py)", "height": self.height,
-                "width": self.width, "text_tokens": self.text_len, "batch_size": self.batch_size}
+        return {
+            "source": "synthetic random inputs (benchmarks/real_size_distill_step.py)",
+            "height": self.height,
+            "width": self.width,
+            "text_tokens": self.text_len,
+            "batch_size": self.batch_size,
+        }
 
 
 # ------------------------------------------------------------------------------------------------------- plan
@@ -126,8 +137,9 @@ def build_depth_plan(model: nn.Module, spans: Sequence[tuple[int, int]]) -> Prun
     """One level ``depth`` with one depth replacement per inclusive span, students initialised from the first block."""
     arch = get_spec(model)
     reps = [DepthReplacement(Span.from_inclusive(u, v), "first") for u, v in spans]
-    return PruningPlan(arch.name, type(model).__name__, tuple(arch.stack_sizes(model)), reps,
-                       [Level(LEVEL, tuple(r.id for r in reps))]).validate()
+    return PruningPlan(
+        arch.name, type(model).__name__, tuple(arch.stack_sizes(model)), reps, [Level(LEVEL, tuple(r.id for r in reps))]
+    ).validate()
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -163,13 +175,27 @@ def make_students(model: nn.Module, plan: PruningPlan) -> tuple[PruningAddon, st
     return addon, ",".join(dtypes)
 
 
-def train_once(model: nn.Module, plan: PruningPlan, data: SyntheticBatches, args: argparse.Namespace,
-               checkpointing: bool, device: torch.device) -> dict[str, Any]:
+def train_once(
+    model: nn.Module,
+    plan: PruningPlan,
+    data: SyntheticBatches,
+    args: argparse.Namespace,
+    checkpointing: bool,
+    device: torch.device,
+) -> dict[str, Any]:
     """Fresh students, then ``args.steps`` steps of the real trainer; memory, times and losses of this run."""
     addon, _ = make_students(model, plan)
     memory_before = _allocated(device)
-    config = DistillConfig(steps=args.steps, batch_size=1, mixed_precision="bf16",
-                           gradient_checkpointing=checkpointing, checkpoint_every=0, log_every=1, lr=1e-5, warmup=0)
+    config = DistillConfig(
+        steps=args.steps,
+        batch_size=1,
+        mixed_precision="bf16",
+        gradient_checkpointing=checkpointing,
+        checkpoint_every=0,
+        log_every=1,
+        lr=1e-5,
+        warmup=0,
+    )
     out = Path(tempfile.mkdtemp(prefix="ppcl_distill_step_", dir=args.tmp_root))
     oom = False
     try:
@@ -190,8 +216,12 @@ def train_once(model: nn.Module, plan: PruningPlan, data: SyntheticBatches, args
         shutil.rmtree(out, ignore_errors=True)
     record = addon.provenance.get("depth", {})
     result = {
-        "gradient_checkpointing": checkpointing, "out_of_memory": oom, "memory_before_training_gb": memory_before,
-        "peak_allocated_gb": peak, "peak_reserved_gb": peak_reserved, "step_seconds": steps,
+        "gradient_checkpointing": checkpointing,
+        "out_of_memory": oom,
+        "memory_before_training_gb": memory_before,
+        "peak_allocated_gb": peak,
+        "peak_reserved_gb": peak_reserved,
+        "step_seconds": steps,
         "first_step_s": steps[0] if steps else None,
         "later_steps_median_s": statistics.median(steps[1:]) if len(steps) > 1 else None,
         "trainer_seconds_per_step": None if oom else float(record["seconds_per_step"]),
@@ -224,21 +254,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del addon
     _free(device)
     data = SyntheticBatches(config, args.height, args.width, args.text_len, device, dtype)
-    runs = {("on" if g else "off"): train_once(model, plan, data, args, g, device)
-            for g in SETTINGS[args.checkpointing]}
+    runs = {
+        ("on" if g else "off"): train_once(model, plan, data, args, g, device) for g in SETTINGS[args.checkpointing]
+    }
     scale = 8 * int(config["patch_size"])
     return {
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, "tiny": args.tiny,
-        "device": _device_name(device), "torch": torch.__version__, "dtype": args.dtype, "height": args.height,
-        "width": args.width, "image_tokens": (args.height // scale) * (args.width // scale),
-        "text_tokens": args.text_len, "steps": args.steps, "spans": [list(s) for s in args.spans],
-        "plan": plan.to_json(), "teacher_params": teacher_params, "teacher_gb": _gb(teacher_bytes),
-        "student_params": student_params, "student_dtype_from_plan": plan_dtype, "student_dtype": student_dtype,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "tiny": args.tiny,
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "height": args.height,
+        "width": args.width,
+        "image_tokens": (args.height // scale) * (args.width // scale),
+        "text_tokens": args.text_len,
+        "steps": args.steps,
+        "spans": [list(s) for s in args.spans],
+        "plan": plan.to_json(),
+        "teacher_params": teacher_params,
+        "teacher_gb": _gb(teacher_bytes),
+        "student_params": student_params,
+        "student_dtype_from_plan": plan_dtype,
+        "student_dtype": student_dtype,
         "students_cast_to_float32": plan_dtype != "float32",
         "adamw_fp32_estimate_gb": _gb(16 * student_params),
-        "memory_teacher_gb": memory_teacher, "runs": runs,
-        "trainer": {"mode": "nonsequential", "optimizer": "torch.optim.AdamW (fp32 states; fused on CUDA)", "mixed_precision": "bf16",
-                    "lr": 1e-5, "batch_size": 1, "grad_clip": DistillConfig().grad_clip},
+        "memory_teacher_gb": memory_teacher,
+        "runs": runs,
+        "trainer": {
+            "mode": "nonsequential",
+            "optimizer": "torch.optim.AdamW (fp32 states; fused on CUDA)",
+            "mixed_precision": "bf16",
+            "lr": 1e-5,
+            "batch_size": 1,
+            "grad_clip": DistillConfig().grad_clip,
+        },
     }
 
 
@@ -253,15 +302,22 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 
 def format_table(result: Mapping[str, Any]) -> str:
     """Markdown: one row per gradient-checkpointing setting."""
-    lines = [("| gradient checkpointing | memory before training GB | peak allocated GB | peak reserved GB | "
-              "first step s | later steps s (median) | trainer s/step | teacher share | final loss |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| gradient checkpointing | memory before training GB | peak allocated GB | peak reserved GB | "
+            "first step s | later steps s (median) | trainer s/step | teacher share | final loss |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["runs"].items():
-        times = " | ".join(_fmt(r[k], ".3f") for k in ("first_step_s", "later_steps_median_s",
-                                                        "trainer_seconds_per_step"))
+        times = " | ".join(
+            _fmt(r[k], ".3f") for k in ("first_step_s", "later_steps_median_s", "trainer_seconds_per_step")
+        )
         loss = "out of memory" if r["out_of_memory"] else _fmt(r["final_loss"], ".4g")
-        lines.append(f"| {name} | {_fmt(r['memory_before_training_gb'])} | {_fmt(r['peak_allocated_gb'])} | "
-                     f"{_fmt(r['peak_reserved_gb'])} | {times} | {_fmt(r['teacher_forward_ratio'], '.2f')} | {loss} |")
+        lines.append(
+            f"| {name} | {_fmt(r['memory_before_training_gb'])} | {_fmt(r['peak_allocated_gb'])} | "
+            f"{_fmt(r['peak_reserved_gb'])} | {times} | {_fmt(r['teacher_forward_ratio'], '.2f')} | {loss} |"
+        )
     return "\n".join(lines)
 
 
@@ -271,39 +327,59 @@ def _params(n: int) -> str:
 
 def _body(result: Mapping[str, Any]) -> str:
     spans = " ".join(f"[{u},{v}]" for u, v in result["spans"])
-    cast = (f"from_plan made them {result['student_dtype_from_plan']} (the teacher's dtype); cast to "
-            f"{result['student_dtype']} (fp32 master weights)" if result["students_cast_to_float32"]
-            else f"{result['student_dtype']} as from_plan made them")
+    cast = (
+        f"from_plan made them {result['student_dtype_from_plan']} (the teacher's dtype); cast to "
+        f"{result['student_dtype']} (fp32 master weights)"
+        if result["students_cast_to_float32"]
+        else f"{result['student_dtype']} as from_plan made them"
+    )
     teacher_mem = result["memory_teacher_gb"]
     loaded = f" ({teacher_mem:.2f} GB allocated after loading it)" if teacher_mem is not None else ""
     size = f"{result['height']}x{result['width']} ({result['image_tokens']} image tokens)"
-    return "\n".join([
-        f"Device {result['device']}, torch {result['torch']}.",
-        "",
-        (f"- teacher: Qwen-Image{' at tiny widths (--tiny)' if result['tiny'] else ''}, config "
-        f"`{json.dumps(result['config'])}`; {_params(result['teacher_params'])} parameters, {result['dtype']}, "
-        f"random weights, {result['teacher_gb']:.3g} GB{loaded}, frozen"),
-        f"- spans {spans} (inclusive): students {_params(result['student_params'])} parameters; {cast}",
-        ("- real trainer `distill_depth` (non-sequential), torch AdamW (fused on CUDA) with fp32 states (weights + gradients + two "
-        f"moments = 16 B/param = {result['adamw_fp32_estimate_gb']:.3g} GB), bf16 autocast, batch 1, {size}, "
-        f"{result['text_tokens']} text tokens, {result['steps']} steps per setting, fresh students each"),
-        ("- peak = torch.cuda.max_memory_allocated over the run, teacher included; 'first step' includes warm-up; "
-        "'trainer s/step' is the trainer's own mean (final checkpoint write included); 'teacher share' is the "
-        "teacher pass's fraction of a step"),
-        "", format_table(result),
-    ])
+    return "\n".join(
+        [
+            f"Device {result['device']}, torch {result['torch']}.",
+            "",
+            (
+                f"- teacher: Qwen-Image{' at tiny widths (--tiny)' if result['tiny'] else ''}, config "
+                f"`{json.dumps(result['config'])}`; {_params(result['teacher_params'])} parameters, {result['dtype']}, "
+                f"random weights, {result['teacher_gb']:.3g} GB{loaded}, frozen"
+            ),
+            f"- spans {spans} (inclusive): students {_params(result['student_params'])} parameters; {cast}",
+            (
+                "- real trainer `distill_depth` (non-sequential), torch AdamW (fused on CUDA) with fp32 states (weights + gradients + two "
+                f"moments = 16 B/param = {result['adamw_fp32_estimate_gb']:.3g} GB), bf16 autocast, batch 1, {size}, "
+                f"{result['text_tokens']} text tokens, {result['steps']} steps per setting, fresh students each"
+            ),
+            (
+                "- peak = torch.cuda.max_memory_allocated over the run, teacher included; 'first step' includes warm-up; "
+                "'trainer s/step' is the trainer's own mean (final checkpoint write included); 'teacher share' is the "
+                "teacher pass's fraction of a step"
+            ),
+            "",
+            format_table(result),
+        ]
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; defaults depend on ``--tiny`` (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="teacher dtype (default bfloat16, also with --tiny)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="teacher dtype (default bfloat16, also with --tiny)",
+    )
     parser.add_argument("--spans", default=PUBLIC_SPAN, help="inclusive intervals u-v, comma separated (default 15-24)")
     parser.add_argument("--steps", type=int, default=3, help="optimiser steps per setting (default 3)")
-    parser.add_argument("--checkpointing", default="both", choices=list(SETTINGS),
-                        help="gradient checkpointing off, on, or both runs (default)")
+    parser.add_argument(
+        "--checkpointing",
+        default="both",
+        choices=list(SETTINGS),
+        help="gradient checkpointing off, on, or both runs (default)",
+    )
     parser.add_argument("--height", type=int, default=None, help="pixels (default 1328; 128 with --tiny)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default 1328; 128 with --tiny)")
     parser.add_argument("--text-len", type=int, default=None, help="text tokens (default 256; 16 with --tiny)")

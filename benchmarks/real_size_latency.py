@@ -52,9 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _results import append
 from torch import Tensor, nn
 
+from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.arch import get_spec
 from ppcl.eval.flops import forward_flops
@@ -65,12 +65,27 @@ from ppcl.runtime import merge
 
 MODEL_CLASS = "QwenImageTransformer2DModel"
 # The real 20B Qwen-Image config (same as tests/test_plan.py::test_real_qwen_image_public_plan_counts).
-QWEN_IMAGE_20B: dict[str, Any] = {"num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24,
-                                  "joint_attention_dim": 3584, "in_channels": 64, "out_channels": 16, "patch_size": 2,
-                                  "axes_dims_rope": (16, 56, 56), "guidance_embeds": False}
+QWEN_IMAGE_20B: dict[str, Any] = {
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "in_channels": 64,
+    "out_channels": 16,
+    "patch_size": 2,
+    "axes_dims_rope": (16, 56, 56),
+    "guidance_embeds": False,
+}
 # Same depth (60 blocks, so the public plan applies unchanged) and the same class, tiny widths: runs on a CPU in seconds.
-TINY: dict[str, Any] = {**QWEN_IMAGE_20B, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
-                        "in_channels": 16, "out_channels": 4, "axes_dims_rope": (8, 4, 4)}
+TINY: dict[str, Any] = {
+    **QWEN_IMAGE_20B,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "in_channels": 16,
+    "out_channels": 4,
+    "axes_dims_rope": (8, 4, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -83,15 +98,33 @@ class PlanSpec:
 
     def describe(self) -> str:
         """One line, inclusive intervals."""
-        return (f"depth = intervals {' '.join(f'[{u},{v}]' for u, v in self.depth)} merged (inclusive); depth+width ="
-                f" + text runs {' '.join(f'[{a},{b}]' for a, b in self.text_runs)} and the FFNs of blocks "
-                f"{', '.join(map(str, self.ffn_blocks))}")
+        return (
+            f"depth = intervals {' '.join(f'[{u},{v}]' for u, v in self.depth)} merged (inclusive); depth+width ="
+            f" + text runs {' '.join(f'[{a},{b}]' for a, b in self.text_runs)} and the FFNs of blocks "
+            f"{', '.join(map(str, self.ffn_blocks))}"
+        )
 
 
 # The authors' public Qwen-Image choice (METHOD.md).
-PUBLIC = PlanSpec(depth=((3, 4), (5, 7), (8, 10), (11, 12), (15, 24), (25, 27), (29, 30), (42, 43), (45, 47), (48, 49),
-                         (52, 53), (54, 55), (56, 57)),
-                  text_runs=((36, 37), (40, 41), (50, 59)), ffn_blocks=(2, 58, 59))
+PUBLIC = PlanSpec(
+    depth=(
+        (3, 4),
+        (5, 7),
+        (8, 10),
+        (11, 12),
+        (15, 24),
+        (25, 27),
+        (29, 30),
+        (42, 43),
+        (45, 47),
+        (48, 49),
+        (52, 53),
+        (54, 55),
+        (56, 57),
+    ),
+    text_runs=((36, 37), (40, 41), (50, 59)),
+    ffn_blocks=(2, 58, 59),
+)
 DEPTH, WIDTH = "depth", "depth+width"
 # Paper, Qwen-Image per-step latency (ms): teacher, PPCL 12B (public depth), PPCL 10B + FT (depth + width).
 PAPER_MS = {"teacher": 2625.0, DEPTH: 1514.0, WIDTH: 1462.0}
@@ -111,8 +144,9 @@ def build_plan(model: nn.Module, spec: PlanSpec) -> PruningPlan:
     """Level ``depth`` (the depth intervals) and level ``depth+width`` (+ text runs and FFN blocks on top of it)."""
     arch = get_spec(model)
     reps = [DepthReplacement(Span.from_inclusive(u, v), "first") for u, v in spec.depth]
-    plan = PruningPlan(arch.name, type(model).__name__, tuple(arch.stack_sizes(model)), reps,
-                       [Level(DEPTH, tuple(r.id for r in reps))]).validate()
+    plan = PruningPlan(
+        arch.name, type(model).__name__, tuple(arch.stack_sizes(model)), reps, [Level(DEPTH, tuple(r.id for r in reps))]
+    ).validate()
     return with_width_level(plan, WIDTH, spec.text_runs, spec.ffn_blocks, base_level=DEPTH)
 
 
@@ -126,8 +160,9 @@ def merged_on_meta(teacher: nn.Module, plan: PruningPlan) -> dict[str, tuple[nn.
     return {level: (merge(teacher, addon, level).eval(), plan.kept_blocks(level)) for level in (DEPTH, WIDTH)}
 
 
-def _random_tensor(shape: torch.Size, dtype: torch.dtype, device: torch.device, norm: bool,
-                   generator: torch.Generator) -> Tensor:
+def _random_tensor(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, norm: bool, generator: torch.Generator
+) -> Tensor:
     # Values only need to be finite and tame (latency does not depend on them): small normal matrices, unit norm
     # scales, zero biases.
     if len(shape) >= 2:
@@ -148,8 +183,14 @@ def _borrow(donor: Mapping[str, Tensor], name: str, shape: torch.Size, dtype: to
     return None
 
 
-def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                donor: Mapping[str, Tensor] | None = None, kept: Sequence[int] | None = None) -> int:
+def materialize(
+    model: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    donor: Mapping[str, Tensor] | None = None,
+    kept: Sequence[int] | None = None,
+) -> int:
     """Replace every meta parameter of ``model`` in place; returns the number of newly allocated elements.
 
     Args:
@@ -188,8 +229,15 @@ def _teacher_name(name: str, kept: Sequence[int] | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def make_inputs(config: Mapping[str, Any], height: int, width: int, text_len: int, device: torch.device,
-                dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+def make_inputs(
+    config: Mapping[str, Any],
+    height: int,
+    width: int,
+    text_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One denoising step's transformer inputs at batch 1.
 
     Returns:
@@ -203,8 +251,9 @@ def make_inputs(config: Mapping[str, Any], height: int, width: int, text_len: in
     g = torch.Generator().manual_seed(seed)
     return {
         "hidden_states": torch.randn(1, h * w, int(config["in_channels"]), generator=g).to(device, dtype),
-        "encoder_hidden_states": torch.randn(1, text_len, int(config["joint_attention_dim"]), generator=g
-                                             ).to(device, dtype),
+        "encoder_hidden_states": torch.randn(1, text_len, int(config["joint_attention_dim"]), generator=g).to(
+            device, dtype
+        ),
         "timestep": torch.full((1,), 0.5, device=device, dtype=dtype),
         "img_shapes": [(1, h, w)],
     }
@@ -212,8 +261,10 @@ def make_inputs(config: Mapping[str, Any], height: int, width: int, text_len: in
 
 def _step(model: nn.Module, inputs: dict[str, Any]) -> Callable[[], Tensor]:
     """One denoising step of ``model`` on ``inputs`` as a zero-argument callable; returns the velocity sample."""
+
     def run() -> Tensor:
         return model(**inputs, return_dict=False)[0]
+
     return run
 
 
@@ -221,15 +272,17 @@ def _param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _flops_on_meta(models: Mapping[str, nn.Module], config: Mapping[str, Any],
-                   args: argparse.Namespace) -> dict[str, int]:
+def _flops_on_meta(
+    models: Mapping[str, nn.Module], config: Mapping[str, Any], args: argparse.Namespace
+) -> dict[str, int]:
     """Forward FLOPs of each still-meta model (torch's FlopCounterMode on meta tensors: no memory, no device)."""
     inputs = make_inputs(config, args.height, args.width, args.text_len, torch.device("meta"), torch.float32)
     return {name: forward_flops(model, inputs) for name, model in models.items()}
 
 
-def _time(models: Mapping[str, nn.Module], inputs: dict[str, Any], args: argparse.Namespace,
-          device: torch.device) -> tuple[dict[str, list[int]], dict[str, dict[str, float]]]:
+def _time(
+    models: Mapping[str, nn.Module], inputs: dict[str, Any], args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, list[int]], dict[str, dict[str, float]]]:
     """Output shapes (one untimed step each) and interleaved timing ``{name: {median_ms, min_ms, iqr_ms, ratio}}``."""
     with torch.inference_mode():
         shapes = {name: list(_step(model, inputs)().shape) for name, model in models.items()}
@@ -247,8 +300,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = TINY if args.tiny else QWEN_IMAGE_20B
     if device.type != "cuda" and not (args.tiny or args.flops_only):
-        raise SystemExit("The full-size model (41 GB in bf16) needs a GPU: pass --device cuda, or --tiny / "
-                         "--flops-only on the CPU")
+        raise SystemExit(
+            "The full-size model (41 GB in bf16) needs a GPU: pass --device cuda, or --tiny / --flops-only on the CPU"
+        )
     teacher = build_meta_teacher(config)
     plan = build_plan(teacher, PUBLIC)
     merged = merged_on_meta(teacher, plan)
@@ -267,20 +321,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, model in models.items():
         count = plan.param_count(dict(teacher.config), None if name == "teacher" else name)
         variants[name] = {
-            "blocks": len(get_spec(model).blocks(model)), "params": _param_count(model), "plan_params": count.after,
-            "flops": flops[name], "flops_ratio": flops[name] / flops["teacher"],
-            "allocated_extra": extra.get(name), "output_shape": shapes.get(name), **timing.get(name, {}),
-            "paper_ms": PAPER_MS[name], "paper_ratio": PAPER_MS[name] / PAPER_MS["teacher"],
+            "blocks": len(get_spec(model).blocks(model)),
+            "params": _param_count(model),
+            "plan_params": count.after,
+            "flops": flops[name],
+            "flops_ratio": flops[name] / flops["teacher"],
+            "allocated_extra": extra.get(name),
+            "output_shape": shapes.get(name),
+            **timing.get(name, {}),
+            "paper_ms": PAPER_MS[name],
+            "paper_ratio": PAPER_MS[name] / PAPER_MS["teacher"],
         }
     scale = 8 * int(config["patch_size"])
     return {
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, "tiny": args.tiny,
-        "flops_only": args.flops_only, "device": "meta (no timing)" if args.flops_only else _device_name(device),
-        "dtype": args.dtype, "height": args.height, "width": args.width,
-        "image_tokens": (args.height // scale) * (args.width // scale), "text_tokens": args.text_len,
-        "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "tiny": args.tiny,
+        "flops_only": args.flops_only,
+        "device": "meta (no timing)" if args.flops_only else _device_name(device),
+        "dtype": args.dtype,
+        "height": args.height,
+        "width": args.width,
+        "image_tokens": (args.height // scale) * (args.width // scale),
+        "text_tokens": args.text_len,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
         "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "plan_description": PUBLIC.describe(), "plan": plan.to_json(), "variants": variants,
+        "plan_description": PUBLIC.describe(),
+        "plan": plan.to_json(),
+        "variants": variants,
     }
 
 
@@ -290,13 +359,23 @@ def _device_name(device: torch.device) -> str:
 
 def format_table(result: Mapping[str, Any]) -> str:
     """Markdown: one row per variant (blocks, params, median/min/IQR ms, ratio vs teacher, the paper's ms and ratio)."""
-    lines = [("| variant | blocks | params | TFLOPs | FLOPs ratio | median ms | min ms | IQR ms | latency ratio | "
-             "paper ms (H20) | paper ratio |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| variant | blocks | params | TFLOPs | FLOPs ratio | median ms | min ms | IQR ms | latency ratio | "
+            "paper ms (H20) | paper ratio |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, v in result["variants"].items():
-        timed = (f"{v['median_ms']:.1f} | {v['min_ms']:.1f} | {v['iqr_ms']:.1f} | {v['ratio']:.3f}"
-                 if "median_ms" in v else "- | - | - | -")
-        lines.append(f"| {name} | {v['blocks']} | {_fmt_params(v['params'])} | {v['flops'] / 1e12:.3g} | "
-                     f"{v['flops_ratio']:.3f} | {timed} | {v['paper_ms']:.0f} | {v['paper_ratio']:.3f} |")
+        timed = (
+            f"{v['median_ms']:.1f} | {v['min_ms']:.1f} | {v['iqr_ms']:.1f} | {v['ratio']:.3f}"
+            if "median_ms" in v
+            else "- | - | - | -"
+        )
+        lines.append(
+            f"| {name} | {v['blocks']} | {_fmt_params(v['params'])} | {v['flops'] / 1e12:.3g} | "
+            f"{v['flops_ratio']:.3f} | {timed} | {v['paper_ms']:.0f} | {v['paper_ratio']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -309,37 +388,56 @@ def _body(result: Mapping[str, Any]) -> str:
     if result["flops_only"]:
         timing = "FLOPs only (meta device, nothing timed)."
     else:
-        timing = (f"random weights; {result['repeats']} interleaved repeats after {result['warmup']} warm-up rounds, "
-                  "median" + (f"; peak GPU memory {peak:.1f} GB (all three models at once, the merged ones borrow "
-                              "the teacher's tensors)." if peak is not None else "."))
-    return "\n".join([
-        f"Device {result['device']}, {result['dtype']}, batch 1, {result['height']}x{result['width']} "
-        f"({result['image_tokens']} image tokens), {result['text_tokens']} text tokens, one transformer forward; "
-        + timing,
-        "", format_table(result), "",
-        ("Tiny widths (--tiny), 60 blocks, " if result["tiny"] else "")
-        + "the authors' public plan: " + result["plan_description"]
-        + " (width projections in float32, as merge ships them). FLOPs: torch FlopCounterMode on the meta device "
-        "(a multiply-add counts 2). Paper figures (H20, real 20B model): teacher, PPCL 12B (public depth), "
-        "PPCL 10B+FT (depth + width); compare ratios, not ms (other GPU; the paper's per-step time may include "
-        "both classifier-free-guidance forwards).",
-    ])
+        timing = (
+            f"random weights; {result['repeats']} interleaved repeats after {result['warmup']} warm-up rounds, "
+            "median"
+            + (
+                f"; peak GPU memory {peak:.1f} GB (all three models at once, the merged ones borrow "
+                "the teacher's tensors)."
+                if peak is not None
+                else "."
+            )
+        )
+    return "\n".join(
+        [
+            f"Device {result['device']}, {result['dtype']}, batch 1, {result['height']}x{result['width']} "
+            f"({result['image_tokens']} image tokens), {result['text_tokens']} text tokens, one transformer forward; "
+            + timing,
+            "",
+            format_table(result),
+            "",
+            ("Tiny widths (--tiny), 60 blocks, " if result["tiny"] else "")
+            + "the authors' public plan: "
+            + result["plan_description"]
+            + " (width projections in float32, as merge ships them). FLOPs: torch FlopCounterMode on the meta device "
+            "(a multiply-add counts 2). Paper figures (H20, real 20B model): teacher, PPCL 12B (public depth), "
+            "PPCL 10B+FT (depth + width); compare ratios, not ms (other GPU; the paper's per-step time may include "
+            "both classifier-free-guidance forwards).",
+        ]
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; defaults depend on ``--tiny`` (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="default: bfloat16 (float32 with --tiny on the CPU)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 (float32 with --tiny on the CPU)",
+    )
     parser.add_argument("--height", type=int, default=None, help="pixels (default 1328; 128 with --tiny)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default 1328; 128 with --tiny)")
     parser.add_argument("--text-len", type=int, default=None, help="text tokens (default 256; 16 with --tiny)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="60 blocks, public plan, tiny widths (CPU, seconds)")
-    parser.add_argument("--flops-only", action="store_true",
-                        help="count FLOPs on the meta device only (no memory, no timing; works without a GPU)")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count FLOPs on the meta device only (no memory, no timing; works without a GPU)",
+    )
     parser.add_argument("--json", default=None, help="also write the result here")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--append", action="store_true", help="append to RESULTS.md even with --tiny or on the CPU")
@@ -365,8 +463,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         Path(args.json).write_text(json.dumps(result, indent=2))
     real_gpu_run = not (args.tiny or args.flops_only) and args.device.startswith("cuda")
     if args.append or (not args.no_append and real_gpu_run):
-        append("Real-size Qwen-Image per-step latency (random weights): teacher vs public depth vs depth+width",
-               _body(result))
+        append(
+            "Real-size Qwen-Image per-step latency (random weights): teacher vs public depth vs depth+width",
+            _body(result),
+        )
     return result
 
 

@@ -88,8 +88,11 @@ def patch_majority(images: Images, patch: int = 4) -> Images:
     """Each ``patch x patch`` block set to its commonest colour (ties: the smallest RGB code), as 4x4 tokens might."""
     n, h, w, _ = images.shape
     code = (images[..., 0].astype(np.int64) << 16) | (images[..., 1].astype(np.int64) << 8) | images[..., 2]
-    blocks = code.reshape(n, h // patch, patch, w // patch, patch).transpose(0, 1, 3, 2, 4).reshape(n, h // patch,
-                                                                                                   w // patch, -1)
+    blocks = (
+        code.reshape(n, h // patch, patch, w // patch, patch)
+        .transpose(0, 1, 3, 2, 4)
+        .reshape(n, h // patch, w // patch, -1)
+    )
     counts = (blocks[..., :, None] == blocks[..., None, :]).sum(axis=-1)
     best = np.take_along_axis(blocks, (counts * (1 << 25) - blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
     full = np.repeat(np.repeat(best, patch, axis=1), patch, axis=2)
@@ -176,7 +179,7 @@ def negative_set(name: str, prompts: list[Prompt], seeds: list[int]) -> tuple[li
     make = NEGATIVES[name]
     rng = np.random.default_rng(7)
     rows, images = [], []
-    for prompt, scene in zip(*gt_scenes(prompts, seeds)):
+    for prompt, scene in zip(*gt_scenes(prompts, seeds), strict=False):
         if name == "wrong shape" and prompt.category == "color":
             continue
         wrong = make(scene, rng)
@@ -230,8 +233,9 @@ def measure(cases: list[Case]) -> list[dict[str, object]]:
     for case in cases:
         robust = evaluate(case.rows, case.images, mode="robust")
         strict = evaluate(case.rows, case.images, mode="strict")
-        out.append({"case": case.name, "n": len(case.rows), "want": WANT[case.want], "robust": robust,
-                    "strict": strict})
+        out.append(
+            {"case": case.name, "n": len(case.rows), "want": WANT[case.want], "robust": robust, "strict": strict}
+        )
     return out
 
 
@@ -247,8 +251,9 @@ def table(results: list[dict[str, object]]) -> str:
         robust, strict = r["robust"], r["strict"]
         assert isinstance(robust, dict) and isinstance(strict, dict)
         cats = " | ".join(_fmt(robust[c]) for c in CATEGORIES)
-        lines.append(f"| {r['case']} | {r['n']} | {r['want']} | {_fmt(robust['overall'])} | "
-                     f"{_fmt(strict['overall'])} | {cats} |")
+        lines.append(
+            f"| {r['case']} | {r['n']} | {r['want']} | {_fmt(robust['overall'])} | {_fmt(strict['overall'])} | {cats} |"
+        )
     return "\n".join(lines)
 
 
@@ -260,10 +265,12 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     results = measure(calibration_cases(args.per_category, tuple(range(args.seeds))))
-    body = (f"Rendered ground truth of the ShapesEval benchmark prompts ({args.per_category} per category x "
-            f"{args.seeds} seeds), perturbed; scores are `overall` (mean of the four categories; for the wrong-scene "
-            f"rows, the fraction of images that still pass). No model samples are involved. "
-            f"Time {time.perf_counter() - t0:.0f} s.\n\n" + table(results))
+    body = (
+        f"Rendered ground truth of the ShapesEval benchmark prompts ({args.per_category} per category x "
+        f"{args.seeds} seeds), perturbed; scores are `overall` (mean of the four categories; for the wrong-scene "
+        f"rows, the fraction of images that still pass). No model samples are involved. "
+        f"Time {time.perf_counter() - t0:.0f} s.\n\n" + table(results)
+    )
     print(body)
     if not args.no_append:
         from _results import append  # imports torch (for the machine line); the tests never need it

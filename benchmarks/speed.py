@@ -27,20 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _results import append
 from torch import nn
-from width_ladder import _width_plan
 
+from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, analyze
-from ppcl.plan import plan_from_report
-from ppcl.toy.distill_data import ToyDistillData
 from ppcl.eval.flops import forward_flops
 from ppcl.eval.latency import interleaved_latency, ratios
-from ppcl.plan import PruningPlan
+from ppcl.plan import PruningPlan, plan_from_report
 from ppcl.runtime import apply_addon, merge, remove_addon, set_level
 from ppcl.toy.calibrate import calibrate_toy
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.teacher import ToyTeacher
+from width_ladder import _width_plan
 
 TEACHER = "teacher"
 MERGED = " (merged)"
@@ -58,21 +57,31 @@ def build_plan(teacher: ToyTeacher, targets: Sequence[float], protect: int, ffn_
 
 def _step(model: nn.Module, level: str | None, batch: dict[str, Any]) -> Callable[[], None]:
     """One denoising step of the add-on-applied ``model`` at ``level`` (``set_level`` is O(1); None: the teacher)."""
+
     def run() -> None:
         set_level(model, level)
         model(**batch, return_dict=False)
+
     return run
 
 
 def _plain_step(model: nn.Module, batch: dict[str, Any]) -> Callable[[], None]:
     """One denoising step of a merged model (no add-on)."""
+
     def run() -> None:
         model(**batch, return_dict=False)
+
     return run
 
 
-def measure(model: nn.Module, merged: dict[str, nn.Module], levels: Sequence[str], batch: dict[str, Any],
-            repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+def measure(
+    model: nn.Module,
+    merged: dict[str, nn.Module],
+    levels: Sequence[str],
+    batch: dict[str, Any],
+    repeats: int,
+    warmup: int,
+) -> dict[str, dict[str, float]]:
     """Rows ``{teacher, level...}``: FLOPs and their ratio, applied and merged median ms and ratios vs the teacher.
 
     Args:
@@ -102,15 +111,18 @@ def format_table(plan: PruningPlan, config: Any, results: dict[int, dict[str, di
     """Markdown: one row per level; per batch size FLOPs ratio, applied and merged latency ratio (median ms)."""
     sizes = list(results)
     head = "| level | blocks | params |" + "".join(
-        f" FLOPs ratio b{b} | latency applied b{b} | latency merged b{b} |" for b in sizes)
+        f" FLOPs ratio b{b} | latency applied b{b} | latency merged b{b} |" for b in sizes
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in results[sizes[0]]:
         count = plan.param_count(config, None if name == TEACHER else name)
         cells = [f"| {name} | {count.blocks_after} | {count.after / 1e6:.2f}M |"]
         for b in sizes:
             r = results[b][name]
-            cells.append(f" {r['flops_ratio']:.3f} | {r['applied_ratio']:.3f} ({r['applied_ms']:.1f} ms) | "
-                         f"{r['merged_ratio']:.3f} ({r['merged_ms']:.1f} ms) |")
+            cells.append(
+                f" {r['flops_ratio']:.3f} | {r['applied_ratio']:.3f} ({r['applied_ms']:.1f} ms) | "
+                f"{r['merged_ratio']:.3f} ({r['merged_ms']:.1f} ms) |"
+            )
         lines.append("".join(cells))
     return "\n".join(lines)
 
@@ -150,14 +162,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results[size] = measure(model, merged, plan.level_names, batch, args.repeats, args.warmup)
     finally:
         remove_addon(model)
-    load = f"1-min load average {load_before:.1f} before timing, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
-    body = "\n".join([
-        (f"Toy teacher (16 blocks), untrained add-on (latency does not depend on weights); {torch.get_num_threads()} "
-        f"torch thread(s); per batch size all variants interleaved, {args.repeats} repeats after {args.warmup} "
-        "warm-up rounds, median; ratios vs the teacher (applied: the add-on plugged in, set_level per call; merged: "
-        "ppcl.runtime.merge). FLOPs by torch FlopCounterMode (attention included); " + load + "."), "",
-        f"Plan: {plan.summary()}", "",
-        format_table(plan, dict(model.config), results)])
+    load = (
+        f"1-min load average {load_before:.1f} before timing, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
+    )
+    body = "\n".join(
+        [
+            (
+                f"Toy teacher (16 blocks), untrained add-on (latency does not depend on weights); {torch.get_num_threads()} "
+                f"torch thread(s); per batch size all variants interleaved, {args.repeats} repeats after {args.warmup} "
+                "warm-up rounds, median; ratios vs the teacher (applied: the add-on plugged in, set_level per call; merged: "
+                "ppcl.runtime.merge). FLOPs by torch FlopCounterMode (attention included); " + load + "."
+            ),
+            "",
+            f"Plan: {plan.summary()}",
+            "",
+            format_table(plan, dict(model.config), results),
+        ]
+    )
     print(body)
     out = {"threads": torch.get_num_threads(), "load": load, "plan": plan.to_json(), "results": results}
     if args.json:

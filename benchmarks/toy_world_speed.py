@@ -25,12 +25,15 @@ def main() -> None:
     gen = _median_rate(lambda r: sample_batch(np.random.default_rng(r), n), n)
     rows, images = ground_truth_images(benchmark_prompts(), seeds=[0, 1, 2])
     ev = _median_rate(lambda r: evaluate(rows, images), len(rows))
-    append("ShapesWorld speed", f"""
+    append(
+        "ShapesWorld speed",
+        f"""
 | what | rate (median of 5) |
 |---|---|
 | scenes generated (render + caption, float tensors) | {gen:,.0f} scenes/s |
 | ShapesEval scoring | {ev:,.0f} images/s |
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

@@ -14,19 +14,19 @@ from pathlib import Path
 from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.analysis import RedundancyReport
-from ppcl.plan import add_width_levels
 from ppcl.distill import DistillConfig, distill_width, finetune
-from ppcl.toy.distill_data import ToyDistillData
 from ppcl.eval.levels import evaluate_levels, format_table
-from ppcl.plan import PruningPlan
+from ppcl.plan import PruningPlan, add_width_levels
 from ppcl.plan.width import TextRun
 from ppcl.plan.width_select import select_ffn_blocks, with_width_level
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.teacher import ToyTeacher
 
 
 def _config(args, steps: int) -> DistillConfig:
-    return DistillConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, warmup=max(1, steps // 20),
-                         checkpoint_every=0, seed=0)
+    return DistillConfig(
+        steps=steps, lr=args.lr, batch_size=args.batch_size, warmup=max(1, steps // 20), checkpoint_every=0, seed=0
+    )
 
 
 def _width_plan(plan: PruningPlan, report: RedundancyReport, level: str, ffn_k: int) -> tuple[PruningPlan, str, str]:
@@ -70,24 +70,39 @@ def main() -> None:
     trained = evaluate_levels(model, addon, batches, levels, 5, teacher, shapes, known)
     finetune(model, addon, data, _config(args, args.steps), ladder / "finetune", level=full_level)
     tuned = evaluate_levels(model, addon, batches, [full_level], 5, teacher, shapes, known)
-    rows = [("depth (c) non-sequential", args.level, trained[args.level]),
-            ("+ width text, LS init only", text_level, untrained[text_level]),
-            ("+ width text + FFN, LS init only", full_level, untrained[full_level]),
-            ("+ width text, trained", text_level, trained[text_level]),
-            ("+ width text + FFN, trained", full_level, trained[full_level]),
-            ("+ fine-tune", full_level, tuned[full_level])]
-    lines = [f"Plan: {plan.summary()}", "",
-             "| stage | level | params | block params removed | FLOPs ratio | latency ratio | velocity cosine | "
-             "ShapesEval overall | R |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        ("depth (c) non-sequential", args.level, trained[args.level]),
+        ("+ width text, LS init only", text_level, untrained[text_level]),
+        ("+ width text + FFN, LS init only", full_level, untrained[full_level]),
+        ("+ width text, trained", text_level, trained[text_level]),
+        ("+ width text + FFN, trained", full_level, trained[full_level]),
+        ("+ fine-tune", full_level, tuned[full_level]),
+    ]
+    lines = [
+        f"Plan: {plan.summary()}",
+        "",
+        "| stage | level | params | block params removed | FLOPs ratio | latency ratio | velocity cosine | "
+        "ShapesEval overall | R |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, level, r in rows:
-        lines.append(f"| {label} | {level} | {r['params'] / 1e6:.2f}M | {r['block_params_removed']:.1%} | "
-                     f"{r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['cosine']:.4f} | "
-                     f"{r['shapes_eval']['overall']:.3f} | {r['R']:.2%} |")
-    lines += ["", f"Width training {args.steps} steps (all projections of {full_level}, least-squares initialised "
-              f"first), fine-tune {args.steps} steps (add-on parameters only), batch {args.batch_size}, lr {args.lr}.",
-              "", "Full table after fine-tune:", "", format_table(tuned)]
-    (ladder / "width_results.json").write_text(json.dumps({"untrained": untrained, "trained": trained,
-                                                           "tuned": tuned}, indent=2))
+        lines.append(
+            f"| {label} | {level} | {r['params'] / 1e6:.2f}M | {r['block_params_removed']:.1%} | "
+            f"{r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['cosine']:.4f} | "
+            f"{r['shapes_eval']['overall']:.3f} | {r['R']:.2%} |"
+        )
+    lines += [
+        "",
+        f"Width training {args.steps} steps (all projections of {full_level}, least-squares initialised "
+        f"first), fine-tune {args.steps} steps (add-on parameters only), batch {args.batch_size}, lr {args.lr}.",
+        "",
+        "Full table after fine-tune:",
+        "",
+        format_table(tuned),
+    ]
+    (ladder / "width_results.json").write_text(
+        json.dumps({"untrained": untrained, "trained": trained, "tuned": tuned}, indent=2)
+    )
     append("Width pruning and fine-tune on the toy teacher (continuing the depth ladder)", "\n".join(lines))
 
 

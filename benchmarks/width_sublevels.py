@@ -16,7 +16,6 @@ import dataclasses
 from pathlib import Path
 
 from _results import append
-
 from ppcl.addon import PruningAddon
 from ppcl.demo.run import TOP_LEVEL
 from ppcl.plan import Level
@@ -55,12 +54,17 @@ def main() -> None:
             set_level(model, name)
             s = score_model(teacher, transformer=model, n_per_category=args.per_category, seeds=seeds)
             removed = addon.plan.param_count(model.config, name).block_fraction_removed
-            lines.append(f"| {name or 'teacher'} | {removed:.1%} | {s['overall']:.3f} | "
-                         + " | ".join(f"{s[c]:.3f}" for c in CATEGORIES) + " |")
+            lines.append(
+                f"| {name or 'teacher'} | {removed:.1%} | {s['overall']:.3f} | "
+                + " | ".join(f"{s[c]:.3f}" for c in CATEGORIES)
+                + " |"
+            )
     finally:
         remove_addon(model)
-    body = (f"Sub-levels of `{args.run}`'s top level, robust ShapesEval, {args.per_category} prompts per category "
-            f"x seeds {seeds}.\n\n" + "\n".join(lines))
+    body = (
+        f"Sub-levels of `{args.run}`'s top level, robust ShapesEval, {args.per_category} prompts per category "
+        f"x seeds {seeds}.\n\n" + "\n".join(lines)
+    )
     print(body)
     append("Width sub-levels of a trained demo add-on (toy teacher)", body)
 

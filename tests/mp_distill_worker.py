@@ -23,11 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_models, when launched by accelerate from elsewhere
 
-from tiny_models import TinyCase, build_tiny, two_span_plan
-
 from ppcl.addon import PruningAddon
 from ppcl.distill import distill_width, finetune
 from ppcl.distill.trainer import DistillConfig, distill_depth
+from tiny_models import TinyCase, build_tiny, two_span_plan
 
 BATCH_SIZE = 2
 
@@ -62,9 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # bit-exact comparisons between processes need the same reduction order
     case = build_tiny("qwenimage")
     addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
-    config = DistillConfig(steps=args.steps, lr=1e-3, warmup=1, batch_size=BATCH_SIZE,
-                           gradient_accumulation=args.accumulation, checkpoint_every=args.checkpoint_every,
-                           log_every=1, shard=args.shard)
+    config = DistillConfig(
+        steps=args.steps,
+        lr=1e-3,
+        warmup=1,
+        batch_size=BATCH_SIZE,
+        gradient_accumulation=args.accumulation,
+        checkpoint_every=args.checkpoint_every,
+        log_every=1,
+        shard=args.shard,
+    )
     distill_depth(case.model, addon, IndexedData(case), config, args.out, resume=args.resume)
     if args.more_stages:
         from test_width_train import _depth_width_plan  # a depth span inside a text run + FFN linears, level "dw"
@@ -72,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         case = build_tiny("qwenimage")
         addon = PruningAddon.from_plan(case.model, _depth_width_plan(case))
         short = DistillConfig(**{**config.to_json(), "betas": config.betas, "steps": 3, "shard": False})
-        distill_width(case.model, addon, IndexedData(case), short, args.out / "width", "dw", init_batches=2,
-                      train_students=True)
+        distill_width(
+            case.model, addon, IndexedData(case), short, args.out / "width", "dw", init_batches=2, train_students=True
+        )
         finetune(case.model, addon, IndexedData(case), short, args.out / "finetune", "dw")
     return 0
 

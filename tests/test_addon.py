@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny
 
 from ppcl.addon import (
     ADDON_FILE,
@@ -22,6 +21,7 @@ from ppcl.arch import get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import apply_addon, remove_addon
+from tiny_models import TinyCase, build_tiny
 
 
 def make_plan(model: torch.nn.Module, init: str = "first") -> PruningPlan:
@@ -29,8 +29,9 @@ def make_plan(model: torch.nn.Module, init: str = "first") -> PruningPlan:
     spec = get_spec(model)
     reps = [DepthReplacement(Span(1, 3), init), DepthReplacement(Span(3, 5), init)]  # type: ignore[arg-type]
     levels = [Level("a", (reps[0].id,)), Level("b", (reps[0].id, reps[1].id))]
-    return PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels,
-                       protect_first=1, protect_last=1).validate()
+    return PruningPlan(
+        spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels, protect_first=1, protect_last=1
+    ).validate()
 
 
 def _perturb(addon: PruningAddon) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny
 
 import ppcl
 from ppcl.addon import ADDON_FILE, CARD_FILE, FORMAT_VERSION, WEIGHTS_FILE, PruningAddon
@@ -28,6 +27,7 @@ from ppcl.plan import (
 )
 from ppcl.runtime import MERGED_FILE, apply_addon, remove_addon, set_level
 from ppcl.runtime.width import projection_keys
+from tiny_models import TinyCase, build_tiny
 
 LEVELS: tuple[str | None, ...] = (None, "d", "w", "dw")
 
@@ -42,8 +42,15 @@ def width_plan(model: torch.nn.Module) -> PruningPlan:
         # SD3's last block has no text FFN, so block 5 replaces its image FFN only.
         last = FFNLinear(5, ("image",)) if spec.name.startswith("sd3") else 5
         depth, run, ffns, protect = DepthReplacement(Span(2, 4)), (1, 4), [2, last], (1, 1)
-    plan = PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), [depth],
-                       [Level("d", (depth.id,))], protect_first=protect[0], protect_last=protect[1])
+    plan = PruningPlan(
+        spec.name,
+        type(model).__name__,
+        tuple(spec.stack_sizes(model)),
+        [depth],
+        [Level("d", (depth.id,))],
+        protect_first=protect[0],
+        protect_last=protect[1],
+    )
     plan = with_width_level(plan, "w", [run], ffns)
     return with_width_level(plan, "dw", [run], ffns, base_level="d")
 
@@ -73,8 +80,18 @@ def test_from_plan_builds_identity_projections() -> None:
     plan = width_plan(model)
     addon = PruningAddon.from_plan(model, plan)
     want = {key for rep in plan.replacements for key in projection_keys(rep)}
-    assert want == {"text_1_5__in_2", "text_1_5__in_3", "text_1_5__in_4", "text_1_5__out", "text_1_5_dw__in_2",
-                    "text_1_5_dw__in_4", "text_1_5_dw__out", "ffn_2__image", "ffn_5__image", "ffn_5__text"}
+    assert want == {
+        "text_1_5__in_2",
+        "text_1_5__in_3",
+        "text_1_5__in_4",
+        "text_1_5__out",
+        "text_1_5_dw__in_2",
+        "text_1_5_dw__in_4",
+        "text_1_5_dw__out",
+        "ffn_2__image",
+        "ffn_5__image",
+        "ffn_5__text",
+    }
     assert set(addon.students) == want | {"depth_2_4"}
     for key in want:
         proj = addon.students[key]
@@ -101,7 +118,9 @@ def test_save_load_round_trip_with_width(name: str, tmp_path: Path) -> None:
     manifest = json.loads((folder / ADDON_FILE).read_text())
     assert manifest["format_version"] == FORMAT_VERSION == 2
     projections = {k for k, m in addon.students.items() if isinstance(m, ResidualLinear)}
-    assert set(manifest["projections"]) == projections and set(manifest["students"]) == set(addon.students) - projections
+    assert (
+        set(manifest["projections"]) == projections and set(manifest["students"]) == set(addon.students) - projections
+    )
     dim = get_spec(model).block(model, 0).attn.to_q.in_features
     for key, entry in manifest["projections"].items():
         assert entry["kind"] == ("text_run" if key.startswith("text_") else "ffn_linear")
@@ -164,8 +183,15 @@ def test_projection_weights_are_checked_strictly(saved: tuple[torch.nn.Module, P
 def test_depth_only_addons_keep_format_version_1(tmp_path: Path) -> None:
     model = build_tiny("sd3").model
     plan = width_plan(model)
-    depth_only = PruningPlan(plan.arch, plan.model_class, plan.stack_sizes, [plan.replacement("depth:2-4")],
-                             [plan.level("d")], protect_first=1, protect_last=1)
+    depth_only = PruningPlan(
+        plan.arch,
+        plan.model_class,
+        plan.stack_sizes,
+        [plan.replacement("depth:2-4")],
+        [plan.level("d")],
+        protect_first=1,
+        protect_last=1,
+    )
     folder = PruningAddon.from_plan(model, depth_only).save_pretrained(tmp_path / "addon")
     manifest = json.loads((folder / ADDON_FILE).read_text())
     assert manifest["format_version"] == 1 and manifest["projections"] == {}

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from tiny_models import build_tiny
 
 from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze
-from ppcl.plan import plan_from_report
 from ppcl.arch import get_spec
 from ppcl.data.calibration import CalibrationSet, assemble
 from ppcl.errors import ArtefactError
+from ppcl.plan import plan_from_report
+from tiny_models import build_tiny
 
 STREAMS = ("image", "text")
 
@@ -21,9 +21,16 @@ def _qwen(num_layers: int, seed: int = 0):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
-    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers,
-                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                       axes_dims_rope=(8, 4, 4)).eval()
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    ).eval()
 
 
 def _qwen_calibration(model, n_calls: int = 6, batch: int = 4, seed: int = 0) -> CalibrationSet:
@@ -32,10 +39,15 @@ def _qwen_calibration(model, n_calls: int = 6, batch: int = 4, seed: int = 0) ->
     for _ in range(n_calls):
         mask = torch.ones(batch, 7, dtype=torch.long)
         mask[::2, 5:] = 0
-        calls.append({"hidden_states": torch.randn(batch, 16, 16, generator=g),
-                      "encoder_hidden_states": torch.randn(batch, 7, 16, generator=g),
-                      "encoder_hidden_states_mask": mask, "timestep": torch.rand(batch, generator=g),
-                      "img_shapes": [[(1, 4, 4)]] * batch})
+        calls.append(
+            {
+                "hidden_states": torch.randn(batch, 16, 16, generator=g),
+                "encoder_hidden_states": torch.randn(batch, 7, 16, generator=g),
+                "encoder_hidden_states_mask": mask,
+                "timestep": torch.rand(batch, generator=g),
+                "img_shapes": [[(1, 4, 4)]] * batch,
+            }
+        )
     return assemble(get_spec(model), model, calls, {"source": "test"})
 
 
@@ -88,8 +100,7 @@ def test_unstructured_model_yields_no_long_intervals():
 def test_analysis_runs_on_every_arch(name, tmp_path):
     case = build_tiny(name)
     spec = get_spec(case.model)
-    report = analyze(case.model, _calibration_for(case), AnalysisConfig(batch_size=4, protect_first=1,
-                                                                        protect_last=1))
+    report = analyze(case.model, _calibration_for(case), AnalysisConfig(batch_size=4, protect_first=1, protect_last=1))
     n = spec.num_blocks(case.model)
     assert report.num_blocks == n and report.cka["image"].shape == (n, n)
     assert torch.all(torch.diagonal(report.cka["image"]) == 1)

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny
 from torch import nn
 
 from ppcl.arch import FLUX_SPEC, QWENIMAGE_SPEC, SD3_SPEC, ArchSpec, WidthTargets, get_spec, spec_by_name
 from ppcl.data import ActivationRecorder
 from ppcl.errors import ConfigError, PPCLError, UnsupportedModelError
+from tiny_models import TinyCase, build_tiny
 
 # Blocks removed in the rewrite test: both Flux stacks lose one block, SD3 keeps its protected last block.
 KEPT = {"qwenimage": [0, 1, 4, 5], "flux": [0, 2, 3, 5], "sd3": [0, 1, 4, 5], "sd35": [0, 2, 3, 5]}
@@ -287,8 +287,6 @@ def test_width_target_specifics() -> None:
 
 def test_missing_required_width_target_raises() -> None:
     case = build_tiny("qwenimage")
-    bad = replace(
-        QWENIMAGE_SPEC, stacks=(replace(QWENIMAGE_SPEC.stacks[0], width=WidthTargets(text=("txt_nope",))),)
-    )
+    bad = replace(QWENIMAGE_SPEC, stacks=(replace(QWENIMAGE_SPEC.stacks[0], width=WidthTargets(text=("txt_nope",))),))
     with pytest.raises(UnsupportedModelError, match="txt_nope"):
         bad.width_targets(case.model, 0)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import build_tiny, two_span_plan
 from torch import nn
 
 from ppcl.addon import ADDON_FILE, FORMAT_VERSION, WEIGHTS_FILE, PruningAddon
@@ -30,6 +29,7 @@ from ppcl.errors import (
 )
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import apply_addon, load_merged, merge, set_level
+from tiny_models import build_tiny, two_span_plan
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -170,8 +170,15 @@ def test_plan_span_crosses_the_flux_double_single_boundary() -> None:
     flux = build_tiny("flux").model  # 3 double-stream blocks then 3 single-stream blocks
     spec = get_spec(flux)
     rep = DepthReplacement(Span(2, 4))
-    plan = PruningPlan(spec.name, type(flux).__name__, tuple(spec.stack_sizes(flux)), [rep], [Level("a", (rep.id,))],
-                       protect_first=1, protect_last=1)
+    plan = PruningPlan(
+        spec.name,
+        type(flux).__name__,
+        tuple(spec.stack_sizes(flux)),
+        [rep],
+        [Level("a", (rep.id,))],
+        protect_first=1,
+        protect_last=1,
+    )
     with pytest.raises(ConfigError) as err:
         plan.validate()
     check_error(err, ConfigError, "single_transformer_blocks")
@@ -226,8 +233,9 @@ def test_unknown_level_name(surface: str) -> None:
     check_error(err, ConfigError, "p99")
 
 
-def test_merge_unknown_level_cli(addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_unknown_level_cli(
+    addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ppcl.cli.merge as cli_merge
 
     monkeypatch.setattr(cli_merge, "load_model", lambda args: build_tiny("qwenimage").model)
@@ -461,8 +469,14 @@ def merged_folder(tmp_path: Path) -> Path:
     addon = PruningAddon.from_plan(model, two_span_plan(model))
     folder = tmp_path / "merged"
     merge(model, addon, "a").save_pretrained(str(folder))
-    record = {"format": "ppcl.merged_width", "format_version": 1, "model_class": type(model).__name__,
-              "level": "a", "substitutions": [], "projection_dtype": "float32"}
+    record = {
+        "format": "ppcl.merged_width",
+        "format_version": 1,
+        "model_class": type(model).__name__,
+        "level": "a",
+        "substitutions": [],
+        "projection_dtype": "float32",
+    }
     (folder / MERGED_FILE).write_text(json.dumps(record))
     return folder
 
@@ -541,8 +555,9 @@ def test_report_manifest_missing_fields(saved_report: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("targets", ["abc", "0.25,,x", ","])
-def test_plan_cli_unparsable_targets(saved_report: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     targets: str) -> None:
+def test_plan_cli_unparsable_targets(
+    saved_report: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], targets: str
+) -> None:
     out = tmp_path / "plan"
     code = main(["-q", "plan", "--report", str(saved_report), "--out", str(out), "--targets", targets])
     check_cli_error(capsys, code, "targets")
@@ -589,27 +604,34 @@ TOY_CALIBRATE = ["--num-prompts", "2", "--timesteps", "1", "--steps", "2"]
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_calibrate_cli_out_is_a_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            overwrite: list[str]) -> None:
+def test_calibrate_cli_out_is_a_user_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overwrite: list[str]
+) -> None:
     mine = user_folder(tmp_path)
     code = main(["-q", "calibrate", "--out", str(mine), *TOY_CALIBRATE, *overwrite])
     check_cli_error(capsys, code, "did not write", "ppcl calibration set")
     assert untouched(mine)
 
 
-def test_calibrate_cli_replaces_a_calibration_set_only_with_overwrite(calibration_copy: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_cli_replaces_a_calibration_set_only_with_overwrite(
+    calibration_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = tree(calibration_copy)
-    check_cli_error(capsys, main(["-q", "calibrate", "--out", str(calibration_copy), *TOY_CALIBRATE]),
-                    "already holds a ppcl calibration set", "--overwrite")
+    check_cli_error(
+        capsys,
+        main(["-q", "calibrate", "--out", str(calibration_copy), *TOY_CALIBRATE]),
+        "already holds a ppcl calibration set",
+        "--overwrite",
+    )
     assert tree(calibration_copy) == before
     assert main(["-q", "calibrate", "--out", str(calibration_copy), *TOY_CALIBRATE, "--overwrite"]) == 0
     assert tree(calibration_copy) != before and CalibrationSet.load(calibration_copy).arch == "qwenimage"
 
 
 @pytest.mark.parametrize("where", ["same", "parent"])
-def test_analyze_cli_out_overlaps_its_calibration(calibration_copy: Path, capsys: pytest.CaptureFixture[str],
-                                                  where: str) -> None:
+def test_analyze_cli_out_overlaps_its_calibration(
+    calibration_copy: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
     before = tree(calibration_copy)
     out = calibration_copy if where == "same" else calibration_copy.parent
     code = main(["-q", "analyze", "--calibration", str(calibration_copy), "--out", str(out), "--overwrite"])
@@ -618,13 +640,27 @@ def test_analyze_cli_out_overlaps_its_calibration(calibration_copy: Path, capsys
 
 
 @pytest.mark.parametrize("target", ["addon", "model"])
-def test_merge_cli_out_is_an_input(addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   target: str) -> None:
+def test_merge_cli_out_is_an_input(
+    addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
     model = user_folder(tmp_path)  # stands for the user's base model folder: never read, the check comes first
     out = addon_copy if target == "addon" else model
     before = tree(addon_copy)
-    code = main(["-q", "merge", "--addon", str(addon_copy), "--level", "a", "--model", str(model), "--out", str(out),
-                 "--overwrite"])
+    code = main(
+        [
+            "-q",
+            "merge",
+            "--addon",
+            str(addon_copy),
+            "--level",
+            "a",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
+    )
     check_cli_error(capsys, code, "overlaps an input")
     assert tree(addon_copy) == before and untouched(model)
 
@@ -684,8 +720,25 @@ PLAN_DIR = str(Path(__file__).parents[1] / "docs" / "example-report" / "plan")
 
 
 def distill_cli(out: Path, *extra: str) -> int:
-    return main(["-q", "distill", "--stage", "depth", "--plan", PLAN_DIR, "--out", str(out), "--steps", "2",
-                 "--batch-size", "2", "--checkpoint-every", "0", *extra])
+    return main(
+        [
+            "-q",
+            "distill",
+            "--stage",
+            "depth",
+            "--plan",
+            PLAN_DIR,
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def test_distill_cli_out_is_a_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -708,8 +761,9 @@ def test_distill_cli_second_run_needs_resume_or_overwrite(tmp_path: Path, capsys
 
 
 @pytest.mark.parametrize("entry", ["metrics.jsonl", "checkpoint/trainer_state.json"])
-def test_distill_cli_refuses_a_run_folder_entry_that_is_a_symlink(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                                  entry: str) -> None:
+def test_distill_cli_refuses_a_run_folder_entry_that_is_a_symlink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], entry: str
+) -> None:
     """Issue 14 (containment): a run appends to metrics.jsonl and reads its checkpoint; a symlink planted among them
     would make it write to or read from a file outside --out."""
     out = tmp_path / "run"
@@ -724,8 +778,9 @@ def test_distill_cli_refuses_a_run_folder_entry_that_is_a_symlink(tmp_path: Path
     assert victim.read_bytes() == before
 
 
-def test_distill_cli_disk_full_while_appending_the_metrics_log(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_distill_cli_disk_full_while_appending_the_metrics_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_open = Path.open
 
     def full(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
@@ -754,8 +809,9 @@ def test_toy_eval_cli_never_replaces_a_foreign_file(tmp_path: Path, capsys: pyte
     assert script.read_text() == "print('mine')"
 
 
-def test_toy_sample_cli_replaces_an_image_only_with_overwrite(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_toy_sample_cli_replaces_an_image_only_with_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     image = tmp_path / "grid.png"
     image.write_bytes(b"not really a png")
     args = ["-q", "toy", "sample", "--prompt", "a red circle", "--n", "1", "--steps", "2", "--out", str(image)]
@@ -807,9 +863,11 @@ def test_a_planted_tmp_symlink_is_not_followed(tmp_path: Path, writer: str) -> N
     from ppcl.io import write_json, write_text
     from ppcl.toy.images import save_png
 
-    name, write = {"json": ("rows.json", lambda p: write_json({"a": 1}, p)),
-                   "text": ("report.html", lambda p: write_text("<html></html>", p)),
-                   "png": ("grid.png", lambda p: save_png(np.zeros((4, 4, 3), dtype=np.uint8), p))}[writer]
+    name, write = {
+        "json": ("rows.json", lambda p: write_json({"a": 1}, p)),
+        "text": ("report.html", lambda p: write_text("<html></html>", p)),
+        "png": ("grid.png", lambda p: save_png(np.zeros((4, 4, 3), dtype=np.uint8), p)),
+    }[writer]
     victim = tmp_path / "victim.txt"
     victim.write_text("user data")
     (tmp_path / f"{name}.tmp").symlink_to(victim)  # the old fixed temp name
@@ -834,54 +892,106 @@ def test_calibrate_cli_prompt_file_not_utf8(tmp_path: Path, capsys: pytest.Captu
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a red circle\n\xff\xfe latin-1 text\n")
     out = tmp_path / "cal"
-    check_cli_error(capsys, main(["-q", "calibrate", "--prompts", str(prompts), "--out", str(out)]), "not UTF-8",
-                    "byte 13")
+    check_cli_error(
+        capsys, main(["-q", "calibrate", "--prompts", str(prompts), "--out", str(out)]), "not UTF-8", "byte 13"
+    )
     no_partial_output(tmp_path, out)
 
 
-@pytest.mark.parametrize("argv", [
-    ["calibrate", "--num-prompts", "0"], ["calibrate", "--timesteps", "-1"], ["calibrate", "--steps", "0"],
-    ["eval", "--addon", "ADDON", "--repeats", "0"], ["eval", "--addon", "ADDON", "--batches", "0"],
-    ["eval", "--addon", "ADDON", "--batch-size", "0"], ["eval", "--addon", "ADDON", "--per-category", "-2"]])
-def test_zero_or_negative_counts(argv: list[str], addon_copy: Path, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["calibrate", "--num-prompts", "0"],
+        ["calibrate", "--timesteps", "-1"],
+        ["calibrate", "--steps", "0"],
+        ["eval", "--addon", "ADDON", "--repeats", "0"],
+        ["eval", "--addon", "ADDON", "--batches", "0"],
+        ["eval", "--addon", "ADDON", "--batch-size", "0"],
+        ["eval", "--addon", "ADDON", "--per-category", "-2"],
+    ],
+)
+def test_zero_or_negative_counts(
+    argv: list[str], addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [str(addon_copy) if a == "ADDON" else a for a in argv]
     out = tmp_path / ("out.json" if argv[0] == "eval" else "cal")
     check_cli_error(capsys, main(["-q", *argv, "--out", str(out)]), "must be positive")
     no_partial_output(tmp_path, out)
 
 
-@pytest.mark.parametrize(("argv", "words"), [
-    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--batch-size", "0"], "--batch-size must be positive"),
-    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--max-len", "0"], "--max-len must be positive"),
-    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--cache-tokens", "-5"], "--cache-tokens must be positive"),
-    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--protect-first", "-1"], "must be zero or positive"),
-    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--refine-steps", "-1"], "must be zero or positive"),
-    (["analyze", "--calibration", "MISSING", "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
-    (["plan", "--report", "MISSING", "--out", "OUT", "--width", "--ffn-blocks", "-1"], "--ffn-blocks must be zero"),
-    (["cache", "--pipeline", "MISSING", "--images", "MISSING", "--resolution", "0", "--out", "OUT"],
-     "--resolution must be positive"),
-    (["cache", "--pipeline", "MISSING", "--images", "MISSING", "--resolution", "16", "--shard-size", "0", "--out",
-      "OUT"], "--shard-size must be positive"),
-    (["cache", "--pipeline", "MISSING", "--prompts", "MISSING", "--resolution", "16", "--seed", str(2**32), "--out",
-      "OUT"], "--seed must be a valid seed"),
-    (["generate", "--prompt", "a red circle", "--out", "OUT.png", "--height", "0"], "--height must be positive"),
-    (["generate", "--prompt", "a red circle", "--out", "OUT.png", "--seed", "-3"], "--seed must be a valid seed"),
-    (["demo", "--out", "OUT", "--depth-steps", "0"], "--depth-steps must be positive"),
-    (["demo", "--out", "OUT", "--threads", "0"], "--threads must be positive"),
-    (["toy", "train-teacher", "--out", "OUT", "--batch-size", "0"], "--batch-size must be positive"),
-    (["toy", "train-teacher", "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
-    (["toy", "eval", "--out", "OUT.json", "--seeds", "0"], "--seeds must be positive"),
-    (["toy", "sample", "--prompt", "a red circle", "--out", "OUT.png", "--n", "0"], "--n must be positive"),
-    (["toy", "sample", "--prompt", "a red circle", "--out", "OUT.png", "--steps", "0"], "--steps must be positive"),
-    (["distill", "--plan", PLAN_DIR, "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
-    (["calibrate", "--seeds", "0,-1", "--out", "OUT"], "--seeds out of range")])
-def test_out_of_range_counts_and_seeds_in_every_verb(argv: list[str], words: str, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["analyze", "--calibration", "MISSING", "--out", "OUT", "--batch-size", "0"], "--batch-size must be positive"),
+        (["analyze", "--calibration", "MISSING", "--out", "OUT", "--max-len", "0"], "--max-len must be positive"),
+        (
+            ["analyze", "--calibration", "MISSING", "--out", "OUT", "--cache-tokens", "-5"],
+            "--cache-tokens must be positive",
+        ),
+        (["analyze", "--calibration", "MISSING", "--out", "OUT", "--protect-first", "-1"], "must be zero or positive"),
+        (["analyze", "--calibration", "MISSING", "--out", "OUT", "--refine-steps", "-1"], "must be zero or positive"),
+        (["analyze", "--calibration", "MISSING", "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
+        (["plan", "--report", "MISSING", "--out", "OUT", "--width", "--ffn-blocks", "-1"], "--ffn-blocks must be zero"),
+        (
+            ["cache", "--pipeline", "MISSING", "--images", "MISSING", "--resolution", "0", "--out", "OUT"],
+            "--resolution must be positive",
+        ),
+        (
+            [
+                "cache",
+                "--pipeline",
+                "MISSING",
+                "--images",
+                "MISSING",
+                "--resolution",
+                "16",
+                "--shard-size",
+                "0",
+                "--out",
+                "OUT",
+            ],
+            "--shard-size must be positive",
+        ),
+        (
+            [
+                "cache",
+                "--pipeline",
+                "MISSING",
+                "--prompts",
+                "MISSING",
+                "--resolution",
+                "16",
+                "--seed",
+                str(2**32),
+                "--out",
+                "OUT",
+            ],
+            "--seed must be a valid seed",
+        ),
+        (["generate", "--prompt", "a red circle", "--out", "OUT.png", "--height", "0"], "--height must be positive"),
+        (["generate", "--prompt", "a red circle", "--out", "OUT.png", "--seed", "-3"], "--seed must be a valid seed"),
+        (["demo", "--out", "OUT", "--depth-steps", "0"], "--depth-steps must be positive"),
+        (["demo", "--out", "OUT", "--threads", "0"], "--threads must be positive"),
+        (["toy", "train-teacher", "--out", "OUT", "--batch-size", "0"], "--batch-size must be positive"),
+        (["toy", "train-teacher", "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
+        (["toy", "eval", "--out", "OUT.json", "--seeds", "0"], "--seeds must be positive"),
+        (["toy", "sample", "--prompt", "a red circle", "--out", "OUT.png", "--n", "0"], "--n must be positive"),
+        (["toy", "sample", "--prompt", "a red circle", "--out", "OUT.png", "--steps", "0"], "--steps must be positive"),
+        (["distill", "--plan", PLAN_DIR, "--out", "OUT", "--seed", "-1"], "--seed must be a valid seed"),
+        (["calibrate", "--seeds", "0,-1", "--out", "OUT"], "--seeds out of range"),
+    ],
+)
+def test_out_of_range_counts_and_seeds_in_every_verb(
+    argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Issue 14: every count flag refuses zero / negative values, every seed flag a value numpy cannot take, before
     anything loads or is written."""
-    swap = {"MISSING": str(tmp_path / "missing"), "OUT": str(tmp_path / "out"), "OUT.png": str(tmp_path / "out.png"),
-            "OUT.json": str(tmp_path / "out.json")}
+    swap = {
+        "MISSING": str(tmp_path / "missing"),
+        "OUT": str(tmp_path / "out"),
+        "OUT.png": str(tmp_path / "out.png"),
+        "OUT.json": str(tmp_path / "out.json"),
+    }
     check_cli_error(capsys, main(["-q", *[swap.get(a, a) for a in argv]]), words)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
@@ -935,9 +1045,9 @@ def test_addon_with_non_finite_weights(addon_copy: Path, qwen: nn.Module) -> Non
     check_error(err, ArtefactError, "non-finite", key)
 
 
-def test_merge_cli_never_writes_a_non_finite_model(addon_copy: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_cli_never_writes_a_non_finite_model(
+    addon_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ppcl.cli.merge as cli_merge
 
     def nan_base(args: object) -> nn.Module:

@@ -7,10 +7,8 @@ import math
 
 import pytest
 import torch
-from tiny_models import build_tiny
 
 from ppcl.addon import PruningAddon
-from ppcl.api import plan_from_removed
 from ppcl.analysis.baselines import (
     BlockInfluenceAccumulator,
     every_other_layer,
@@ -20,8 +18,10 @@ from ppcl.analysis.baselines import (
     spans_for_removed,
 )
 from ppcl.analysis.intervals import Interval, blocks_removed, total_cost
+from ppcl.api import plan_from_removed
 from ppcl.errors import ConfigError, PPCLError
 from ppcl.runtime import apply_addon, set_level
+from tiny_models import build_tiny
 
 
 def test_block_influence_streaming_and_mask() -> None:

@@ -36,10 +36,22 @@ P25, P40 = ("depth:12-14", "depth:7-12"), ("depth:12-14", "depth:7-12", "depth:5
 EVERYTHING = (*P40, "depth:2-5")
 
 
-def _propose(targets: tuple[float, ...] = (0.25, 0.4, 0.5), intervals: list[FakeInterval] | None = None,
-             kind: str = "fraction", **kwargs: object) -> PruningPlan:
-    return plan_from_intervals(intervals or TOY, "qwenimage", QWEN, (16,), BLOCKS, targets, kind,  # type: ignore[arg-type]
-                        **kwargs)
+def _propose(
+    targets: tuple[float, ...] = (0.25, 0.4, 0.5),
+    intervals: list[FakeInterval] | None = None,
+    kind: str = "fraction",
+    **kwargs: object,
+) -> PruningPlan:
+    return plan_from_intervals(
+        intervals or TOY,
+        "qwenimage",
+        QWEN,
+        (16,),
+        BLOCKS,
+        targets,
+        kind,  # type: ignore[arg-type]
+        **kwargs,
+    )
 
 
 def _ids(plan: PruningPlan) -> dict[str, tuple[str, ...]]:
@@ -55,8 +67,15 @@ def test_an_expensive_interval_is_refused_and_the_level_undershoots_with_a_note(
     assert plan.block_param_fraction("p40") == pytest.approx(0.375)
     assert "NOT reached: budget guard" in plan.level("p40").description
     guard_note = next(n for n in plan.notes if n.startswith("level p40:"))
-    for part in ("40.0% of block parameters", "37.5% of block parameters", "[2, 4]", "score 0.058", "18.7x",
-                 "0.0031", "limit 10x"):
+    for part in (
+        "40.0% of block parameters",
+        "37.5% of block parameters",
+        "[2, 4]",
+        "score 0.058",
+        "18.7x",
+        "0.0031",
+        "limit 10x",
+    ):
         assert part in guard_note, (part, guard_note)
     refused = plan.provenance["guard"]["refused"]
     assert refused["inclusive"] == [2, 4] and refused["ratio"] == pytest.approx(0.058 / 0.0031)
@@ -125,8 +144,10 @@ def test_bad_guard_factors_are_config_errors(bad: object) -> None:
 def test_identical_levels_are_merged_into_the_first_with_a_note() -> None:
     plan = _propose((0.3, 0.31))  # [12, 13] + [7, 11] = 31.25 % meets both
     assert plan.level_names == ["p30"]
-    assert plan.notes == ["level p31 (target 31.0% of block parameters removed) dropped: it would hold the same 2 "
-                          "intervals as level p30 (31.2% of block parameters removed)"]
+    assert plan.notes == [
+        "level p31 (target 31.0% of block parameters removed) dropped: it would hold the same 2 "
+        "intervals as level p30 (31.2% of block parameters removed)"
+    ]
     assert plan.provenance["dropped_levels"] == [{"name": "p31", "target": 0.31, "same_as": "p30"}]
     # Unreachable targets used to repeat the whole order; now one level holds it.
     blocks = _propose((2, 9, 12), kind="blocks", guard_factor=0)
@@ -146,8 +167,7 @@ def test_no_proposal_of_the_committed_teacher_has_identical_levels() -> None:
     guarded = plan_from_report(report, config, (0.25, 0.4, 0.5))
     assert _ids(guarded) == {"p25": P25, "p40": P40}
     assert any("[2, 4]" in n and "18.9x" in n for n in guarded.notes)  # the report's own scores
-    assert _ids(plan_from_report(report, config, (0.25, 0.375), level_names=("p25", "p40"))) == {"p25": P25,
-                                                                                                  "p40": P40}
+    assert _ids(plan_from_report(report, config, (0.25, 0.375), level_names=("p25", "p40"))) == {"p25": P25, "p40": P40}
     off = plan_from_report(report, config, (0.25, 0.4, 0.5), guard_factor=0)
     assert _ids(off) == {"p25": P25, "p40": EVERYTHING}
     # The committed example plan is the guarded proposal (`ppcl plan --report docs/example-report ...`).
@@ -207,6 +227,19 @@ def test_cli_plan_guard_factor(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["-q", "plan", "--report", str(EXAMPLE), "--out", str(tmp_path / "bad"), "--guard-factor", "0.5"]) == 2
     assert "guard factor" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     # analyze checks the factor before loading anything (the calibration folder does not even exist).
-    assert main(["-q", "analyze", "--calibration", str(tmp_path / "none"), "--out", str(tmp_path / "rep"),
-                 "--guard-factor", "-1"]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "analyze",
+                "--calibration",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "rep"),
+                "--guard-factor",
+                "-1",
+            ]
+        )
+        == 2
+    )
     assert "guard factor" in capsys.readouterr().err

@@ -14,8 +14,13 @@ from ppcl.toy.calibrate import calibrate_toy, calibrate_toy_prompts
 from ppcl.toy.sampler import SamplerConfig
 from ppcl.toy.teacher import TEACHER_CONFIG, ToyTeacher
 
-TINY = {**TEACHER_CONFIG, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
-        "axes_dims_rope": (4, 6, 6)}
+TINY = {
+    **TEACHER_CONFIG,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "axes_dims_rope": (4, 6, 6),
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +78,61 @@ def test_bad_requests_are_clear_errors(toy):
 
 
 def _tiny_qwen_pipeline():
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
 
     torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=6,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                              axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=6,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
     # No tokenizer or text encoder: the pipeline takes prompt embeddings directly (nothing to download).
-    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                             tokenizer=None, transformer=transformer)
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
 
 
 def test_qwen_pipeline_capture_pads_prompts_of_different_lengths(tmp_path):
     pipe = _tiny_qwen_pipeline()
     g = torch.Generator().manual_seed(1)
-    embeds = [{"prompt_embeds": torch.randn(1, n, 16, generator=g),
-               "prompt_embeds_mask": torch.ones(1, n, dtype=torch.long),
-               "negative_prompt_embeds": torch.randn(1, 3, 16, generator=g),
-               "negative_prompt_embeds_mask": torch.ones(1, 3, dtype=torch.long)} for n in (5, 4)]
-    calib = calibrate_pipeline(pipe, prompt_embeds=embeds, seeds=(0,), num_inference_steps=4, n_timesteps=2,
-                               height=32, width=32, true_cfg_scale=2.0)
+    embeds = [
+        {
+            "prompt_embeds": torch.randn(1, n, 16, generator=g),
+            "prompt_embeds_mask": torch.ones(1, n, dtype=torch.long),
+            "negative_prompt_embeds": torch.randn(1, 3, 16, generator=g),
+            "negative_prompt_embeds_mask": torch.ones(1, 3, dtype=torch.long),
+        }
+        for n in (5, 4)
+    ]
+    calib = calibrate_pipeline(
+        pipe,
+        prompt_embeds=embeds,
+        seeds=(0,),
+        num_inference_steps=4,
+        n_timesteps=2,
+        height=32,
+        width=32,
+        true_cfg_scale=2.0,
+    )
     # 2 prompts x 2 kept steps x (cond, negative) calls of batch 1
     assert len(calib) == 8
     assert calib.batched["encoder_hidden_states"].shape == (8, 5, 16)
@@ -106,11 +143,21 @@ def test_qwen_pipeline_capture_pads_prompts_of_different_lengths(tmp_path):
     # Padding is masked: replaying a padded sample gives the unpadded call's output.
     batch = next(loaded.batches(1))
     padded = pipe.transformer(**batch, return_dict=False)[0]
-    trimmed = {**batch, "encoder_hidden_states": batch["encoder_hidden_states"][:, :5],
-               "encoder_hidden_states_mask": batch["encoder_hidden_states_mask"][:, :5]}
+    trimmed = {
+        **batch,
+        "encoder_hidden_states": batch["encoder_hidden_states"][:, :5],
+        "encoder_hidden_states_mask": batch["encoder_hidden_states_mask"][:, :5],
+    }
     torch.testing.assert_close(padded, pipe.transformer(**trimmed, return_dict=False)[0])
     second = list(loaded.batches(1))[1]
-    short = {**second, "encoder_hidden_states": second["encoder_hidden_states"][:, :3],
-             "encoder_hidden_states_mask": second["encoder_hidden_states_mask"][:, :3]}
-    torch.testing.assert_close(pipe.transformer(**second, return_dict=False)[0],
-                               pipe.transformer(**short, return_dict=False)[0], rtol=1e-4, atol=1e-5)
+    short = {
+        **second,
+        "encoder_hidden_states": second["encoder_hidden_states"][:, :3],
+        "encoder_hidden_states_mask": second["encoder_hidden_states_mask"][:, :3],
+    }
+    torch.testing.assert_close(
+        pipe.transformer(**second, return_dict=False)[0],
+        pipe.transformer(**short, return_dict=False)[0],
+        rtol=1e-4,
+        atol=1e-5,
+    )

@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_distill import EARLY, LATE, FixedData, _plan, student_inputs
-from tiny_models import build_tiny
 
 from ppcl.addon import PruningAddon, student_key
 from ppcl.arch import get_spec
@@ -19,6 +17,8 @@ from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.errors import ConfigError
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import apply_addon, remove_addon, set_level
+from test_distill import EARLY, LATE, FixedData, _plan, student_inputs
+from tiny_models import build_tiny
 
 
 def _perturbed_addon(model: torch.nn.Module, plan: PruningPlan) -> PruningAddon:
@@ -58,8 +58,15 @@ def test_chain_runs_kept_teacher_blocks_between_spans() -> None:
     model, inputs = case.model, case.make_inputs(1)
     spec = get_spec(model)
     reps = [DepthReplacement(Span(1, 3)), DepthReplacement(Span(4, 6))]  # block 3 is kept between the spans
-    plan = PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps,
-                       [Level("all", ("depth:1-3", "depth:4-6"))], protect_first=1, protect_last=0).validate()
+    plan = PruningPlan(
+        spec.name,
+        type(model).__name__,
+        tuple(spec.stack_sizes(model)),
+        reps,
+        [Level("all", ("depth:1-3", "depth:4-6"))],
+        protect_first=1,
+        protect_last=0,
+    ).validate()
     addon = PruningAddon.from_plan(model, plan)
     with torch.no_grad():
         for p in addon.students[student_key("depth:1-3")].parameters():
@@ -69,8 +76,9 @@ def test_chain_runs_kept_teacher_blocks_between_spans() -> None:
         case.forward(inputs)
     step = DepthStep(model, addon.students, depth_replacements(plan), chain_mix=1.0, plan=plan)
     seen = _student_inputs(step, addon, inputs)
-    assert torch.allclose(seen[student_key("depth:4-6")]["hidden_states"], pruned[4][0].kwargs["hidden_states"],
-                          atol=1e-6)
+    assert torch.allclose(
+        seen[student_key("depth:4-6")]["hidden_states"], pruned[4][0].kwargs["hidden_states"], atol=1e-6
+    )
     remove_addon(model)
 
 
@@ -120,8 +128,9 @@ def test_chain_groups_follow_the_levels() -> None:
     groups = chain_groups(plan, depth_replacements(plan))
     assert [[r.id for r in g] for g in groups] == [[EARLY, LATE]]  # single spans have no chain; duplicates once
     with pytest.raises(ConfigError):
-        DepthStep(case.model, PruningAddon.from_plan(case.model, plan).students, depth_replacements(plan),
-                  chain_mix=0.5)  # no plan
+        DepthStep(
+            case.model, PruningAddon.from_plan(case.model, plan).students, depth_replacements(plan), chain_mix=0.5
+        )  # no plan
     with pytest.raises(ConfigError):
         DistillConfig(chain_mix=1.5).validate()
 

@@ -57,7 +57,7 @@ def test_accumulator_equals_one_shot() -> None:
     x, y = feats(400, 12, 8) + 5.0, feats(400, 6, 9) - 2.0
     mask = torch.arange(400) % 3 != 0
     acc = CKAAccumulator(12, 6)
-    for bx, by, bm in zip(x.split(90), y.split(90), mask.split(90)):
+    for bx, by, bm in zip(x.split(90), y.split(90), mask.split(90), strict=False):
         acc.update(bx, by, mask=bm)
     assert acc.n_tokens == int(mask.sum())
     assert acc.value() == pytest.approx(linear_cka(x[mask], y[mask]), rel=1e-10)

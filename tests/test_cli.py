@@ -24,7 +24,9 @@ def test_ground_truth_eval_writes_the_documented_keys(tmp_path):
 def test_user_error_is_one_line_and_exit_code_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ppcl", "toy", "eval", "--per-category", "0", "--out", str(tmp_path / "x.json")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -49,8 +51,10 @@ def test_calibrate_analyze_plan_on_the_toy_teacher(tmp_path):
     assert (rep / "report.md").is_file() and (rep / "plots" / "depth_axis.png").is_file()
     assert (rep / "plan" / "plan.json").is_file()
     # On this calibration the b2 level already removes 4 blocks: a b4 level would be identical, so it is dropped.
-    assert main(["-q", "plan", "--report", str(rep), "--out", str(plan), "--targets", "2,4,5",
-                 "--target-kind", "blocks"]) == 0
+    assert (
+        main(["-q", "plan", "--report", str(rep), "--out", str(plan), "--targets", "2,4,5", "--target-kind", "blocks"])
+        == 0
+    )
     written = json.loads((plan / "plan.json").read_text())
     assert [lv["name"] for lv in written["levels"]] == ["b2", "b5"]
     assert any(note.startswith("level b4 ") and "dropped" in note for note in written["notes"])
@@ -67,23 +71,93 @@ def test_distill_eval_merge_inspect_on_the_toy_teacher(tmp_path, capsys):
 
     cal, rep, run, merged = (tmp_path / n for n in ("cal", "rep", "run", "merged"))
     assert main(["-q", "calibrate", "--out", str(cal), "--num-prompts", "4", "--timesteps", "2"]) == 0
-    assert main(["-q", "analyze", "--calibration", str(cal), "--out", str(rep), "--targets", "2,4",
-                 "--target-kind", "blocks"]) == 0
-    assert main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(run), "--steps", "3",
-                 "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "analyze",
+                "--calibration",
+                str(cal),
+                "--out",
+                str(rep),
+                "--targets",
+                "2,4",
+                "--target-kind",
+                "blocks",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(run), "--steps", "3", "--batch-size", "4"])
+        == 0
+    )
     assert (run / "addon" / "ppcl_addon.json").is_file() and (run / "metrics.jsonl").is_file()
     # --shard (FSDP2 over a one-process group here) trains the same weights; sequential mode cannot be sharded.
     sharded = tmp_path / "sharded"
-    assert main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(sharded), "--steps", "3",
-                 "--batch-size", "4", "--shard"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "distill",
+                "--plan",
+                str(rep / "plan"),
+                "--out",
+                str(sharded),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--shard",
+            ]
+        )
+        == 0
+    )
     want, got = (load_file(str(r / "addon" / "ppcl_addon.safetensors")) for r in (run, sharded))
     assert want.keys() == got.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
-    assert main(["-q", "distill", "--plan", str(rep / "plan"), "--out", str(tmp_path / "seq"), "--steps", "3",
-                 "--mode", "sequential", "--shard"]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "distill",
+                "--plan",
+                str(rep / "plan"),
+                "--out",
+                str(tmp_path / "seq"),
+                "--steps",
+                "3",
+                "--mode",
+                "sequential",
+                "--shard",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "seq").exists()
     out = tmp_path / "eval.json"
-    assert main(["-q", "eval", "--addon", str(run / "addon"), "--out", str(out), "--repeats", "2", "--batches", "1",
-                 "--batch-size", "4", "--per-category", "1", "--psnr-per-category", "1"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "eval",
+                "--addon",
+                str(run / "addon"),
+                "--out",
+                str(out),
+                "--repeats",
+                "2",
+                "--batches",
+                "1",
+                "--batch-size",
+                "4",
+                "--per-category",
+                "1",
+                "--psnr-per-category",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())
     assert rows["teacher"]["guided_nmse"] == 0 and rows["b4"]["guided_nmse"] > 0 and rows["b4"]["psnr_db"] > 0
     assert len(rows["b4"]["x0_nmse"]) == 4

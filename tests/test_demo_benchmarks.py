@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from bench_loader import benchmark_module
-
 from ppcl.demo import DemoConfig
 
 
@@ -17,12 +16,29 @@ def test_variants_parse_and_tabulate() -> None:
         assert overrides == {"depth_steps": 450, "lr": 1e-3, "width_base": "p25", "text_cka_threshold": None}
         assert bench.parse_variant("default:") == ("default", {})
         config = {**asdict(DemoConfig.full()), "depth_steps": 450}
-        level = {"block_params_removed": 0.3, "R": 0.05, "guided_nmse": 0.06, "psnr_db": 20.0,
-                 "shapes_eval": {"single": 0.9, "two_objects": 0.5, "position": 0.8, "color": 1.0,
-                                 "strict": {"single": 0.9, "two_objects": 0.4, "position": 0.8, "color": 1.0}}}
-        teacher = {"R": 0.0, "shapes_eval": {"single": 1.0, "two_objects": 0.8, "position": 1.0, "color": 1.0,
-                                             "strict": {"single": 1.0, "two_objects": 0.8, "position": 1.0,
-                                                        "color": 1.0}}}
+        level = {
+            "block_params_removed": 0.3,
+            "R": 0.05,
+            "guided_nmse": 0.06,
+            "psnr_db": 20.0,
+            "shapes_eval": {
+                "single": 0.9,
+                "two_objects": 0.5,
+                "position": 0.8,
+                "color": 1.0,
+                "strict": {"single": 0.9, "two_objects": 0.4, "position": 0.8, "color": 1.0},
+            },
+        }
+        teacher = {
+            "R": 0.0,
+            "shapes_eval": {
+                "single": 1.0,
+                "two_objects": 0.8,
+                "position": 1.0,
+                "color": 1.0,
+                "strict": {"single": 1.0, "two_objects": 0.8, "position": 1.0, "color": 1.0},
+            },
+        }
         run = {"config": config, "timings": {"total": 600.0}, "levels": {"teacher": teacher, "p25": level}}
         text = bench.table({"long": run})
         assert "{'depth_steps': 450}" in text and "| 10.0 |" in text

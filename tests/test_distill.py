@@ -10,14 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny
 
 from ppcl.addon import PruningAddon, student_key
 from ppcl.arch import get_spec
 from ppcl.data.calibration import CalibrationSet
 from ppcl.data.recorder import ActivationRecorder
 from ppcl.distill.data import CalibrationData, DistillData
-from ppcl.toy.distill_data import ToyDistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.losses import depth_loss, normalized_mse
 from ppcl.distill.run_folder import read_trainer_state
@@ -25,6 +23,8 @@ from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import active_level, apply_addon, remove_addon
+from ppcl.toy.distill_data import ToyDistillData
+from tiny_models import TinyCase, build_tiny
 
 # ------------------------------------------------------------------------------------------------------- losses
 
@@ -83,9 +83,19 @@ def test_depth_loss_sums_present_streams() -> None:
 def toy_teacher() -> Any:
     from ppcl.toy.teacher import ToyTeacher
 
-    return ToyTeacher.build(seed=0, config={"patch_size": 4, "in_channels": 48, "out_channels": 3, "num_layers": 2,
-                                            "attention_head_dim": 16, "num_attention_heads": 2,
-                                            "joint_attention_dim": 64, "axes_dims_rope": (4, 6, 6)})
+    return ToyTeacher.build(
+        seed=0,
+        config={
+            "patch_size": 4,
+            "in_channels": 48,
+            "out_channels": 3,
+            "num_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 64,
+            "axes_dims_rope": (4, 6, 6),
+        },
+    )
 
 
 def test_toy_data_is_deterministic_per_step(toy_teacher: Any) -> None:
@@ -112,10 +122,16 @@ def test_toy_data_is_deterministic_per_step(toy_teacher: Any) -> None:
 
 def test_calibration_data_cycles_seeded_shuffles() -> None:
     n = 10
-    cal = CalibrationSet("qwenimage", "QwenImageTransformer2DModel", "x",
-                         batched={"hidden_states": torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 2, 3),
-                                  "timestep": torch.arange(n, dtype=torch.float32)},
-                         lists={"img_shapes": [[(1, i, 1)] for i in range(n)]})
+    cal = CalibrationSet(
+        "qwenimage",
+        "QwenImageTransformer2DModel",
+        "x",
+        batched={
+            "hidden_states": torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 2, 3),
+            "timestep": torch.arange(n, dtype=torch.float32),
+        },
+        lists={"img_shapes": [[(1, i, 1)] for i in range(n)]},
+    )
     data = CalibrationData(cal, batch_size=3, seed=1)
     assert data.batches_per_epoch == 3
     epoch0 = np.concatenate([data.indices(s) for s in range(3)])
@@ -140,8 +156,15 @@ def _plan(case: TinyCase, levels: list[Level] | None = None) -> PruningPlan:
     spec = get_spec(case.model)
     reps = [DepthReplacement(Span(1, 3)), DepthReplacement(Span(3, 5))]
     levels = levels or [Level("early", (EARLY,)), Level("all", (EARLY, LATE))]
-    return PruningPlan(spec.name, type(case.model).__name__, tuple(spec.stack_sizes(case.model)), reps, levels,
-                       protect_first=1, protect_last=1).validate()
+    return PruningPlan(
+        spec.name,
+        type(case.model).__name__,
+        tuple(spec.stack_sizes(case.model)),
+        reps,
+        levels,
+        protect_first=1,
+        protect_last=1,
+    ).validate()
 
 
 class FixedData:
@@ -171,8 +194,9 @@ def test_nonsequential_lowers_loss_and_changes_students_only(name: str, tmp_path
     base = {k: v.clone() for k, v in model.state_dict().items()}
     addon = PruningAddon.from_plan(model, _plan(case))
     before = {k: v.clone() for k, v in addon.state_dict().items()}
-    config = DistillConfig(steps=6, lr=2e-3, warmup=0, schedule="constant", batch_size=2, log_every=1,
-                           checkpoint_every=0)
+    config = DistillConfig(
+        steps=6, lr=2e-3, warmup=0, schedule="constant", batch_size=2, log_every=1, checkpoint_every=0
+    )
     out = distill_depth(model, addon, FixedData(case), config, tmp_path)
     assert out is addon
     rows = _rows(tmp_path)
@@ -191,8 +215,9 @@ def test_nonsequential_lowers_loss_and_changes_students_only(name: str, tmp_path
     assert all(torch.equal(v, addon.state_dict()[k]) for k, v in saved.state_dict().items())
 
 
-def student_inputs(step: DepthStep, addon: PruningAddon, inputs: dict[str, Any]
-                   ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+def student_inputs(
+    step: DepthStep, addon: PruningAddon, inputs: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """Run ``step`` on ``inputs``; the keyword arguments each student was first called with, and the losses."""
     seen: dict[str, dict[str, Any]] = {}
 
@@ -301,8 +326,9 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
-    config = DistillConfig(steps=4, lr=1e-3, warmup=1, batch_size=2, gradient_accumulation=2, checkpoint_every=1,
-                           log_every=1)
+    config = DistillConfig(
+        steps=4, lr=1e-3, warmup=1, batch_size=2, gradient_accumulation=2, checkpoint_every=1, log_every=1
+    )
 
     def run(out: Path, **kwargs: Any) -> PruningAddon:
         case = build_tiny("qwenimage")
@@ -350,8 +376,7 @@ def test_lr_inf_stops_keeps_a_finite_checkpoint_and_a_resume_at_a_sane_lr_comple
     sane = DistillConfig(steps=4, batch_size=2, checkpoint_every=1, log_every=1, lr=1e-3)
     distill_depth(model, addon, FixedData(case), sane, tmp_path, stop_at=2)
     with pytest.raises(TrainingError, match="not finite after step 3 of 4") as err:
-        distill_depth(model, addon, FixedData(case), dataclasses.replace(sane, lr=float("inf")), tmp_path,
-                      resume=True)
+        distill_depth(model, addon, FixedData(case), dataclasses.replace(sane, lr=float("inf")), tmp_path, resume=True)
     assert "checkpoint of this step was not written" in str(err.value) and "--resume --lr" in str(err.value)
     assert read_trainer_state(tmp_path / "checkpoint")["step"] == 2
     kept = PruningAddon.from_pretrained(tmp_path / "checkpoint", model)
@@ -381,7 +406,9 @@ def test_checkpoints_pickle_nothing_and_a_legacy_state_still_resumes_exactly(tmp
     run(tmp_path / "cut", stop_at=2)
     folder = tmp_path / "cut" / "checkpoint"
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("trainer_state")) == [
-        "trainer_state.json", "trainer_state.safetensors"]
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pkl", ".bin")]
     state = read_trainer_state(folder)
     torch.save(state, folder / "trainer_state.pt")  # what a checkpoint of an earlier ppcl holds
@@ -417,8 +444,14 @@ def test_resume_refuses_a_change_of_run(tmp_path: Path) -> None:
     config = DistillConfig(steps=4, batch_size=2, checkpoint_every=1, log_every=1)
     distill_depth(case.model, addon, FixedData(case), config, tmp_path, stop_at=2)
     with pytest.raises(ConfigError, match="would train something else") as err:
-        distill_depth(case.model, addon, FixedData(case), dataclasses.replace(config, seed=3, chain_mix=0.0),
-                      tmp_path, resume=True)
+        distill_depth(
+            case.model,
+            addon,
+            FixedData(case),
+            dataclasses.replace(config, seed=3, chain_mix=0.0),
+            tmp_path,
+            resume=True,
+        )
     assert "seed 0 -> 3" in str(err.value) and "chain_mix 0.5 -> 0.0" in str(err.value)
     with pytest.raises(ConfigError, match="trains something else") as err:
         distill_depth(case.model, addon, FixedData(case), config, tmp_path, resume=True, level="early")
@@ -428,8 +461,15 @@ def test_resume_refuses_a_change_of_run(tmp_path: Path) -> None:
 def test_sequential_training_runs_with_checkpointing_and_bf16(tmp_path: Path) -> None:
     case = build_tiny("sd3")
     addon = PruningAddon.from_plan(case.model, _plan(case))
-    config = DistillConfig(mode="sequential", steps=2, batch_size=2, gradient_checkpointing=True,
-                           mixed_precision="bf16", checkpoint_every=0, log_every=1)
+    config = DistillConfig(
+        mode="sequential",
+        steps=2,
+        batch_size=2,
+        gradient_checkpointing=True,
+        mixed_precision="bf16",
+        checkpoint_every=0,
+        log_every=1,
+    )
     distill_depth(case.model, addon, FixedData(case), config, tmp_path)
     rows = _rows(tmp_path)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
@@ -441,12 +481,29 @@ def test_sequential_training_runs_with_checkpointing_and_bf16(tmp_path: Path) ->
 def test_toy_data_drives_the_toy_teacher(tmp_path: Path) -> None:
     from ppcl.toy.teacher import ToyTeacher
 
-    teacher = ToyTeacher.build(seed=0, config={"patch_size": 4, "in_channels": 48, "out_channels": 3, "num_layers": 4,
-                                               "attention_head_dim": 16, "num_attention_heads": 2,
-                                               "joint_attention_dim": 64, "axes_dims_rope": (4, 6, 6)})
+    teacher = ToyTeacher.build(
+        seed=0,
+        config={
+            "patch_size": 4,
+            "in_channels": 48,
+            "out_channels": 3,
+            "num_layers": 4,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 64,
+            "axes_dims_rope": (4, 6, 6),
+        },
+    )
     model = teacher.transformer
-    plan = PruningPlan("qwenimage", type(model).__name__, (4,), [DepthReplacement(Span(1, 3))],
-                       [Level("all", ("depth:1-3",))], protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        "qwenimage",
+        type(model).__name__,
+        (4,),
+        [DepthReplacement(Span(1, 3))],
+        [Level("all", ("depth:1-3",))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     addon = PruningAddon.from_plan(model, plan)
     data = ToyDistillData(teacher, batch_size=2, seed=0, timestep_sampling="logit_normal")
     config = DistillConfig(steps=2, batch_size=2, log_every=1, checkpoint_every=0)

@@ -7,9 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_distill import FixedData, _plan
-from test_width_train import _depth_width_plan
-from tiny_models import TinyCase, build_tiny
 
 from ppcl.addon import PruningAddon
 from ppcl.distill import DistillConfig, distill_depth, distill_width, finetune
@@ -19,6 +16,9 @@ from ppcl.distill.finetune import FinetuneStep
 from ppcl.distill.width import TeacherCapture
 from ppcl.errors import ConfigError
 from ppcl.runtime import apply_addon, remove_addon
+from test_distill import FixedData, _plan
+from test_width_train import _depth_width_plan
+from tiny_models import TinyCase, build_tiny
 
 
 def test_echo_keeps_the_last_batches_up_to_its_capacity() -> None:
@@ -62,14 +62,16 @@ def _count(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[int]:
     return calls
 
 
-def test_echoed_depth_steps_draw_each_batch_k_times_and_run_one_teacher_pass(monkeypatch: pytest.MonkeyPatch,
-                                                                            tmp_path: Path) -> None:
+def test_echoed_depth_steps_draw_each_batch_k_times_and_run_one_teacher_pass(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     case = build_tiny("qwenimage")
     addon = PruningAddon.from_plan(case.model, _plan(case))
     passes = _count(monkeypatch, DepthStep, "teacher_pass")
     data = Recording(case)
-    config = DistillConfig(steps=5, batch_size=2, gradient_accumulation=2, teacher_reuse=2, checkpoint_every=0,
-                           log_every=1)
+    config = DistillConfig(
+        steps=5, batch_size=2, gradient_accumulation=2, teacher_reuse=2, checkpoint_every=0, log_every=1
+    )
     distill_depth(case.model, addon, data, config, tmp_path)
     # Steps 0-1 share micro-batches 0, 1; steps 2-3 share 2, 3; step 4 draws 4, 5.
     assert data.drawn == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5]
@@ -99,8 +101,9 @@ def test_an_echoed_pass_gives_the_losses_of_a_fresh_one() -> None:
 
 
 def test_resume_inside_an_echo_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
-    config = DistillConfig(steps=5, lr=1e-3, warmup=1, batch_size=2, teacher_reuse=2, checkpoint_every=1,
-                           log_every=1, chain_mix=0.5)
+    config = DistillConfig(
+        steps=5, lr=1e-3, warmup=1, batch_size=2, teacher_reuse=2, checkpoint_every=1, log_every=1, chain_mix=0.5
+    )
 
     def run(out: Path, **kwargs: Any) -> PruningAddon:
         case = build_tiny("qwenimage")
@@ -126,6 +129,7 @@ def test_width_and_finetune_echo_their_teacher_pass(monkeypatch: pytest.MonkeyPa
     assert len(teacher) == 2
     # Training the depth students inside the width positions changes what the capture records: never echoed.
     captures.clear()
-    distill_width(case.model, addon, FixedData(case, n=3), config, tmp_path / "width2", "dw", init=False,
-                  train_students=True)
+    distill_width(
+        case.model, addon, FixedData(case, n=3), config, tmp_path / "width2", "dw", init=False, train_students=True
+    )
     assert len(captures) == 4

@@ -29,8 +29,16 @@ from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.benchmark import sample_benchmark
 
-TINY_TOY = {"patch_size": 4, "in_channels": 48, "out_channels": 3, "num_layers": 4, "attention_head_dim": 16,
-            "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (4, 6, 6)}
+TINY_TOY = {
+    "patch_size": 4,
+    "in_channels": 48,
+    "out_channels": 3,
+    "num_layers": 4,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "axes_dims_rope": (4, 6, 6),
+}
 GUIDED_KEYS = ("guided_nmse", "guided_cosine", "direction_nmse", "direction_cosine", "cond_nmse", "uncond_nmse")
 
 
@@ -165,8 +173,15 @@ def test_paired_toy_batches_share_x_t_and_t_with_an_empty_prompt_twin(toy_teache
 @pytest.fixture(scope="module")
 def toy_addon(toy_teacher: Any) -> PruningAddon:
     model = toy_teacher.transformer
-    plan = PruningPlan("qwenimage", type(model).__name__, (4,), [DepthReplacement(Span(1, 3))],
-                       [Level("all", ("depth:1-3",))], protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        "qwenimage",
+        type(model).__name__,
+        (4,),
+        [DepthReplacement(Span(1, 3))],
+        [Level("all", ("depth:1-3",))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     return PruningAddon.from_plan(model, plan)
 
 
@@ -198,8 +213,16 @@ def test_evaluate_levels_reports_guided_metrics(toy_teacher: Any, toy_addon: Pru
 def test_evaluate_levels_with_the_toy_adds_psnr_and_categories(toy_teacher: Any, toy_addon: PruningAddon) -> None:
     model = toy_teacher.transformer
     pairs = paired_toy_batches(toy_teacher, n_batches=1, batch_size=4, seed=0)
-    rows = evaluate_levels(model, toy_addon, [pairs[0][0]], repeats=1, toy=toy_teacher,
-                           shapes_eval={"n_per_category": 1}, paired=pairs, psnr_per_category=1)
+    rows = evaluate_levels(
+        model,
+        toy_addon,
+        [pairs[0][0]],
+        repeats=1,
+        toy=toy_teacher,
+        shapes_eval={"n_per_category": 1},
+        paired=pairs,
+        psnr_per_category=1,
+    )
     assert rows["teacher"]["psnr_db"] is None and _finite(rows["all"]["psnr_db"])
     assert 0 < rows["all"]["psnr_db"] < 100
     assert _finite(rows["all"]["guided_nmse"])
@@ -218,16 +241,32 @@ def test_evaluate_levels_with_the_toy_adds_psnr_and_categories(toy_teacher: Any,
         remove_addon(model)
     assert rows["all"]["psnr_db"] == image_psnr(images["all"], images[None])
     # Without the teacher's images (its scores given), the PSNR samples its own prompts instead.
-    known = evaluate_levels(model, toy_addon, [pairs[0][0]], repeats=1, toy=toy_teacher,
-                            shapes_eval={"n_per_category": 1}, teacher_scores=rows["teacher"]["shapes_eval"],
-                            paired=pairs, psnr_per_category=1)
+    known = evaluate_levels(
+        model,
+        toy_addon,
+        [pairs[0][0]],
+        repeats=1,
+        toy=toy_teacher,
+        shapes_eval={"n_per_category": 1},
+        teacher_scores=rows["teacher"]["shapes_eval"],
+        paired=pairs,
+        psnr_per_category=1,
+    )
     assert _finite(known["all"]["psnr_db"])
     assert known["all"]["shapes_eval"]["overall"] == rows["all"]["shapes_eval"]["overall"]  # same images scored
 
 
 def test_tables_read_old_rows_and_the_strict_score() -> None:
-    base = {"blocks": 4, "params": 1e6, "block_params_removed": 0.0, "flops_ratio": 1.0, "latency_ratio": 1.0,
-            "cosine": 1.0, "nmse": 0.0, "R": 0.0}
+    base = {
+        "blocks": 4,
+        "params": 1e6,
+        "block_params_removed": 0.0,
+        "flops_ratio": 1.0,
+        "latency_ratio": 1.0,
+        "cosine": 1.0,
+        "nmse": 0.0,
+        "R": 0.0,
+    }
     scores = {"overall": 0.5, "single": 0.4, "two_objects": 0.5, "position": 0.6, "color": 0.5}
     old = {"teacher": {**base, "shapes_eval": scores}}  # a results.json from before the guided metrics
     header, cells = level_columns(old)

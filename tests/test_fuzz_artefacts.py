@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_models import build_tiny, two_span_plan
 
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze
@@ -31,6 +30,7 @@ from ppcl.errors import PPCLError
 from ppcl.plan import PruningPlan
 from ppcl.runtime import merge
 from ppcl.runtime.merge_width import MERGED_FILE, load_merged
+from tiny_models import build_tiny, two_span_plan
 
 MUTATIONS = 24  # per file; seeded, so a failure reproduces
 LIMIT_S = 30
@@ -104,12 +104,24 @@ def artefacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
     plan.save(root / "plan")
     addon = PruningAddon.from_plan(model, plan)
     addon.save_pretrained(root / "addon")
-    distill_depth(model, addon, Data(case), DistillConfig(steps=2, batch_size=2, checkpoint_every=1, log_every=1),
-                  root / "run", stop_at=1)
+    distill_depth(
+        model,
+        addon,
+        Data(case),
+        DistillConfig(steps=2, batch_size=2, checkpoint_every=1, log_every=1),
+        root / "run",
+        stop_at=1,
+    )
     merged = root / "merged"
     merge(model, PruningAddon.from_plan(model, plan), "a").save_pretrained(str(merged))
-    record = {"format": "ppcl.merged_width", "format_version": 1, "model_class": type(model).__name__,
-              "level": "a", "substitutions": [], "projection_dtype": "float32"}
+    record = {
+        "format": "ppcl.merged_width",
+        "format_version": 1,
+        "model_class": type(model).__name__,
+        "level": "a",
+        "substitutions": [],
+        "projection_dtype": "float32",
+    }
     (merged / MERGED_FILE).write_text(json.dumps(record))
 
     def load_checkpoint(folder: Path) -> Any:
@@ -120,13 +132,22 @@ def artefacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
         "plan": (root / "plan", ["plan.json"], PruningPlan.load),
         "report": (root / "report", ["report.json", "report.safetensors"], RedundancyReport.load),
         "calibration": (root / "calibration", ["calibration.json", "calibration.safetensors"], CalibrationSet.load),
-        "add-on": (root / "addon", ["ppcl_addon.json", "ppcl_addon.safetensors"],
-                   lambda f: PruningAddon.from_pretrained(f, model)),
-        "trainer state": (root / "run" / "checkpoint", ["trainer_state.json", "trainer_state.safetensors",
-                                                        "ppcl_addon.json", "ppcl_addon.safetensors"], load_checkpoint),
+        "add-on": (
+            root / "addon",
+            ["ppcl_addon.json", "ppcl_addon.safetensors"],
+            lambda f: PruningAddon.from_pretrained(f, model),
+        ),
+        "trainer state": (
+            root / "run" / "checkpoint",
+            ["trainer_state.json", "trainer_state.safetensors", "ppcl_addon.json", "ppcl_addon.safetensors"],
+            load_checkpoint,
+        ),
         "merged model record": (merged, [MERGED_FILE], load_merged),
-        "latent cache": (_latent_cache(root), ["manifest.json", "shard_00000.safetensors", "empty_prompt.safetensors"],
-                         _load_cache),
+        "latent cache": (
+            _latent_cache(root),
+            ["manifest.json", "shard_00000.safetensors", "empty_prompt.safetensors"],
+            _load_cache,
+        ),
     }
 
 
@@ -134,11 +155,11 @@ def _latent_cache(root: Path) -> Path:
     """A two-image latent cache of the tiny FLUX.1 pipeline."""
     import numpy as np
     from PIL import Image
-    from tiny_pipelines import build_flux
 
     import ppcl
     from ppcl.data.images import scan_folder
     from ppcl.data.latent_cache import build_image_cache
+    from tiny_pipelines import build_flux
 
     images = root / "images"
     images.mkdir()
@@ -158,8 +179,9 @@ def _load_cache(folder: Path) -> Any:
     return cache.read(0, [0])
 
 
-@pytest.mark.parametrize("kind", ["plan", "report", "calibration", "add-on", "trainer state", "merged model record",
-                                  "latent cache"])
+@pytest.mark.parametrize(
+    "kind", ["plan", "report", "calibration", "add-on", "trainer state", "merged model record", "latent cache"]
+)
 def test_corrupt_artefacts_fail_cleanly(artefacts: dict, tmp_path: Path, kind: str) -> None:
     folder, files, load = artefacts[kind]
     load(folder)  # the intact artefact loads
@@ -186,7 +208,7 @@ def test_corrupt_artefacts_fail_cleanly(artefacts: dict, tmp_path: Path, kind: s
 def test_the_memory_limit_catches_a_large_allocation() -> None:
     with pytest.raises(AssertionError, match="grew the peak resident memory"), memory_limit(64):
         block = bytearray(200 * 2**20)
-        block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page so it is resident
+        block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
     with memory_limit(64):
         bytearray(2**20)
 

@@ -164,7 +164,7 @@ def test_nested_levels() -> None:
     levels = nested_levels(order, blocks_removed, [4, 6, 8, 100])
     assert [spans(level) for level in levels[:3]] == [[(5, 9)], [(5, 9), (12, 14)], [(5, 9), (12, 14), (2, 4)]]
     assert levels[3] == order
-    for small, large in zip(levels, levels[1:]):
+    for small, large in zip(levels, levels[1:], strict=False):
         assert large[: len(small)] == small
     assert nested_levels(order, [1.0] * 5, [0.5, 3]) == [order[:1], order[:3]]
     with pytest.raises(ConfigError):

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_pipelines import WORDS, build_flux, build_qwen, build_sd3
 
 import ppcl
 from ppcl.cli.main import main
@@ -26,6 +25,7 @@ from ppcl.data.images import (
 from ppcl.data.latent_cache import LatentCache, build_image_cache, build_prompt_cache
 from ppcl.distill.latent_data import LatentCacheData, shift_sigmas
 from ppcl.errors import PPCLError
+from tiny_pipelines import WORDS, build_flux, build_qwen, build_sd3
 
 BUILDERS = {"flux": (build_flux, 16), "sd3": (build_sd3, 16), "qwenimage": (build_qwen, 32)}
 SIZES = [(16, 16), (30, 18), (18, 30), (20, 20)]  # (width, height): square, wide, tall, square
@@ -71,8 +71,15 @@ def test_buckets_keep_pixels_and_pick_closest_aspect() -> None:
 def test_image_cache_matches_direct_vae_encoding(pipes: dict[str, Path], tmp_path: Path) -> None:
     folder = _write_images(tmp_path / "imgs")
     pipe = ppcl.load_pipeline(pipes["flux"])
-    out = build_image_cache(pipe, scan_folder(folder), tmp_path / "cache", 16, pipeline_path=pipes["flux"],
-                            shard_size=1, free_encoders=False)
+    out = build_image_cache(
+        pipe,
+        scan_folder(folder),
+        tmp_path / "cache",
+        16,
+        pipeline_path=pipes["flux"],
+        shard_size=1,
+        free_encoders=False,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "ppcl.LatentCache" and manifest["arch"] == "flux"
     assert manifest["buckets"][0] == [16, 16] and manifest["n_samples"] == 4
@@ -125,8 +132,18 @@ def test_bad_data_is_refused_without_partial_cache(pipes: dict[str, Path], tmp_p
         scan_shards(str(tmp_path / "none-*.tar"))
     for folder in ("nocap", "broken", "empty"):
         out = tmp_path / f"out-{folder}"
-        argv = ["-q", "cache", "--pipeline", str(pipes["flux"]), "--images", str(tmp_path / folder),
-                "--resolution", "16", "--out", str(out)]
+        argv = [
+            "-q",
+            "cache",
+            "--pipeline",
+            str(pipes["flux"]),
+            "--images",
+            str(tmp_path / folder),
+            "--resolution",
+            "16",
+            "--out",
+            str(out),
+        ]
         assert main(argv) == 2 and not out.exists()
     # A failure while encoding (an image gone after the scan) leaves neither the cache nor a temporary folder.
     good = _write_images(tmp_path / "good")
@@ -180,8 +197,16 @@ def test_sigmas_follow_the_scheduler_shift(pipes: dict[str, Path]) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     u = torch.linspace(1.0, 0.05, 20)
-    configs = [{"shift": 3.0}, {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-                                "base_image_seq_len": 16, "max_image_seq_len": 256}]
+    configs = [
+        {"shift": 3.0},
+        {
+            "use_dynamic_shifting": True,
+            "base_shift": 0.5,
+            "max_shift": 1.15,
+            "base_image_seq_len": 16,
+            "max_image_seq_len": 256,
+        },
+    ]
     for config in configs:
         scheduler = FlowMatchEulerDiscreteScheduler(**config)
         mu = 0.5 + (1.15 - 0.5) / (256 - 16) * (64 - 16) if config.get("use_dynamic_shifting") else None
@@ -199,39 +224,133 @@ def test_prompt_cache_and_cli_distill(pipes: dict[str, Path], tmp_path: Path) ->
     for arch in ("flux", "qwenimage"):
         _, res = BUILDERS[arch]
         pipe = ppcl.load_pipeline(pipes[arch])
-        out = build_prompt_cache(pipe, prompts.read_text().splitlines(), tmp_path / f"gen-{arch}", res,
-                                 num_inference_steps=2)
+        out = build_prompt_cache(
+            pipe, prompts.read_text().splitlines(), tmp_path / f"gen-{arch}", res, num_inference_steps=2
+        )
         assert pipe.vae is None and pipe.text_encoder is None
         cache = LatentCache(out)
         assert cache.counts[0] == 2 and cache.manifest["data"]["source"] == "prompts"
-        assert cache.read(0, [0, 1])["latents"].shape == (2, 4, res // (2 if arch == "flux" else 4),
-                                                           res // (2 if arch == "flux" else 4))
+        assert cache.read(0, [0, 1])["latents"].shape == (
+            2,
+            4,
+            res // (2 if arch == "flux" else 4),
+            res // (2 if arch == "flux" else 4),
+        )
     # Same latents as the teacher's own sampling with the recorded seed.
     pipe = ppcl.load_pipeline(pipes["flux"])
     seed = LatentCache(tmp_path / "gen-flux").manifest["data"]["noise_seeds"][0]
-    packed = pipe(prompt="a red circle", height=16, width=16, num_inference_steps=2, output_type="latent",
-                  generator=torch.Generator().manual_seed(seed)).images
-    torch.testing.assert_close(LatentCache(tmp_path / "gen-flux").read(0, [0])["latents"],
-                               pipe._unpack_latents(packed, 16, 16, pipe.vae_scale_factor))
+    packed = pipe(
+        prompt="a red circle",
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+    torch.testing.assert_close(
+        LatentCache(tmp_path / "gen-flux").read(0, [0])["latents"],
+        pipe._unpack_latents(packed, 16, 16, pipe.vae_scale_factor),
+    )
     # CLI: ppcl cache (images, then prompts) + ppcl distill --pipeline --data, 2 steps.
     folder = _write_images(tmp_path / "imgs")
     cache = tmp_path / "cache"
-    assert main(["-q", "cache", "--pipeline", str(pipes["sd3"]), "--images", str(folder), "--resolution", "16",
-                 "--out", str(cache)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "cache",
+                "--pipeline",
+                str(pipes["sd3"]),
+                "--images",
+                str(folder),
+                "--resolution",
+                "16",
+                "--out",
+                str(cache),
+            ]
+        )
+        == 0
+    )
     _write_tar(folder, tmp_path / "shard-000.tar")
-    assert main(["-q", "cache", "--pipeline", str(pipes["sd3"]), "--shards", str(tmp_path / "shard-*.tar"),
-                 "--resolution", "16", "--out", str(tmp_path / "wds")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "cache",
+                "--pipeline",
+                str(pipes["sd3"]),
+                "--shards",
+                str(tmp_path / "shard-*.tar"),
+                "--resolution",
+                "16",
+                "--out",
+                str(tmp_path / "wds"),
+            ]
+        )
+        == 0
+    )
     assert LatentCache(tmp_path / "wds").counts == LatentCache(cache).counts
-    assert main(["-q", "cache", "--pipeline", str(pipes["sd3"]), "--prompts", str(prompts), "--resolution", "16",
-                 "--steps", "2", "--out", str(tmp_path / "gen")]) == 0
-    assert main(["-q", "cache", "--pipeline", str(pipes["sd3"]), "--images", str(folder), "--resolution", "16",
-                 "--out", str(cache)]) == 2  # never overwrites
+    assert (
+        main(
+            [
+                "-q",
+                "cache",
+                "--pipeline",
+                str(pipes["sd3"]),
+                "--prompts",
+                str(prompts),
+                "--resolution",
+                "16",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "-q",
+                "cache",
+                "--pipeline",
+                str(pipes["sd3"]),
+                "--images",
+                str(folder),
+                "--resolution",
+                "16",
+                "--out",
+                str(cache),
+            ]
+        )
+        == 2
+    )  # never overwrites
     model = ppcl.load_pipeline(pipes["sd3"]).transformer
-    plan = PruningPlan("sd3", type(model).__name__, (6,), [DepthReplacement(Span(2, 4))],
-                       [Level("d1", ("depth:2-4",))], protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        "sd3",
+        type(model).__name__,
+        (6,),
+        [DepthReplacement(Span(2, 4))],
+        [Level("d1", ("depth:2-4",))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     plan.save(tmp_path / "plan")
-    run = ["-q", "distill", "--pipeline", str(pipes["sd3"]), "--plan", str(tmp_path / "plan"), "--steps", "2",
-           "--batch-size", "2", "--checkpoint-every", "0"]
+    run = [
+        "-q",
+        "distill",
+        "--pipeline",
+        str(pipes["sd3"]),
+        "--plan",
+        str(tmp_path / "plan"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "0",
+    ]
     for data in (cache, tmp_path / "gen"):
         assert main([*run, "--data", str(data), "--out", str(tmp_path / f"run-{data.name}")]) == 0
         addon = json.loads(next((tmp_path / f"run-{data.name}" / "addon").glob("*.json")).read_text())
@@ -245,8 +364,9 @@ def test_a_manifest_path_leaving_the_cache_is_refused(pipes: dict[str, Path], tm
     """Issue 14 (containment): a shard path from the manifest must resolve inside the cache folder."""
     import json
 
-    out = build_image_cache(ppcl.load_pipeline(pipes["flux"]), scan_folder(_write_images(tmp_path / "img")),
-                            tmp_path / "cache", 16)
+    out = build_image_cache(
+        ppcl.load_pipeline(pipes["flux"]), scan_folder(_write_images(tmp_path / "img")), tmp_path / "cache", 16
+    )
     (tmp_path / "outside.safetensors").write_bytes((out / "shard_00000.safetensors").read_bytes())
     if entry == "link.safetensors":
         (out / entry).symlink_to(tmp_path / "outside.safetensors")
@@ -262,8 +382,9 @@ def test_a_modified_shard_is_refused_on_first_read(pipes: dict[str, Path], tmp_p
     """Issue 14 (integrity): shard hashes are checked the first time training reads a shard, not only by verify()."""
     from safetensors.torch import load_file, save_file
 
-    out = build_image_cache(ppcl.load_pipeline(pipes["flux"]), scan_folder(_write_images(tmp_path / "img")),
-                            tmp_path / "cache", 16)
+    out = build_image_cache(
+        ppcl.load_pipeline(pipes["flux"]), scan_folder(_write_images(tmp_path / "img")), tmp_path / "cache", 16
+    )
     shard = out / "shard_00000.safetensors"
     tensors = load_file(shard)
     tensors["latents"] = tensors["latents"] + 1.0

@@ -17,8 +17,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "ppcl"
 
 RANKS = {
-    "errors": 0, "logging": 0, "faults": 0, "version": 0,
-    "arch": 1, "outputs": 1, "io": 1.5,
+    "errors": 0,
+    "logging": 0,
+    "faults": 0,
+    "version": 0,
+    "arch": 1,
+    "outputs": 1,
+    "io": 1.5,
     "plan": 2,
     "data": 3,
     "toy": 4,
@@ -27,13 +32,26 @@ RANKS = {
     "kinds": 7,
     "addon": 8,
     "runtime": 9,
-    "distill": 10, "eval": 10,
-    "pipeline": 11, "api": 11, "demo": 11,
-    "cli": 12, "__init__": 12, "__main__": 12,
+    "distill": 10,
+    "eval": 10,
+    "pipeline": 11,
+    "api": 11,
+    "demo": 11,
+    "cli": 12,
+    "__init__": 12,
+    "__main__": 12,
 }
 FORBIDDEN = {("addon", "runtime"), ("analysis", "plan"), ("distill", "toy")}
-MATHS = ["analysis/cka.py", "analysis/probes.py", "analysis/probe_refine.py", "analysis/intervals.py",
-         "distill/losses.py", "distill/objective.py", "plan/guard.py", "eval/metrics.py"]
+MATHS = [
+    "analysis/cka.py",
+    "analysis/probes.py",
+    "analysis/probe_refine.py",
+    "analysis/intervals.py",
+    "distill/losses.py",
+    "distill/objective.py",
+    "plan/guard.py",
+    "eval/metrics.py",
+]
 MATHS_MAY_IMPORT = {"ppcl.errors", "ppcl.analysis.probes"}
 MODEL_CODE = ("diffusers", "transformers", "peft", "accelerate")
 
@@ -46,14 +64,20 @@ def _package(path: Path) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def runtime_imports(path: Path) -> list[str]:
     """Every module ``path`` imports at run time (absolute names), TYPE_CHECKING blocks excluded."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
-               for child in node.body for n in ast.walk(child)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     out = []
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -95,8 +119,11 @@ def test_every_package_has_a_rank() -> None:
 
 
 def test_packages_import_only_packages_below_them() -> None:
-    wrong = {f"{a} -> {b} ({', '.join(sorted(set(files)))})" for (a, b), files in package_edges().items()
-             if RANKS[b] >= RANKS[a] and a not in ("__init__", "__main__")}
+    wrong = {
+        f"{a} -> {b} ({', '.join(sorted(set(files)))})"
+        for (a, b), files in package_edges().items()
+        if RANKS[b] >= RANKS[a] and a not in ("__init__", "__main__")
+    }
     assert not wrong, sorted(wrong)
 
 
@@ -121,6 +148,8 @@ def test_maths_modules_import_no_model_code(module: str) -> None:
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     """The checker itself: a function-local import counts, a TYPE_CHECKING one does not."""
     path = tmp_path / "mod.py"
-    path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ppcl.runtime import x\n"
-                    "def f():\n    from ppcl.plan import y\n")
+    path.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ppcl.runtime import x\n"
+        "def f():\n    from ppcl.plan import y\n"
+    )
     assert runtime_imports(path) == ["typing", "ppcl.plan"]

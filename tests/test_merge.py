@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny, two_span_plan
 from torch import nn
 
 from ppcl.addon import PruningAddon
@@ -14,6 +13,7 @@ from ppcl.arch import get_spec
 from ppcl.errors import ConfigError
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import apply_addon, merge, remap_lora_state_dict, set_level
+from tiny_models import TinyCase, build_tiny, two_span_plan
 
 # Block counts per config key after level "b" (spans [1:3] and [3:5] removed one block each).
 EXPECTED_CONFIG = {
@@ -98,8 +98,15 @@ def test_merge_errors() -> None:
     sd35 = build_tiny("sd35").model
     # A student copied from block 3 (no second attention) cannot sit at position 2, which keeps block 2's
     # dual attention in the rewritten config.
-    plan = PruningPlan("sd3", "SD3Transformer2DModel", (6,), [DepthReplacement(Span(2, 4), "last")],
-                       [Level("x", ("depth:2-4",))], protect_first=1, protect_last=1)
+    plan = PruningPlan(
+        "sd3",
+        "SD3Transformer2DModel",
+        (6,),
+        [DepthReplacement(Span(2, 4), "last")],
+        [Level("x", ("depth:2-4",))],
+        protect_first=1,
+        protect_last=1,
+    )
     addon = make_addon(sd35, plan)
     with pytest.raises(ConfigError, match="does not fit its position transformer_blocks.2"):
         merge(sd35, addon, "x")
@@ -141,10 +148,13 @@ def test_remap_lora_state_dict() -> None:
         "transformer.proj_out.lora_A.weight",
     ]
     assert torch.equal(out["transformer.single_transformer_blocks.1.proj_out.lora_B.weight"], torch.full((1,), 2.0))
-    assert dropped == ["transformer.transformer_blocks.2.attn.to_q.lora_A.weight",
-                       "transformer.single_transformer_blocks.1.proj_out.lora_B.weight"]
+    assert dropped == [
+        "transformer.transformer_blocks.2.attn.to_q.lora_A.weight",
+        "transformer.single_transformer_blocks.1.proj_out.lora_B.weight",
+    ]
     qwen_plan = make_plan(build_tiny("qwenimage").model)
     assert remap_lora_state_dict({"transformer_blocks.5.img_mlp.lora_A.weight": 1}, qwen_plan, "b") == {
-        "transformer_blocks.3.img_mlp.lora_A.weight": 1}
+        "transformer_blocks.3.img_mlp.lora_A.weight": 1
+    }
     with pytest.raises(ConfigError, match="names block 9"):
         remap_lora_state_dict({"transformer_blocks.9.attn.to_q.lora_A.weight": 1}, qwen_plan, "b")

@@ -54,11 +54,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mp")
     out = {"one": root / "one", "two": root / "two", "sharded": root / "sharded"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
-    commands = [[sys.executable, str(WORKER), str(out["one"]), "--accumulation", "2", "--more-stages"],
-                [*torchrun, str(out["two"]), "--accumulation", "1", "--more-stages"],
-                [*torchrun, str(out["sharded"]), "--accumulation", "1", "--shard"]]
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in commands]
+    commands = [
+        [sys.executable, str(WORKER), str(out["one"]), "--accumulation", "2", "--more-stages"],
+        [*torchrun, str(out["two"]), "--accumulation", "1", "--more-stages"],
+        [*torchrun, str(out["sharded"]), "--accumulation", "1", "--shard"],
+    ]
+    procs = [
+        subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in commands
+    ]
     for proc in procs:
         log, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, log[-4000:]
@@ -125,7 +129,11 @@ def test_shipped_accelerate_configs_parse() -> None:
     folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
     kinds = {path.stem: load_config_from_file(str(path)) for path in sorted(folder.glob("*.yaml"))}
     assert {k: str(c.distributed_type.value) for k, c in kinds.items()} == {
-        "1gpu": "NO", "ddp_8gpu": "MULTI_GPU", "fsdp_8gpu": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+        "1gpu": "NO",
+        "ddp_8gpu": "MULTI_GPU",
+        "fsdp_8gpu": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
+    }
     assert kinds["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
     assert kinds["fsdp_8gpu"].fsdp_config["fsdp_version"] == 2  # ppcl shards with fully_shard (FSDP2) itself
     assert all(c.num_processes == (1 if k == "1gpu" else 8) for k, c in kinds.items())

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TINY_ARCH_NAMES, build_tiny
 
 from ppcl.arch import FLUX_SPEC, QWENIMAGE_SPEC, SD3_SPEC, get_spec
 from ppcl.errors import ArtefactError, ConfigError, PPCLError
@@ -27,11 +26,25 @@ from ppcl.plan import (
     replacement_from_json,
 )
 from ppcl.plan import plan as plan_module
+from tiny_models import TINY_ARCH_NAMES, build_tiny
 
 QWEN = "QwenImageTransformer2DModel"
 # The authors' public Qwen-Image depth plan (METHOD.md), inclusive flat indices.
-PUBLIC_QWEN_INTERVALS = [(3, 4), (5, 7), (8, 10), (11, 12), (15, 24), (25, 27), (29, 30), (42, 43), (45, 47),
-                         (48, 49), (52, 53), (54, 55), (56, 57)]
+PUBLIC_QWEN_INTERVALS = [
+    (3, 4),
+    (5, 7),
+    (8, 10),
+    (11, 12),
+    (15, 24),
+    (25, 27),
+    (29, 30),
+    (42, 43),
+    (45, 47),
+    (48, 49),
+    (52, 53),
+    (54, 55),
+    (56, 57),
+]
 
 
 def depth(u: int, v: int, init: str = "first") -> DepthReplacement:
@@ -166,10 +179,10 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------------- validation
 def _bad_plans() -> dict[str, tuple[PruningPlan, list[str]]]:
     overlap = qwen_plan([(2, 4), (4, 6)])
-    flux = PruningPlan("flux", "FluxTransformer2DModel", (19, 38), [depth(17, 20)],
-                       [Level("x", ("depth:17-21",))])
-    sd3 = PruningPlan("sd3", "SD3Transformer2DModel", (24,), [depth(20, 23)], [Level("x", ("depth:20-24",))],
-                      protect_last=0)
+    flux = PruningPlan("flux", "FluxTransformer2DModel", (19, 38), [depth(17, 20)], [Level("x", ("depth:17-21",))])
+    sd3 = PruningPlan(
+        "sd3", "SD3Transformer2DModel", (24,), [depth(20, 23)], [Level("x", ("depth:20-24",))], protect_last=0
+    )
     unknown = qwen_plan([(2, 4)])
     unknown.levels.append(Level("typo", ("depth:2-6",)))
     dup_names = qwen_plan([(2, 4)])
@@ -182,8 +195,15 @@ def _bad_plans() -> dict[str, tuple[PruningPlan, list[str]]]:
         "protected first": (qwen_plan([(1, 4)]), ["depth:1-5", "protected block(s) [1]", "first, all"]),
         "protected last": (qwen_plan([(16, 18)]), ["depth:16-19", "protected block(s) [18]"]),
         "single block": (qwen_plan([(5, 5)]), ["depth:5-6", "single block"]),
-        "cross stack": (flux, ["depth:17-21", "crosses a block-stack boundary", "level(s) x",
-                               "transformer_blocks[17:19] + single_transformer_blocks[0:2]"]),
+        "cross stack": (
+            flux,
+            [
+                "depth:17-21",
+                "crosses a block-stack boundary",
+                "level(s) x",
+                "transformer_blocks[17:19] + single_transformer_blocks[0:2]",
+            ],
+        ),
         "sd3 last block": (sd3, ["depth:20-24", "protected block(s) [23]"]),
         "unknown reference": (unknown, ["typo", "depth:2-6"]),
         "duplicate level names": (dup_names, ["['all']", "more than once"]),
@@ -216,9 +236,15 @@ def _tiny_plan(name: str, model: torch.nn.Module) -> PruningPlan:
     spec = get_spec(model)
     sizes = tuple(spec.stack_sizes(model))
     reps = [depth(1, 2), depth(3, 4)]  # 6 flat blocks, protect 1/1; Flux: one span per stack (3 + 3)
-    return PruningPlan(spec.name, type(model).__name__, sizes, reps,
-                       [Level("one", (reps[0].id,)), Level("both", (reps[0].id, reps[1].id))],
-                       protect_first=1, protect_last=1).validate()
+    return PruningPlan(
+        spec.name,
+        type(model).__name__,
+        sizes,
+        reps,
+        [Level("one", (reps[0].id,)), Level("both", (reps[0].id, reps[1].id))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
 
 
 @pytest.mark.parametrize("name", TINY_ARCH_NAMES)
@@ -249,15 +275,25 @@ def test_param_count_rejects_mismatched_plan() -> None:
 def test_real_qwen_image_public_plan_counts() -> None:
     from diffusers import QwenImageTransformer2DModel
 
-    config = {"num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
-              "in_channels": 64, "out_channels": 16, "patch_size": 2, "axes_dims_rope": (16, 56, 56)}
+    config = {
+        "num_layers": 60,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 3584,
+        "in_channels": 64,
+        "out_channels": 16,
+        "patch_size": 2,
+        "axes_dims_rope": (16, 56, 56),
+    }
     with torch.device("meta"):  # defaults must be the real 20B model
         assert dict(QwenImageTransformer2DModel().config).items() >= config.items()
     reps = [depth(u, v) for u, v in PUBLIC_QWEN_INTERVALS]
     plan = PruningPlan("qwenimage", QWEN, (60,), reps, [Level("public", tuple(r.id for r in reps))]).validate()
     count = plan.param_count(config, "public")
-    msg = (f"total={count.total:,} per_block={count.per_block[0]:,} after={count.after:,} "
-           f"removed={count.removed:,} blocks {len(count.per_block)}->{count.blocks_after}")
+    msg = (
+        f"total={count.total:,} per_block={count.per_block[0]:,} after={count.after:,} "
+        f"removed={count.removed:,} blocks {len(count.per_block)}->{count.blocks_after}"
+    )
     assert len(count.per_block) == 60 and count.blocks_after == 35, msg
     assert abs(count.total - 20.43e9) / 20.43e9 < 0.005, msg
     assert set(count.per_block) == {count.per_block[0]} and abs(count.per_block[0] - 339.8e6) < 0.1e6, msg
@@ -274,13 +310,28 @@ class FakeInterval:
     score: float
 
 
-CANDIDATES = [FakeInterval(0, 2, 0.0), FakeInterval(5, 6, 0.3), FakeInterval(8, 11, 0.2), FakeInterval(12, 13, 0.05),
-              FakeInterval(2, 4, 0.1), FakeInterval(3, 5, 0.15), FakeInterval(17, 19, 0.0)]
+CANDIDATES = [
+    FakeInterval(0, 2, 0.0),
+    FakeInterval(5, 6, 0.3),
+    FakeInterval(8, 11, 0.2),
+    FakeInterval(12, 13, 0.05),
+    FakeInterval(2, 4, 0.1),
+    FakeInterval(3, 5, 0.15),
+    FakeInterval(17, 19, 0.0),
+]
 
 
 def _propose(targets: list[float], kind: str = "fraction", **kwargs: object) -> PruningPlan:
-    return plan_from_intervals(CANDIDATES, "qwenimage", QWEN, (20,), [10] * 20, targets, kind,  # type: ignore[arg-type]
-                        **kwargs)
+    return plan_from_intervals(
+        CANDIDATES,
+        "qwenimage",
+        QWEN,
+        (20,),
+        [10] * 20,
+        targets,
+        kind,  # type: ignore[arg-type]
+        **kwargs,
+    )
 
 
 def test_propose_nested_cheapest_first_fraction() -> None:
@@ -321,8 +372,15 @@ def test_propose_ties_init_and_stack_boundaries() -> None:
     plan = plan_from_intervals(ties, "qwenimage", QWEN, (20,), [10] * 20, [0.05], init="middle")
     assert plan.level("p5").replacement_ids == ("depth:3-5",)  # equal scores: earliest position first
     assert plan.replacements[0].init == "middle"
-    flux = plan_from_intervals([FakeInterval(8, 11, 0.0), FakeInterval(12, 14, 0.1)], "flux", "FluxTransformer2DModel",
-                        (10, 10), [20] * 10 + [10] * 10, [1], "blocks")
+    flux = plan_from_intervals(
+        [FakeInterval(8, 11, 0.0), FakeInterval(12, 14, 0.1)],
+        "flux",
+        "FluxTransformer2DModel",
+        (10, 10),
+        [20] * 10 + [10] * 10,
+        [1],
+        "blocks",
+    )
     assert flux.level("b1").replacement_ids == ("depth:12-15",)
     assert "crosses" in flux.provenance["skipped"][0]["reason"]
     assert flux.describe(flux.replacements[0].span) == "single_transformer_blocks[2:5]"
@@ -336,7 +394,15 @@ def test_propose_ties_init_and_stack_boundaries() -> None:
 
 
 def test_sd3_proposals_never_touch_the_last_block() -> None:
-    plan = plan_from_intervals([FakeInterval(20, 23, 0.0), FakeInterval(2, 3, 0.1)], "sd3", "SD3Transformer2DModel", (24,),
-                        [5] * 24, [1], "blocks", protect_last=0)
+    plan = plan_from_intervals(
+        [FakeInterval(20, 23, 0.0), FakeInterval(2, 3, 0.1)],
+        "sd3",
+        "SD3Transformer2DModel",
+        (24,),
+        [5] * 24,
+        [1],
+        "blocks",
+        protect_last=0,
+    )
     assert plan.level("b1").replacement_ids == ("depth:2-4",)
     assert SD3_SPEC.protect_last_block and 23 in plan.protected_blocks()

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distill import _plan
-from test_width_train import _depth_width_plan
-from tiny_models import TinyCase, build_tiny
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
 from ppcl.distill import DistillConfig, distill_depth, distill_width, finetune
 from ppcl.errors import TrainingError
 from ppcl.modules.projection import ResidualLinear
 from ppcl.runtime import apply_addon, remove_addon
+from test_distill import _plan
+from test_width_train import _depth_width_plan
+from tiny_models import TinyCase, build_tiny
 
 # torch on CPU warns once that float32 norm weights on bf16 activations skip its fused kernel: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
@@ -46,8 +46,10 @@ class Data:
         self.case, self.dtype, self.n, self.nan_from = case, dtype, n, nan_from
 
     def batch(self, step: int) -> dict[str, Any]:
-        batch = {k: v.to(BF16).to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                 for k, v in self.case.make_inputs(step % self.n).items()}
+        batch = {
+            k: v.to(BF16).to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in self.case.make_inputs(step % self.n).items()
+        }
         if self.nan_from is not None and step >= self.nan_from:
             batch["hidden_states"] = torch.full_like(batch["hidden_states"], float("nan"))
         return batch
@@ -57,8 +59,15 @@ class Data:
 
 
 def _config(**kwargs: Any) -> DistillConfig:
-    base = {"steps": 6, "lr": 1e-5, "warmup": 0, "schedule": "constant", "batch_size": 2, "log_every": 1,
-            "checkpoint_every": 0}
+    base = {
+        "steps": 6,
+        "lr": 1e-5,
+        "warmup": 0,
+        "schedule": "constant",
+        "batch_size": 2,
+        "log_every": 1,
+        "checkpoint_every": 0,
+    }
     return DistillConfig(**{**base, **kwargs})
 
 
@@ -90,8 +99,9 @@ class DtypeSpy:
         self.seen: set[tuple[torch.dtype, bool, torch.dtype]] = set()
 
     def __call__(self, module: torch.nn.Module, args: Any) -> None:
-        self.seen |= {(p.dtype, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-                      for p in module.parameters()}
+        self.seen |= {
+            (p.dtype, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")) for p in module.parameters()
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------- depth
@@ -181,8 +191,16 @@ def test_width_on_a_bf16_base_trains_student_and_projections_in_fp32(tmp_path: P
         case = _case("qwenimage", dtype)
         addon = PruningAddon.from_plan(case.model, _depth_width_plan(case))
         before = {k: v.clone() for k, v in addon.state_dict().items()}
-        distill_width(case.model, addon, Data(case, dtype), _config(), tmp_path / str(dtype), "dw", init=False,
-                      train_students=True)
+        distill_width(
+            case.model,
+            addon,
+            Data(case, dtype),
+            _config(),
+            tmp_path / str(dtype),
+            "dw",
+            init=False,
+            train_students=True,
+        )
         runs[dtype] = (case, addon, before)
     case, addon, before = runs[BF16]
     ref, got = _masters(tmp_path / str(torch.float32)), _masters(tmp_path / str(BF16))
@@ -239,8 +257,11 @@ def test_a_float32_student_hands_the_next_block_the_base_dtype() -> None:
     student.forward = lambda *a, **k: tuple(t.float() for t in plain(*a, **k))  # type: ignore[method-assign]
     seen: list[torch.dtype] = []
     handle = case.model.transformer_blocks[3].register_forward_pre_hook(
-        lambda m, a, k: seen.extend(v.dtype for v in k.values() if isinstance(v, torch.Tensor)
-                                    and v.is_floating_point() and v.dim() == 3), with_kwargs=True)
+        lambda m, a, k: seen.extend(
+            v.dtype for v in k.values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 3
+        ),
+        with_kwargs=True,
+    )
     apply_addon(case.model, addon, "early")
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         out = case.forward(Data(case, BF16).batch(0))
@@ -265,12 +286,38 @@ def test_cli_distill_with_dtype_bf16_trains_fp32_masters(tmp_path: Path) -> None
     from ppcl.toy.teacher import load_card
 
     blocks = int(load_card()["config"]["num_layers"])
-    plan = PruningPlan("qwenimage", "QwenImageTransformer2DModel", (blocks,), [DepthReplacement(Span(4, 6))],
-                       [Level("a", ("depth:4-6",))], protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        "qwenimage",
+        "QwenImageTransformer2DModel",
+        (blocks,),
+        [DepthReplacement(Span(4, 6))],
+        [Level("a", ("depth:4-6",))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     plan.save(tmp_path / "plan")
     run = tmp_path / "run"
-    assert main(["-q", "distill", "--plan", str(tmp_path / "plan"), "--out", str(run), "--steps", "2",
-                 "--batch-size", "2", "--lr", "1e-5", "--dtype", "bf16"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "distill",
+                "--plan",
+                str(tmp_path / "plan"),
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-5",
+                "--dtype",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     assert {v.dtype for v in _masters(run).values()} == {torch.float32}
     assert {v.dtype for v in load_file(str(run / "addon" / WEIGHTS_FILE)).values()} == {BF16}
     manifest = json.loads((run / "addon" / "ppcl_addon.json").read_text())

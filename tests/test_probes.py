@@ -40,7 +40,7 @@ def test_masked_batches_equal_one_shot() -> None:
     # Feed in (B, S, D) batches with garbage in the masked-out (padding) slots.
     streamed = ProbeAccumulator(D)
     g = torch.Generator().manual_seed(5)
-    for chunk_x, chunk_y in zip(x.split(100), y.split(100)):
+    for chunk_x, chunk_y in zip(x.split(100), y.split(100), strict=False):
         mask = torch.ones(2, 80, dtype=torch.bool)
         mask[:, 50:] = False
         bx = torch.randn(2, 80, D, generator=g, dtype=torch.float64) * 1e3
@@ -48,14 +48,14 @@ def test_masked_batches_equal_one_shot() -> None:
         bx[mask], by[mask] = chunk_x, chunk_y
         streamed.update(bx, by, weight_mask=mask)
     assert streamed.n_tokens == one.n_tokens == 600
-    for a, b in zip(streamed.gram(), one.gram()):
+    for a, b in zip(streamed.gram(), one.gram(), strict=False):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-12)
     p1, p2 = one.solve(1e-4, dtype=torch.float64), streamed.solve(1e-4, dtype=torch.float64)
     torch.testing.assert_close(p1.W, p2.W, atol=1e-10, rtol=0)
     # A noiseless planted map is still recovered exactly from masked batches.
     x, y, A, c = planted(300, seed=2)
     acc = ProbeAccumulator(D)
-    for chunk_x, chunk_y in zip(x.split(70), y.split(70)):
+    for chunk_x, chunk_y in zip(x.split(70), y.split(70), strict=False):
         padded_x = torch.cat([chunk_x, torch.full((5, D), 99.0, dtype=torch.float64)])
         padded_y = torch.cat([chunk_y, torch.zeros(5, D, dtype=torch.float64)])
         mask = torch.arange(len(padded_x)) < len(chunk_x)
@@ -72,7 +72,7 @@ def test_merge_equals_one_shot() -> None:
     b.update(x[150:], y[150:])
     a.merge(b)
     assert a.n_tokens == 400
-    for s, t in zip(a.gram(), one.gram()):
+    for s, t in zip(a.gram(), one.gram(), strict=False):
         torch.testing.assert_close(s, t, atol=1e-9, rtol=1e-12)
     assert a.fit().rel_error == pytest.approx(one.fit().rel_error, rel=1e-9)
 

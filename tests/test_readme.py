@@ -25,8 +25,12 @@ def test_api_snippet_fits_in_15_lines() -> None:
 def test_api_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ppcl
 
-    small = (_api_snippet().replace("steps=600", "steps=2").replace("batch_size=32", "batch_size=4")
-             .replace("num_prompts=32", "num_prompts=4"))
+    small = (
+        _api_snippet()
+        .replace("steps=600", "steps=2")
+        .replace("batch_size=32", "batch_size=4")
+        .replace("num_prompts=32", "num_prompts=4")
+    )
     assert small != _api_snippet()  # the substitutions still match the README
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

@@ -13,6 +13,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from bench_loader import benchmark_module
+
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
@@ -28,16 +30,15 @@ def _tiny_teacher(bench: ModuleType) -> torch.nn.Module:
     return QwenImageTransformer2DModel(**bench.TINY)
 
 
-from bench_loader import benchmark_module
-
-
-def test_tiny_run_both_checkpointing_settings(bench: ModuleType, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_run_both_checkpointing_settings(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     results_md = tmp_path / "RESULTS.md"
     monkeypatch.setattr(bench, "append", lambda *a: results_md.write_text("appended"))  # must not be called
     out = tmp_path / "r.json"
-    result = bench.main(["--tiny", "--device", "cpu", "--steps", "2", "--no-append", "--json", str(out),
-                         "--tmp-root", str(tmp_path)])
+    result = bench.main(
+        ["--tiny", "--device", "cpu", "--steps", "2", "--no-append", "--json", str(out), "--tmp-root", str(tmp_path)]
+    )
     assert not results_md.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ppcl_distill_step_")]  # run folders deleted
     saved = json.loads(out.read_text())
@@ -45,8 +46,12 @@ def test_tiny_run_both_checkpointing_settings(bench: ModuleType, tmp_path: Path,
     assert [saved["runs"][k]["gradient_checkpointing"] for k in ("off", "on")] == [False, True]
     for run in saved["runs"].values():
         assert run["out_of_memory"] is False and len(run["step_seconds"]) == 2
-        times = [*run["step_seconds"], run["first_step_s"], run["later_steps_median_s"],
-                 run["trainer_seconds_per_step"]]
+        times = [
+            *run["step_seconds"],
+            run["first_step_s"],
+            run["later_steps_median_s"],
+            run["trainer_seconds_per_step"],
+        ]
         assert all(math.isfinite(t) and t > 0 for t in times), run
         assert math.isfinite(run["final_loss"])
         assert run["peak_allocated_gb"] is None and run["memory_before_training_gb"] is None  # CPU: not measured
@@ -73,7 +78,8 @@ def test_several_spans_and_data(bench: ModuleType) -> None:
     addon, dtype = bench.make_students(teacher, plan)
     blocks = _tiny_teacher(bench).transformer_blocks
     assert sum(p.numel() for p in addon.students.parameters()) == sum(
-        p.numel() for i in (15, 42) for p in blocks[i].parameters())
+        p.numel() for i in (15, 42) for p in blocks[i].parameters()
+    )
     assert dtype == "float32" and all(p.dtype == torch.float32 for p in addon.students.parameters())
     data = bench.SyntheticBatches(bench.TINY, 128, 128, 16, torch.device("cpu"), torch.bfloat16)
     first, again, other = data.batch(3), data.batch(3), data.batch(4)

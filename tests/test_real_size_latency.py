@@ -9,8 +9,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from bench_loader import benchmark_module
 
+from bench_loader import benchmark_module
 from ppcl.modules.projection import ResidualLinear
 
 

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny
 
 from ppcl.arch import get_spec
 from ppcl.data import ActivationRecorder, recall
 from ppcl.errors import ConfigError
+from tiny_models import TinyCase, build_tiny
 
 
 def assert_same(a: Any, b: Any) -> None:

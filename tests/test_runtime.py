@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import TinyCase, build_tiny, two_span_plan
 from torch import nn
 
 from ppcl.addon import PruningAddon, student_key
@@ -15,6 +14,7 @@ from ppcl.arch import get_spec
 from ppcl.errors import AddonMismatchError, ConfigError, PPCLError
 from ppcl.plan import PruningPlan
 from ppcl.runtime import active_level, apply_addon, disabled, remove_addon, set_level
+from tiny_models import TinyCase, build_tiny, two_span_plan
 
 
 def make_plan(model: nn.Module) -> PruningPlan:
@@ -34,8 +34,9 @@ class _Passthrough(nn.Module):
     """Reference for a skipped block, written independently of ArchSpec: every supported block takes
     (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states, hidden_states)."""
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, *args: Any,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return encoder_hidden_states, hidden_states
 
 
@@ -65,8 +66,7 @@ def test_levels_switch_and_match_a_manual_computation(tiny_case: TinyCase) -> No
         set_level(model, level)
         assert active_level(model) == level
         outputs[level] = tiny_case.forward(inputs)
-        torch.testing.assert_close(outputs[level], _manual_reference(plain, addon, level, inputs),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(outputs[level], _manual_reference(plain, addon, level, inputs), rtol=0, atol=1e-5)
         assert not torch.allclose(outputs[level], original)
     assert not torch.allclose(outputs["a"], outputs["b"])
     with disabled(model):

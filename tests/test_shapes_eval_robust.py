@@ -11,8 +11,8 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from bench_loader import benchmark_module
 
+from bench_loader import benchmark_module
 from ppcl.toy.benchmark import score_images
 from ppcl.toy.shapes_eval import (
     CATEGORIES,
@@ -61,8 +61,14 @@ def ground_truth(cal: ModuleType, prompts: list[Prompt]) -> tuple[list[Prompt], 
 @pytest.fixture(scope="module")
 def perturbed(cal: ModuleType, ground_truth: tuple[list[Prompt], np.ndarray]) -> dict[str, np.ndarray]:
     gt = ground_truth[1]
-    return {"ground truth": gt, "blur": cal.blur(gt, 0.75), "erode": cal.erode(gt), "dilate": cal.dilate(gt),
-            "noise": cal.model_noise(gt, 0.25), "patch majority": cal.patch_majority(gt)}
+    return {
+        "ground truth": gt,
+        "blur": cal.blur(gt, 0.75),
+        "erode": cal.erode(gt),
+        "dilate": cal.dilate(gt),
+        "noise": cal.model_noise(gt, 0.25),
+        "patch majority": cal.patch_majority(gt),
+    }
 
 
 def test_ground_truth_is_rendered_like_the_benchmark(cal: ModuleType, prompts: list[Prompt]) -> None:

@@ -16,10 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from test_width_train import (
-    _depth_width_plan,  # a depth span inside a text run + FFN linears, level "dw"
-)
-from tiny_models import TinyCase, build_tiny, two_span_plan
 
 from ppcl.addon import PruningAddon
 from ppcl.distill import distill_width
@@ -28,6 +24,10 @@ from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.errors import ConfigError, TrainingError
 from ppcl.plan import PruningPlan
 from ppcl.runtime import active_level, apply_addon, remove_addon
+from test_width_train import (
+    _depth_width_plan,  # a depth span inside a text run + FFN linears, level "dw"
+)
+from tiny_models import TinyCase, build_tiny, two_span_plan
 
 
 class Inputs:
@@ -44,8 +44,9 @@ class Inputs:
 
 
 def _config(**changes: Any) -> DistillConfig:
-    return DistillConfig(**{"steps": 4, "lr": 1e-3, "warmup": 1, "batch_size": 2, "log_every": 1,
-                            "checkpoint_every": 2, **changes})
+    return DistillConfig(
+        **{"steps": 4, "lr": 1e-3, "warmup": 1, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, **changes}
+    )
 
 
 def _train(name: str, out: Path, **changes: Any) -> tuple[TinyCase, dict[str, torch.Tensor]]:
@@ -105,8 +106,15 @@ def _reversed_plan(model: torch.nn.Module) -> PruningPlan:
 
     spec = get_spec(model)
     reps = [DepthReplacement(Span(3, 5), "middle"), DepthReplacement(Span(1, 3))]
-    return PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps,
-                       [Level("b", (reps[0].id, reps[1].id))], protect_first=1, protect_last=1).validate()
+    return PruningPlan(
+        spec.name,
+        type(model).__name__,
+        tuple(spec.stack_sizes(model)),
+        reps,
+        [Level("b", (reps[0].id, reps[1].id))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
 
 
 @pytest.mark.parametrize(("first", "then"), [(False, True), (True, False)])
@@ -181,19 +189,34 @@ def test_an_accelerate_fsdp_config_switches_sharding_on(tmp_path: Path) -> None:
 
     from ppcl.distill.trainer import TrainingSession
 
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=True, device=torch.device("cpu"),
-                           wait_for_everyone=lambda: None, num_processes=1, process_index=0)
+    fsdp = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        is_main_process=True,
+        device=torch.device("cpu"),
+        wait_for_everyone=lambda: None,
+        num_processes=1,
+        process_index=0,
+    )
     case = build_tiny("qwenimage")
     addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
-    session = TrainingSession(case.model, addon, Inputs(case), _config(), tmp_path / "a", False, fsdp,  # type: ignore[arg-type]
-                              shardable=True)
+    session = TrainingSession(
+        case.model,
+        addon,
+        Inputs(case),
+        _config(),
+        tmp_path / "a",
+        False,
+        fsdp,  # type: ignore[arg-type]
+        shardable=True,
+    )
     assert session.shard
     with pytest.raises(ConfigError, match="accelerate distributed_type FSDP"):
         TrainingSession(case.model, addon, Inputs(case), _config(), tmp_path / "b", False, fsdp)  # type: ignore[arg-type]
 
 
-def test_a_failure_while_sharding_the_teacher_puts_everything_back(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failure_while_sharding_the_teacher_puts_everything_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ppcl.distill import sharding
 
     calls = {"n": 0}

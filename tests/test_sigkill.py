@@ -22,14 +22,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import build_tiny, two_span_plan
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon
-from ppcl.faults import PAUSE_ENV, PAUSE_FILE_ENV
 from ppcl.distill.run_folder import LOCK_FILE, read_trainer_state
 from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.errors import ArtefactError, TrainingError
+from ppcl.faults import PAUSE_ENV, PAUSE_FILE_ENV
 from ppcl.io import load_tensors
+from tiny_models import build_tiny, two_span_plan
 
 WORKER = Path(__file__).with_name("mp_distill_worker.py")
 STEPS, EVERY = 6, 2
@@ -48,7 +48,9 @@ def _kill_at(proc: subprocess.Popen[str], marker: Path) -> None:
     deadline = time.monotonic() + 240
     while not marker.exists():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (code {proc.returncode}) before the kill point:\n{proc.communicate()[0][-3000:]}")
+            pytest.fail(
+                f"the run ended (code {proc.returncode}) before the kill point:\n{proc.communicate()[0][-3000:]}"
+            )
         assert time.monotonic() < deadline, "the run never reached the kill point"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -120,7 +122,9 @@ def test_kills_during_the_metrics_append_and_inside_the_final_addon_save_resume_
     assert reference.returncode == 0, out[-3000:]
     assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in ref_out.iterdir())  # no debris, no lock
     manifests = [json.loads((folder / "addon" / "ppcl_addon.json").read_text()) for folder in (ref_out, cut)]
-    assert manifests[1]["metrics"]["depth_loss"] == manifests[0]["metrics"]["depth_loss"] != {}  # even with no step left
+    assert (
+        manifests[1]["metrics"]["depth_loss"] == manifests[0]["metrics"]["depth_loss"] != {}
+    )  # even with no step left
     want = load_tensors(ref_out / "addon" / WEIGHTS_FILE, "reference")
     got = load_tensors(cut / "addon" / WEIGHTS_FILE, "resumed")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
@@ -172,8 +176,12 @@ def test_debris_of_killed_writes_is_removed_by_the_next_resume_and_user_files_ar
     """Issue 14 (no debris): temp and old folders of killed add-on / checkpoint writes, nested ones included, go with
     the next --resume; names that only resemble them (a user's) stay."""
     _run(tmp_path, steps=3, stop_at=2)
-    debris = [".addon.k1ll3d00.tmp", ".addon.k1ll3d01.old", "..checkpoint.abcdefgh.tmp.ijklmnop.tmp",
-              ".checkpoint.qrstuvwx.tmp"]
+    debris = [
+        ".addon.k1ll3d00.tmp",
+        ".addon.k1ll3d01.old",
+        "..checkpoint.abcdefgh.tmp.ijklmnop.tmp",
+        ".checkpoint.qrstuvwx.tmp",
+    ]
     for name in debris:
         (tmp_path / name).mkdir()
         (tmp_path / name / "x").write_text("partial")

@@ -14,8 +14,13 @@ from ppcl.toy.sampler import SamplerConfig, sample
 from ppcl.toy.teacher import ASSETS, TEACHER_CONFIG, TRANSFORMER_FILE, ToyTeacher, load_card, patchify, unpatchify
 from ppcl.toy.train_teacher import TeacherTrainConfig, train_teacher
 
-TINY = {**TEACHER_CONFIG, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
-        "axes_dims_rope": (4, 6, 6)}
+TINY = {
+    **TEACHER_CONFIG,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "axes_dims_rope": (4, 6, 6),
+}
 
 
 def test_patchify_roundtrip_and_layout():

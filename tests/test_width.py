@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import build_tiny
 from torch import nn
 
 from ppcl.addon import PruningAddon
@@ -31,19 +30,23 @@ from ppcl.runtime import (
     set_level,
 )
 from ppcl.runtime.width import width_key
+from tiny_models import build_tiny
 
 ARCHS = ("qwenimage", "flux", "sd3", "sd35")
 
 
 def _mod_linear(block: nn.Module, stream: str) -> nn.Linear:
     name = {"QwenImageTransformerBlock": {"image": "img_mod.1", "text": "txt_mod.1"}}.get(
-        type(block).__name__, {"image": "norm1.linear", "text": "norm1_context.linear"})[stream]
+        type(block).__name__, {"image": "norm1.linear", "text": "norm1_context.linear"}
+    )[stream]
     return block.get_submodule(name)
 
 
 def _ffn(block: nn.Module, stream: str) -> nn.Module:
     qwen = type(block).__name__ == "QwenImageTransformerBlock"
-    return block.get_submodule({"image": "img_mlp" if qwen else "ff", "text": "txt_mlp" if qwen else "ff_context"}[stream])
+    return block.get_submodule(
+        {"image": "img_mlp" if qwen else "ff", "text": "txt_mlp" if qwen else "ff_context"}[stream]
+    )
 
 
 def _last_linear(module: nn.Module) -> nn.Linear:
@@ -69,12 +72,13 @@ def _plant_constant_ffn(block: nn.Module, stream: str, g: torch.Generator) -> to
 
 
 @torch.no_grad()
-def _plant_text_run(blocks: list[nn.Module], g: torch.Generator) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                                                                           torch.Tensor]:
+def _plant_text_run(
+    blocks: list[nn.Module], g: torch.Generator
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Plant an exactly linear text stream on ``blocks`` (anchor first); returns the exact ``L_j`` maps ``(W, b)``
     of the later blocks and the exact ``L_h`` bias (its ``W`` is 0)."""
     consts = []
-    for k, block in enumerate(blocks):
+    for block in blocks:
         lin = _mod_linear(block, "text")
         d = lin.in_features
         lin.weight.zero_()  # every text shift/scale/gate is a constant: no temb dependence
@@ -114,8 +118,9 @@ def _case(name: str) -> tuple[Any, PruningPlan, dict[str, Any]]:
         for stream in ("image", "text"):
             exact[width_key(rep, stream)] = (None, _plant_constant_ffn(spec.block(model, ffn_out), stream, g))
     levels = [Level("text", (reps[0].id,)), Level("all", tuple(r.id for r in reps))]
-    plan = PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels,
-                       protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels, protect_first=1, protect_last=1
+    ).validate()
     return case, plan, exact
 
 
@@ -154,8 +159,15 @@ def test_planted_linear_behaviour_reproduces_teacher(name: str) -> None:
 def test_unplanted_full_mode_is_bit_exact_and_level_none_restores() -> None:
     case = build_tiny("qwenimage")
     spec = get_spec(case.model)
-    plan = PruningPlan(spec.name, type(case.model).__name__, (6,), [FFNLinear(3, ("image",))],
-                       [Level("f", ("ffn:3",))], protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        spec.name,
+        type(case.model).__name__,
+        (6,),
+        [FFNLinear(3, ("image",))],
+        [Level("f", ("ffn:3",))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     inputs = case.make_inputs(0)
     with torch.no_grad():
         teacher = case.forward(inputs)
@@ -174,8 +186,15 @@ def test_width_with_depth_inside_a_run() -> None:
     spec = get_spec(case.model)
     depth = DepthReplacement(Span(2, 4))
     good, bad = TextRun(Span(1, 5), skip=(3,)), TextRun(Span(1, 5), id="text:nosk")
-    plan = PruningPlan(spec.name, type(case.model).__name__, (6,), [depth, good, bad],
-                       [Level("d+w", (depth.id, good.id))], protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        spec.name,
+        type(case.model).__name__,
+        (6,),
+        [depth, good, bad],
+        [Level("d+w", (depth.id, good.id))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     assert good.pruned_blocks() == (2, 4)
     addon = PruningAddon.from_plan(case.model, plan)
     apply_addon(case.model, addon, level="d+w")
@@ -184,8 +203,15 @@ def test_width_with_depth_inside_a_run() -> None:
     assert torch.isfinite(out).all()
     remove_addon(case.model)
     with pytest.raises(ConfigError, match="overlap"):
-        PruningPlan(spec.name, type(case.model).__name__, (6,), [depth, bad], [Level("x", (depth.id, bad.id))],
-                    protect_first=1, protect_last=1).validate()
+        PruningPlan(
+            spec.name,
+            type(case.model).__name__,
+            (6,),
+            [depth, bad],
+            [Level("x", (depth.id, bad.id))],
+            protect_first=1,
+            protect_last=1,
+        ).validate()
 
 
 def test_validation_rules() -> None:
@@ -193,8 +219,15 @@ def test_validation_rules() -> None:
     spec = get_spec(flux)
 
     def plan(*reps: Any) -> PruningPlan:
-        return PruningPlan(spec.name, type(flux).__name__, tuple(spec.stack_sizes(flux)), list(reps),
-                           [Level("l", tuple(r.id for r in reps))], protect_first=0, protect_last=0)
+        return PruningPlan(
+            spec.name,
+            type(flux).__name__,
+            tuple(spec.stack_sizes(flux)),
+            list(reps),
+            [Level("l", tuple(r.id for r in reps))],
+            protect_first=0,
+            protect_last=0,
+        )
 
     with pytest.raises(ConfigError, match="single-stream"):
         plan(TextRun(Span(3, 5))).validate()
@@ -212,8 +245,15 @@ def test_validation_rules() -> None:
 def test_plan_json_round_trip() -> None:
     qwen = build_tiny("qwenimage").model
     reps = [TextRun.from_inclusive(1, 4, skip=(3,)), FFNLinear(2, ("image",)), DepthReplacement(Span(2, 4))]
-    plan = PruningPlan("qwenimage", type(qwen).__name__, (6,), reps, [Level("l", tuple(r.id for r in reps))],
-                       protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        "qwenimage",
+        type(qwen).__name__,
+        (6,),
+        reps,
+        [Level("l", tuple(r.id for r in reps))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     again = PruningPlan.from_json(copy.deepcopy(plan.to_json()))
     assert again.replacements == plan.replacements
     assert plan.to_json()["replacements"][0]["inclusive"] == [1, 4]
@@ -230,36 +270,64 @@ def test_param_count_equals_counted_modules(name: str) -> None:
     dropped = 0
     for j in run.pruned_blocks():
         block, targets = spec.block(model, j), spec.width_targets(model, j)
-        dropped += sum(p.numel() for n in targets.text if n not in targets.text_kv
-                       for p in block.get_submodule(n).parameters())
+        dropped += sum(
+            p.numel() for n in targets.text if n not in targets.text_kv for p in block.get_submodule(n).parameters()
+        )
     for rep in plan.replacements[1:]:
         block = spec.block(model, rep.block)
         for stream in rep.streams:
             lin = _mod_linear(block, stream)
             dropped += sum(p.numel() for p in _ffn(block, stream).parameters()) + 3 * lin.in_features * (
-                lin.in_features + 1)
+                lin.in_features + 1
+            )
     added = sum(p.numel() for p in addon.students.parameters())
     assert count.removed == dropped - added, (count.removed, dropped, added)
 
 
 def test_real_qwen_image_public_depth_and_width_count() -> None:
     """The authors' public width choices on top of the public depth plan, counted on the real config (meta device)."""
-    config = {"num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
-              "in_channels": 64, "out_channels": 16, "patch_size": 2, "axes_dims_rope": (16, 56, 56)}
-    public = [(3, 4), (5, 7), (8, 10), (11, 12), (15, 24), (25, 27), (29, 30), (42, 43), (45, 47), (48, 49),
-              (52, 53), (54, 55), (56, 57)]
+    config = {
+        "num_layers": 60,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 3584,
+        "in_channels": 64,
+        "out_channels": 16,
+        "patch_size": 2,
+        "axes_dims_rope": (16, 56, 56),
+    }
+    public = [
+        (3, 4),
+        (5, 7),
+        (8, 10),
+        (11, 12),
+        (15, 24),
+        (25, 27),
+        (29, 30),
+        (42, 43),
+        (45, 47),
+        (48, 49),
+        (52, 53),
+        (54, 55),
+        (56, 57),
+    ]
     depth = [DepthReplacement(Span.from_inclusive(u, v)) for u, v in public]
     gone = {i for r in depth for i in r.removed_blocks()}
-    runs = [TextRun.from_inclusive(a, b, skip=sorted(gone & set(range(a + 1, b))))
-            for a, b in [(36, 37), (40, 41), (50, 59)]]
+    runs = [
+        TextRun.from_inclusive(a, b, skip=sorted(gone & set(range(a + 1, b))))
+        for a, b in [(36, 37), (40, 41), (50, 59)]
+    ]
     pruned = {j for r in runs for j in r.pruned_blocks()}
     ffns = [FFNLinear(i, ("image",) if i in pruned else ("image", "text")) for i in (2, 58, 59)]
     reps = [*depth, *runs, *ffns]
-    plan = PruningPlan("qwenimage", "QwenImageTransformer2DModel", (60,), reps,
-                       [Level("public", tuple(r.id for r in reps))]).validate()
+    plan = PruningPlan(
+        "qwenimage", "QwenImageTransformer2DModel", (60,), reps, [Level("public", tuple(r.id for r in reps))]
+    ).validate()
     count = plan.param_count(config, "public")
-    msg = (f"public depth + width: {count.after:,} parameters ({count.after / 1e9:.3f}B), removed {count.removed:,}, "
-           f"text-pruned blocks {sorted(pruned)}")
+    msg = (
+        f"public depth + width: {count.after:,} parameters ({count.after / 1e9:.3f}B), removed {count.removed:,}, "
+        f"text-pruned blocks {sorted(pruned)}"
+    )
     assert abs(count.after - 10.5e9) / 10.5e9 < 0.01, msg
     assert count.after == 10_452_608_064, msg
     # The release keeps text q / text out projections (2 x (D^2 + D)) in its 8 text-pruned blocks: 10.604B.
@@ -299,8 +367,15 @@ def test_merge_depth_and_width_together(tmp_path: Any) -> None:
     spec = get_spec(case.model)
     depth, run = DepthReplacement(Span(2, 4)), TextRun(Span(1, 5), skip=(3,))
     ffn = FFNLinear(2, ("image",))  # on the depth student, which is also text-pruned
-    plan = PruningPlan(spec.name, type(case.model).__name__, (6,), [depth, run, ffn],
-                       [Level("dw", (depth.id, run.id, ffn.id))], protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        spec.name,
+        type(case.model).__name__,
+        (6,),
+        [depth, run, ffn],
+        [Level("dw", (depth.id, run.id, ffn.id))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     addon = PruningAddon.from_plan(case.model, plan)
     _perturb(addon)
     inputs = case.make_inputs(0)
@@ -330,16 +405,19 @@ def test_select_text_runs_and_ffn_blocks() -> None:
     assert select_text_runs(cka, 0.97) == [(1, 3), (5, 6)]
     assert select_text_runs(cka, max_blocks=2) == [(1, 2), (5, 6)]
     assert select_text_runs(cka, allowed=range(4)) == [(1, 3)]
-    errors = {"image": np.array([0.5, 0.1, 0.3, 0.05, 0.2, 0.9, 0.4, 0.6]),
-              "text": np.array([0.5, 0.8, 0.1, 0.9, 0.1, 0.1, 0.4, 0.6])}
+    errors = {
+        "image": np.array([0.5, 0.1, 0.3, 0.05, 0.2, 0.9, 0.4, 0.6]),
+        "text": np.array([0.5, 0.8, 0.1, 0.9, 0.1, 0.1, 0.4, 0.6]),
+    }
     chosen = select_ffn_blocks(errors, 2, text_pruned=[3])
     # scores = worst replaced stream: block 3 (image only) 0.05, block 4 max(0.2, 0.1), block 2 max(0.3, 0.1)
     assert [(f.block, f.streams) for f in chosen] == [(3, ("image",)), (4, ("image", "text"))]
 
     qwen = build_tiny("qwenimage").model
     depth = DepthReplacement(Span(2, 4))
-    plan = PruningPlan("qwenimage", type(qwen).__name__, (6,), [depth], [Level("d", (depth.id,))],
-                       protect_first=1, protect_last=1)
+    plan = PruningPlan(
+        "qwenimage", type(qwen).__name__, (6,), [depth], [Level("d", (depth.id,))], protect_first=1, protect_last=1
+    )
     plan = with_width_level(plan, "dw", [(1, 4)], [2, 5], base_level="d")
     reps = plan.replacements_of("dw")
     assert [r.id for r in reps] == ["depth:2-4", "text:1-5", "ffn:2", "ffn:5"]
@@ -378,8 +456,9 @@ def test_sd3_last_block_has_no_text_ffn_to_replace() -> None:
     case = build_tiny("sd3")
     spec = get_spec(case.model)
     rep = FFNLinear(5)
-    plan = PruningPlan(spec.name, type(case.model).__name__, (6,), [rep], [Level("l", (rep.id,))],
-                       protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        spec.name, type(case.model).__name__, (6,), [rep], [Level("l", (rep.id,))], protect_first=1, protect_last=1
+    ).validate()
     with pytest.raises(ConfigError, match="does not have"):
         apply_addon(case.model, PruningAddon.from_plan(case.model, plan), "l")
 

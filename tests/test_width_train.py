@@ -8,8 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_width import _case
-from tiny_models import TinyCase, build_tiny
 
 from ppcl.addon import PruningAddon, student_key
 from ppcl.arch import get_spec
@@ -25,6 +23,8 @@ from ppcl.distill import (
 from ppcl.errors import ConfigError
 from ppcl.plan import DepthReplacement, FFNLinear, Level, PruningPlan, Span, TextRun
 from ppcl.runtime import apply_addon, remove_addon
+from test_width import _case
+from tiny_models import TinyCase, build_tiny
 
 
 class FixedData:
@@ -53,13 +53,19 @@ def _depth_width_plan(case: TinyCase) -> PruningPlan:
     spec = get_spec(case.model)
     depth, run = DepthReplacement(Span(2, 4)), TextRun(Span(1, 5), skip=(3,))
     reps = [depth, run, FFNLinear(2, ("image",)), FFNLinear(5)]
-    return PruningPlan(spec.name, type(case.model).__name__, (6,), reps, [Level("dw", tuple(r.id for r in reps))],
-                       protect_first=1, protect_last=0).validate()
+    return PruningPlan(
+        spec.name,
+        type(case.model).__name__,
+        (6,),
+        reps,
+        [Level("dw", tuple(r.id for r in reps))],
+        protect_first=1,
+        protect_last=0,
+    ).validate()
 
 
 def _config(steps: int, **kwargs: Any) -> DistillConfig:
-    base = {"steps": steps, "lr": 2e-3, "schedule": "constant", "batch_size": 2, "log_every": 1,
-            "checkpoint_every": 0}
+    base = {"steps": steps, "lr": 2e-3, "schedule": "constant", "batch_size": 2, "log_every": 1, "checkpoint_every": 0}
     return DistillConfig(**{**base, **kwargs})
 
 
@@ -93,8 +99,18 @@ def test_positions_of_a_level_with_depth_inside_a_run() -> None:
     assert positions[2].mode.text == "pruned" and positions[4].mode.text == "last"
     assert not positions[1].trained and positions[5].trained
     with pytest.raises(ConfigError, match="nothing to width-distill"):
-        width_positions(PruningPlan("qwenimage", type(case.model).__name__, (6,), [DepthReplacement(Span(2, 4))],
-                                    [Level("d", ("depth:2-4",))], protect_first=1, protect_last=1), "d")
+        width_positions(
+            PruningPlan(
+                "qwenimage",
+                type(case.model).__name__,
+                (6,),
+                [DepthReplacement(Span(2, 4))],
+                [Level("d", ("depth:2-4",))],
+                protect_first=1,
+                protect_last=1,
+            ),
+            "d",
+        )
 
 
 def test_gradient_training_lowers_loss_and_changes_projections_only(tmp_path: Path) -> None:
@@ -112,8 +128,14 @@ def test_gradient_training_lowers_loss_and_changes_projections_only(tmp_path: Pa
     assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
     assert not hasattr(model, "ppcl")
     changed = {k.split(".")[0] for k, v in addon.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"text_1_5__in_2", "text_1_5__in_4", "text_1_5__out", "ffn_2__image", "ffn_5__image",
-                       "ffn_5__text"}  # the depth student stays frozen by default
+    assert changed == {
+        "text_1_5__in_2",
+        "text_1_5__in_4",
+        "text_1_5__out",
+        "ffn_2__image",
+        "ffn_5__image",
+        "ffn_5__text",
+    }  # the depth student stays frozen by default
     saved = PruningAddon.from_pretrained(tmp_path / "addon", model)
     assert saved.provenance["width"]["level"] == "dw" and saved.provenance["width"]["init"] is None
     assert all(torch.equal(v, addon.state_dict()[k]) for k, v in saved.state_dict().items())
@@ -124,8 +146,7 @@ def test_joint_training_moves_the_depth_student_too(tmp_path: Path) -> None:
     addon = PruningAddon.from_plan(case.model, _depth_width_plan(case))
     key = student_key("depth:2-4")
     before = {k: v.clone() for k, v in addon.students[key].state_dict().items()}
-    distill_width(case.model, addon, FixedData(case), _config(1), tmp_path, "dw", init_batches=2,
-                  train_students=True)
+    distill_width(case.model, addon, FixedData(case), _config(1), tmp_path, "dw", init_batches=2, train_students=True)
     assert any(not torch.equal(v, before[k]) for k, v in addon.students[key].state_dict().items())
     assert key in addon.provenance["width"]["trained"]
 
@@ -154,8 +175,15 @@ def test_finetune_addon_only_lowers_output_mse_and_keeps_base(tmp_path: Path) ->
     model = case.model
     spec = get_spec(model)
     reps = [DepthReplacement(Span(1, 3)), FFNLinear(4)]
-    plan = PruningPlan(spec.name, type(model).__name__, (6,), reps, [Level("l", tuple(r.id for r in reps))],
-                       protect_first=1, protect_last=1).validate()
+    plan = PruningPlan(
+        spec.name,
+        type(model).__name__,
+        (6,),
+        reps,
+        [Level("l", tuple(r.id for r in reps))],
+        protect_first=1,
+        protect_last=1,
+    ).validate()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     addon = PruningAddon.from_plan(model, plan)
     finetune(model, addon, FixedData(case, n=1), _config(6, lr=3e-4), tmp_path, "l")
@@ -171,8 +199,7 @@ def test_full_finetune_changes_kept_blocks_and_is_standalone(tmp_path: Path) -> 
     plan = _depth_width_plan(case)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     addon = PruningAddon.from_plan(model, plan)
-    finetune(model, addon, FixedData(case, flow=True), _config(2), tmp_path, "dw", full=True,
-             flow_matching_weight=0.1)
+    finetune(model, addon, FixedData(case, flow=True), _config(2), tmp_path, "dw", full=True, flow_matching_weight=0.1)
     after = model.state_dict()
     changed = {k.split(".")[1] for k in base if not torch.equal(after[k], base[k])}
     assert changed == {"0", "1", "4", "5"}  # blocks 2 and 3 are replaced by the depth student at this level
@@ -181,5 +208,12 @@ def test_full_finetune_changes_kept_blocks_and_is_standalone(tmp_path: Path) -> 
     assert (tmp_path / "merged" / "config.json").is_file()
     assert "flow_matching" in _rows(tmp_path)[0]["terms"]
     with pytest.raises(ConfigError, match="flow-matching"):
-        finetune(model, PruningAddon.from_plan(model, plan), FixedData(case), _config(1), tmp_path / "x", "dw",
-                 flow_matching_weight=1.0)
+        finetune(
+            model,
+            PruningAddon.from_plan(model, plan),
+            FixedData(case),
+            _config(1),
+            tmp_path / "x",
+            "dw",
+            flow_matching_weight=1.0,
+        )

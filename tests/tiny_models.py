@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 TINY_ARCH_NAMES: tuple[str, ...] = ("qwenimage", "flux", "sd3", "sd35")
 
 
@@ -130,5 +129,6 @@ def two_span_plan(model: nn.Module):
     spec = get_spec(model)
     reps = [DepthReplacement(Span(1, 3)), DepthReplacement(Span(3, 5), "middle")]
     levels = [Level("a", (reps[0].id,)), Level("b", (reps[0].id, reps[1].id))]
-    return PruningPlan(spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels,
-                       protect_first=1, protect_last=1).validate()
+    return PruningPlan(
+        spec.name, type(model).__name__, tuple(spec.stack_sizes(model)), reps, levels, protect_first=1, protect_last=1
+    ).validate()

@@ -15,7 +15,30 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "cat", "dog", "on", "the", "left", "of", "right", "above", "below", "photo", "with", "and", "in", "sky", "grass"]
+WORDS = [
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "cat",
+    "dog",
+    "on",
+    "the",
+    "left",
+    "of",
+    "right",
+    "above",
+    "below",
+    "photo",
+    "with",
+    "and",
+    "in",
+    "sky",
+    "grass",
+]
 CLIP_DIM = 16
 T5_DIM = 32
 TOKENS = 8  # T5 sequence length the tests pass as max_sequence_length
@@ -30,8 +53,14 @@ def tiny_tokenizer(model_max_length: int = 77):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                   bos_token="<s>", model_max_length=model_max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        bos_token="<s>",
+        model_max_length=model_max_length,
+    )
 
 
 def _clip(with_projection: bool, seed: int):
@@ -39,9 +68,18 @@ def _clip(with_projection: bool, seed: int):
 
     torch.manual_seed(seed)
     # eos_token_id tells the pooler which token to pool (our tokenizer's </s>), instead of the legacy argmax rule.
-    config = CLIPTextConfig(vocab_size=len(WORDS) + 4, hidden_size=CLIP_DIM, intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                            projection_dim=CLIP_DIM, pad_token_id=0, bos_token_id=3, eos_token_id=2)
+    config = CLIPTextConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=CLIP_DIM,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=CLIP_DIM,
+        pad_token_id=0,
+        bos_token_id=3,
+        eos_token_id=2,
+    )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
@@ -49,8 +87,17 @@ def _t5(seed: int):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(WORDS) + 4, d_model=T5_DIM, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                      pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(WORDS) + 4,
+        d_model=T5_DIM,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(config).eval()
 
 
@@ -59,10 +106,19 @@ def _vae(seed: int):
 
     torch.manual_seed(seed)
     # Two resolutions → VAE scale factor 2; shift/scale as SD3 and Flux read them from the config.
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=1.0,
-                         shift_factor=0.0).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    ).eval()
 
 
 def build_flux(folder: str | Path, num_layers: int = 3, num_single_layers: int = 3) -> Path:
@@ -74,14 +130,34 @@ def build_flux(folder: str | Path, num_layers: int = 3, num_single_layers: int =
     )
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers,
-                                         num_single_layers=num_single_layers, attention_head_dim=16,
-                                         num_attention_heads=2, joint_attention_dim=T5_DIM,
-                                         pooled_projection_dim=CLIP_DIM, axes_dims_rope=(4, 6, 6))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=16, max_image_seq_len=256)
-    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(1), text_encoder=_clip(False, 2), tokenizer=tiny_tokenizer(),
-                        text_encoder_2=_t5(3), tokenizer_2=tiny_tokenizer(TOKENS), transformer=transformer)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_DIM,
+        pooled_projection_dim=CLIP_DIM,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(1),
+        text_encoder=_clip(False, 2),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=_t5(3),
+        tokenizer_2=tiny_tokenizer(TOKENS),
+        transformer=transformer,
+    )
     pipe.save_pretrained(str(folder))
     return Path(folder)
 
@@ -95,14 +171,30 @@ def build_sd3(folder: str | Path, num_layers: int = 6) -> Path:
     )
 
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_DIM,
-                                        caption_projection_dim=16, pooled_projection_dim=2 * CLIP_DIM,
-                                        out_channels=4, pos_embed_max_size=16)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=T5_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * CLIP_DIM,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(1),
-        text_encoder=_clip(True, 2), tokenizer=tiny_tokenizer(), text_encoder_2=_clip(True, 4),
-        tokenizer_2=tiny_tokenizer(), text_encoder_3=_t5(3), tokenizer_3=tiny_tokenizer(TOKENS))
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(1),
+        text_encoder=_clip(True, 2),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=_clip(True, 4),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=_t5(3),
+        tokenizer_3=tiny_tokenizer(TOKENS),
+    )
     pipe.save_pretrained(str(folder))
     return Path(folder)
 
@@ -112,17 +204,47 @@ def qwen_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    template = ["system", "Describe", "the", "image", "by", "detailing", "color", "shape", "size", "texture", "quantity", "text", "spatial", "relationships", "of", "objects", "and", "background", "user", "assistant"]
+    template = [
+        "system",
+        "Describe",
+        "the",
+        "image",
+        "by",
+        "detailing",
+        "color",
+        "shape",
+        "size",
+        "texture",
+        "quantity",
+        "text",
+        "spatial",
+        "relationships",
+        "of",
+        "objects",
+        "and",
+        "background",
+        "user",
+        "assistant",
+    ]
     vocab: dict[str, int] = {}
     for token in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":", *template, *WORDS]:
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # Keeping "\n" and punctuation as tokens makes the template prefix 34 tokens long, like Qwen2's BPE.
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"),
-                                                  pre_tokenizers.Split("\n", behavior="isolated"),
-                                                  pre_tokenizers.Punctuation(behavior="isolated")])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(" ", behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
 
 
 def qwen_text_encoder(vocab_size: int, hidden: int = 16):
@@ -130,16 +252,36 @@ def qwen_text_encoder(vocab_size: int, hidden: int = 16):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(5)
-    text = {"vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256, "bos_token_id": 0,
-            "eos_token_id": 2, "pad_token_id": 0,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}}
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": hidden,
-              "fullatt_block_indexes": [0]}
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 256,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+    }
+    vision = {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "out_hidden_size": hidden,
+        "fullatt_block_indexes": [0],
+    }
     # Image/video marker ids outside the vocabulary: the pipeline never sends images to the encoder.
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab_size + 1,
-                              video_token_id=vocab_size + 2, vision_start_token_id=vocab_size + 3,
-                              vision_end_token_id=vocab_size + 4)
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=vocab_size + 1,
+        video_token_id=vocab_size + 2,
+        vision_start_token_id=vocab_size + 3,
+        vision_end_token_id=vocab_size + 4,
+    )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
@@ -157,15 +299,34 @@ def build_qwen(folder: str | Path, num_layers: int = 6, text_encoder: bool = Tru
     )
 
     torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                              axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
     tokenizer = qwen_tokenizer() if text_encoder else None
     encoder = qwen_text_encoder(len(tokenizer)) if tokenizer is not None else None
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
-                             tokenizer=tokenizer, transformer=transformer)
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
     pipe.save_pretrained(str(folder))
     return Path(folder)
 
@@ -173,7 +334,12 @@ def build_qwen(folder: str | Path, num_layers: int = 6, text_encoder: bool = Tru
 def qwen_prompt_embeds(n_prompts: int = 2, dim: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Per-prompt keyword arguments for the embeddings-only Qwen pipeline (positive and negative)."""
     g = torch.Generator().manual_seed(seed)
-    return [{"prompt_embeds": torch.randn(1, 4 + i, dim, generator=g),
-             "prompt_embeds_mask": torch.ones(1, 4 + i, dtype=torch.long),
-             "negative_prompt_embeds": torch.randn(1, 3, dim, generator=g),
-             "negative_prompt_embeds_mask": torch.ones(1, 3, dtype=torch.long)} for i in range(n_prompts)]
+    return [
+        {
+            "prompt_embeds": torch.randn(1, 4 + i, dim, generator=g),
+            "prompt_embeds_mask": torch.ones(1, 4 + i, dtype=torch.long),
+            "negative_prompt_embeds": torch.randn(1, 3, dim, generator=g),
+            "negative_prompt_embeds_mask": torch.ones(1, 3, dtype=torch.long),
+        }
+        for i in range(n_prompts)
+    ]

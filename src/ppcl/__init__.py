@@ -30,7 +30,6 @@ from ppcl.runtime import (
     remove_addon,
     set_level,
 )
-
 from ppcl.version import __version__
 
 __all__ = [

@@ -82,16 +82,28 @@ def remove_debris(path: Path) -> list[Path]:
 def _check_writable(parent: Path) -> None:
     blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise ArtefactError("cannot create the output folder", expected="a path whose parents are folders",
-                            found=f"{blocker} is a file", fix="choose another --out")
+        raise ArtefactError(
+            "cannot create the output folder",
+            expected="a path whose parents are folders",
+            found=f"{blocker} is a file",
+            fix="choose another --out",
+        )
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArtefactError("cannot create the output folder", expected="a writable location",
-                            found=f"{parent}: {exc.strerror}", fix="choose another --out") from exc
+        raise ArtefactError(
+            "cannot create the output folder",
+            expected="a writable location",
+            found=f"{parent}: {exc.strerror}",
+            fix="choose another --out",
+        ) from exc
     if not os.access(parent, os.W_OK):
-        raise ArtefactError("output location is not writable", expected="a writable folder", found=str(parent),
-                            fix="choose another --out or fix its permissions")
+        raise ArtefactError(
+            "output location is not writable",
+            expected="a writable folder",
+            found=str(parent),
+            fix="choose another --out or fix its permissions",
+        )
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -147,25 +159,40 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
 
 def _write_error(path: Path, exc: OSError) -> ArtefactError:
     """Disk full, read-only or missing permissions while writing ``path``, as a one-line error."""
-    return ArtefactError("cannot write the output", expected="a writable location with free space",
-                         found=f"{path}: {exc.strerror or exc}", fix="free some space, fix the permissions or choose "
-                         "another --out (nothing partial was left behind)")
+    return ArtefactError(
+        "cannot write the output",
+        expected="a writable location with free space",
+        found=f"{path}: {exc.strerror or exc}",
+        fix="free some space, fix the permissions or choose another --out (nothing partial was left behind)",
+    )
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """Read a JSON object; a missing or malformed file raises :class:`ArtefactError` naming ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise ArtefactError(f"{what} not found", expected=f"a file {path.name}", found=f"nothing at {path}",
-                            fix=f"pass the folder a ppcl command wrote for the {what}")
+        raise ArtefactError(
+            f"{what} not found",
+            expected=f"a file {path.name}",
+            found=f"nothing at {path}",
+            fix=f"pass the folder a ppcl command wrote for the {what}",
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtefactError(f"{what} is not valid JSON", expected="a JSON object", found=f"{path}: {exc}",
-                            fix="re-create it with ppcl or fix the file by hand") from exc
+        raise ArtefactError(
+            f"{what} is not valid JSON",
+            expected="a JSON object",
+            found=f"{path}: {exc}",
+            fix="re-create it with ppcl or fix the file by hand",
+        ) from exc
     if not isinstance(data, dict):
-        raise ArtefactError(f"{what} is not a JSON object", expected="a JSON object",
-                            found=type(data).__name__, fix="re-create it with ppcl")
+        raise ArtefactError(
+            f"{what} is not a JSON object",
+            expected="a JSON object",
+            found=type(data).__name__,
+            fix="re-create it with ppcl",
+        )
     return data
 
 
@@ -180,10 +207,12 @@ def contained_file(folder: Path, name: Any, what: str) -> Path:
     path = folder / str(name)
     root = folder.resolve()
     if bad or root not in path.resolve().parents:
-        raise ArtefactError(f"a {what} path in the manifest leaves its folder",
-                            expected=f"a file name inside {folder}", found=repr(name),
-                            fix="the manifest was edited or the folder holds a symlink out of it; re-create the "
-                                "artefact with ppcl")
+        raise ArtefactError(
+            f"a {what} path in the manifest leaves its folder",
+            expected=f"a file name inside {folder}",
+            found=repr(name),
+            fix="the manifest was edited or the folder holds a symlink out of it; re-create the artefact with ppcl",
+        )
     return path
 
 
@@ -203,15 +232,22 @@ def load_tensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Ten
     """Load a safetensors file; a missing, truncated or corrupt file raises :class:`ArtefactError`."""
     path = Path(path)
     if not path.is_file():
-        raise ArtefactError(f"{what} weights not found", expected=f"a file {path.name}", found=f"nothing at {path}",
-                            fix="re-create the artefact with ppcl")
+        raise ArtefactError(
+            f"{what} weights not found",
+            expected=f"a file {path.name}",
+            found=f"nothing at {path}",
+            fix="re-create the artefact with ppcl",
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:  # what a truncated or corrupt file raises
-        raise ArtefactError(f"{what} weights are unreadable", expected="a complete safetensors file",
-                            found=f"{path}: {type(exc).__name__}: {exc}",
-                            fix="the file is truncated or corrupt; re-create the artefact") from exc
+        raise ArtefactError(
+            f"{what} weights are unreadable",
+            expected="a complete safetensors file",
+            found=f"{path}: {type(exc).__name__}: {exc}",
+            fix="the file is truncated or corrupt; re-create the artefact",
+        ) from exc
 
 
 def content_hash(tensors: Mapping[str, torch.Tensor], meta: Any = None) -> str:
@@ -240,8 +276,9 @@ def save_state(state: Mapping[str, Any], folder: Path, name: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, "", tensors)
     save_tensors(tensors, folder / f"{name}.safetensors", metadata={"format": "pt", "ppcl_format": "state"})
-    (folder / f"{name}.json").write_text(json.dumps({"format": "ppcl.state", "version": 1, "state": tree}) + "\n",
-                                         encoding="utf-8")
+    (folder / f"{name}.json").write_text(
+        json.dumps({"format": "ppcl.state", "version": 1, "state": tree}) + "\n", encoding="utf-8"
+    )
 
 
 def load_state(folder: Path, name: str, what: str) -> dict[str, Any]:
@@ -249,15 +286,21 @@ def load_state(folder: Path, name: str, what: str) -> dict[str, Any]:
     data = read_json(folder / f"{name}.json", what)
     tensors = load_tensors(folder / f"{name}.safetensors", what)
     if data.get("format") != "ppcl.state" or not isinstance(data.get("state"), dict):
-        raise ArtefactError(f"{what} is not a ppcl training state", expected="format ppcl.state with a state object",
-                            found=f"{folder / name}.json: format {data.get('format')!r}",
-                            fix="start the run again (--overwrite)")
+        raise ArtefactError(
+            f"{what} is not a ppcl training state",
+            expected="format ppcl.state with a state object",
+            found=f"{folder / name}.json: format {data.get('format')!r}",
+            fix="start the run again (--overwrite)",
+        )
     try:
         return _decode(data["state"], tensors)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ArtefactError(f"{what} is incomplete", expected="every tensor its JSON names",
-                            found=f"{folder / name}.*: {type(exc).__name__}: {exc}",
-                            fix="the files are from different writes or damaged; start the run again") from exc
+        raise ArtefactError(
+            f"{what} is incomplete",
+            expected="every tensor its JSON names",
+            found=f"{folder / name}.*: {type(exc).__name__}: {exc}",
+            fix="the files are from different writes or damaged; start the run again",
+        ) from exc
 
 
 def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:

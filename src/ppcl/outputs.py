@@ -55,8 +55,13 @@ JSON_RESULTS = OutputKind("JSON results file", is_file=True, suffixes=(".json",)
 IMAGE = OutputKind("image", is_file=True, suffixes=(".png", ".jpg", ".jpeg", ".webp"))
 
 
-def check_output(out: str | os.PathLike[str], kind: OutputKind, *, overwrite: bool = False,
-                 inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+def check_output(
+    out: str | os.PathLike[str],
+    kind: OutputKind,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> Path:
     """Refuse ``out`` unless the module rules allow writing ``kind`` there; returns ``out`` as a :class:`Path`.
 
     Raises:
@@ -83,9 +88,12 @@ def refuse_overlap(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLi
         source = _resolved(Path(item))
         if target == source or source in target.parents or target in source.parents:
             how = "is" if target == source else ("lies inside" if source in target.parents else "contains")
-            raise ConfigError("the output overlaps an input", expected="an output folder apart from every input",
-                              found=f"{out} {how} the input {item}",
-                              fix="choose an --out outside the inputs (writing it would destroy what is read)")
+            raise ConfigError(
+                "the output overlaps an input",
+                expected="an output folder apart from every input",
+                found=f"{out} {how} the input {item}",
+                fix="choose an --out outside the inputs (writing it would destroy what is read)",
+            )
 
 
 def is_kind(path: Path, kind: OutputKind) -> bool:
@@ -103,39 +111,51 @@ def is_kind(path: Path, kind: OutputKind) -> bool:
 
 def write_marker(folder: Path, kind: OutputKind) -> None:
     """Write :data:`OUTPUT_MARKER` naming ``kind`` into ``folder`` (for folders without a manifest of their own)."""
-    (folder / OUTPUT_MARKER).write_text(json.dumps({"kind": kind.name, "written_by": "ppcl"}) + "\n",
-                                        encoding="utf-8")
+    (folder / OUTPUT_MARKER).write_text(json.dumps({"kind": kind.name, "written_by": "ppcl"}) + "\n", encoding="utf-8")
 
 
 def _check_folder(out: Path, kind: OutputKind, overwrite: bool) -> None:
     if out.is_symlink() or not out.is_dir():
-        raise ConfigError(f"the output for the {kind.name} is not a folder ppcl wrote",
-                          expected=f"a new or empty folder, or a ppcl {kind.name} folder",
-                          found=f"{out} is a {'symlink' if out.is_symlink() else 'file'}",
-                          fix="choose another --out (ppcl does not replace what it did not create)")
+        raise ConfigError(
+            f"the output for the {kind.name} is not a folder ppcl wrote",
+            expected=f"a new or empty folder, or a ppcl {kind.name} folder",
+            found=f"{out} is a {'symlink' if out.is_symlink() else 'file'}",
+            fix="choose another --out (ppcl does not replace what it did not create)",
+        )
     if not any(out.iterdir()):
         return
     if not is_kind(out, kind):
-        raise ConfigError("the output folder holds files ppcl did not write",
-                          expected=f"a new or empty folder, or a ppcl {kind.name} folder",
-                          found=f"{out} is not empty and not a ppcl {kind.name}",
-                          fix="choose another --out (ppcl does not delete what it did not create)")
+        raise ConfigError(
+            "the output folder holds files ppcl did not write",
+            expected=f"a new or empty folder, or a ppcl {kind.name} folder",
+            found=f"{out} is not empty and not a ppcl {kind.name}",
+            fix="choose another --out (ppcl does not delete what it did not create)",
+        )
     if not overwrite:
-        raise ConfigError(f"the output folder already holds a ppcl {kind.name}", expected="a new or empty folder",
-                          found=str(out),
-                          fix="pass --overwrite (overwrite=True) to replace it, or choose another --out")
+        raise ConfigError(
+            f"the output folder already holds a ppcl {kind.name}",
+            expected="a new or empty folder",
+            found=str(out),
+            fix="pass --overwrite (overwrite=True) to replace it, or choose another --out",
+        )
 
 
 def _check_file(out: Path, kind: OutputKind, overwrite: bool) -> None:
     ours = out.is_file() and not out.is_symlink() and out.suffix.lower() in kind.suffixes
     if not ours:
-        raise ConfigError(f"the output for the {kind.name} is not a file ppcl writes",
-                          expected=f"a new file, or a {'/'.join(kind.suffixes)} file to replace with --overwrite",
-                          found=f"{out} exists ({_what(out)})",
-                          fix="choose another --out (ppcl does not replace what it did not create)")
+        raise ConfigError(
+            f"the output for the {kind.name} is not a file ppcl writes",
+            expected=f"a new file, or a {'/'.join(kind.suffixes)} file to replace with --overwrite",
+            found=f"{out} exists ({_what(out)})",
+            fix="choose another --out (ppcl does not replace what it did not create)",
+        )
     if not overwrite:
-        raise ConfigError(f"the {kind.name} already exists", expected="a new file", found=str(out),
-                          fix="pass --overwrite to replace it, or choose another --out")
+        raise ConfigError(
+            f"the {kind.name} already exists",
+            expected="a new file",
+            found=str(out),
+            fix="pass --overwrite to replace it, or choose another --out",
+        )
 
 
 def _what(path: Path) -> str:

@@ -43,17 +43,28 @@ class ToyPipeline:
     teacher: Any
     transformer: nn.Module
 
-    def __call__(self, prompts: list[str] | str, seeds: list[int] | int = 0, steps: int = 20,
-                 guidance: float = 4.0) -> np.ndarray:
+    def __call__(
+        self, prompts: list[str] | str, seeds: list[int] | int = 0, steps: int = 20, guidance: float = 4.0
+    ) -> np.ndarray:
         """Images for ``prompts`` (one each; ``seeds`` an int = consecutive seeds from it), uint8 ``(N, 32, 32, 3)``."""
         from ppcl.toy.sampler import SamplerConfig, sample
 
         if steps < 1:
-            raise ConfigError("The number of sampling steps must be positive", expected="steps >= 1",
-                              found=str(steps), fix="pass e.g. steps=20")
+            raise ConfigError(
+                "The number of sampling steps must be positive",
+                expected="steps >= 1",
+                found=str(steps),
+                fix="pass e.g. steps=20",
+            )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return sample(self.teacher, prompts, seeds, SamplerConfig(steps=steps, guidance=guidance),
-                      transformer=self.transformer, show_progress=False)
+        return sample(
+            self.teacher,
+            prompts,
+            seeds,
+            SamplerConfig(steps=steps, guidance=guidance),
+            transformer=self.transformer,
+            show_progress=False,
+        )
 
 
 def artefact_kind(folder: str | os.PathLike[str]) -> str:
@@ -71,14 +82,21 @@ def artefact_kind(folder: str | os.PathLike[str]) -> str:
         return "merged"
     if (path / "config.json").is_file():
         return "model"
-    raise ArtefactError(f"{path} is neither an add-on nor a merged model",
-                        expected=f"a folder with {ADDON_MANIFEST} (add-on), {MERGED_FILE} or config.json (merged)",
-                        found="no such file" if path.is_dir() else "no such folder",
-                        fix="pass the OUT/addon folder of `ppcl distill` or the OUT of `ppcl merge`")
+    raise ArtefactError(
+        f"{path} is neither an add-on nor a merged model",
+        expected=f"a folder with {ADDON_MANIFEST} (add-on), {MERGED_FILE} or config.json (merged)",
+        found="no such file" if path.is_dir() else "no such folder",
+        fix="pass the OUT/addon folder of `ppcl distill` or the OUT of `ppcl merge`",
+    )
 
 
-def load_pipeline(base: str | os.PathLike[str] | None = None, addon_or_merged: str | os.PathLike[str] | None = None,
-                  level: str | None = None, dtype: torch.dtype = torch.float32, **pipeline_kwargs: Any) -> Any:
+def load_pipeline(
+    base: str | os.PathLike[str] | None = None,
+    addon_or_merged: str | os.PathLike[str] | None = None,
+    level: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **pipeline_kwargs: Any,
+) -> Any:
     """A pipeline for ``base`` with an add-on (at ``level``) or a merged model plugged in.
 
     Args:
@@ -100,16 +118,32 @@ def load_pipeline(base: str | os.PathLike[str] | None = None, addon_or_merged: s
     if kind == "addon" and level is None:
         from ppcl.io import read_json
 
-        levels = [lv.get("name") for lv in read_json(Path(addon_or_merged) / ADDON_MANIFEST,
-                                                     "add-on manifest").get("plan", {}).get("levels", [])]
-        raise ConfigError("An add-on needs a level to activate", expected=f"level= one of {levels}", found="None",
-                          fix="pass level=NAME (or merge that level with `ppcl merge` and load the merged folder)")
+        levels = [
+            lv.get("name")
+            for lv in read_json(Path(addon_or_merged) / ADDON_MANIFEST, "add-on manifest")
+            .get("plan", {})
+            .get("levels", [])
+        ]
+        raise ConfigError(
+            "An add-on needs a level to activate",
+            expected=f"level= one of {levels}",
+            found="None",
+            fix="pass level=NAME (or merge that level with `ppcl merge` and load the merged folder)",
+        )
     if kind in ("merged", "model") and level is not None:
-        raise ConfigError("A merged model has no levels to choose", expected="level=None with a merged folder",
-                          found=f"level={level!r}", fix="drop `level`, or pass the add-on folder instead")
+        raise ConfigError(
+            "A merged model has no levels to choose",
+            expected="level=None with a merged folder",
+            found=f"level={level!r}",
+            fix="drop `level`, or pass the add-on folder instead",
+        )
     if kind is None and level is not None:
-        raise ConfigError("A level needs an add-on", expected="addon_or_merged = an add-on folder",
-                          found=f"level={level!r} without an add-on", fix="pass the add-on folder too")
+        raise ConfigError(
+            "A level needs an add-on",
+            expected="addon_or_merged = an add-on folder",
+            found=f"level={level!r} without an add-on",
+            fix="pass the add-on folder too",
+        )
     if base in _TOY_NAMES:
         from ppcl.toy.teacher import ToyTeacher
 
@@ -118,9 +152,12 @@ def load_pipeline(base: str | os.PathLike[str] | None = None, addon_or_merged: s
         return ToyPipeline(teacher, transformer)
     folder = Path(base)
     if not (folder / "model_index.json").is_file():
-        raise ConfigError("The base is not a toy name or a local diffusers pipeline folder",
-                          expected="None, 'toy' or a folder with model_index.json", found=str(base),
-                          fix="pass the folder written by `pipeline.save_pretrained` (hub ids are not fetched)")
+        raise ConfigError(
+            "The base is not a toy name or a local diffusers pipeline folder",
+            expected="None, 'toy' or a folder with model_index.json",
+            found=str(base),
+            fix="pass the folder written by `pipeline.save_pretrained` (hub ids are not fetched)",
+        )
     if kind in ("merged", "model"):
         # Handing the merged model to from_pretrained means the base transformer (20B for Qwen-Image) is never loaded.
         merged = _load_merged(addon_or_merged, kind, dtype)
@@ -140,19 +177,30 @@ def _load_diffusers_pipeline(folder: Path, dtype: torch.dtype, kwargs: dict[str,
     index = read_json(folder / "model_index.json", "pipeline index")
     # diffusers refuses to build a pipeline whose saved index lists a component as [null, null] unless the caller
     # passes it explicitly, although that is exactly what its own save_pretrained writes for a None component.
-    absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
-              and len(v) == 2 and v[0] is None and v[1] is None}
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
-                                             **{**absent, **kwargs})
+    absent = {
+        k: None
+        for k, v in index.items()
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None
+    }
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **{**absent, **kwargs})
     if getattr(pipe, "transformer", None) is None:
-        raise ConfigError("The pipeline has no transformer", expected="a pipeline with a `transformer` component",
-                          found=type(pipe).__name__, fix="pass a Qwen-Image, FLUX.1 or SD3 pipeline folder")
+        raise ConfigError(
+            "The pipeline has no transformer",
+            expected="a pipeline with a `transformer` component",
+            found=type(pipe).__name__,
+            fix="pass a Qwen-Image, FLUX.1 or SD3 pipeline folder",
+        )
     get_spec(pipe.transformer)  # unsupported architectures fail here, before anything is applied
     return pipe
 
 
-def _plug(transformer: nn.Module, folder: str | os.PathLike[str] | None, kind: str | None, level: str | None,
-          dtype: torch.dtype) -> nn.Module:
+def _plug(
+    transformer: nn.Module,
+    folder: str | os.PathLike[str] | None,
+    kind: str | None,
+    level: str | None,
+    dtype: torch.dtype,
+) -> nn.Module:
     """The transformer to sample from: ``transformer`` (with an add-on applied in place) or a loaded merged model."""
     if kind is None:
         return transformer

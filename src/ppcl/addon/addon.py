@@ -51,8 +51,8 @@ from ppcl.addon.projections import (
 )
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
-from ppcl.kinds import kind_of, student_key
 from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from ppcl.kinds import kind_of, student_key
 from ppcl.outputs import ADDON as ADDON_KIND
 from ppcl.plan import DepthReplacement, PruningPlan
 
@@ -99,11 +99,15 @@ class PruningAddon:
         spec = check_plan_fits(model, plan)
         if init is not None:
             if init not in _INITS:
-                raise ConfigError(f"Unknown student initialisation {init!r}", expected=f"one of {_INITS} or None",
-                                  found=repr(init))
-            plan = dataclasses.replace(plan, replacements=[
-                dataclasses.replace(r, init=init) if kind_of(r).owns_student else r for r in plan.replacements
-            ]).validate(spec)
+                raise ConfigError(
+                    f"Unknown student initialisation {init!r}", expected=f"one of {_INITS} or None", found=repr(init)
+                )
+            plan = dataclasses.replace(
+                plan,
+                replacements=[
+                    dataclasses.replace(r, init=init) if kind_of(r).owns_student else r for r in plan.replacements
+                ],
+            ).validate(spec)
         students = nn.ModuleDict()
         for rep in _depth_with_unique_keys(plan):
             sources = [spec.block(model, i) for i in rep.init_blocks]
@@ -124,18 +128,23 @@ class PruningAddon:
         """The projections of width replacement ``replacement_id``: part (``"in_<j>"``, ``"out"``, a stream) → module."""
         keys = [k for k, rep in expected_projections(self.plan).items() if rep.id == replacement_id]
         if not keys:
-            raise ConfigError(f"The add-on has no projections for {replacement_id!r}",
-                              expected=f"a width replacement id, one of "
-                                       f"{sorted({r.id for r in expected_projections(self.plan).values()})}",
-                              found=repr(replacement_id))
+            raise ConfigError(
+                f"The add-on has no projections for {replacement_id!r}",
+                expected=f"a width replacement id, one of "
+                f"{sorted({r.id for r in expected_projections(self.plan).values()})}",
+                found=repr(replacement_id),
+            )
         return {key.rsplit("__", 1)[-1]: self.students[key] for key in keys}
 
     def student(self, replacement_id: str) -> nn.Module:
         """The student of replacement ``replacement_id``."""
         key = student_key(replacement_id)
         if key not in self.students:
-            raise ConfigError(f"The add-on has no student for {replacement_id!r}",
-                              expected=f"one of {[r.id for r in self.plan.replacements]}", found=repr(replacement_id))
+            raise ConfigError(
+                f"The add-on has no student for {replacement_id!r}",
+                expected=f"one of {[r.id for r in self.plan.replacements]}",
+                found=repr(replacement_id),
+            )
         return self.students[key]
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
@@ -178,8 +187,10 @@ class PruningAddon:
             "fingerprint": self.fingerprint,
             "plan": self.plan.to_json(),
             "levels": level_summaries(self.plan, self.fingerprint.get("config")),
-            "students": {student_key(r.id): student_entry(self.plan, r, self.students[student_key(r.id)])
-                         for r in depth_replacements(self.plan)},
+            "students": {
+                student_key(r.id): student_entry(self.plan, r, self.students[student_key(r.id)])
+                for r in depth_replacements(self.plan)
+            },
             "projections": projections,
             "provenance": self.provenance,
             "metrics": self.metrics,
@@ -194,9 +205,11 @@ class PruningAddon:
         manifest = self.manifest()
         with atomic_folder(folder, ADDON_KIND, overwrite) as tmp:
             write_json(manifest, tmp / ADDON_FILE)
-            save_tensors(self.state_dict(), tmp / WEIGHTS_FILE,
-                         metadata={"format": "pt", "ppcl_format": FORMAT,
-                                   "format_version": str(manifest["format_version"])})
+            save_tensors(
+                self.state_dict(),
+                tmp / WEIGHTS_FILE,
+                metadata={"format": "pt", "ppcl_format": FORMAT, "format_version": str(manifest["format_version"])},
+            )
             (tmp / CARD_FILE).write_text(model_card(manifest), encoding="utf-8")
         return Path(folder)
 
@@ -222,21 +235,32 @@ class PruningAddon:
         tensors = load_tensors(folder / WEIGHTS_FILE, "add-on")
         bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
         if bad:  # a diverged run's weights would make every level of the model NaN: never load them silently
-            raise ArtefactError("the add-on holds non-finite weights", expected="finite values in every tensor",
-                                found=f"NaN/Inf in {bad[:3]}{' ...' if len(bad) > 3 else ''} ({len(bad)} tensor(s))",
-                                fix="re-train from the last good checkpoint (ppcl distill --resume with a lower --lr)")
-        projections = load_projections(spec, model, plan, manifest.get("projections"), tensors,
-                                       str(folder / ADDON_FILE))
+            raise ArtefactError(
+                "the add-on holds non-finite weights",
+                expected="finite values in every tensor",
+                found=f"NaN/Inf in {bad[:3]}{' ...' if len(bad) > 3 else ''} ({len(bad)} tensor(s))",
+                fix="re-train from the last good checkpoint (ppcl distill --resume with a lower --lr)",
+            )
+        projections = load_projections(
+            spec, model, plan, manifest.get("projections"), tensors, str(folder / ADDON_FILE)
+        )
         students = _load_modules(spec, model, plan, projections, tensors, folder / WEIGHTS_FILE)
-        return cls(plan, students, dict(manifest["fingerprint"]), dict(manifest.get("provenance") or {}),
-                   dict(manifest.get("metrics") or {}))
+        return cls(
+            plan,
+            students,
+            dict(manifest["fingerprint"]),
+            dict(manifest.get("provenance") or {}),
+            dict(manifest.get("metrics") or {}),
+        )
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.parameters())
         n_proj = len(expected_projections(self.plan))
-        return (f"PruningAddon({self.plan.model_class}, {len(self.students) - n_proj} students, {n_proj} projections, "
-                f"{n:,} params, "
-                f"levels={self.level_names})")
+        return (
+            f"PruningAddon({self.plan.model_class}, {len(self.students) - n_proj} students, {n_proj} projections, "
+            f"{n:,} params, "
+            f"levels={self.level_names})"
+        )
 
 
 def check_plan_fits(model: nn.Module, plan: PruningPlan) -> ArchSpec:
@@ -251,7 +275,8 @@ def check_plan_fits(model: nn.Module, plan: PruningPlan) -> ArchSpec:
         if want != have:
             raise AddonMismatchError(
                 f"The plan was made for another base model: `{field_name}` differs",
-                expected=f"{field_name} = {want!r}", found=f"{field_name} = {have!r}",
+                expected=f"{field_name} = {want!r}",
+                found=f"{field_name} = {have!r}",
                 fix="use the plan/add-on made for this transformer (same checkpoint and config)",
             )
     plan.validate(spec)
@@ -265,15 +290,24 @@ def _depth_with_unique_keys(plan: PruningPlan) -> list[DepthReplacement]:
     keyed += [(key, rep.id) for key, rep in expected_projections(plan).items()]
     for key, rep_id in keyed:
         if key in owners:
-            raise ConfigError(f"Replacement ids {owners[key]!r} and {rep_id!r} map to the same module key {key!r}",
-                              expected="ids that differ in letters, digits or underscores",
-                              found=f"{owners[key]!r}, {rep_id!r}", fix="rename one of the replacements")
+            raise ConfigError(
+                f"Replacement ids {owners[key]!r} and {rep_id!r} map to the same module key {key!r}",
+                expected="ids that differ in letters, digits or underscores",
+                found=f"{owners[key]!r}, {rep_id!r}",
+                fix="rename one of the replacements",
+            )
         owners[key] = rep_id
     return depth_replacements(plan)
 
 
-def _load_modules(spec: ArchSpec, model: nn.Module, plan: PruningPlan, projections: dict[str, nn.Module],
-                  tensors: dict[str, torch.Tensor], path: Path) -> nn.ModuleDict:
+def _load_modules(
+    spec: ArchSpec,
+    model: nn.Module,
+    plan: PruningPlan,
+    projections: dict[str, nn.Module],
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+) -> nn.ModuleDict:
     students = nn.ModuleDict()
     for rep in _depth_with_unique_keys(plan):
         # The saved weights overwrite everything, so merged adapters on the base do not matter here.
@@ -290,12 +324,15 @@ def _load_modules(spec: ArchSpec, model: nn.Module, plan: PruningPlan, projectio
         )
     wrong = [k for k, v in expected.items() if tuple(v.shape) != tuple(tensors[k].shape)]
     if wrong:
-        raise ArtefactError(f"{path} has student weights of the wrong shape", expected=str(
-            {k: list(expected[k].shape) for k in wrong[:3]}), found=str({k: list(tensors[k].shape) for k in wrong[:3]}),
-            fix="re-save the add-on for this base model")
+        raise ArtefactError(
+            f"{path} has student weights of the wrong shape",
+            expected=str({k: list(expected[k].shape) for k in wrong[:3]}),
+            found=str({k: list(tensors[k].shape) for k in wrong[:3]}),
+            fix="re-save the add-on for this base model",
+        )
     for key, module in students.items():
         prefix = key + "."
         # Keys of one module are prefixes of no other module's keys: `text_1_5__in_2.` never starts `text_1_5__in_21.`.
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
         module.requires_grad_(True)
     return students

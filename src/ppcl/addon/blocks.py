@@ -98,9 +98,12 @@ def averaged_block_copy(blocks: list[nn.Module]) -> nn.Module:
         for name, total in sums.items():
             other = state.get(name)
             if other is None or other.shape != total.shape:
-                raise ConfigError("cannot average blocks of different structure", expected="blocks of one stack",
-                                  found=f"parameter {name!r} missing or of another shape in some block",
-                                  fix="use init 'first', 'middle' or 'last' for this span")
+                raise ConfigError(
+                    "cannot average blocks of different structure",
+                    expected="blocks of one stack",
+                    found=f"parameter {name!r} missing or of another shape in some block",
+                    fix="use init 'first', 'middle' or 'last' for this span",
+                )
             total.add_(other.float())
         del state
     with torch.no_grad():

@@ -15,15 +15,20 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     has_width = bool(projections) or any(lvl.get("width") for lvl in levels)
     base = fp.get("name_or_path") or fp.get("class", "?")
     first_level = levels[0]["name"] if levels else None
-    what = ("one student block per replaced span of blocks and residual linear projections for its width "
-            "replacements (text-stream runs, FFN blocks)" if has_width else
-            "one student block per replaced span of blocks")
+    what = (
+        "one student block per replaced span of blocks and residual linear projections for its width "
+        "replacements (text-stream runs, FFN blocks)"
+        if has_width
+        else "one student block per replaced span of blocks"
+    )
     lines = [
         f"# PPCL pruning add-on for {base}",
         "",
-        (f"A pluggable {'depth- and width' if has_width else 'depth'}-pruning add-on made with ppcl (Pluggable Pruning "
-         f"with Contiguous Layer Distillation). It holds {what}; each level switches a set of replacements on the "
-         "original model, in place and reversibly, or merges into a standalone smaller model."),
+        (
+            f"A pluggable {'depth- and width' if has_width else 'depth'}-pruning add-on made with ppcl (Pluggable Pruning "
+            f"with Contiguous Layer Distillation). It holds {what}; each level switches a set of replacements on the "
+            "original model, in place and reversibly, or merges into a standalone smaller model."
+        ),
         "",
         "## Base model",
         "",
@@ -34,8 +39,10 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         "",
         "## Levels",
         "",
-        ("Spans are half-open flat block ranges `[start, stop)` (Python slices over all block stacks in order); text "
-         "runs also give the paper's inclusive range."),
+        (
+            "Spans are half-open flat block ranges `[start, stop)` (Python slices over all block stacks in order); text "
+            "runs also give the paper's inclusive range."
+        ),
         "",
         "| level | spans replaced |" + (" width replacements |" if has_width else "") + " blocks | parameters |",
         "|---|---|" + ("---|" if has_width else "") + "---|---|",
@@ -47,31 +54,45 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         params = lvl.get("params")
         params_text = (
             f"{_human(params['before'])} → {_human(params['after'])} (−{params['removed_fraction']:.1%})"
-            if params else "n/a"
+            if params
+            else "n/a"
         )
-        lines.append(f"| {lvl['name']} | {spans} | {width}{blocks.get('before', '?')} → {blocks.get('after', '?')} | "
-                     f"{params_text} |")
+        lines.append(
+            f"| {lvl['name']} | {spans} | {width}{blocks.get('before', '?')} → {blocks.get('after', '?')} | "
+            f"{params_text} |"
+        )
     if projections:
-        lines += ["", "## Width projections", "",
-                  "Residual linear maps `z + z Wᵀ + b` (`W` of the shape below), stored as `<key>.W`, `<key>.b`.", "",
-                  "| key | replacement | kind | part | shape | parameters |", "|---|---|---|---|---|---|"]
-        lines += [f"| `{key}` | `{e.get('replacement', '?')}` | {e.get('kind', '?')} | {e.get('part', '?')} | "
-                  f"{e.get('shape', '?')} | {_human(int(e.get('num_params', 0)))} |"
-                  for key, e in projections.items()]
+        lines += [
+            "",
+            "## Width projections",
+            "",
+            "Residual linear maps `z + z Wᵀ + b` (`W` of the shape below), stored as `<key>.W`, `<key>.b`.",
+            "",
+            "| key | replacement | kind | part | shape | parameters |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{key}` | `{e.get('replacement', '?')}` | {e.get('kind', '?')} | {e.get('part', '?')} | "
+            f"{e.get('shape', '?')} | {_human(int(e.get('num_params', 0)))} |"
+            for key, e in projections.items()
+        ]
     level_arg = repr(first_level) if first_level is not None else "None"
-    merge_note = ("`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a new model with fewer blocks: "
-                  "a depth-only level is a stock diffusers checkpoint loadable without ppcl; a level with width "
-                  "replacements is saved with `ppcl.runtime.save_merged` (`ppcl merge` does this) and loads with "
-                  "`ppcl.load_merged`." if has_width else
-                  "`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a stock diffusers checkpoint "
-                  "with fewer blocks, loadable without ppcl.")
+    merge_note = (
+        "`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a new model with fewer blocks: "
+        "a depth-only level is a stock diffusers checkpoint loadable without ppcl; a level with width "
+        "replacements is saved with `ppcl.runtime.save_merged` (`ppcl merge` does this) and loads with "
+        "`ppcl.load_merged`."
+        if has_width
+        else "`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a stock diffusers checkpoint "
+        "with fewer blocks, loadable without ppcl."
+    )
     lines += [
         "",
         "## How to load",
         "",
         "```python",
         "from ppcl.addon import PruningAddon; from ppcl.runtime import apply_addon, set_level",
-        "addon = PruningAddon.from_pretrained(\"path/to/this/folder\", pipe.transformer)",
+        'addon = PruningAddon.from_pretrained("path/to/this/folder", pipe.transformer)',
         f"apply_addon(pipe.transformer, addon, level={level_arg})  # set_level(pipe.transformer, None) = original",
         "```",
         "",

@@ -102,8 +102,14 @@ def check_fingerprint(expected: Mapping[str, Any], found: Mapping[str, Any]) -> 
         _mismatch(f"block_shapes[{extra[0]}]", "no such parameter", list(have[extra[0]]))
 
 
-FIELDS: dict[str, type | tuple[type, ...]] = {"class": str, "arch": str, "config": dict, "config_hash": str,
-                                              "stack_sizes": list, "block_shapes": dict}
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "class": str,
+    "arch": str,
+    "config": dict,
+    "config_hash": str,
+    "stack_sizes": list,
+    "block_shapes": dict,
+}
 
 
 def require_complete(fingerprint: Mapping[str, Any]) -> None:
@@ -111,10 +117,13 @@ def require_complete(fingerprint: Mapping[str, Any]) -> None:
     for field, kind in FIELDS.items():
         value = fingerprint.get(field) if isinstance(fingerprint, Mapping) else None
         if not isinstance(value, kind) or (field == "stack_sizes" and not all(isinstance(s, int) for s in value)):
-            raise ArtefactError("the add-on's base-model fingerprint is incomplete",
-                                expected=f"fingerprint.{field} as a {getattr(kind, '__name__', kind)}",
-                                found=f"{value!r}"[:80], fix="re-create the add-on with ppcl (the manifest was "
-                                "edited or damaged); the base model cannot be checked without it")
+            raise ArtefactError(
+                "the add-on's base-model fingerprint is incomplete",
+                expected=f"fingerprint.{field} as a {getattr(kind, '__name__', kind)}",
+                found=f"{value!r}"[:80],
+                fix="re-create the add-on with ppcl (the manifest was "
+                "edited or damaged); the base model cannot be checked without it",
+            )
 
 
 def list_or_value(value: Any) -> Any:
@@ -137,8 +146,11 @@ def _compare_configs(want: Mapping[str, Any], have: Mapping[str, Any]) -> None:
         others = f" (and {differing[1:]})" if len(differing) > 1 else ""
         _mismatch(f"config.{key}{others}", want[key], have[key])
     only = sorted(want.keys() ^ have.keys())
-    _log.warning("The base config differs from the add-on's only in entries present on one side %s; accepted "
-                 "(typically a different diffusers version).", only)
+    _log.warning(
+        "The base config differs from the add-on's only in entries present on one side %s; accepted "
+        "(typically a different diffusers version).",
+        only,
+    )
 
 
 def _mismatch(field: str, expected: Any, found: Any) -> None:

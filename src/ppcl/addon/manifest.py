@@ -61,11 +61,19 @@ def check_format(manifest: Mapping[str, Any], where: str) -> None:
     fmt = manifest.get("format")
     version = manifest.get("format_version")
     if fmt != FORMAT:
-        raise ArtefactError(f"{where} is not a ppcl add-on manifest", expected=f"format {FORMAT!r}",
-                            found=f"format {fmt!r}", fix="pass the folder written by PruningAddon.save_pretrained")
+        raise ArtefactError(
+            f"{where} is not a ppcl add-on manifest",
+            expected=f"format {FORMAT!r}",
+            found=f"format {fmt!r}",
+            fix="pass the folder written by PruningAddon.save_pretrained",
+        )
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ArtefactError(f"{where} has no valid format_version", expected="an integer format_version",
-                            found=repr(version), fix="re-create the add-on with ppcl")
+        raise ArtefactError(
+            f"{where} has no valid format_version",
+            expected="an integer format_version",
+            found=repr(version),
+            fix="re-create the add-on with ppcl",
+        )
     if version > FORMAT_VERSION:
         raise ArtefactError(
             f"{where} was written by a newer ppcl",
@@ -75,8 +83,12 @@ def check_format(manifest: Mapping[str, Any], where: str) -> None:
         )
     for key, kind in (("plan", dict), ("fingerprint", dict)):
         if not isinstance(manifest.get(key), kind):
-            raise ArtefactError(f"{where} field `{key}` is missing or malformed", expected=f"a JSON object `{key}`",
-                                found=type(manifest.get(key)).__name__, fix="re-create the add-on with ppcl")
+            raise ArtefactError(
+                f"{where} field `{key}` is missing or malformed",
+                expected=f"a JSON object `{key}`",
+                found=type(manifest.get(key)).__name__,
+                fix="re-create the add-on with ppcl",
+            )
 
 
 def level_summaries(plan: PruningPlan, config: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -100,8 +112,12 @@ def level_summaries(plan: PruningPlan, config: Mapping[str, Any] | None) -> list
                 # Counting needs the diffusers class; a card without counts is still a valid add-on.
                 _log.warning("Parameter counts for level %s unavailable: %s", lvl.name, err)
             else:
-                entry["params"] = {"before": count.total, "after": count.after, "removed": count.removed,
-                                   "removed_fraction": count.fraction_removed}
+                entry["params"] = {
+                    "before": count.total,
+                    "after": count.after,
+                    "removed": count.removed,
+                    "removed_fraction": count.fraction_removed,
+                }
         out.append(entry)
     return out
 

@@ -42,8 +42,11 @@ def fresh_projections(model: nn.Module, plan: PruningPlan) -> dict[str, nn.Modul
     Initialise them afterwards with ``fit_from`` (least squares on calibration statistics) or ``set_map``.
     """
     spec = get_spec(model)
-    modules = {key: module for rep in width_replacements(plan)
-               for key, module in kind_of(rep).fresh_modules(model, spec, rep).items()}
+    modules = {
+        key: module
+        for rep in width_replacements(plan)
+        for key, module in kind_of(rep).fresh_modules(model, spec, rep).items()
+    }
     for module in modules.values():
         module.requires_grad_(True)
     return modules
@@ -60,15 +63,18 @@ def projection_entries(plan: PruningPlan, modules: Mapping[str, nn.Module]) -> d
     expected = expected_projections(plan)
     missing = sorted(expected.keys() - modules.keys())
     if missing:
-        raise ConfigError(f"The add-on lacks projections its plan's width replacements need: {few_keys(missing)}",
-                          expected=f"{len(expected)} projections {few_keys(sorted(expected))}",
-                          found=f"module keys {few_keys(sorted(modules))}",
-                          fix="build the add-on with PruningAddon.from_plan(model, plan)")
+        raise ConfigError(
+            f"The add-on lacks projections its plan's width replacements need: {few_keys(missing)}",
+            expected=f"{len(expected)} projections {few_keys(sorted(expected))}",
+            found=f"module keys {few_keys(sorted(modules))}",
+            fix="build the add-on with PruningAddon.from_plan(model, plan)",
+        )
     return {key: projection_entry(rep, key, modules[key]) for key, rep in expected.items()}
 
 
-def load_projections(spec: ArchSpec, model: nn.Module, plan: PruningPlan, recorded: Any,
-                     tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, nn.Module]:
+def load_projections(
+    spec: ArchSpec, model: nn.Module, plan: PruningPlan, recorded: Any, tensors: Mapping[str, torch.Tensor], where: str
+) -> dict[str, nn.Module]:
     """Rebuild the projections the manifest records (weights not loaded yet: the caller checks and loads them).
 
     Each projection is built from its recorded ``shape`` ``[D, D]`` on the device of its replacement's first block, in
@@ -89,8 +95,12 @@ def load_projections(spec: ArchSpec, model: nn.Module, plan: PruningPlan, record
     expected = expected_projections(plan)
     recorded = {} if recorded is None else recorded
     if not isinstance(recorded, Mapping):
-        raise ArtefactError(f"{where} field `projections` is malformed", expected="a JSON object",
-                            found=type(recorded).__name__, fix="re-save the add-on with ppcl")
+        raise ArtefactError(
+            f"{where} field `projections` is malformed",
+            expected="a JSON object",
+            found=type(recorded).__name__,
+            fix="re-save the add-on with ppcl",
+        )
     missing, extra = sorted(expected.keys() - recorded.keys()), sorted(recorded.keys() - expected.keys())
     if missing or extra:
         raise ArtefactError(
@@ -105,9 +115,12 @@ def load_projections(spec: ArchSpec, model: nn.Module, plan: PruningPlan, record
         dim = block_dim(block)
         shape = recorded[key].get("shape") if isinstance(recorded[key], Mapping) else None
         if shape != [dim, dim]:
-            raise ArtefactError(f"{where} records projection {key!r} with an unusable shape",
-                                expected=f"shape [{dim}, {dim}] (the token width of block {rep.blocks()[0]})",
-                                found=f"shape {shape!r}", fix="re-save the add-on for this base model")
+            raise ArtefactError(
+                f"{where} records projection {key!r} with an unusable shape",
+                expected=f"shape [{dim}, {dim}] (the token width of block {rep.blocks()[0]})",
+                found=f"shape {shape!r}",
+                fix="re-save the add-on for this base model",
+            )
         saved = tensors.get(f"{key}.W")
         dtype = saved.dtype if saved is not None and saved.is_floating_point() else torch.float32
         module = ResidualLinear(dim, dtype=dtype, device=next(block.parameters()).device)

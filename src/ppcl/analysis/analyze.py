@@ -62,17 +62,26 @@ class AnalysisConfig:
     def check(self, num_blocks: int) -> None:
         """Raise ConfigError for settings that cannot work on a model of ``num_blocks`` blocks."""
         if self.max_len < 2:
-            raise ConfigError("--max-len too small", expected=">= 2 (an interval spans at least 2 blocks)",
-                              found=str(self.max_len), fix="use the paper's default 10")
+            raise ConfigError(
+                "--max-len too small",
+                expected=">= 2 (an interval spans at least 2 blocks)",
+                found=str(self.max_len),
+                fix="use the paper's default 10",
+            )
         if self.cka_streams not in ("image", "both"):
             raise ConfigError("unknown --cka-streams", expected="image or both", found=self.cka_streams)
         if self.protect_first < 0 or self.protect_last < 0 or self.protect_first + self.protect_last > num_blocks - 2:
-            raise ConfigError("protected blocks leave nothing to prune",
-                              expected=f"protect_first + protect_last <= {num_blocks - 2}",
-                              found=f"{self.protect_first} + {self.protect_last}", fix="protect fewer blocks")
+            raise ConfigError(
+                "protected blocks leave nothing to prune",
+                expected=f"protect_first + protect_last <= {num_blocks - 2}",
+                found=f"{self.protect_first} + {self.protect_last}",
+                fix="protect fewer blocks",
+            )
 
 
-def analyze(model: nn.Module, calibration: CalibrationSet, config: AnalysisConfig = AnalysisConfig()) -> RedundancyReport:
+def analyze(
+    model: nn.Module, calibration: CalibrationSet, config: AnalysisConfig = AnalysisConfig()
+) -> RedundancyReport:
     """Run the redundancy analysis of ``model`` (the teacher, eval mode) on ``calibration``."""
     spec = get_spec(model)
     calibration.check_model(model)
@@ -87,28 +96,43 @@ def analyze(model: nn.Module, calibration: CalibrationSet, config: AnalysisConfi
         probes[stream], fits[stream] = _fit_probes(collected.streams[stream], config)
         ffn[stream] = _fit_ffn(collected.streams[stream].ffn, config.ridge)
     cka = {s: _trajectories(collected.streams[s], probes[s], config.max_len) for s in STREAMS}
-    combined = cka["image"] if config.cka_streams == "image" else torch.nanmean(torch.stack([cka["image"],
-                                                                                             cka["text"]]), dim=0)
+    combined = (
+        cka["image"]
+        if config.cka_streams == "image"
+        else torch.nanmean(torch.stack([cka["image"], cka["text"]]), dim=0)
+    )
     intervals = _scan_per_stack(combined, spec.stack_sizes(model), config)
     text_depths = [d for d in range(num_blocks + 1) if collected.streams["text"].cache[d]]
     text_cka = _text_cka(collected.streams["text"], text_depths, num_blocks)
-    influence = {s: np.array([acc.value() if acc is not None else np.nan for acc in collected.streams[s].influence])
-                 for s in STREAMS}
+    influence = {
+        s: np.array([acc.value() if acc is not None else np.nan for acc in collected.streams[s].influence])
+        for s in STREAMS
+    }
     seconds = time.perf_counter() - t0
     log.info("analyze: %d intervals found in %.1f s (pass %.1f s)", len(intervals), seconds, t_pass)
     return RedundancyReport(
-        arch=spec.name, model_class=type(model).__name__, config_hash=config_hash(dict(model.config)),
-        stack_sizes=list(spec.stack_sizes(model)), calibration_hash=calibration.content_hash,
-        settings=asdict(config), cka=cka, cka_used=combined, intervals=intervals,
+        arch=spec.name,
+        model_class=type(model).__name__,
+        config_hash=config_hash(dict(model.config)),
+        stack_sizes=list(spec.stack_sizes(model)),
+        calibration_hash=calibration.content_hash,
+        settings=asdict(config),
+        cka=cka,
+        cka_used=combined,
+        intervals=intervals,
         probe_rel_error={s: np.array([f[0] for f in fits[s]]) for s in STREAMS},
         probe_mse={s: np.array([f[1] for f in fits[s]]) for s in STREAMS},
         ffn_rel_error={s: np.array([f[0] for f in ffn[s]]) for s in STREAMS},
         ffn_mse={s: np.array([f[1] for f in ffn[s]]) for s in STREAMS},
-        block_influence=influence, text_cka=text_cka,
-        stats={"seconds": round(seconds, 2), "pass_seconds": round(t_pass, 2),
-               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               "tokens_seen": collected.tokens_seen,
-               "tokens_cached": {s: _n_cached(collected.streams[s]) for s in STREAMS}},
+        block_influence=influence,
+        text_cka=text_cka,
+        stats={
+            "seconds": round(seconds, 2),
+            "pass_seconds": round(t_pass, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "tokens_seen": collected.tokens_seen,
+            "tokens_cached": {s: _n_cached(collected.streams[s]) for s in STREAMS},
+        },
     )
 
 
@@ -128,8 +152,9 @@ def _fit_probes(stats: StreamStats, config: AnalysisConfig) -> tuple[list[Residu
         fit = acc.fit(config.ridge)
         probe = fit.probe
         if config.refine_steps > 0:
-            probe = refine_probe(probe, stats.cached(i), stats.cached(i + 1), steps=config.refine_steps,
-                                 seed=config.seed + i)
+            probe = refine_probe(
+                probe, stats.cached(i), stats.cached(i + 1), steps=config.refine_steps, seed=config.seed + i
+            )
             refined = acc.fit_error(probe)
             fits.append((refined.rel_error, refined.mse))
         else:
@@ -185,4 +210,3 @@ def _text_cka(stats: StreamStats, depths: list[int], num_blocks: int) -> np.ndar
         idx = np.array(depths)
         out[np.ix_(idx, idx)] = matrix
     return out
-

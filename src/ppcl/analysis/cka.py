@@ -145,7 +145,7 @@ def cka_matrix(features: Sequence[Tensor]) -> Tensor:
         out = inner / (norms[:, None] * norms[None, :])
     else:
         means = [_mean(f) for f in features]
-        self_norms = [_self_norm(_centre(f, m)) for f, m in zip(features, means)]
+        self_norms = [_self_norm(_centre(f, m)) for f, m in zip(features, means, strict=False)]
         for i in range(L):
             ci = _centre(features[i], means[i])
             for j in range(i, L):
@@ -206,7 +206,7 @@ def cka_trajectories(
     # Every start reuses the targets: their means and self-norms (the O(N·D²) part) are computed once; centring
     # (O(N·D)) is redone per pair so that no float64 copy of all L outputs is ever held.
     means = [_mean(x) for x in xs]
-    target_norms = [_self_norm(_centre(x, m)) for x, m in zip(xs, means)]
+    target_norms = [_self_norm(_centre(x, m)) for x, m in zip(xs, means, strict=False)]
     with torch.no_grad():
         for u in range(L - 1):
             z = xs[u].to(torch.float32)

@@ -74,16 +74,28 @@ class StatsCollector:
         cache_dtype: dtype of the token cache (float32 for exact CKA; bfloat16 halves memory on big models).
     """
 
-    def __init__(self, model: nn.Module, cache_tokens: int, n_forwards: int, seed: int = 0,
-                 cache_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache_tokens: int,
+        n_forwards: int,
+        seed: int = 0,
+        cache_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.model, self.spec = model, get_spec(model)
         self.num_blocks = self.spec.num_blocks(model)
         self.per_forward = max(1, math.ceil(cache_tokens / max(1, n_forwards)))
         self.cache_dtype = cache_dtype
         self.state = _Pass(seed)
-        self.streams = {s: StreamStats([None] * self.num_blocks, [None] * self.num_blocks,
-                                       [None] * self.num_blocks, [[] for _ in range(self.num_blocks + 1)])
-                        for s in STREAMS}
+        self.streams = {
+            s: StreamStats(
+                [None] * self.num_blocks,
+                [None] * self.num_blocks,
+                [None] * self.num_blocks,
+                [[] for _ in range(self.num_blocks + 1)],
+            )
+            for s in STREAMS
+        }
         self.ffn_inputs: dict[tuple[int, str], torch.Tensor] = {}
         self.tokens_seen = {s: 0 for s in STREAMS}
         self._handles: list[Any] = []
@@ -106,6 +118,7 @@ class StatsCollector:
     def _ffn_hook(self, i: int, stream: str):
         def hook(module: nn.Module, args: tuple) -> None:
             self.ffn_inputs[(i, stream)] = args[0].detach()
+
         return hook
 
     def _block_hook(self, i: int):
@@ -119,6 +132,7 @@ class StatsCollector:
                     continue
                 mask = text_mask if stream == "text" else None
                 self._update(i, stream, x.detach(), y.detach(), mask)
+
         return hook
 
     def _text_mask(self, i: int, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -166,8 +180,14 @@ class StatsCollector:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, calibration: CalibrationSet, batch_size: int = 32, cache_tokens: int = 8192,
-            seed: int = 0, cache_dtype: torch.dtype = torch.float32) -> Collected:
+def collect(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    batch_size: int = 32,
+    cache_tokens: int = 8192,
+    seed: int = 0,
+    cache_dtype: torch.dtype = torch.float32,
+) -> Collected:
     """Run ``model`` over every calibration batch once and return the accumulated statistics."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -176,4 +196,3 @@ def collect(model: nn.Module, calibration: CalibrationSet, batch_size: int = 32,
         for batch in progress(calibration.batches(batch_size, device, dtype), desc="analysis pass", total=n_forwards):
             model(**batch, return_dict=False)
     return collector.result()
-

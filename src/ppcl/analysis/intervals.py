@@ -222,7 +222,7 @@ def nested_levels(
     values = [float(costs(i)) for i in items] if callable(costs) else [float(c) for c in costs]
     if len(values) != len(items):
         raise ConfigError("Need one cost per interval", expected=f"{len(items)} costs", found=f"{len(values)}")
-    if any(b < a for a, b in zip(targets, targets[1:])):
+    if any(b < a for a, b in zip(targets, targets[1:], strict=False)):
         raise ConfigError(
             "Level targets must not decrease", expected="non-decreasing targets", found=str(list(targets))
         )

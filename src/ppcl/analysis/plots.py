@@ -58,8 +58,13 @@ def delta_curves(cka: np.ndarray, intervals: Sequence[tuple[int, int]], path: Pa
     return _save(fig, path)
 
 
-def depth_axis(num_blocks: int, intervals: Sequence[tuple[int, int]], accepted: Sequence[tuple[int, int]],
-               protected: Sequence[int], path: Path) -> Path:
+def depth_axis(
+    num_blocks: int,
+    intervals: Sequence[tuple[int, int]],
+    accepted: Sequence[tuple[int, int]],
+    protected: Sequence[int],
+    path: Path,
+) -> Path:
     """The depth axis: detected intervals (grey), intervals accepted by the plan (coloured), protected blocks."""
     fig, ax = plt.subplots(figsize=(8.0, 2.2))
     for i in range(num_blocks):

@@ -334,4 +334,3 @@ def _check_dims(dim: int, out_dim: int, residual: bool) -> None:
             found=f"out_dim = {out_dim}",
             fix="pass residual=False to fit a plain affine map between different widths",
         )
-

@@ -70,19 +70,37 @@ class RedundancyReport:
 
     def to_json(self) -> dict[str, Any]:
         """The manifest: everything but the matrices, plus per-block lists for readers without safetensors."""
+
         def vec(a: np.ndarray) -> list[float | None]:
             return [None if not math.isfinite(float(x)) else round(float(x), 6) for x in a]
 
         return {
-            "format_version": FORMAT_VERSION, "kind": "ppcl.RedundancyReport", "arch": self.arch,
-            "model_class": self.model_class, "config_hash": self.config_hash, "stack_sizes": self.stack_sizes,
-            "calibration_hash": self.calibration_hash, "settings": self.settings, "stats": self.stats,
+            "format_version": FORMAT_VERSION,
+            "kind": "ppcl.RedundancyReport",
+            "arch": self.arch,
+            "model_class": self.model_class,
+            "config_hash": self.config_hash,
+            "stack_sizes": self.stack_sizes,
+            "calibration_hash": self.calibration_hash,
+            "settings": self.settings,
+            "stats": self.stats,
             "tensors_hash": content_hash(self._tensors()),
             "intervals_convention": "inclusive [u, v]; replaced by one student, v - u blocks removed",
-            "intervals": [{"u": i.u, "v": i.v, "cka": round(i.cka, 6), "score": round(i.score, 6),
-                           "removed": i.removed, "span": f"[{i.u}:{i.v + 1}] (half-open)"} for i in self.intervals],
-            "per_block": {name: {s: vec(getattr(self, name)[s]) for s in STREAMS}
-                          for name in ("probe_rel_error", "ffn_rel_error", "block_influence")},
+            "intervals": [
+                {
+                    "u": i.u,
+                    "v": i.v,
+                    "cka": round(i.cka, 6),
+                    "score": round(i.score, 6),
+                    "removed": i.removed,
+                    "span": f"[{i.u}:{i.v + 1}] (half-open)",
+                }
+                for i in self.intervals
+            ],
+            "per_block": {
+                name: {s: vec(getattr(self, name)[s]) for s in STREAMS}
+                for name in ("probe_rel_error", "ffn_rel_error", "block_influence")
+            },
         }
 
     def save(self, folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -100,15 +118,21 @@ class RedundancyReport:
         folder = Path(folder)
         m = read_json(folder / MANIFEST, "redundancy report")
         if m.get("kind") != "ppcl.RedundancyReport":
-            raise ArtefactError("not a redundancy report", expected="kind ppcl.RedundancyReport",
-                                found=str(m.get("kind")), fix="pass the folder written by `ppcl analyze`")
+            raise ArtefactError(
+                "not a redundancy report",
+                expected="kind ppcl.RedundancyReport",
+                found=str(m.get("kind")),
+                fix="pass the folder written by `ppcl analyze`",
+            )
         t = load_tensors(folder / WEIGHTS, "redundancy report")
         # Reports written before the hash existed (docs/example-report) have none and load as they are.
         if "tensors_hash" in m and content_hash(t) != m["tensors_hash"]:
-            raise ArtefactError("the report's matrices do not belong to its manifest",
-                                expected=f"tensors hash {str(m['tensors_hash'])[:16]}… (report.json)",
-                                found=f"{content_hash(t)[:16]}… in {folder / WEIGHTS}",
-                                fix="the files were mixed or modified; re-run `ppcl analyze`")
+            raise ArtefactError(
+                "the report's matrices do not belong to its manifest",
+                expected=f"tensors hash {str(m['tensors_hash'])[:16]}… (report.json)",
+                found=f"{content_hash(t)[:16]}… in {folder / WEIGHTS}",
+                fix="the files were mixed or modified; re-run `ppcl analyze`",
+            )
 
         def per(name: str) -> dict[str, np.ndarray]:
             return {s: t[f"{name}.{s}"].numpy() for s in STREAMS}
@@ -116,17 +140,34 @@ class RedundancyReport:
         try:
             return cls._from_parts(m, t, per)
         except (KeyError, TypeError, ValueError) as err:
-            raise ArtefactError("redundancy report is incomplete", expected="the fields written by `ppcl analyze`",
-                                found=f"missing or malformed {err} in {folder}",
-                                fix="re-run `ppcl analyze`") from err
+            raise ArtefactError(
+                "redundancy report is incomplete",
+                expected="the fields written by `ppcl analyze`",
+                found=f"missing or malformed {err} in {folder}",
+                fix="re-run `ppcl analyze`",
+            ) from err
 
     @classmethod
     def _from_parts(cls, m: dict[str, Any], t: dict[str, torch.Tensor], per: Any) -> RedundancyReport:
         intervals = [Interval(d["u"], d["v"], d["cka"], d["score"]) for d in m["intervals"]]
-        return cls(m["arch"], m["model_class"], m["config_hash"], m["stack_sizes"], m["calibration_hash"],
-                   m["settings"], {s: t[f"cka.{s}"] for s in STREAMS}, t["cka.used"], intervals,
-                   per("probe_rel_error"), per("probe_mse"), per("ffn_rel_error"), per("ffn_mse"),
-                   per("block_influence"), t["text_cka"].numpy(), m.get("stats", {}))
+        return cls(
+            m["arch"],
+            m["model_class"],
+            m["config_hash"],
+            m["stack_sizes"],
+            m["calibration_hash"],
+            m["settings"],
+            {s: t[f"cka.{s}"] for s in STREAMS},
+            t["cka.used"],
+            intervals,
+            per("probe_rel_error"),
+            per("probe_mse"),
+            per("ffn_rel_error"),
+            per("ffn_mse"),
+            per("block_influence"),
+            t["text_cka"].numpy(),
+            m.get("stats", {}),
+        )
 
     # -------------------------------------------------------------------------------------------------- output
     def write_plots(self, folder: Path, accepted: list[tuple[int, int]] | None = None) -> dict[str, str]:
@@ -138,31 +179,51 @@ class RedundancyReport:
         made = {
             "cka_heatmap": plots.cka_heatmap(cka, spans, folder / "cka_heatmap.png", self.settings["cka_streams"]),
             "delta_curves": plots.delta_curves(cka, spans, folder / "delta_curves.png"),
-            "depth_axis": plots.depth_axis(self.num_blocks, spans, accepted if accepted is not None else cheapest_first,
-                                           self.protected(), folder / "depth_axis.png"),
-            "probe_errors": plots.per_block(self.probe_rel_error, folder / "probe_errors.png",
-                                            "Residual linear probe fit error per block",
-                                            "‖P(x) − y‖ / ‖y − x‖"),
-            "block_influence": plots.per_block(self.block_influence, folder / "block_influence.png",
-                                               "ShortGPT Block Influence per block (low = redundant)",
-                                               "BI = mean(1 − cos(x_in, x_out))"),
-            "ffn_fit": plots.per_block(self.ffn_rel_error, folder / "ffn_fit.png",
-                                       "FFN half as a residual linear map: fit error per block",
-                                       "relative error"),
+            "depth_axis": plots.depth_axis(
+                self.num_blocks,
+                spans,
+                accepted if accepted is not None else cheapest_first,
+                self.protected(),
+                folder / "depth_axis.png",
+            ),
+            "probe_errors": plots.per_block(
+                self.probe_rel_error,
+                folder / "probe_errors.png",
+                "Residual linear probe fit error per block",
+                "‖P(x) − y‖ / ‖y − x‖",
+            ),
+            "block_influence": plots.per_block(
+                self.block_influence,
+                folder / "block_influence.png",
+                "ShortGPT Block Influence per block (low = redundant)",
+                "BI = mean(1 − cos(x_in, x_out))",
+            ),
+            "ffn_fit": plots.per_block(
+                self.ffn_rel_error,
+                folder / "ffn_fit.png",
+                "FFN half as a residual linear map: fit error per block",
+                "relative error",
+            ),
             "text_cka": plots.text_cka(self.text_cka, folder / "text_cka.png"),
         }
         return {name: path.name for name, path in made.items()}
 
     def markdown(self, figures: dict[str, str]) -> str:
         """report.md: a readable summary with the plots."""
-        lines = [f"# Redundancy report — {self.model_class} ({self.num_blocks} blocks)", "",
-                 f"Calibration `{self.calibration_hash[:12]}`; settings: `{self.settings}`.", "",
-                 f"Analysis took {self.stats.get('seconds', '?')} s; peak RSS "
-                 f"{self.stats.get('peak_rss_mib', '?')} MiB; tokens seen {self.stats.get('tokens_seen')}, "
-                 f"cached for CKA {self.stats.get('tokens_cached')}.", "",
-                 "## Detected intervals (inclusive [u, v]; half-open code span [u:v+1])", "",
-                 "| interval | span (half-open) | blocks removed | cka(u, v) | score = (1 − cka)/(v − u) |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            f"# Redundancy report — {self.model_class} ({self.num_blocks} blocks)",
+            "",
+            f"Calibration `{self.calibration_hash[:12]}`; settings: `{self.settings}`.",
+            "",
+            f"Analysis took {self.stats.get('seconds', '?')} s; peak RSS "
+            f"{self.stats.get('peak_rss_mib', '?')} MiB; tokens seen {self.stats.get('tokens_seen')}, "
+            f"cached for CKA {self.stats.get('tokens_cached')}.",
+            "",
+            "## Detected intervals (inclusive [u, v]; half-open code span [u:v+1])",
+            "",
+            "| interval | span (half-open) | blocks removed | cka(u, v) | score = (1 − cka)/(v − u) |",
+            "|---|---|---|---|---|",
+        ]
         for i in sorted(self.intervals, key=lambda x: (x.score, x.u)):
             lines.append(f"| [{i.u}, {i.v}] | [{i.u}:{i.v + 1}] | {i.removed} | {i.cka:.4f} | {i.score:.5f} |")
         lines += ["", "Rows are sorted cheapest first: the order in which a plan accepts them.", ""]

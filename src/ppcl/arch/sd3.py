@@ -19,9 +19,7 @@ SD3_BLOCK_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "
 SD3_WIDTH = replace(
     JOINT_BLOCK_WIDTH,
     # q/k norms exist only with `qk_norm` set (SD3.5); the last block has no text FFN and no text output projection.
-    optional=frozenset(
-        {"attn.norm_added_q", "attn.norm_added_k", "norm2_context", "ff_context", "attn.to_add_out"}
-    ),
+    optional=frozenset({"attn.norm_added_q", "attn.norm_added_k", "norm2_context", "ff_context", "attn.to_add_out"}),
 )
 
 SD3_SPEC = ArchSpec(

@@ -6,8 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ppcl.cli.common import (add_model_args, add_overwrite_arg, check_out, load_model, parse_floats, require_non_negative,
-                             require_positive, require_seed)
+from ppcl.cli.common import (
+    add_model_args,
+    add_overwrite_arg,
+    check_out,
+    load_model,
+    parse_floats,
+    require_non_negative,
+    require_positive,
+    require_seed,
+)
 from ppcl.logging import get_logger
 from ppcl.plan.guard import DEFAULT_GUARD_FACTOR
 
@@ -37,14 +45,24 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="0.25,0.4,0.5", help="one level per target (comma-separated)")
-    p.add_argument("--target-kind", choices=("fraction", "params", "blocks"), default="fraction",
-                   help="fraction of block parameters, parameters or blocks removed")
+    p.add_argument(
+        "--target-kind",
+        choices=("fraction", "params", "blocks"),
+        default="fraction",
+        help="fraction of block parameters, parameters or blocks removed",
+    )
     p.add_argument("--level-names", default=None, help="comma-separated names, one per target")
-    p.add_argument("--init", choices=("first", "middle", "last", "average"), default="first", help="student initialisation")
-    p.add_argument("--guard-factor", type=float, default=DEFAULT_GUARD_FACTOR,
-                   help="budget guard: an interval scoring more than this many times the largest accepted score is "
-                        "not forced in to meet a target; the level undershoots, with a note (0 = no guard; "
-                        f"default {DEFAULT_GUARD_FACTOR:g})")
+    p.add_argument(
+        "--init", choices=("first", "middle", "last", "average"), default="first", help="student initialisation"
+    )
+    p.add_argument(
+        "--guard-factor",
+        type=float,
+        default=DEFAULT_GUARD_FACTOR,
+        help="budget guard: an interval scoring more than this many times the largest accepted score is "
+        "not forced in to meet a target; the level undershoots, with a note (0 = no guard; "
+        f"default {DEFAULT_GUARD_FACTOR:g})",
+    )
 
 
 def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,10 +74,17 @@ def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_width_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--width", action="store_true",
-                   help="also add, for each depth level X, a level 'X+w' with text runs and FFN blocks (stage 2)")
-    p.add_argument("--text-cka-threshold", type=float, default=None,
-                   help="minimum text-stream CKA of a text run (default: the selector's, 0.95)")
+    p.add_argument(
+        "--width",
+        action="store_true",
+        help="also add, for each depth level X, a level 'X+w' with text runs and FFN blocks (stage 2)",
+    )
+    p.add_argument(
+        "--text-cka-threshold",
+        type=float,
+        default=None,
+        help="minimum text-stream CKA of a text run (default: the selector's, 0.95)",
+    )
     p.add_argument("--ffn-blocks", type=int, default=2, help="FFN blocks replaced by linear maps per width level")
 
 
@@ -90,10 +115,9 @@ def level_params(plan: Any, model_config: Any) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from ppcl.analysis import AnalysisConfig, analyze
-    from ppcl.plan import plan_from_report
     from ppcl.data.calibration import CalibrationSet
-
     from ppcl.outputs import REPORT
+    from ppcl.plan import plan_from_report
 
     require_positive(args, "max_len", "cache_tokens", "batch_size")
     require_non_negative(args, "protect_first", "protect_last", "refine_steps", "ffn_blocks")
@@ -103,13 +127,28 @@ def _run(args: argparse.Namespace) -> int:
     budget = budget_kwargs(args)
     calibration = CalibrationSet.load(args.calibration)
     model = load_model(args)
-    config = AnalysisConfig(max_len=args.max_len, protect_first=args.protect_first, protect_last=args.protect_last,
-                            ridge=args.ridge, refine_steps=args.refine_steps, cka_streams=args.cka_streams,
-                            cache_tokens=args.cache_tokens, batch_size=args.batch_size, seed=args.seed,
-                            delta_tol=args.delta_tol)
+    config = AnalysisConfig(
+        max_len=args.max_len,
+        protect_first=args.protect_first,
+        protect_last=args.protect_last,
+        ridge=args.ridge,
+        refine_steps=args.refine_steps,
+        cka_streams=args.cka_streams,
+        cache_tokens=args.cache_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        delta_tol=args.delta_tol,
+    )
     report = analyze(model, calibration, config)
-    plan = plan_from_report(report, model.config, targets, args.target_kind,
-                            args.level_names.split(",") if args.level_names else None, args.init, **budget)
+    plan = plan_from_report(
+        report,
+        model.config,
+        targets,
+        args.target_kind,
+        args.level_names.split(",") if args.level_names else None,
+        args.init,
+        **budget,
+    )
     plan = finish_plan(plan, report, model, args)
     # Both artefacts are written only once both exist, so a failed plan leaves no report behind either.
     report.save(args.out, overwrite=args.overwrite)
@@ -123,8 +162,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def report_summary(report) -> str:
     """A few lines for the terminal: intervals (inclusive) cheapest first."""
-    rows = [f"{report.model_class}: {report.num_blocks} blocks, {len(report.intervals)} intervals "
-            f"(inclusive [u, v], cheapest first)"]
+    rows = [
+        f"{report.model_class}: {report.num_blocks} blocks, {len(report.intervals)} intervals "
+        f"(inclusive [u, v], cheapest first)"
+    ]
     for i in sorted(report.intervals, key=lambda x: (x.score, x.u)):
         rows.append(f"  [{i.u}, {i.v}]  removes {i.removed}  cka={i.cka:.4f}  score={i.score:.5f}")
     return "\n".join(rows)

@@ -20,11 +20,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", required=True, help="local diffusers pipeline folder (FLUX.1, SD3, Qwen-Image)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", default=None, help="folder of key.png|jpg images with key.txt captions")
-    src.add_argument("--shards", default=None, help="glob of webdataset tar shards (quote it), members key.png|jpg "
-                     "+ key.txt")
+    src.add_argument(
+        "--shards", default=None, help="glob of webdataset tar shards (quote it), members key.png|jpg + key.txt"
+    )
     src.add_argument("--prompts", default=None, help="text file, one prompt per line: the teacher generates images")
-    p.add_argument("--resolution", type=int, required=True,
-                   help="target side in pixels; buckets keep about resolution² pixels")
+    p.add_argument(
+        "--resolution", type=int, required=True, help="target side in pixels; buckets keep about resolution² pixels"
+    )
     p.add_argument("--out", required=True, help="output cache folder (must not exist)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
     p.add_argument("--encode-batch", type=int, default=8, help="images per VAE / text-encoder call")
@@ -45,7 +47,6 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.data import images as image_data
     from ppcl.data.latent_cache import build_image_cache, build_prompt_cache
     from ppcl.data.loading import load_pipeline_folder, parse_dtype
-
     from ppcl.outputs import refuse_overlap
 
     require_positive(args, "resolution", "shard_size", "encode_batch", "max_sequence_length", "steps")
@@ -53,22 +54,43 @@ def _run(args: argparse.Namespace) -> int:
     refuse_overlap(args.out, (args.pipeline, args.images, args.prompts))
     device = check_device(args.device)
     if Path(args.out).exists():
-        raise ConfigError("output folder already exists", expected="a new folder for the cache", found=args.out,
-                          fix="choose another --out or remove the folder")
+        raise ConfigError(
+            "output folder already exists",
+            expected="a new folder for the cache",
+            found=args.out,
+            fix="choose another --out or remove the folder",
+        )
     # Read and check the data before the (large) pipeline loads.
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
-    records = (image_data.scan_folder(args.images) if args.images is not None else
-               image_data.scan_shards(args.shards) if args.shards is not None else None)
+    records = (
+        image_data.scan_folder(args.images)
+        if args.images is not None
+        else image_data.scan_shards(args.shards)
+        if args.shards is not None
+        else None
+    )
     pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(device)
-    common = {"pipeline_path": args.pipeline, "shard_size": args.shard_size,
-              "max_sequence_length": args.max_sequence_length}
+    common = {
+        "pipeline_path": args.pipeline,
+        "shard_size": args.shard_size,
+        "max_sequence_length": args.max_sequence_length,
+    }
     if records is not None:
         source = {"images": args.images} if args.images is not None else {"shards": args.shards}
-        build_image_cache(pipe, records, args.out, args.resolution, encode_batch=args.encode_batch, source=source,
-                          **common)
+        build_image_cache(
+            pipe, records, args.out, args.resolution, encode_batch=args.encode_batch, source=source, **common
+        )
     else:
-        build_prompt_cache(pipe, prompts or [], args.out, args.resolution, seed=args.seed,
-                           num_inference_steps=args.steps, guidance=args.guidance, **common)
+        build_prompt_cache(
+            pipe,
+            prompts or [],
+            args.out,
+            args.resolution,
+            seed=args.seed,
+            num_inference_steps=args.steps,
+            guidance=args.guidance,
+            **common,
+        )
     log.info("cache → %s", args.out)
     print(args.out)
     return 0

@@ -34,14 +34,19 @@ def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError as exc:
-        raise ConfigError("cannot parse --seeds", expected="comma-separated integers", found=text,
-                          fix="pass e.g. --seeds 0,1") from exc
+        raise ConfigError(
+            "cannot parse --seeds", expected="comma-separated integers", found=text, fix="pass e.g. --seeds 0,1"
+        ) from exc
     if not seeds:
         raise ConfigError("no seeds given", expected="at least one seed", found=repr(text), fix="pass e.g. --seeds 0")
     bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
     if bad:
-        raise ConfigError("--seeds out of range", expected=f"seeds in [0, {SEED_LIMIT - 1}]", found=str(bad),
-                          fix="pass e.g. --seeds 0,1")
+        raise ConfigError(
+            "--seeds out of range",
+            expected=f"seeds in [0, {SEED_LIMIT - 1}]",
+            found=str(bad),
+            fix="pass e.g. --seeds 0,1",
+        )
     return seeds
 
 
@@ -52,13 +57,20 @@ def _read_prompts(path: str) -> list[str]:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError("the prompt file is not UTF-8 text", expected="a UTF-8 text file, one prompt per line",
-                          found=f"{path}: byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}",
-                          fix="save the file as UTF-8") from exc
+        raise ConfigError(
+            "the prompt file is not UTF-8 text",
+            expected="a UTF-8 text file, one prompt per line",
+            found=f"{path}: byte {exc.start} is {exc.object[exc.start : exc.start + 1]!r}",
+            fix="save the file as UTF-8",
+        ) from exc
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ConfigError("prompt file is empty", expected="one prompt per line", found=f"no prompts in {path}",
-                          fix="add prompts to the file")
+        raise ConfigError(
+            "prompt file is empty",
+            expected="one prompt per line",
+            found=f"no prompts in {path}",
+            fix="add prompts to the file",
+        )
     return prompts
 
 
@@ -99,8 +111,12 @@ def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
     from ppcl.data.pipeline_capture import calibrate_pipeline
 
     if args.prompts is None:
-        raise ConfigError("--prompts is required with --pipeline", expected="a prompt file", found="none",
-                          fix="pass --prompts prompts.txt")
+        raise ConfigError(
+            "--prompts is required with --pipeline",
+            expected="a prompt file",
+            found="none",
+            fix="pass --prompts prompts.txt",
+        )
     prompts = _read_prompts(args.prompts)
     pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(args.device)
     extra = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}

@@ -9,8 +9,9 @@ from ppcl.errors import ConfigError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="local transformer or pipeline folder (default: the embedded toy teacher)")
+    parser.add_argument(
+        "--model", default=None, help="local transformer or pipeline folder (default: the embedded toy teacher)"
+    )
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 | bf16 | fp16")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
 
@@ -35,18 +36,26 @@ def parse_floats(text: str, what: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
-        raise ConfigError(f"cannot parse {what}", expected="comma-separated numbers, e.g. 0.25,0.4,0.5",
-                          found=text, fix=f"pass e.g. --{what} 0.25,0.4,0.5") from exc
+        raise ConfigError(
+            f"cannot parse {what}",
+            expected="comma-separated numbers, e.g. 0.25,0.4,0.5",
+            found=text,
+            fix=f"pass e.g. --{what} 0.25,0.4,0.5",
+        ) from exc
     if not values:
-        raise ConfigError(f"no {what} given", expected="at least one number", found=repr(text),
-                          fix=f"pass e.g. --{what} 0.25,0.4,0.5")
+        raise ConfigError(
+            f"no {what} given", expected="at least one number", found=repr(text), fix=f"pass e.g. --{what} 0.25,0.4,0.5"
+        )
     return values
 
 
 def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out that ppcl wrote as the same kind of artefact (never anything "
-                             "else; an --out overlapping an input is always refused)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that ppcl wrote as the same kind of artefact (never anything "
+        "else; an --out overlapping an input is always refused)",
+    )
 
 
 def check_out(args: argparse.Namespace, kind: Any, *inputs: Any) -> None:
@@ -81,9 +90,12 @@ def _require_range(args: argparse.Namespace, names: tuple[str, ...], low: int, h
         if value is not None and (value < low or (high is not None and value > high)):
             flag = "--" + name.replace("_", "-")
             expected = f"{flag} >= {low}" if high is None else f"{flag} in [{low}, {high}]"
-            raise ConfigError(f"{flag} must be {what}", expected=expected, found=str(value),
-                              fix=f"pass {'a positive' if low else 'a non-negative'} {flag} or leave it at its "
-                              "default")
+            raise ConfigError(
+                f"{flag} must be {what}",
+                expected=expected,
+                found=str(value),
+                fix=f"pass {'a positive' if low else 'a non-negative'} {flag} or leave it at its default",
+            )
 
 
 def check_device(text: str) -> str:
@@ -93,12 +105,19 @@ def check_device(text: str) -> str:
     try:
         device = torch.device(text)
     except RuntimeError as exc:
-        raise ConfigError("unknown --device", expected="a torch device such as cpu, cuda or cuda:1", found=repr(text),
-                          fix="pass --device cpu or --device cuda") from exc
+        raise ConfigError(
+            "unknown --device",
+            expected="a torch device such as cpu, cuda or cuda:1",
+            found=repr(text),
+            fix="pass --device cpu or --device cuda",
+        ) from exc
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     count = torch.cuda.device_count() if device.type == "cuda" else 1
     if not available.get(device.type, True) or (device.index is not None and device.index >= count):
-        raise ConfigError("the --device is not available on this machine", expected="an available device",
-                          found=f"{text} ({count if device.type == 'cuda' else 0} {device.type} device(s) here)",
-                          fix="pass --device cpu, or run on a machine with that device")
+        raise ConfigError(
+            "the --device is not available on this machine",
+            expected="an available device",
+            found=f"{text} ({count if device.type == 'cuda' else 0} {device.type} device(s) here)",
+            fix="pass --device cpu, or run on a machine with that device",
+        )
     return text

@@ -11,18 +11,25 @@ from ppcl.cli.common import require_positive
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
-    demo = verbs.add_parser("demo", help="run ppcl end to end on the embedded toy world (about 10-12 min on 2 cores)",
-                            description="calibrate → analyze → plan (3 levels) → depth → width → fine-tune → eval, "
-                                        "on the committed toy teacher; writes OUT/report.html")
+    demo = verbs.add_parser(
+        "demo",
+        help="run ppcl end to end on the embedded toy world (about 10-12 min on 2 cores)",
+        description="calibrate → analyze → plan (3 levels) → depth → width → fine-tune → eval, "
+        "on the committed toy teacher; writes OUT/report.html",
+    )
     demo.add_argument("--out", default="ppcl-demo", help="output folder (default: ppcl-demo)")
     demo.add_argument("--fast", action="store_true", help="smoke run of every stage in about a minute")
     demo.add_argument("--depth-steps", type=int, default=None, help="override the depth distillation steps")
     demo.add_argument("--width-steps", type=int, default=None, help="override the width distillation steps")
     demo.add_argument("--finetune-steps", type=int, default=None, help="override the fine-tune steps")
     demo.add_argument("--per-category", type=int, default=None, help="ShapesEval prompts per category (x2 seeds)")
-    demo.add_argument("--teacher", default=None, metavar="NAME|FOLDER",
-                      help="a committed toy teacher (toy16, the default; toy24: 24 blocks of width 96) or a folder "
-                           "saved by `ppcl toy train-teacher`")
+    demo.add_argument(
+        "--teacher",
+        default=None,
+        metavar="NAME|FOLDER",
+        help="a committed toy teacher (toy16, the default; toy24: 24 blocks of width 96) or a folder "
+        "saved by `ppcl toy train-teacher`",
+    )
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     demo.set_defaults(func=_run)
 
@@ -34,9 +41,16 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.outputs import refuse_overlap
     from ppcl.toy.teacher import teacher_folder
 
-    overrides = {k: v for k, v in (("depth_steps", args.depth_steps), ("width_steps", args.width_steps),
-                                   ("finetune_steps", args.finetune_steps), ("per_category", args.per_category))
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("depth_steps", args.depth_steps),
+            ("width_steps", args.width_steps),
+            ("finetune_steps", args.finetune_steps),
+            ("per_category", args.per_category),
+        )
+        if v is not None
+    }
     require_positive(args, "depth_steps", "width_steps", "finetune_steps", "per_category", "threads")
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -24,59 +24,110 @@ _DEFAULTS = DistillConfig()
 _OBJECTIVE = FinetuneObjective()
 _WARMUP_SHARE = DEFAULT_WARMUP_SHARE
 # The objective's flags and their defaults: set on another stage, they would do nothing.
-_OBJECTIVE_FLAGS = {"guidance": _OBJECTIVE.guidance, "output_weight": _OBJECTIVE.output_weight,
-                    "guided_weight": _OBJECTIVE.guided_weight, "direction_weight": _OBJECTIVE.direction_weight,
-                    "levels": "", "level_mode": _OBJECTIVE.level_mode, "on_policy": _OBJECTIVE.on_policy,
-                    "on_policy_steps": _OBJECTIVE.on_policy_steps}
+_OBJECTIVE_FLAGS = {
+    "guidance": _OBJECTIVE.guidance,
+    "output_weight": _OBJECTIVE.output_weight,
+    "guided_weight": _OBJECTIVE.guided_weight,
+    "direction_weight": _OBJECTIVE.direction_weight,
+    "levels": "",
+    "level_mode": _OBJECTIVE.level_mode,
+    "on_policy": _OBJECTIVE.on_policy,
+    "on_policy_steps": _OBJECTIVE.on_policy_steps,
+}
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("distill", help="train the students of a plan → add-on (OUT/addon)")
-    p.add_argument("--stage", choices=STAGES, default="depth",
-                   help="depth (default) | width (needs --addon, --level) | finetune (needs --addon, --level)")
+    p.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="depth",
+        help="depth (default) | width (needs --addon, --level) | finetune (needs --addon, --level)",
+    )
     p.add_argument("--plan", default=None, help="PruningPlan folder or plan.json (depth stage, fresh add-on)")
     p.add_argument("--addon", default=None, help="continue this add-on folder (its plan is used)")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoint/, addon/")
     add_model_args(p)
-    p.add_argument("--pipeline", default=None,
-                   help="local diffusers pipeline folder: distil its transformer on --calibration (captured with "
-                        "`ppcl calibrate --pipeline`) or --data (a latent cache from `ppcl cache --pipeline`)")
-    p.add_argument("--data", default=None,
-                   help="train on a latent cache written by `ppcl cache` (noised at scheduler-shaped times; "
-                        "instead of --calibration)")
-    p.add_argument("--caption-dropout", type=float, default=None,
-                   help="probability of training a sample on the empty prompt's embedding (default: 0 with --data, "
-                        "0.1 on the toy; the demo uses 0.3)")
-    p.add_argument("--calibration", default=None,
-                   help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
-                        "(default for the toy: fresh ShapesWorld batches)")
-    p.add_argument("--mode", choices=("nonsequential", "sequential"), default=_DEFAULTS.mode,
-                   help="depth: nonsequential (the method) or sequential (ablation baseline)")
-    p.add_argument("--chain-mix", type=float, default=_DEFAULTS.chain_mix,
-                   help="depth, nonsequential: share of each batch a student trains on its chained input (the "
-                        "upstream students' output in its levels); 0 = the paper's pure non-sequential")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="local diffusers pipeline folder: distil its transformer on --calibration (captured with "
+        "`ppcl calibrate --pipeline`) or --data (a latent cache from `ppcl cache --pipeline`)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="train on a latent cache written by `ppcl cache` (noised at scheduler-shaped times; "
+        "instead of --calibration)",
+    )
+    p.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=None,
+        help="probability of training a sample on the empty prompt's embedding (default: 0 with --data, "
+        "0.1 on the toy; the demo uses 0.3)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="train on a CalibrationSet, and for --stage width fit the least-squares init on all of it "
+        "(default for the toy: fresh ShapesWorld batches)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("nonsequential", "sequential"),
+        default=_DEFAULTS.mode,
+        help="depth: nonsequential (the method) or sequential (ablation baseline)",
+    )
+    p.add_argument(
+        "--chain-mix",
+        type=float,
+        default=_DEFAULTS.chain_mix,
+        help="depth, nonsequential: share of each batch a student trains on its chained input (the "
+        "upstream students' output in its levels); 0 = the paper's pure non-sequential",
+    )
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps)
     p.add_argument("--lr", type=float, default=_DEFAULTS.lr)
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"warm-up steps (default: {round(_WARMUP_SHARE * 100)}%% of --steps)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                   help="accelerate's autocast; a bf16/fp16 --dtype base autocasts to its own dtype without it (the "
-                   "trained weights are float32 masters either way; OUT/addon is saved in the base dtype)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help=f"warm-up steps (default: {round(_WARMUP_SHARE * 100)}%% of --steps)"
+    )
+    p.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="accelerate's autocast; a bf16/fp16 --dtype base autocasts to its own dtype without it (the "
+        "trained weights are float32 masters either way; OUT/addon is saved in the base dtype)",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--gradient-accumulation", type=int, default=1)
-    p.add_argument("--shard", action="store_true",
-                   help="depth (non-sequential): FSDP2-shard the frozen teacher and the students over the processes "
-                   "(on by itself under an accelerate FSDP config; docs/scale.md)")
-    p.add_argument("--teacher-reuse", type=int, default=_DEFAULTS.teacher_reuse,
-                   help="data echoing: each batch and its frozen teacher pass serve this many consecutive steps "
-                        "(README 'Recipes beyond the paper')")
+    p.add_argument(
+        "--shard",
+        action="store_true",
+        help="depth (non-sequential): FSDP2-shard the frozen teacher and the students over the processes "
+        "(on by itself under an accelerate FSDP config; docs/scale.md)",
+    )
+    p.add_argument(
+        "--teacher-reuse",
+        type=int,
+        default=_DEFAULTS.teacher_reuse,
+        help="data echoing: each batch and its frozen teacher pass serve this many consecutive steps "
+        "(README 'Recipes beyond the paper')",
+    )
     p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
-    p.add_argument("--init", choices=("first", "middle", "last", "average"), default=None, help="override the plan's init")
-    p.add_argument("--level", default=None,
-                   help="depth: train only this level's spans; width/finetune (required): the level to train")
-    p.add_argument("--full", action="store_true",
-                   help="finetune: also train the surviving base blocks (result is standalone: OUT/merged)")
+    p.add_argument(
+        "--init", choices=("first", "middle", "last", "average"), default=None, help="override the plan's init"
+    )
+    p.add_argument(
+        "--level",
+        default=None,
+        help="depth: train only this level's spans; width/finetune (required): the level to train",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="finetune: also train the surviving base blocks (result is standalone: OUT/merged)",
+    )
     _objective_args(p)
     p.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default="uniform")
     p.add_argument("--seed", type=int, default=0)
@@ -87,34 +138,64 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def _objective_args(p: argparse.ArgumentParser) -> None:
     """The fine-tune objective's flags (``--stage finetune``)."""
-    p.add_argument("--guidance", type=float, default=_OBJECTIVE.guidance,
-                   help="finetune: train on paired cond/uncond inputs at this guidance scale (the guided velocity "
-                        "and the guidance direction); default: the plain output loss")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=_OBJECTIVE.guidance,
+        help="finetune: train on paired cond/uncond inputs at this guidance scale (the guided velocity "
+        "and the guidance direction); default: the plain output loss",
+    )
     p.add_argument("--output-weight", type=float, default=_OBJECTIVE.output_weight, help="finetune: output MSE weight")
-    p.add_argument("--guided-weight", type=float, default=_OBJECTIVE.guided_weight,
-                   help="finetune with --guidance: weight of the guided-velocity MSE")
-    p.add_argument("--direction-weight", type=float, default=_OBJECTIVE.direction_weight,
-                   help="finetune with --guidance: weight of the guidance-direction (v_c - v_u) MSE")
-    p.add_argument("--levels", default="",
-                   help="finetune: more levels trained together with --level (comma list; 'all' = every level)")
-    p.add_argument("--level-mode", choices=LEVEL_MODES, default=_OBJECTIVE.level_mode,
-                   help="finetune with --levels: all = every level on every batch, draw = one level per batch")
-    p.add_argument("--on-policy", type=float, default=_OBJECTIVE.on_policy,
-                   help="finetune with --guidance: share of each batch noised by the pruned model's own sampler")
+    p.add_argument(
+        "--guided-weight",
+        type=float,
+        default=_OBJECTIVE.guided_weight,
+        help="finetune with --guidance: weight of the guided-velocity MSE",
+    )
+    p.add_argument(
+        "--direction-weight",
+        type=float,
+        default=_OBJECTIVE.direction_weight,
+        help="finetune with --guidance: weight of the guidance-direction (v_c - v_u) MSE",
+    )
+    p.add_argument(
+        "--levels",
+        default="",
+        help="finetune: more levels trained together with --level (comma list; 'all' = every level)",
+    )
+    p.add_argument(
+        "--level-mode",
+        choices=LEVEL_MODES,
+        default=_OBJECTIVE.level_mode,
+        help="finetune with --levels: all = every level on every batch, draw = one level per batch",
+    )
+    p.add_argument(
+        "--on-policy",
+        type=float,
+        default=_OBJECTIVE.on_policy,
+        help="finetune with --guidance: share of each batch noised by the pruned model's own sampler",
+    )
     p.add_argument("--on-policy-steps", type=int, default=_OBJECTIVE.on_policy_steps)
 
 
 def _objective(args: argparse.Namespace, addon: Any) -> FinetuneObjective:
     names = addon.plan.level_names if args.levels == "all" else [n for n in args.levels.split(",") if n]
-    objective = FinetuneObjective(args.guidance, args.output_weight, args.guided_weight, args.direction_weight,
-                                  tuple(n for n in names if n != args.level), args.level_mode, args.on_policy,
-                                  args.on_policy_steps, args.seed)
+    objective = FinetuneObjective(
+        args.guidance,
+        args.output_weight,
+        args.guided_weight,
+        args.direction_weight,
+        tuple(n for n in names if n != args.level),
+        args.level_mode,
+        args.on_policy,
+        args.on_policy_steps,
+        args.seed,
+    )
     return objective.validate()
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppcl.distill import distill_depth, distill_width, finetune
-
     from ppcl.outputs import refuse_overlap
 
     _check_args(args)
@@ -125,21 +206,52 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(args)
     addon = _addon(args, model)
     warmup = args.warmup if args.warmup is not None else max(1, round(args.steps * _WARMUP_SHARE))
-    config = DistillConfig(mode=args.mode, chain_mix=args.chain_mix, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=warmup,
-                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                           gradient_accumulation=args.gradient_accumulation, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed, shard=args.shard, teacher_reuse=args.teacher_reuse)
+    config = DistillConfig(
+        mode=args.mode,
+        chain_mix=args.chain_mix,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        warmup=warmup,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_accumulation=args.gradient_accumulation,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        shard=args.shard,
+        teacher_reuse=args.teacher_reuse,
+    )
     data = _data(args, model)
     if args.stage == "depth":
-        distill_depth(model, addon, data, config, args.out, resume=args.resume, level=args.level,
-                      overwrite=args.overwrite)
+        distill_depth(
+            model, addon, data, config, args.out, resume=args.resume, level=args.level, overwrite=args.overwrite
+        )
     elif args.stage == "width":
         calibration = getattr(data, "calibration", None)
-        distill_width(model, addon, data, config, args.out, args.level, calibration=calibration, resume=args.resume,
-                      overwrite=args.overwrite)
+        distill_width(
+            model,
+            addon,
+            data,
+            config,
+            args.out,
+            args.level,
+            calibration=calibration,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
     else:
-        finetune(model, addon, data, config, args.out, args.level, full=args.full, resume=args.resume,
-                 objective=_objective(args, addon), overwrite=args.overwrite)
+        finetune(
+            model,
+            addon,
+            data,
+            config,
+            args.out,
+            args.level,
+            full=args.full,
+            resume=args.resume,
+            objective=_objective(args, addon),
+            overwrite=args.overwrite,
+        )
     print(Path(args.out) / "addon")
     return 0
 
@@ -149,40 +261,79 @@ def _check_args(args: argparse.Namespace) -> None:
     from ppcl.errors import ConfigError
 
     if args.stage == "depth" and (args.plan is None) == (args.addon is None):
-        raise ConfigError("depth distillation needs exactly one starting point", expected="--plan DIR or --addon DIR",
-                          found=f"--plan {args.plan} --addon {args.addon}",
-                          fix="--plan for a fresh add-on, --addon to continue one")
+        raise ConfigError(
+            "depth distillation needs exactly one starting point",
+            expected="--plan DIR or --addon DIR",
+            found=f"--plan {args.plan} --addon {args.addon}",
+            fix="--plan for a fresh add-on, --addon to continue one",
+        )
     if args.stage != "depth":
         if args.addon is None or args.level is None:
-            raise ConfigError(f"--stage {args.stage} continues a trained add-on at one level",
-                              expected="--addon DIR --level NAME", found=f"--addon {args.addon} --level {args.level}",
-                              fix="pass the depth run's OUT/addon and a level of its plan (e.g. 'p25+w')")
+            raise ConfigError(
+                f"--stage {args.stage} continues a trained add-on at one level",
+                expected="--addon DIR --level NAME",
+                found=f"--addon {args.addon} --level {args.level}",
+                fix="pass the depth run's OUT/addon and a level of its plan (e.g. 'p25+w')",
+            )
         if args.plan is not None:
-            raise ConfigError(f"--stage {args.stage} takes its plan from the add-on", expected="no --plan",
-                              found=f"--plan {args.plan}", fix="drop --plan")
+            raise ConfigError(
+                f"--stage {args.stage} takes its plan from the add-on",
+                expected="no --plan",
+                found=f"--plan {args.plan}",
+                fix="drop --plan",
+            )
         if args.chain_mix != _DEFAULTS.chain_mix:
-            raise ConfigError("--chain-mix applies to the depth stage only", expected="no --chain-mix",
-                              found=f"--chain-mix {args.chain_mix} with --stage {args.stage}", fix="drop --chain-mix")
+            raise ConfigError(
+                "--chain-mix applies to the depth stage only",
+                expected="no --chain-mix",
+                found=f"--chain-mix {args.chain_mix} with --stage {args.stage}",
+                fix="drop --chain-mix",
+            )
         if args.mode != "nonsequential":
-            raise ConfigError("--mode applies to the depth stage only", expected="--mode nonsequential",
-                              found=f"--mode {args.mode} with --stage {args.stage}", fix="drop --mode")
+            raise ConfigError(
+                "--mode applies to the depth stage only",
+                expected="--mode nonsequential",
+                found=f"--mode {args.mode} with --stage {args.stage}",
+                fix="drop --mode",
+            )
     if args.data is not None and args.calibration is not None:
-        raise ConfigError("two training data sources", expected="--data CACHE or --calibration CAL",
-                          found=f"--data {args.data} --calibration {args.calibration}", fix="drop one of them")
+        raise ConfigError(
+            "two training data sources",
+            expected="--data CACHE or --calibration CAL",
+            found=f"--data {args.data} --calibration {args.calibration}",
+            fix="drop one of them",
+        )
     if args.data is not None and args.pipeline is None and args.model is None:
-        raise ConfigError("--data is a latent cache of a real pipeline", expected="--pipeline P --data CACHE",
-                          found="no --pipeline", fix="pass the pipeline the cache was built with")
-    objective_flags = [f"--{k.replace('_', '-')}" for k, default in _OBJECTIVE_FLAGS.items()
-                       if getattr(args, k) != default]
+        raise ConfigError(
+            "--data is a latent cache of a real pipeline",
+            expected="--pipeline P --data CACHE",
+            found="no --pipeline",
+            fix="pass the pipeline the cache was built with",
+        )
+    objective_flags = [
+        f"--{k.replace('_', '-')}" for k, default in _OBJECTIVE_FLAGS.items() if getattr(args, k) != default
+    ]
     if args.stage != "finetune" and objective_flags:
-        raise ConfigError(f"{', '.join(objective_flags)} shape the fine-tune objective", expected="--stage finetune",
-                          found=f"--stage {args.stage}", fix="drop them, or use --stage finetune")
+        raise ConfigError(
+            f"{', '.join(objective_flags)} shape the fine-tune objective",
+            expected="--stage finetune",
+            found=f"--stage {args.stage}",
+            fix="drop them, or use --stage finetune",
+        )
     if args.full and args.stage != "finetune":
-        raise ConfigError("--full is a fine-tune option", expected="--stage finetune --full",
-                          found=f"--stage {args.stage} --full", fix="drop --full or use --stage finetune")
+        raise ConfigError(
+            "--full is a fine-tune option",
+            expected="--stage finetune --full",
+            found=f"--stage {args.stage} --full",
+            fix="drop --full or use --stage finetune",
+        )
     if args.init is not None and args.addon is not None:
-        raise ConfigError("--init shapes fresh students only", expected="--init with --plan",
-                          found=f"--init {args.init} with --addon", fix="drop --init")
+        raise ConfigError(
+            "--init shapes fresh students only",
+            expected="--init with --plan",
+            found=f"--init {args.init} with --addon",
+            fix="drop --init",
+        )
 
 
 def _pipeline_args(args: argparse.Namespace) -> None:
@@ -195,12 +346,20 @@ def _pipeline_args(args: argparse.Namespace) -> None:
     if args.pipeline is None:
         return
     if args.model is not None:
-        raise ConfigError("--pipeline and --model both name the model", expected="one of them",
-                          found=f"--pipeline {args.pipeline} --model {args.model}", fix="drop --model")
+        raise ConfigError(
+            "--pipeline and --model both name the model",
+            expected="one of them",
+            found=f"--pipeline {args.pipeline} --model {args.model}",
+            fix="drop --model",
+        )
     if args.calibration is None and args.data is None:
-        raise ConfigError("--pipeline trains on cached transformer inputs", expected="--calibration DIR or --data DIR",
-                          found="none", fix=f"run `ppcl calibrate --pipeline {args.pipeline} --out CAL` or "
-                          f"`ppcl cache --pipeline {args.pipeline} ... --out CACHE` first")
+        raise ConfigError(
+            "--pipeline trains on cached transformer inputs",
+            expected="--calibration DIR or --data DIR",
+            found="none",
+            fix=f"run `ppcl calibrate --pipeline {args.pipeline} --out CAL` or "
+            f"`ppcl cache --pipeline {args.pipeline} ... --out CACHE` first",
+        )
     args.model = args.pipeline  # load_transformer reads PATH/transformer of a pipeline folder
 
 
@@ -229,9 +388,15 @@ def _data(args: argparse.Namespace, model: Any) -> Any:
         from ppcl.distill.latent_data import LatentCacheData, read_scheduler_config
 
         scheduler = read_scheduler_config(args.pipeline) if args.pipeline is not None else None
-        data = LatentCacheData(args.data, args.batch_size, args.seed, args.timestep_sampling,
-                               0.0 if args.caption_dropout is None else args.caption_dropout,
-                               scheduler_config=scheduler, dtype=parse_dtype(args.dtype))
+        data = LatentCacheData(
+            args.data,
+            args.batch_size,
+            args.seed,
+            args.timestep_sampling,
+            0.0 if args.caption_dropout is None else args.caption_dropout,
+            scheduler_config=scheduler,
+            dtype=parse_dtype(args.dtype),
+        )
         data.check_model(model)
         return data
 
@@ -244,8 +409,12 @@ def _data(args: argparse.Namespace, model: Any) -> Any:
     if args.model is not None:
         from ppcl.errors import ConfigError
 
-        raise ConfigError("no training data for a real model", expected="--calibration DIR or --data CACHE",
-                          found="none", fix="capture inputs with `ppcl calibrate --pipeline ...` first")
+        raise ConfigError(
+            "no training data for a real model",
+            expected="--calibration DIR or --data CACHE",
+            found="none",
+            fix="capture inputs with `ppcl calibrate --pipeline ...` first",
+        )
     from ppcl.toy.teacher import ToyTeacher
 
     dropout = 0.1 if args.caption_dropout is None else args.caption_dropout

@@ -30,9 +30,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output image file (.png)")
     p.add_argument("--steps", type=int, default=28, help="sampling steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (pipelines: guidance_scale, Qwen-Image: true_cfg_scale; default: the "
-                        "pipeline's own)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (pipelines: guidance_scale, Qwen-Image: true_cfg_scale; default: the pipeline's own)",
+    )
     p.add_argument("--height", type=int, default=None, help="pipelines: image height")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
     p.add_argument("--dtype", default="float32", help="float32 | bf16 | fp16")
@@ -48,8 +51,12 @@ def _run(args: argparse.Namespace) -> int:
     require_positive(args, "steps", "height", "width")
     require_seed(args, "seed")
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ConfigError("unknown image format", expected="--out ending in .png, .jpg or .webp", found=args.out,
-                          fix="pass e.g. --out img.png")
+        raise ConfigError(
+            "unknown image format",
+            expected="--out ending in .png, .jpg or .webp",
+            found=args.out,
+            fix="pass e.g. --out img.png",
+        )
     from ppcl.outputs import IMAGE
 
     check_out(args, IMAGE, args.pipeline, args.addon)
@@ -84,11 +91,19 @@ def _pipeline_image(pipe: Any, args: argparse.Namespace) -> np.ndarray:
         kwargs[key] = args.guidance
     if getattr(pipe, "text_encoder", None) is None:
         # A folder saved for calibration from prompt embeddings cannot turn --prompt into embeddings.
-        raise ConfigError("this pipeline folder has no text encoder", expected="a pipeline saved with its text encoder",
-                          found=f"{args.pipeline} without text_encoder",
-                          fix="use the full pipeline folder, or ppcl.load_pipeline(...) with prompt_embeds in Python")
-    out = pipe(prompt=args.prompt, num_inference_steps=args.steps, output_type="np",
-               generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs)
+        raise ConfigError(
+            "this pipeline folder has no text encoder",
+            expected="a pipeline saved with its text encoder",
+            found=f"{args.pipeline} without text_encoder",
+            fix="use the full pipeline folder, or ppcl.load_pipeline(...) with prompt_embeds in Python",
+        )
+    out = pipe(
+        prompt=args.prompt,
+        num_inference_steps=args.steps,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        **kwargs,
+    )
     image = np.asarray(out.images[0])
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 

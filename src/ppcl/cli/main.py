@@ -50,8 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ppcl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ppcl: interrupted (Ctrl-C); nothing partial was written: outputs appear only when complete, and a "
-              "distillation run continues from its last checkpoint with --resume", file=sys.stderr)
+        print(
+            "ppcl: interrupted (Ctrl-C); nothing partial was written: outputs appear only when complete, and a "
+            "distillation run continues from its last checkpoint with --resume",
+            file=sys.stderr,
+        )
         return 130
 
 

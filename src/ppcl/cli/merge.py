@@ -13,8 +13,11 @@ from ppcl.cli.common import add_model_args, add_overwrite_arg, check_out, load_m
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("merge", help="one level → a standalone smaller model (diffusers folder; width levels add "
-                                       "ppcl_merged.json, load with ppcl.load_merged)")
+    p = verbs.add_parser(
+        "merge",
+        help="one level → a standalone smaller model (diffusers folder; width levels add "
+        "ppcl_merged.json, load with ppcl.load_merged)",
+    )
     p.add_argument("--addon", required=True, help="PruningAddon folder")
     p.add_argument("--level", required=True, help="level name")
     p.add_argument("--out", required=True, help="output model folder")
@@ -39,9 +42,12 @@ def _run(args: argparse.Namespace) -> int:
     merged = merge(model, addon, args.level)
     bad = [name for name, p in merged.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:  # a standalone model with NaN weights would only fail later, far from its cause
-        raise ArtefactError("the merged model would hold non-finite weights", expected="finite values everywhere",
-                            found=f"NaN/Inf in {bad[:3]} ({len(bad)} tensor(s))",
-                            fix="check the base model's and the add-on's weights (ppcl inspect), then merge again")
+        raise ArtefactError(
+            "the merged model would hold non-finite weights",
+            expected="finite values everywhere",
+            found=f"NaN/Inf in {bad[:3]} ({len(bad)} tensor(s))",
+            fix="check the base model's and the add-on's weights (ppcl inspect), then merge again",
+        )
     with atomic_folder(args.out, MERGED, args.overwrite) as tmp:
         # save_merged writes the substitution record only for width levels: depth-only folders stay stock diffusers
         # (the marker is one small JSON file diffusers ignores; it lets a later merge --overwrite recognise the folder).

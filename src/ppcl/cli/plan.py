@@ -29,11 +29,15 @@ def _run(args: argparse.Namespace) -> int:
         print(PruningPlan.load(args.validate).summary())
         return 0
     if args.report is None or args.out is None:
-        raise ConfigError("ppcl plan needs a report and an output", expected="--report DIR --out DIR",
-                          found=f"--report {args.report} --out {args.out}", fix="or use --validate PLAN")
+        raise ConfigError(
+            "ppcl plan needs a report and an output",
+            expected="--report DIR --out DIR",
+            found=f"--report {args.report} --out {args.out}",
+            fix="or use --validate PLAN",
+        )
     from ppcl.analysis import RedundancyReport
-    from ppcl.plan import plan_from_report
     from ppcl.outputs import PLAN
+    from ppcl.plan import plan_from_report
 
     require_non_negative(args, "ffn_blocks")
     check_out(args, PLAN, args.report, args.model)
@@ -41,8 +45,15 @@ def _run(args: argparse.Namespace) -> int:
     targets, budget = parse_floats(args.targets, "targets"), budget_kwargs(args)  # bad budgets fail before loading
     report = RedundancyReport.load(args.report)
     model = load_model(args)
-    plan = plan_from_report(report, model.config, targets, args.target_kind,
-                            args.level_names.split(",") if args.level_names else None, args.init, **budget)
+    plan = plan_from_report(
+        report,
+        model.config,
+        targets,
+        args.target_kind,
+        args.level_names.split(",") if args.level_names else None,
+        args.init,
+        **budget,
+    )
     plan = finish_plan(plan, report, model, args)
     plan.save(args.out, overwrite=args.overwrite)
     print(plan.summary())

@@ -20,10 +20,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    train.add_argument("--layers", type=int, default=None,
-                       help="dual-stream blocks (default: the committed teacher's 16)")
-    train.add_argument("--heads", type=int, default=None,
-                       help="attention heads of width 32 (default: the committed teacher's 4, width 128)")
+    train.add_argument(
+        "--layers", type=int, default=None, help="dual-stream blocks (default: the committed teacher's 16)"
+    )
+    train.add_argument(
+        "--heads",
+        type=int,
+        default=None,
+        help="attention heads of width 32 (default: the committed teacher's 4, width 128)",
+    )
     train.add_argument("--eval", action="store_true", help="score the result with ShapesEval and add it to the card")
     train.set_defaults(func=_train)
 

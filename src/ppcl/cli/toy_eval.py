@@ -50,10 +50,9 @@ def _sampler(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from ppcl.outputs import JSON_RESULTS
     from ppcl.toy.benchmark import score_ground_truth, score_model
     from ppcl.toy.teacher import ToyTeacher
-
-    from ppcl.outputs import JSON_RESULTS
 
     check_out(args, JSON_RESULTS, args.teacher)
     if args.seeds is None:
@@ -74,11 +73,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from ppcl.outputs import IMAGE
     from ppcl.toy.images import make_grid, save_png
     from ppcl.toy.sampler import sample
     from ppcl.toy.teacher import ToyTeacher
-
-    from ppcl.outputs import IMAGE
 
     require_positive(args, "n")
     require_seed(args, "seed")
@@ -108,9 +106,15 @@ def score_teacher_into_card(teacher, folder: str | os.PathLike[str]) -> dict:
     card = load_card(folder)
     card["shapes_eval"] = result["strict"]
     card["shapes_eval_robust"] = {k: v for k, v in result.items() if k != "strict"}
-    card["shapes_eval_protocol"] = {"per_category": 60, "seeds": 2, "sampler_steps": 20, "guidance": 4.0,
-                                    "weights": "fp16 files upcast to fp32", "eval_time_s": round(time.time() - t0, 1),
-                                    "scorers": {"shapes_eval": "strict", "shapes_eval_robust": "robust (same images)"}}
+    card["shapes_eval_protocol"] = {
+        "per_category": 60,
+        "seeds": 2,
+        "sampler_steps": 20,
+        "guidance": 4.0,
+        "weights": "fp16 files upcast to fp32",
+        "eval_time_s": round(time.time() - t0, 1),
+        "scorers": {"shapes_eval": "strict", "shapes_eval_robust": "robust (same images)"},
+    }
     write_json(card, Path(folder) / CARD_FILE)
     log.info("teacher ShapesEval: %s", result)
     return result

@@ -60,8 +60,9 @@ class CalibrationSet:
         tensors = {**self.batched, **{_SHARED_PREFIX + k: v for k, v in self.shared.items()}}
         return content_hash(tensors, {"lists": self.lists, "arch": self.arch, "config": self.config_hash})
 
-    def batches(self, batch_size: int, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None) -> Iterator[dict[str, Any]]:
+    def batches(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Keyword-argument dicts for ``model(**batch)``, in order; floating tensors cast to ``dtype`` if given."""
         if batch_size < 1:
             raise ConfigError("batch size must be positive", expected=">= 1", found=str(batch_size))
@@ -88,9 +89,17 @@ class CalibrationSet:
         """Write ``calibration.json`` + ``calibration.safetensors`` to ``folder`` atomically (an existing calibration
         set is replaced only with ``overwrite``; any other existing folder is refused, :mod:`ppcl.outputs`)."""
         tensors = {**self.batched, **{_SHARED_PREFIX + k: v for k, v in self.shared.items()}}
-        manifest = {"format_version": FORMAT_VERSION, "kind": "ppcl.CalibrationSet", "arch": self.arch,
-                    "model_class": self.model_class, "config_hash": self.config_hash, "n_samples": len(self),
-                    "content_hash": self.content_hash, "lists": self.lists, "meta": self.meta}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "ppcl.CalibrationSet",
+            "arch": self.arch,
+            "model_class": self.model_class,
+            "config_hash": self.config_hash,
+            "n_samples": len(self),
+            "content_hash": self.content_hash,
+            "lists": self.lists,
+            "meta": self.meta,
+        }
         with atomic_folder(folder, CALIBRATION, overwrite) as tmp:
             save_tensors(tensors, tmp / WEIGHTS)
             write_json(manifest, tmp / MANIFEST)
@@ -102,29 +111,54 @@ class CalibrationSet:
         folder = Path(folder)
         manifest = read_json(folder / MANIFEST, "calibration set manifest")
         if manifest.get("kind") != "ppcl.CalibrationSet":
-            raise ArtefactError("not a calibration set", expected="kind ppcl.CalibrationSet",
-                                found=str(manifest.get("kind")), fix="pass the folder written by `ppcl calibrate`")
+            raise ArtefactError(
+                "not a calibration set",
+                expected="kind ppcl.CalibrationSet",
+                found=str(manifest.get("kind")),
+                fix="pass the folder written by `ppcl calibrate`",
+            )
         if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise ArtefactError("calibration set is from a newer ppcl", expected=f"format <= {FORMAT_VERSION}",
-                                found=str(manifest["format_version"]), fix="upgrade ppcl")
+            raise ArtefactError(
+                "calibration set is from a newer ppcl",
+                expected=f"format <= {FORMAT_VERSION}",
+                found=str(manifest["format_version"]),
+                fix="upgrade ppcl",
+            )
         missing = [k for k in ("arch", "model_class", "config_hash") if not isinstance(manifest.get(k), str)]
         if missing:
-            raise ArtefactError("calibration set manifest is incomplete", expected="arch, model_class, config_hash",
-                                found=f"missing or malformed: {missing} in {folder / MANIFEST}",
-                                fix="re-run `ppcl calibrate`")
+            raise ArtefactError(
+                "calibration set manifest is incomplete",
+                expected="arch, model_class, config_hash",
+                found=f"missing or malformed: {missing} in {folder / MANIFEST}",
+                fix="re-run `ppcl calibrate`",
+            )
         tensors = load_tensors(folder / WEIGHTS, "calibration set")
         if not tensors:
-            raise ArtefactError("calibration set holds no tensors", expected="captured inputs",
-                                found=f"an empty {folder / WEIGHTS}", fix="re-run `ppcl calibrate`")
-        shared = {k[len(_SHARED_PREFIX):]: v for k, v in tensors.items() if k.startswith(_SHARED_PREFIX)}
+            raise ArtefactError(
+                "calibration set holds no tensors",
+                expected="captured inputs",
+                found=f"an empty {folder / WEIGHTS}",
+                fix="re-run `ppcl calibrate`",
+            )
+        shared = {k[len(_SHARED_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_SHARED_PREFIX)}
         batched = {k: v for k, v in tensors.items() if not k.startswith(_SHARED_PREFIX)}
         _check_consistent(batched, manifest.get("n_samples"), folder)
-        out = cls(manifest["arch"], manifest["model_class"], manifest["config_hash"], batched, shared,
-                  manifest.get("lists", {}), manifest.get("meta", {}))
+        out = cls(
+            manifest["arch"],
+            manifest["model_class"],
+            manifest["config_hash"],
+            batched,
+            shared,
+            manifest.get("lists", {}),
+            manifest.get("meta", {}),
+        )
         if verify and out.content_hash != manifest.get("content_hash"):
-            raise ArtefactError("calibration set content does not match its manifest",
-                                expected=f"content hash {manifest.get('content_hash')}",
-                                found=out.content_hash, fix="the files were modified or mixed; re-run calibrate")
+            raise ArtefactError(
+                "calibration set content does not match its manifest",
+                expected=f"content hash {manifest.get('content_hash')}",
+                found=out.content_hash,
+                fix="the files were modified or mixed; re-run calibrate",
+            )
         return out
 
 
@@ -133,19 +167,28 @@ def _check_consistent(batched: dict[str, torch.Tensor], n_samples: Any, folder: 
     distillation on NaN inputs would fail far from the cause."""
     counts = {k: (t.shape[0] if t.dim() else None) for k, t in batched.items()}
     if not batched or len(set(counts.values())) != 1 or None in counts.values():
-        raise ArtefactError("calibration set inputs disagree on the number of samples",
-                            expected="one row per sample in every batched input", found=str(counts)[:160],
-                            fix="re-run `ppcl calibrate`")
+        raise ArtefactError(
+            "calibration set inputs disagree on the number of samples",
+            expected="one row per sample in every batched input",
+            found=str(counts)[:160],
+            fix="re-run `ppcl calibrate`",
+        )
     n = next(iter(counts.values()))
     if isinstance(n_samples, int) and n_samples != n:
-        raise ArtefactError("calibration set does not hold the samples its manifest counts",
-                            expected=f"n_samples {n_samples} (calibration.json)", found=f"{n} rows in the tensors",
-                            fix="the files were mixed; re-run `ppcl calibrate`")
+        raise ArtefactError(
+            "calibration set does not hold the samples its manifest counts",
+            expected=f"n_samples {n_samples} (calibration.json)",
+            found=f"{n} rows in the tensors",
+            fix="the files were mixed; re-run `ppcl calibrate`",
+        )
     bad = sorted(k for k, t in batched.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:
-        raise ArtefactError("calibration set inputs are not finite", expected="finite captured inputs",
-                            found=f"NaN/Inf in {bad} ({folder})", fix="re-run `ppcl calibrate` (check the model "
-                            "and dtype: fp16 overflows show up here)")
+        raise ArtefactError(
+            "calibration set inputs are not finite",
+            expected="finite captured inputs",
+            found=f"NaN/Inf in {bad} ({folder})",
+            fix="re-run `ppcl calibrate` (check the model and dtype: fp16 overflows show up here)",
+        )
 
 
 def _to(t: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> torch.Tensor:
@@ -173,12 +216,14 @@ class InputCapture:
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if args:
-            raise ConfigError("the transformer was called with positional arguments",
-                              expected="keyword arguments (as diffusers pipelines call it)",
-                              found=f"{len(args)} positional", fix="call the model with keywords")
+            raise ConfigError(
+                "the transformer was called with positional arguments",
+                expected="keyword arguments (as diffusers pipelines call it)",
+                found=f"{len(args)} positional",
+                fix="call the model with keywords",
+            )
         if self.keep_step(self.step):
-            self.calls.append({k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
-                               for k, v in kwargs.items()})
+            self.calls.append({k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
             self.steps.append(self.step)
 
     @contextmanager
@@ -192,8 +237,12 @@ class InputCapture:
     def to_calibration_set(self, meta: dict[str, Any]) -> CalibrationSet:
         """Concatenate the kept calls into one :class:`CalibrationSet`."""
         if not self.calls:
-            raise ConfigError("no transformer calls were captured", expected="at least one kept step",
-                              found="none", fix="check the step selection and the number of inference steps")
+            raise ConfigError(
+                "no transformer calls were captured",
+                expected="at least one kept step",
+                found="none",
+                fix="check the step selection and the number of inference steps",
+            )
         return assemble(self.spec, self.model, self.calls, {**meta, "captured_steps": self.steps})
 
 
@@ -221,8 +270,12 @@ def assemble(spec: ArchSpec, model: nn.Module, calls: list[dict[str, Any]], meta
             if value is None:
                 continue
             if name in shared and not torch.equal(shared[name], value):
-                raise ConfigError(f"`{name}` differs between captured calls", expected="one image size per set",
-                                  found="several", fix="calibrate each resolution into its own set")
+                raise ConfigError(
+                    f"`{name}` differs between captured calls",
+                    expected="one image size per set",
+                    found="several",
+                    fix="calibrate each resolution into its own set",
+                )
             shared[name] = value
         for name in inputs.per_sample_lists:
             value = call.get(name)
@@ -231,10 +284,21 @@ def assemble(spec: ArchSpec, model: nn.Module, calls: list[dict[str, Any]], meta
     _pad_text(inputs, batched)
     counts = {name: len(parts) for name, parts in batched.items()}
     if len(set(counts.values())) > 1:
-        raise ConfigError("some inputs were missing in some captured calls", expected="every input in every call",
-                          found=str(counts), fix="capture from one pipeline configuration at a time")
-    return CalibrationSet(spec.name, type(model).__name__, config_hash(dict(model.config)),
-                          {k: torch.cat(v) for k, v in batched.items()}, shared, lists, meta)
+        raise ConfigError(
+            "some inputs were missing in some captured calls",
+            expected="every input in every call",
+            found=str(counts),
+            fix="capture from one pipeline configuration at a time",
+        )
+    return CalibrationSet(
+        spec.name,
+        type(model).__name__,
+        config_hash(dict(model.config)),
+        {k: torch.cat(v) for k, v in batched.items()},
+        shared,
+        lists,
+        meta,
+    )
 
 
 def _pad_text(inputs: ModelInputs, batched: dict[str, list[torch.Tensor]]) -> None:
@@ -244,12 +308,14 @@ def _pad_text(inputs: ModelInputs, batched: dict[str, list[torch.Tensor]]) -> No
     if all(t.shape[1] == longest for t in texts):
         return
     if inputs.text_mask is None or inputs.text_mask not in batched:
-        raise ConfigError("captured prompt embeddings have different lengths",
-                          expected="one text length (this model takes no text mask to pad with)",
-                          found=str(sorted({t.shape[1] for t in texts})),
-                          fix="use a fixed max_sequence_length for every prompt")
+        raise ConfigError(
+            "captured prompt embeddings have different lengths",
+            expected="one text length (this model takes no text mask to pad with)",
+            found=str(sorted({t.shape[1] for t in texts})),
+            fix="use a fixed max_sequence_length for every prompt",
+        )
     masks = batched[inputs.text_mask]
-    for n, (text, mask) in enumerate(zip(texts, masks)):
+    for n, (text, mask) in enumerate(zip(texts, masks, strict=False)):
         extra = longest - text.shape[1]
         texts[n] = torch.nn.functional.pad(text, (0, 0, 0, extra))
         masks[n] = torch.nn.functional.pad(mask, (0, extra))

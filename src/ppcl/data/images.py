@@ -60,17 +60,25 @@ class ImageRecord:
 
 def _unreadable(record: ImageRecord, exc: BaseException) -> ConfigError:
     where = record.path if record.member is None else f"{record.path}:{record.member}"
-    return ConfigError("an image cannot be read", expected="a PNG or JPEG image", found=f"{where}: {exc}",
-                       fix="remove or replace the file")
+    return ConfigError(
+        "an image cannot be read",
+        expected="a PNG or JPEG image",
+        found=f"{where}: {exc}",
+        fix="remove or replace the file",
+    )
 
 
-def make_buckets(resolution: int, multiple: int,
-                 ratios: tuple[tuple[int, int], ...] = ASPECT_RATIOS) -> list[tuple[int, int]]:
+def make_buckets(
+    resolution: int, multiple: int, ratios: tuple[tuple[int, int], ...] = ASPECT_RATIOS
+) -> list[tuple[int, int]]:
     """``(H, W)`` buckets with about ``resolution²`` pixels, sides multiples of ``multiple``, square first."""
     if resolution < multiple or resolution % multiple:
-        raise ConfigError("resolution does not fit the model", expected=f"a positive multiple of {multiple} "
-                          "(VAE scale factor x patch size)", found=str(resolution),
-                          fix=f"use e.g. --resolution {max(multiple, resolution // multiple * multiple)}")
+        raise ConfigError(
+            "resolution does not fit the model",
+            expected=f"a positive multiple of {multiple} (VAE scale factor x patch size)",
+            found=str(resolution),
+            fix=f"use e.g. --resolution {max(multiple, resolution // multiple * multiple)}",
+        )
     buckets: list[tuple[int, int]] = []
     for w_ratio, h_ratio in ratios:
         a = w_ratio / h_ratio
@@ -105,15 +113,23 @@ def scan_folder(folder: str | os.PathLike[str]) -> list[ImageRecord]:
     """Records of every ``key.png|jpg|jpeg`` + ``key.txt`` pair in ``folder`` (not recursive), sorted by key."""
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError("image folder not found", expected="a folder of key.png|jpg + key.txt pairs",
-                          found=str(folder), fix="pass an existing folder to --images")
+        raise ConfigError(
+            "image folder not found",
+            expected="a folder of key.png|jpg + key.txt pairs",
+            found=str(folder),
+            fix="pass an existing folder to --images",
+        )
     images = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     captions = {p.stem: p for p in root.iterdir() if p.is_file() and p.suffix == ".txt"}
     records = []
     for image in images:
         if image.stem not in captions:
-            raise ConfigError("an image has no caption", expected=f"{image.stem}.txt next to {image.name}",
-                              found=f"no caption file for {image}", fix="add the caption file or remove the image")
+            raise ConfigError(
+                "an image has no caption",
+                expected=f"{image.stem}.txt next to {image.name}",
+                found=f"no caption file for {image}",
+                fix="add the caption file or remove the image",
+            )
         record = ImageRecord(image.stem, captions[image.stem].read_text().strip(), str(image))
         records.append(_with_size(record, None))
     return _check(records, str(folder))
@@ -123,8 +139,12 @@ def scan_shards(pattern: str) -> list[ImageRecord]:
     """Records of every image + caption pair in the tar shards matching ``pattern`` (a glob), sorted by shard/key."""
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise ConfigError("no tar shards match", expected="a glob matching webdataset .tar files",
-                          found=repr(pattern), fix="quote the pattern and check the path, e.g. --shards 'data-*.tar'")
+        raise ConfigError(
+            "no tar shards match",
+            expected="a glob matching webdataset .tar files",
+            found=repr(pattern),
+            fix="quote the pattern and check the path, e.g. --shards 'data-*.tar'",
+        )
     records = []
     for path in paths:
         try:
@@ -142,14 +162,22 @@ def scan_shards(pattern: str) -> list[ImageRecord]:
                     if image is None:
                         continue  # other webdataset members (json, npy, ...) are ignored
                     if ".txt" not in parts:
-                        raise ConfigError("an image has no caption", expected=f"a member {key}.txt",
-                                          found=f"only {image.name} in {path}", fix="add the caption to the shard")
+                        raise ConfigError(
+                            "an image has no caption",
+                            expected=f"a member {key}.txt",
+                            found=f"only {image.name} in {path}",
+                            fix="add the caption to the shard",
+                        )
                     caption = tar.extractfile(parts[".txt"]).read().decode("utf-8").strip()  # type: ignore[union-attr]
                     record = ImageRecord(key, caption, path, image.name)
                     records.append(_with_size(record, tar.extractfile(image).read()))  # type: ignore[union-attr]
         except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("a tar shard cannot be read", expected="an uncompressed or gzipped tar file",
-                              found=f"{path}: {exc}", fix="re-create the shard") from exc
+            raise ConfigError(
+                "a tar shard cannot be read",
+                expected="an uncompressed or gzipped tar file",
+                found=f"{path}: {exc}",
+                fix="re-create the shard",
+            ) from exc
     return _check(records, pattern)
 
 
@@ -170,11 +198,19 @@ def _with_size(record: ImageRecord, data: bytes | None) -> ImageRecord:
 
 def _check(records: list[ImageRecord], where: str) -> list[ImageRecord]:
     if not records:
-        raise ConfigError("no images found", expected="key.png|jpg|jpeg images with key.txt captions",
-                          found=f"none in {where}", fix="point to the data, or add images")
+        raise ConfigError(
+            "no images found",
+            expected="key.png|jpg|jpeg images with key.txt captions",
+            found=f"none in {where}",
+            fix="point to the data, or add images",
+        )
     counts = Counter(r.key for r in records)
     duplicates = sorted(k for k, n in counts.items() if n > 1)
     if duplicates:
-        raise ConfigError("image keys are not unique", expected="one image per key",
-                          found=f"duplicates {duplicates[:5]}", fix="rename the files or drop the duplicates")
+        raise ConfigError(
+            "image keys are not unique",
+            expected="one image per key",
+            found=f"duplicates {duplicates[:5]}",
+            fix="rename the files or drop the duplicates",
+        )
     return records

@@ -11,8 +11,14 @@ import torch
 from ppcl.arch import get_spec
 from ppcl.errors import ArtefactError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -31,8 +37,12 @@ def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype = torch.fl
         folder = folder / "transformer"
     config = folder / "config.json"
     if not config.is_file():
-        raise ArtefactError("no diffusers model here", expected="a folder with config.json (or transformer/)",
-                            found=str(path), fix="pass a local pipeline or transformer folder")
+        raise ArtefactError(
+            "no diffusers model here",
+            expected="a folder with config.json (or transformer/)",
+            found=str(path),
+            fix="pass a local pipeline or transformer folder",
+        )
     import json
 
     import diffusers
@@ -40,8 +50,12 @@ def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     class_name = json.loads(config.read_text()).get("_class_name", "")
     cls = getattr(diffusers, class_name, None)
     if cls is None:
-        raise ArtefactError("unknown model class in config.json", expected="a diffusers transformer class",
-                            found=repr(class_name), fix="point to the transformer of a supported pipeline")
+        raise ArtefactError(
+            "unknown model class in config.json",
+            expected="a diffusers transformer class",
+            found=repr(class_name),
+            fix="point to the transformer of a supported pipeline",
+        )
     get_spec(cls)  # fail early for unsupported classes
     model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     return model.eval().requires_grad_(False)
@@ -52,8 +66,12 @@ def load_pipeline_folder(path: str | os.PathLike[str], dtype: torch.dtype = torc
     from diffusers import DiffusionPipeline
 
     if not (Path(path) / "model_index.json").is_file():
-        raise ArtefactError("not a diffusers pipeline folder", expected="a folder with model_index.json",
-                            found=str(path), fix="pass the folder written by `pipeline.save_pretrained`")
+        raise ArtefactError(
+            "not a diffusers pipeline folder",
+            expected="a folder with model_index.json",
+            found=str(path),
+            fix="pass the folder written by `pipeline.save_pretrained`",
+        )
     pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     get_spec(pipe.transformer)
     return pipe

@@ -22,9 +22,12 @@ log = get_logger("calibrate")
 def spread_steps(n_timesteps: int, num_inference_steps: int) -> list[int]:
     """``n_timesteps`` step indices spread evenly over the schedule, first and last step included."""
     if not 1 <= n_timesteps <= num_inference_steps:
-        raise ConfigError("number of calibration timesteps out of range",
-                          expected=f"1..{num_inference_steps} (the number of inference steps)",
-                          found=str(n_timesteps), fix="use fewer timesteps or more inference steps")
+        raise ConfigError(
+            "number of calibration timesteps out of range",
+            expected=f"1..{num_inference_steps} (the number of inference steps)",
+            found=str(n_timesteps),
+            fix="use fewer timesteps or more inference steps",
+        )
     return sorted({int(round(x)) for x in np.linspace(0, num_inference_steps - 1, n_timesteps)})
 
 
@@ -44,9 +47,13 @@ def calibrate_pipeline(
     without a tokenizer. ``call_kwargs`` go to every pipeline call (height, width, guidance, ...).
     """
     if not prompts and not prompt_embeds:
-        raise ConfigError("no prompts to calibrate on", expected="a non-empty prompt list", found="none",
-                          fix="pass --prompts FILE with one prompt per line")
-    per_prompt: list[dict[str, Any]] = ([{"prompt": p} for p in prompts] if prompts else list(prompt_embeds or []))
+        raise ConfigError(
+            "no prompts to calibrate on",
+            expected="a non-empty prompt list",
+            found="none",
+            fix="pass --prompts FILE with one prompt per line",
+        )
+    per_prompt: list[dict[str, Any]] = [{"prompt": p} for p in prompts] if prompts else list(prompt_embeds or [])
     steps = set(spread_steps(n_timesteps, num_inference_steps))
     capture = InputCapture(pipe.transformer, lambda s: s in steps)
 
@@ -55,16 +62,33 @@ def calibrate_pipeline(
         return callback_kwargs
 
     runs = [(seed, kwargs) for seed in seeds for kwargs in per_prompt]
-    log.info("calibrate: %d prompts x %d seeds, steps %s of %d", len(per_prompt), len(seeds), sorted(steps),
-             num_inference_steps)
+    log.info(
+        "calibrate: %d prompts x %d seeds, steps %s of %d",
+        len(per_prompt),
+        len(seeds),
+        sorted(steps),
+        num_inference_steps,
+    )
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # ours counts whole runs; the pipeline's would nest per step
     with capture.active():
         for seed, kwargs in progress(runs, desc="calibrate", total=len(runs)):
             capture.set_step(0)
-            pipe(**kwargs, **call_kwargs, num_inference_steps=num_inference_steps, output_type="latent",
-                 generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=on_step_end)
-    meta = {"source": "pipeline", "pipeline_class": type(pipe).__name__, "prompts": prompts or [],
-            "seeds": list(seeds), "num_inference_steps": num_inference_steps, "kept_steps": sorted(steps),
-            "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))}}
+            pipe(
+                **kwargs,
+                **call_kwargs,
+                num_inference_steps=num_inference_steps,
+                output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(seed),
+                callback_on_step_end=on_step_end,
+            )
+    meta = {
+        "source": "pipeline",
+        "pipeline_class": type(pipe).__name__,
+        "prompts": prompts or [],
+        "seeds": list(seeds),
+        "num_inference_steps": num_inference_steps,
+        "kept_steps": sorted(steps),
+        "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    }
     return capture.to_calibration_set(meta)

@@ -26,8 +26,8 @@ def check_sampling(batch_size: int, timestep_sampling: str, caption_dropout: flo
     if batch_size < 1:
         raise ConfigError("batch size must be positive", expected=">= 1", found=str(batch_size))
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
-        raise ConfigError("unknown timestep sampling", expected=f"one of {TIMESTEP_SAMPLINGS}",
-                          found=repr(timestep_sampling))
+        raise ConfigError(
+            "unknown timestep sampling", expected=f"one of {TIMESTEP_SAMPLINGS}", found=repr(timestep_sampling)
+        )
     if not 0.0 <= caption_dropout <= 1.0:
-        raise ConfigError("caption dropout must be a probability", expected="0 <= p <= 1",
-                          found=str(caption_dropout))
+        raise ConfigError("caption dropout must be a probability", expected="0 <= p <= 1", found=str(caption_dropout))

@@ -16,12 +16,21 @@ import numpy as np
 
 from ppcl.analysis.plots import _save
 
-_COLORS = {"kept": "#cfd8dc", "removed": "#d62728", "text_pruned": "#1f77b4", "ffn_linear": "#2ca02c",
-           "student": "#ff7f0e"}
+_COLORS = {
+    "kept": "#cfd8dc",
+    "removed": "#d62728",
+    "text_pruned": "#1f77b4",
+    "ffn_linear": "#2ca02c",
+    "student": "#ff7f0e",
+}
 
 
-def levels_on_depth_axis(num_blocks: int, level_blocks: Mapping[str, Mapping[str, Sequence[int]]],
-                         spans: Mapping[str, Sequence[tuple[int, int]]], path: Path) -> Path:
+def levels_on_depth_axis(
+    num_blocks: int,
+    level_blocks: Mapping[str, Mapping[str, Sequence[int]]],
+    spans: Mapping[str, Sequence[tuple[int, int]]],
+    path: Path,
+) -> Path:
     """One row per level: each block kept, replaced by a span's student (orange), removed (red); text-pruned
     (blue stripe) and FFN → linear (green stripe) blocks marked.
 
@@ -37,24 +46,35 @@ def levels_on_depth_axis(num_blocks: int, level_blocks: Mapping[str, Mapping[str
         blocks = level_blocks[name]
         students = {u for u, _ in spans.get(name, ())}
         for i in range(num_blocks):
-            color = _COLORS["removed"] if i in blocks["removed"] else (
-                _COLORS["student"] if i in students else _COLORS["kept"])
+            color = (
+                _COLORS["removed"]
+                if i in blocks["removed"]
+                else (_COLORS["student"] if i in students else _COLORS["kept"])
+            )
             ax.add_patch(plt.Rectangle((i, y + 0.15), 0.9, 0.7, color=color))
             if i in blocks["text_pruned"]:
                 ax.add_patch(plt.Rectangle((i, y + 0.15), 0.9, 0.18, color=_COLORS["text_pruned"]))
             if i in blocks["ffn_linear"]:
                 ax.add_patch(plt.Rectangle((i, y + 0.67), 0.9, 0.18, color=_COLORS["ffn_linear"]))
         for u, v in spans.get(name, ()):
-            ax.add_patch(plt.Rectangle((u - 0.05, y + 0.1), v - u + 1.0, 0.8, fill=False, edgecolor="black",
-                                       linewidth=1.2))
+            ax.add_patch(
+                plt.Rectangle((u - 0.05, y + 0.1), v - u + 1.0, 0.8, fill=False, edgecolor="black", linewidth=1.2)
+            )
     ax.set_xlim(-0.3, num_blocks + 0.1)
     ax.set_ylim(0, len(names))
     ax.set_yticks([len(names) - 1 - r + 0.5 for r in range(len(names))], names)
     ax.set_xticks([i + 0.45 for i in range(num_blocks)], [str(i) for i in range(num_blocks)], fontsize=7)
     ax.set_xlabel("teacher block")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax.legend(handles, ["kept", "removed", "text stream pruned", "FFN → linear", "student (span start)"],
-              fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+    ax.legend(
+        handles,
+        ["kept", "removed", "text stream pruned", "FFN → linear", "student (span start)"],
+        fontsize=7,
+        ncol=5,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.22),
+        frameon=False,
+    )
     ax.set_title("Levels on the depth axis (black boxes: depth spans [u, v], inclusive)")
     return _save(fig, path)
 

@@ -35,8 +35,9 @@ GRID_PROMPTS = (
 
 
 @torch.no_grad()
-def sample_rows(teacher: ToyTeacher, addon: PruningAddon, levels: Sequence[str], prompts: Sequence[str],
-                seeds: int) -> tuple[dict[str, np.ndarray], list[str]]:
+def sample_rows(
+    teacher: ToyTeacher, addon: PruningAddon, levels: Sequence[str], prompts: Sequence[str], seeds: int
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """Images of the teacher and of every level on the same prompts and noise seeds.
 
     Returns:
@@ -56,20 +57,30 @@ def sample_rows(teacher: ToyTeacher, addon: PruningAddon, levels: Sequence[str],
     return rows, columns
 
 
-def make_figures(out: Path, result: Mapping[str, Any], report: RedundancyReport, plan: PruningPlan,
-                 grid: Mapping[str, np.ndarray], captions: Sequence[str]) -> dict[str, Path]:
+def make_figures(
+    out: Path,
+    result: Mapping[str, Any],
+    report: RedundancyReport,
+    plan: PruningPlan,
+    grid: Mapping[str, np.ndarray],
+    captions: Sequence[str],
+) -> dict[str, Path]:
     """Every PNG of the report, under ``out / "figures"``."""
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     top = plan.level_names[-1]
     accepted = [r.span.inclusive for r in plan.replacements_of(top) if isinstance(r, DepthReplacement)]
     made = {k: folder / Path(v).name for k, v in report.write_plots(folder, accepted).items()}
-    spans = {name: [r.span.inclusive for r in plan.replacements_of(name) if isinstance(r, DepthReplacement)]
-             for name in plan.level_names}
-    made["levels"] = figures.levels_on_depth_axis(report.num_blocks, result["level_blocks"], spans,
-                                                  folder / "levels.png")
-    made["training"] = figures.training_curves({stage: out / stage / "metrics.jsonl"
-                                                for stage in ("depth", "width", "finetune")}, folder / "training.png")
+    spans = {
+        name: [r.span.inclusive for r in plan.replacements_of(name) if isinstance(r, DepthReplacement)]
+        for name in plan.level_names
+    }
+    made["levels"] = figures.levels_on_depth_axis(
+        report.num_blocks, result["level_blocks"], spans, folder / "levels.png"
+    )
+    made["training"] = figures.training_curves(
+        {stage: out / stage / "metrics.jsonl" for stage in ("depth", "width", "finetune")}, folder / "training.png"
+    )
     made["samples"] = figures.sample_grid(grid, captions, folder / "samples.png")
     return made
 
@@ -112,40 +123,63 @@ def render_html(result: Mapping[str, Any], made: Mapping[str, Path], command: st
     timing_rows = [[k, f"{v:.1f} s"] for k, v in result["timings"].items()]
     t = teacher["config"]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        "<title>ppcl demo report</title>", f"<style>{_CSS}</style></head><body>",
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>ppcl demo report</title>",
+        f"<style>{_CSS}</style></head><body>",
         "<h1>ppcl demo: PPCL on the toy teacher</h1>",
-        (f"<p>Teacher: diffusers <code>QwenImageTransformer2DModel</code>, {t['num_layers']} blocks, width "
-         f"{t['num_attention_heads'] * t['attention_head_dim']}, {teacher['params'] / 1e6:.2f}M parameters, trained "
-         f"{teacher['steps']} steps on ShapesWorld. Command: <code>{html.escape(command)}</code>.</p>"),
+        (
+            f"<p>Teacher: diffusers <code>QwenImageTransformer2DModel</code>, {t['num_layers']} blocks, width "
+            f"{t['num_attention_heads'] * t['attention_head_dim']}, {teacher['params'] / 1e6:.2f}M parameters, trained "
+            f"{teacher['steps']} steps on ShapesWorld. Command: <code>{html.escape(command)}</code>.</p>"
+        ),
         "<h2>Levels</h2>",
-        ("<p class='note'>One training, three pluggable levels on the same base. Block params removed: share of "
-         "the teacher's transformer-block parameters gone. Latency: one denoising step, interleaved timing, median, "
-         "vs the teacher. Velocity cosine: agreement with the teacher's output on held-out noisy inputs. ShapesEval: "
-         f"{cfg['per_category']} prompts per category x 2 seeds per level. R: mean relative drop of the four "
-         "ShapesEval category scores vs the teacher (the paper's R).</p>"),
+        (
+            "<p class='note'>One training, three pluggable levels on the same base. Block params removed: share of "
+            "the teacher's transformer-block parameters gone. Latency: one denoising step, interleaved timing, median, "
+            "vs the teacher. Velocity cosine: agreement with the teacher's output on held-out noisy inputs. ShapesEval: "
+            f"{cfg['per_category']} prompts per category x 2 seeds per level. R: mean relative drop of the four "
+            "ShapesEval category scores vs the teacher (the paper's R).</p>"
+        ),
         _table(header, rows),
-        ("<p class='note'>Guided NMSE: ‖v_g − v_g(teacher)‖² / ‖v_g(teacher)‖² of the velocity the sampler integrates, "
-         "v_g = v_u + g·(v_c − v_u), on captioned held-out inputs and their empty-prompt twins. Direction NMSE and "
-         "cosine: the same for the guidance direction v_c − v_u, which carries prompt adherence (NMSE 1 = the prompt "
-         "is ignored). PSNR: images sampled by the teacher and the level from the same prompts and noise seeds. "
-         "Strict overall: ShapesEval's strict rule, when the run recorded it.</p>"),
-        *(["<p class='note'>x0-prediction NMSE vs the teacher per time bucket (x̂0 = x_t − t·v_g, the image each "
-           "sampler step heads for; a small velocity error at large t is a large error of x̂0):</p>",
-           _table(x0_header, x0_rows)] if x0_header else []),
-        "<h2>Sample grid (same prompts and seeds)</h2>", _img(made["samples"], "samples"),
-        "<h2>Where the levels cut</h2>", _img(made["levels"], "levels on the depth axis"),
+        (
+            "<p class='note'>Guided NMSE: ‖v_g − v_g(teacher)‖² / ‖v_g(teacher)‖² of the velocity the sampler integrates, "
+            "v_g = v_u + g·(v_c − v_u), on captioned held-out inputs and their empty-prompt twins. Direction NMSE and "
+            "cosine: the same for the guidance direction v_c − v_u, which carries prompt adherence (NMSE 1 = the prompt "
+            "is ignored). PSNR: images sampled by the teacher and the level from the same prompts and noise seeds. "
+            "Strict overall: ShapesEval's strict rule, when the run recorded it.</p>"
+        ),
+        *(
+            [
+                "<p class='note'>x0-prediction NMSE vs the teacher per time bucket (x̂0 = x_t − t·v_g, the image each "
+                "sampler step heads for; a small velocity error at large t is a large error of x̂0):</p>",
+                _table(x0_header, x0_rows),
+            ]
+            if x0_header
+            else []
+        ),
+        "<h2>Sample grid (same prompts and seeds)</h2>",
+        _img(made["samples"], "samples"),
+        "<h2>Where the levels cut</h2>",
+        _img(made["levels"], "levels on the depth axis"),
         "<h2>Redundancy analysis</h2>",
-        ("<p class='note'>Linear CKA between the teacher's block output and the probe proxy that keeps block u "
-         "and linearises u+1..k; intervals end where the first-order drop Δ starts growing again.</p>"),
-        _img(made["cka_heatmap"], "CKA heatmap"), _img(made["delta_curves"], "delta curves"),
-        _img(made["depth_axis"], "intervals on the depth axis"), _img(made["text_cka"], "text-stream CKA"),
+        (
+            "<p class='note'>Linear CKA between the teacher's block output and the probe proxy that keeps block u "
+            "and linearises u+1..k; intervals end where the first-order drop Δ starts growing again.</p>"
+        ),
+        _img(made["cka_heatmap"], "CKA heatmap"),
+        _img(made["delta_curves"], "delta curves"),
+        _img(made["depth_axis"], "intervals on the depth axis"),
+        _img(made["text_cka"], "text-stream CKA"),
         _img(made["ffn_fit"], "FFN linear fit"),
-        "<h2>Training</h2>", _img(made["training"], "training curves"),
+        "<h2>Training</h2>",
+        _img(made["training"], "training curves"),
         "<p class='note'>Velocity cosine of every level after each stage (held-out batches):</p>",
         _table(["after stage", *stage_levels], stage_rows),
-        "<h2>Plan</h2>", f"<pre>{html.escape(result['plan'])}</pre>",
-        "<h2>Run</h2>", _table(["stage", "wall time"], timing_rows),
+        "<h2>Plan</h2>",
+        f"<pre>{html.escape(result['plan'])}</pre>",
+        "<h2>Run</h2>",
+        _table(["stage", "wall time"], timing_rows),
         f"<pre>{html.escape(str(cfg))}</pre>",
         "</body></html>",
     ]

@@ -29,11 +29,8 @@ import torch
 
 from ppcl.addon import PruningAddon
 from ppcl.analysis import AnalysisConfig, RedundancyReport, analyze
-from ppcl.plan import plan_from_report
-from ppcl.plan import add_width_levels
 from ppcl.demo.report import GRID_PROMPTS, make_figures, sample_rows, write_html
-from ppcl.distill import DistillConfig, distill_depth, distill_width, FinetuneObjective, finetune
-from ppcl.toy.distill_data import ToyDistillData
+from ppcl.distill import DistillConfig, FinetuneObjective, distill_depth, distill_width, finetune
 from ppcl.distill.config import DEFAULT_WARMUP_SHARE
 from ppcl.errors import ConfigError
 from ppcl.eval.guided import paired_toy_batches, predict_pairs
@@ -42,9 +39,10 @@ from ppcl.eval.metrics import guided_agreement, velocity_agreement
 from ppcl.io import write_json
 from ppcl.logging import get_logger
 from ppcl.outputs import DEMO, is_kind, write_marker
-from ppcl.plan import PruningPlan
+from ppcl.plan import PruningPlan, add_width_levels, plan_from_report
 from ppcl.runtime import apply_addon, remove_addon, set_level
 from ppcl.toy.calibrate import calibrate_toy
+from ppcl.toy.distill_data import ToyDistillData
 from ppcl.toy.sampler import SamplerConfig
 from ppcl.toy.teacher import ToyTeacher
 
@@ -127,9 +125,20 @@ class DemoConfig:
     @classmethod
     def fast(cls, **overrides: Any) -> DemoConfig:
         """A smoke run of every stage (CI): well under 3 minutes on 2 CPU cores; its quality numbers mean little."""
-        small: dict[str, Any] = {"calib_prompts": 6, "calib_timesteps": 3, "depth_steps": 30, "width_steps": 15,
-                                 "finetune_steps": 30, "batch_size": 8, "per_category": 3, "latency_repeats": 3,
-                                 "eval_batches": 1, "grid_prompts": 4, "grid_seeds": 1, "min_top_removed": 0.0}
+        small: dict[str, Any] = {
+            "calib_prompts": 6,
+            "calib_timesteps": 3,
+            "depth_steps": 30,
+            "width_steps": 15,
+            "finetune_steps": 30,
+            "batch_size": 8,
+            "per_category": 3,
+            "latency_repeats": 3,
+            "eval_batches": 1,
+            "grid_prompts": 4,
+            "grid_seeds": 1,
+            "min_top_removed": 0.0,
+        }
         return cls(**{**small, **overrides})
 
 
@@ -149,10 +158,19 @@ class DemoResult:
     command: str = "ppcl demo"
 
     def to_json(self) -> dict[str, Any]:
-        return {"command": self.command, "threads": torch.get_num_threads(), "config": asdict(self.config),
-                "teacher": self.teacher_card, "plan": self.plan_summary, "levels": self.levels, "stages": self.stages, "timings": self.timings,
-                "level_blocks": self.level_blocks, "intervals": [list(i) for i in self.intervals],
-                "figures": self.figures}
+        return {
+            "command": self.command,
+            "threads": torch.get_num_threads(),
+            "config": asdict(self.config),
+            "teacher": self.teacher_card,
+            "plan": self.plan_summary,
+            "levels": self.levels,
+            "stages": self.stages,
+            "timings": self.timings,
+            "level_blocks": self.level_blocks,
+            "intervals": [list(i) for i in self.intervals],
+            "figures": self.figures,
+        }
 
 
 class _Clock:
@@ -171,8 +189,14 @@ class _Clock:
         return out
 
 
-def make_plan(report: RedundancyReport, model_config: Any, ffn_blocks: int, width_base: str,
-              text_cka_threshold: float | None, min_top_removed: float = TOP_MIN_REMOVED) -> PruningPlan:
+def make_plan(
+    report: RedundancyReport,
+    model_config: Any,
+    ffn_blocks: int,
+    width_base: str,
+    text_cka_threshold: float | None,
+    min_top_removed: float = TOP_MIN_REMOVED,
+) -> PruningPlan:
     """The demo's three levels (module docstring) from ``report``: the top level is ``width_base``'s depth spans plus
     the width replacements, and must remove at least ``min_top_removed`` of the block parameters."""
     if width_base not in DEPTH_LEVELS:
@@ -188,21 +212,32 @@ def make_plan(report: RedundancyReport, model_config: Any, ffn_blocks: int, widt
     if plan.level_names != list(LEVELS):
         # The budget guard may stop a level short or drop one that would repeat another: the demo's fixed levels
         # then do not exist, and training must not start.
-        raise ConfigError("the demo's levels do not fit this teacher's analysis", expected=f"levels {list(LEVELS)}",
-                          found=f"levels {plan.level_names}; notes: {'; '.join(plan.notes) or 'none'}",
-                          fix="run the stages by hand (README 'Width levels, training stages') with targets that fit")
+        raise ConfigError(
+            "the demo's levels do not fit this teacher's analysis",
+            expected=f"levels {list(LEVELS)}",
+            found=f"levels {plan.level_names}; notes: {'; '.join(plan.notes) or 'none'}",
+            fix="run the stages by hand (README 'Width levels, training stages') with targets that fit",
+        )
     removed = plan.param_count(model_config, TOP_LEVEL).block_fraction_removed
     if removed < min_top_removed:
         # "p50" is a promise to the reader of the report: a top level that removes less must not be shown as one.
-        raise ConfigError(f"the demo's {TOP_LEVEL} level removes too little", expected=f">= {min_top_removed:.0%} of "
-                          "the block parameters removed", found=f"{removed:.1%} ({source.name}'s spans + "
-                          f"{ffn_blocks} FFN linears + the text runs at text CKA >= {text_cka_threshold})",
-                          fix="raise ffn_blocks or lower text_cka_threshold (DemoConfig), or run the stages by hand")
+        raise ConfigError(
+            f"the demo's {TOP_LEVEL} level removes too little",
+            expected=f">= {min_top_removed:.0%} of the block parameters removed",
+            found=f"{removed:.1%} ({source.name}'s spans + "
+            f"{ffn_blocks} FFN linears + the text runs at text CKA >= {text_cka_threshold})",
+            fix="raise ffn_blocks or lower text_cka_threshold (DemoConfig), or run the stages by hand",
+        )
     return plan
 
 
-def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, command: str = "ppcl demo",
-             teacher_folder: Path | None = None) -> DemoResult:
+def run_demo(
+    out: Path,
+    config: DemoConfig,
+    teacher: ToyTeacher | None = None,
+    command: str = "ppcl demo",
+    teacher_folder: Path | None = None,
+) -> DemoResult:
     """Run every stage into ``out``: ``analysis/``, ``plan/``, ``depth/``, ``width/``, ``finetune/`` (each training
     stage leaves a valid add-on under ``<stage>/addon``; ``finetune/addon`` is the final one), ``results.json``,
     ``figures/*.png`` and the self-contained ``report.html`` (:mod:`ppcl.demo.report`).
@@ -214,12 +249,14 @@ def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, c
     clock = _Clock()
     teacher = teacher or clock.stage("load the toy teacher", lambda: ToyTeacher.load(teacher_folder))
     model = teacher.transformer
-    calibration = clock.stage("calibrate", lambda: calibrate_toy(teacher, config.calib_prompts,
-                                                                n_timesteps=config.calib_timesteps))
+    calibration = clock.stage(
+        "calibrate", lambda: calibrate_toy(teacher, config.calib_prompts, n_timesteps=config.calib_timesteps)
+    )
     report = clock.stage("analyze", lambda: analyze(model, calibration, AnalysisConfig(seed=config.seed)))
     report.save(out / "analysis")
-    plan = make_plan(report, model.config, config.ffn_blocks, config.width_base, config.text_cka_threshold,
-                     config.min_top_removed)
+    plan = make_plan(
+        report, model.config, config.ffn_blocks, config.width_base, config.text_cka_threshold, config.min_top_removed
+    )
     plan.save(out / "plan")
     log.info("demo: plan\n%s", plan.summary())
     addon = PruningAddon.from_plan(model, plan, init=config.init)
@@ -227,32 +264,78 @@ def run_demo(out: Path, config: DemoConfig, teacher: ToyTeacher | None = None, c
     paired = paired_toy_batches(teacher, config.eval_batches, 32)
     held_out = [ToyDistillData(teacher, 32, seed=12345).batch(i) for i in range(config.eval_batches)]
     stages: list[dict[str, Any]] = []
-    depth_config = dataclasses.replace(_train_config(config, config.depth_steps), chain_mix=config.chain_mix,
-                                       lr=config.depth_lr)
-    clock.stage("depth distillation (non-sequential, chain-aware)",
-                lambda: distill_depth(model, addon, data, depth_config, out / "depth"))
+    depth_config = dataclasses.replace(
+        _train_config(config, config.depth_steps), chain_mix=config.chain_mix, lr=config.depth_lr
+    )
+    clock.stage(
+        "depth distillation (non-sequential, chain-aware)",
+        lambda: distill_depth(model, addon, data, depth_config, out / "depth"),
+    )
     stages.append(_agreement(model, addon, paired, f"depth (non-sequential, chain mix {config.chain_mix:g})"))
-    clock.stage("width distillation", lambda: distill_width(model, addon, data, _train_config(config, config.width_steps),
-                                                           out / "width", level=TOP_LEVEL, calibration=calibration))
+    clock.stage(
+        "width distillation",
+        lambda: distill_width(
+            model,
+            addon,
+            data,
+            _train_config(config, config.width_steps),
+            out / "width",
+            level=TOP_LEVEL,
+            calibration=calibration,
+        ),
+    )
     stages.append(_agreement(model, addon, paired, "+ width (least squares, then trained)"))
-    objective = FinetuneObjective(guidance=config.finetune_guidance, direction_weight=config.finetune_direction_weight,
-                                  levels=tuple(lv for lv in LEVELS if lv != TOP_LEVEL),
-                                  level_mode=config.finetune_level_mode, seed=config.seed)  # type: ignore[arg-type]
-    clock.stage("fine-tune", lambda: finetune(model, addon, data, _train_config(config, config.finetune_steps),
-                                              out / "finetune", level=TOP_LEVEL, objective=objective))
-    stages.append(_agreement(model, addon, paired, f"+ fine-tune of every level (add-on parameters only, "
-                                                   f"guidance {config.finetune_guidance}, "
-                                                   f"{config.finetune_level_mode})"))
+    objective = FinetuneObjective(
+        guidance=config.finetune_guidance,
+        direction_weight=config.finetune_direction_weight,
+        levels=tuple(lv for lv in LEVELS if lv != TOP_LEVEL),
+        level_mode=config.finetune_level_mode,
+        seed=config.seed,
+    )  # type: ignore[arg-type]
+    clock.stage(
+        "fine-tune",
+        lambda: finetune(
+            model,
+            addon,
+            data,
+            _train_config(config, config.finetune_steps),
+            out / "finetune",
+            level=TOP_LEVEL,
+            objective=objective,
+        ),
+    )
+    stages.append(
+        _agreement(
+            model,
+            addon,
+            paired,
+            f"+ fine-tune of every level (add-on parameters only, "
+            f"guidance {config.finetune_guidance}, "
+            f"{config.finetune_level_mode})",
+        )
+    )
     shapes = {"n_per_category": config.per_category}
     # Guided metrics on as many captioned pairs as unguided held-out batches; the PSNR on the ShapesEval images
     # (teacher and level at equal prompts and noise), so it costs no sampling of its own.
-    levels = clock.stage("evaluate every level", lambda: evaluate_levels(
-        model, addon, held_out, list(LEVELS), config.latency_repeats, teacher, shapes, paired=paired))
-    result = DemoResult(config, _card(teacher, teacher_folder), plan.summary(), levels, stages, clock.timings,
-                        _level_blocks(plan), [(i.u, i.v) for i in report.intervals], command=command)
+    levels = clock.stage(
+        "evaluate every level",
+        lambda: evaluate_levels(
+            model, addon, held_out, list(LEVELS), config.latency_repeats, teacher, shapes, paired=paired
+        ),
+    )
+    result = DemoResult(
+        config,
+        _card(teacher, teacher_folder),
+        plan.summary(),
+        levels,
+        stages,
+        clock.timings,
+        _level_blocks(plan),
+        [(i.u, i.v) for i in report.intervals],
+        command=command,
+    )
     prompts = GRID_PROMPTS[: config.grid_prompts]
-    grid, captions = clock.stage("sample grid", lambda: sample_rows(teacher, addon, LEVELS, prompts,
-                                                                    config.grid_seeds))
+    grid, captions = clock.stage("sample grid", lambda: sample_rows(teacher, addon, LEVELS, prompts, config.grid_seeds))
     result.timings["total"] = round(time.perf_counter() - clock.start, 1)
     made = make_figures(out, result.to_json(), report, plan, grid, captions)
     result.figures = {k: str(v.relative_to(out)) for k, v in made.items()}
@@ -274,12 +357,19 @@ def _clear_previous_run(out: Path) -> None:
         ConfigError: ``out`` is a file, a symlink, or a non-empty folder no demo wrote.
     """
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ConfigError("the demo's output is not a folder", expected="a new, empty or demo folder",
-                          found=f"{out} is a {'symlink' if out.is_symlink() else 'file'}", fix="pick another --out")
+        raise ConfigError(
+            "the demo's output is not a folder",
+            expected="a new, empty or demo folder",
+            found=f"{out} is a {'symlink' if out.is_symlink() else 'file'}",
+            fix="pick another --out",
+        )
     if out.is_dir() and any(out.iterdir()) and not is_kind(out, DEMO):
-        raise ConfigError("the demo's output folder holds files no demo wrote", expected="a new, empty or demo folder",
-                          found=f"{out} is not empty",
-                          fix="pick another --out (the demo replaces only its own folders)")
+        raise ConfigError(
+            "the demo's output folder holds files no demo wrote",
+            expected="a new, empty or demo folder",
+            found=f"{out} is not empty",
+            fix="pick another --out (the demo replaces only its own folders)",
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, DEMO)
     old = [out / d for d in STAGE_DIRS if (out / d).exists()]
@@ -292,10 +382,16 @@ def _clear_previous_run(out: Path) -> None:
 
 
 def _train_config(config: DemoConfig, steps: int) -> DistillConfig:
-    return DistillConfig(steps=steps, lr=config.lr, batch_size=config.batch_size,
-                         warmup=max(1, round(steps * DEFAULT_WARMUP_SHARE)),
-                         checkpoint_every=0, log_every=max(1, min(10, steps // 10)), seed=config.seed,
-                         teacher_reuse=config.teacher_reuse)
+    return DistillConfig(
+        steps=steps,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        warmup=max(1, round(steps * DEFAULT_WARMUP_SHARE)),
+        checkpoint_every=0,
+        log_every=max(1, min(10, steps // 10)),
+        seed=config.seed,
+        teacher_reuse=config.teacher_reuse,
+    )
 
 
 @torch.no_grad()
@@ -305,6 +401,7 @@ def _agreement(model: torch.nn.Module, addon: PruningAddon, pairs: list[Any], st
     guidance = SamplerConfig().guidance
     apply_addon(model, addon)
     try:
+
         def predict(level: str | None) -> tuple[torch.Tensor, torch.Tensor]:
             set_level(model, level)
             return predict_pairs(model, pairs)
@@ -317,8 +414,11 @@ def _agreement(model: torch.nn.Module, addon: PruningAddon, pairs: list[Any], st
             row[f"{lv} guided NMSE"] = guided_agreement(*pruned, *reference, guidance)["guided_nmse"]
     finally:
         remove_addon(model)
-    log.info("demo: after %s: velocity cosine / guided NMSE %s", stage,
-             ", ".join(f"{lv} {row[lv]:.4f} / {row[f'{lv} guided NMSE']:.4f}" for lv in LEVELS))
+    log.info(
+        "demo: after %s: velocity cosine / guided NMSE %s",
+        stage,
+        ", ".join(f"{lv} {row[lv]:.4f} / {row[f'{lv} guided NMSE']:.4f}" for lv in LEVELS),
+    )
     return row
 
 
@@ -326,9 +426,13 @@ def _card(teacher: ToyTeacher, folder: Path | None) -> dict[str, Any]:
     from ppcl.toy.teacher import load_card
 
     card = load_card(folder)
-    return {"folder": str(folder) if folder is not None else "committed",
-            "config": card["config"], "steps": card["train"]["steps"], "command": card["command"],
-            "params": sum(p.numel() for p in teacher.transformer.parameters())}
+    return {
+        "folder": str(folder) if folder is not None else "committed",
+        "config": card["config"],
+        "steps": card["train"]["steps"],
+        "command": card["command"],
+        "params": sum(p.numel() for p in teacher.transformer.parameters()),
+    }
 
 
 def _level_blocks(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
@@ -338,7 +442,9 @@ def _level_blocks(plan: PruningPlan) -> dict[str, dict[str, list[int]]]:
     out = {}
     for name in plan.level_names:
         reps = plan.replacements_of(name)
-        out[name] = {"removed": sorted(plan.removed_blocks(name)),
-                     "text_pruned": sorted(j for r in reps if isinstance(r, TextRun) for j in r.pruned_blocks()),
-                     "ffn_linear": sorted(r.block for r in reps if isinstance(r, FFNLinear))}
+        out[name] = {
+            "removed": sorted(plan.removed_blocks(name)),
+            "text_pruned": sorted(j for r in reps if isinstance(r, TextRun) for j in r.pruned_blocks()),
+            "ffn_linear": sorted(r.block for r in reps if isinstance(r, FFNLinear)),
+        }
     return out

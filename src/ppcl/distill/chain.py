@@ -57,8 +57,9 @@ def chain_blocks(model: nn.Module, spec: ArchSpec, groups: Sequence[Sequence[Dep
     return out
 
 
-def call_with_streams(spec: ArchSpec, model: nn.Module, i: int, call: BlockCall, streams: Mapping[str, Tensor]
-                      ) -> dict[str, Any]:
+def call_with_streams(
+    spec: ArchSpec, model: nn.Module, i: int, call: BlockCall, streams: Mapping[str, Tensor]
+) -> dict[str, Any]:
     """The keyword arguments of block ``i``'s recorded ``call`` with its stream inputs replaced by ``streams``."""
     bound = spec.bind_call(model, i, call.args, call.kwargs)
     for stream, name in spec.stack_of(model, i).stream_inputs:
@@ -93,8 +94,9 @@ def chained_inputs(
             dtype = _stream_dtype(spec, model, u, records[u])
             if state is not None and _same_stack(model, spec, position - 1, u):
                 for j in range(position, u):
-                    state = _streams(spec, model, j, teacher_block(j)(**call_with_streams(spec, model, j, records[j],
-                                                                                             state)), dtype)
+                    state = _streams(
+                        spec, model, j, teacher_block(j)(**call_with_streams(spec, model, j, records[j], state)), dtype
+                    )
                     if state is None:  # a kept block that returns no text (SD3's last) ends the chain
                         break
                 if state is not None:

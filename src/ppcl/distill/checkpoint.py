@@ -29,14 +29,16 @@ if TYPE_CHECKING:
 log = get_logger("distill")
 
 
-
 def rng_state() -> dict[str, Any]:
     """Every RNG the trainer may touch, as plain tensors/ints/strings (loads with ``torch.load(weights_only=True)``)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "python": [version, torch.tensor(py_state, dtype=torch.int64), gauss]}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, torch.tensor(py_state, dtype=torch.int64), gauss],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -64,21 +66,36 @@ def preflight(out: Path, needed_bytes: int) -> None:
     """
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise ArtefactError("cannot use the training output folder", expected="a folder (or a path whose parents are "
-                            "folders)", found=f"{blocker} is a file", fix="choose another output folder")
+        raise ArtefactError(
+            "cannot use the training output folder",
+            expected="a folder (or a path whose parents are folders)",
+            found=f"{blocker} is a file",
+            fix="choose another output folder",
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArtefactError("cannot create the training output folder", expected="a writable location",
-                            found=f"{out}: {exc.strerror}", fix="choose another output folder") from exc
+        raise ArtefactError(
+            "cannot create the training output folder",
+            expected="a writable location",
+            found=f"{out}: {exc.strerror}",
+            fix="choose another output folder",
+        ) from exc
     if not os.access(out, os.W_OK | os.X_OK):
-        raise ArtefactError("the training output folder is not writable", expected="a writable folder",
-                            found=str(out), fix="fix its permissions or choose another output folder")
+        raise ArtefactError(
+            "the training output folder is not writable",
+            expected="a writable folder",
+            found=str(out),
+            fix="fix its permissions or choose another output folder",
+        )
     free = shutil.disk_usage(out).free
     if free < needed_bytes:
-        raise ArtefactError("not enough free disk space for the checkpoints", expected=f">= {needed_bytes / 1e6:.1f} "
-                            "MB free (two checkpoints: weights + AdamW moments)", found=f"{free / 1e6:.1f} MB free "
-                            f"under {out}", fix="free some space or choose another output folder")
+        raise ArtefactError(
+            "not enough free disk space for the checkpoints",
+            expected=f">= {needed_bytes / 1e6:.1f} MB free (two checkpoints: weights + AdamW moments)",
+            found=f"{free / 1e6:.1f} MB free under {out}",
+            fix="free some space or choose another output folder",
+        )
 
 
 def recover_checkpoint(folder: Path) -> None:
@@ -108,23 +125,33 @@ def check_distributed(accelerator: Accelerator) -> None:
     """
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
     if kind == "DEEPSPEED":
-        raise ConfigError("ppcl's trainer does not run under DeepSpeed", expected="one process, DDP (MULTI_GPU / "
-                          "MULTI_CPU) or FSDP", found=f"accelerate distributed_type {kind}",
-                          fix="launch with configs/accelerate/fsdp_8gpu.yaml (shards the teacher, the students and "
-                          "their AdamW states, as ZeRO would) or ddp_8gpu.yaml; docs/scale.md gives the memory of each")
+        raise ConfigError(
+            "ppcl's trainer does not run under DeepSpeed",
+            expected="one process, DDP (MULTI_GPU / MULTI_CPU) or FSDP",
+            found=f"accelerate distributed_type {kind}",
+            fix="launch with configs/accelerate/fsdp_8gpu.yaml (shards the teacher, the students and "
+            "their AdamW states, as ZeRO would) or ddp_8gpu.yaml; docs/scale.md gives the memory of each",
+        )
 
 
 def check_shardable(config: DistillConfig, shardable: bool, kind: str) -> None:
     """Raise unless a sharded session (:mod:`ppcl.distill.sharding`) can run this stage with this config."""
     why = "shard=True" if config.shard else f"accelerate distributed_type {kind}"
     if not shardable:
-        raise ConfigError("sharded training (FSDP) covers non-sequential depth distillation only",
-                          expected="mode 'nonsequential' depth distillation", found=f"{why} for this stage",
-                          fix="run this stage without --shard, under DDP (configs/accelerate/ddp_8gpu.yaml) or on "
-                          "one GPU; docs/scale.md gives the memory it needs")
+        raise ConfigError(
+            "sharded training (FSDP) covers non-sequential depth distillation only",
+            expected="mode 'nonsequential' depth distillation",
+            found=f"{why} for this stage",
+            fix="run this stage without --shard, under DDP (configs/accelerate/ddp_8gpu.yaml) or on "
+            "one GPU; docs/scale.md gives the memory it needs",
+        )
     if config.mixed_precision == "fp16":
-        raise ConfigError("sharded training does not support fp16", expected="mixed precision bf16 or no",
-                          found=f"fp16 with {why}", fix="use --mixed-precision bf16")
+        raise ConfigError(
+            "sharded training does not support fp16",
+            expected="mixed precision bf16 or no",
+            found=f"fp16 with {why}",
+            fix="use --mixed-precision bf16",
+        )
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -155,6 +182,7 @@ def not_finite_state(params: list[torch.Tensor], optimizer: torch.optim.Optimize
 
     Sharded tensors are checked on their local shard (the caller combines the answers of all processes).
     """
+
     def finite(t: torch.Tensor) -> bool:
         t = t.to_local() if hasattr(t, "to_local") else t
         return bool(torch.isfinite(t.detach()).all())
@@ -164,15 +192,17 @@ def not_finite_state(params: list[torch.Tensor], optimizer: torch.optim.Optimize
         bad.append("parameters")
     if not all(p.grad is None or finite(p.grad) for p in params):
         bad.append("gradients")
-    moments = [v for state in optimizer.state.values() for v in state.values()
-               if torch.is_tensor(v) and v.is_floating_point()]
+    moments = [
+        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()
+    ]
     if not all(finite(v) for v in moments):
         bad.append("optimiser state")
     return bad
 
 
-def not_finite_anywhere(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                        accelerator: Accelerator) -> list[str]:
+def not_finite_anywhere(
+    params: list[torch.Tensor], optimizer: torch.optim.Optimizer, accelerator: Accelerator
+) -> list[str]:
     """:func:`not_finite_state` combined over processes: every process gets a non-empty answer when any has one, so
     all of them stop together (one stopping alone would leave the others waiting in the next collective)."""
     bad = not_finite_state(params, optimizer)

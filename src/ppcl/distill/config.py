@@ -67,7 +67,8 @@ class DistillConfig:
         """Raise :class:`~ppcl.errors.ConfigError` on the first out-of-range value; return ``self``."""
         c = self
         checks: list[tuple[bool, str, str, Any]] = [
-            (c.mode in MODES, "mode", f"one of {MODES}", c.mode), (c.steps >= 1, "steps", ">= 1", c.steps),
+            (c.mode in MODES, "mode", f"one of {MODES}", c.mode),
+            (c.steps >= 1, "steps", ">= 1", c.steps),
             (c.lr > 0, "lr", "> 0", c.lr),
             (all(0 <= b < 1 for b in c.betas) and len(c.betas) == 2, "betas", "two values in [0, 1)", c.betas),
             (0 <= c.warmup <= c.steps, "warmup", f"0..{c.steps} (steps)", c.warmup),
@@ -81,11 +82,18 @@ class DistillConfig:
             (c.checkpoint_every >= 0, "checkpoint_every", ">= 0", c.checkpoint_every),
             (c.log_every >= 1, "log_every", ">= 1", c.log_every),
             (0.0 <= c.chain_mix <= 1.0, "chain_mix", "in [0, 1]", c.chain_mix),
-            (isinstance(c.teacher_reuse, int) and c.teacher_reuse >= 1, "teacher_reuse", "an integer >= 1",
-             c.teacher_reuse)]
+            (
+                isinstance(c.teacher_reuse, int) and c.teacher_reuse >= 1,
+                "teacher_reuse",
+                "an integer >= 1",
+                c.teacher_reuse,
+            ),
+        ]
         for ok, name, expected, found in checks:
             if not ok:
-                raise ConfigError(f"distillation setting `{name}` is out of range", expected=expected, found=repr(found))
+                raise ConfigError(
+                    f"distillation setting `{name}` is out of range", expected=expected, found=repr(found)
+                )
         return self
 
     def lr_factor(self, step: int) -> float:

@@ -65,7 +65,7 @@ class CalibrationData:
         """Sample indices of batch ``step``, shape ``(batch_size,)``."""
         epoch, within = divmod(step, self.batches_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.calibration))
-        return order[within * self.batch_size:(within + 1) * self.batch_size]
+        return order[within * self.batch_size : (within + 1) * self.batch_size]
 
     def batch(self, step: int) -> dict[str, Any]:
         """Keyword arguments of ``model(**batch)`` for batch ``step``."""
@@ -79,5 +79,10 @@ class CalibrationData:
 
     def describe(self) -> dict[str, Any]:
         """Source, sizes and content hash of the calibration set."""
-        return {"source": "calibration", "content_hash": self.calibration.content_hash, "n_samples":
-                len(self.calibration), "batch_size": self.batch_size, "seed": self.seed}
+        return {
+            "source": "calibration",
+            "content_hash": self.calibration.content_hash,
+            "n_samples": len(self.calibration),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }

@@ -126,8 +126,12 @@ class DepthStep(nn.Module):
         if mode not in MODES:
             raise ConfigError("unknown distillation mode", expected=f"one of {MODES}", found=repr(mode))
         if mode == "sequential" and level is None:
-            raise ConfigError("sequential mode needs a level", expected="a level name holding every span",
-                              found="None", fix="use sequential_level(plan, replacements, None)")
+            raise ConfigError(
+                "sequential mode needs a level",
+                expected="a level name holding every span",
+                found="None",
+                fix="use sequential_level(plan, replacements, None)",
+            )
         self.students = students
         # A plain attribute, not a submodule: accelerate must never wrap, cast or broadcast the teacher.
         self.__dict__["model"] = model
@@ -135,19 +139,27 @@ class DepthStep(nn.Module):
         self.replacements = list(replacements)
         missing = [rep.id for rep in self.replacements if student_key(rep.id) not in students]
         if missing:
-            raise ConfigError("the add-on has no student for some spans", expected="one student per depth span",
-                              found=f"missing {missing}", fix="build the add-on from the same plan")
+            raise ConfigError(
+                "the add-on has no student for some spans",
+                expected="one student per depth span",
+                found=f"missing {missing}",
+                fix="build the add-on from the same plan",
+            )
         self.mode = mode
         self.level = level
         self.gradient_checkpointing = gradient_checkpointing
         self.early_stop = early_stop
         if not 0.0 <= chain_mix <= 1.0:
-            raise ConfigError("chain mix must be a share of the batch", expected="0 <= chain_mix <= 1",
-                              found=str(chain_mix))
+            raise ConfigError(
+                "chain mix must be a share of the batch", expected="0 <= chain_mix <= 1", found=str(chain_mix)
+            )
         if chain_mix > 0 and (plan is None or mode != "nonsequential"):
-            raise ConfigError("chain-aware inputs need the plan, in non-sequential mode",
-                              expected="plan=... and mode 'nonsequential'", found=f"plan={plan is not None}, "
-                              f"mode={mode!r}", fix="pass the plan, or chain_mix=0")
+            raise ConfigError(
+                "chain-aware inputs need the plan, in non-sequential mode",
+                expected="plan=... and mode 'nonsequential'",
+                found=f"plan={plan is not None}, mode={mode!r}",
+                fix="pass the plan, or chain_mix=0",
+            )
         self.chain_mix = chain_mix
         self.chains = chain_groups(plan, self.replacements) if chain_mix > 0 and plan is not None else []
         self.timing: dict[str, float] = {}
@@ -179,8 +191,11 @@ class DepthStep(nn.Module):
         (nothing is copied).
         """
         model, spec = self.model, self.spec
-        needed = sorted({r.span.start for r in self.replacements} | {r.span.stop - 1 for r in self.replacements}
-                        | chain_blocks(model, spec, self.chains))
+        needed = sorted(
+            {r.span.start for r in self.replacements}
+            | {r.span.stop - 1 for r in self.replacements}
+            | chain_blocks(model, spec, self.chains)
+        )
         # A sharded session runs the bare model (no add-on applied): it is the teacher as it is.
         off = disabled(model) if getattr(model, STATE_ATTR, None) is not None else nullcontext()
         with torch.no_grad(), off, ActivationRecorder(model, needed, spec=spec) as recorder:
@@ -199,9 +214,12 @@ class DepthStep(nn.Module):
         for i in needed:
             calls = recorder[i]
             if len(calls) != 1:
-                raise ConfigError(f"block {i} ran {len(calls)} times in one teacher forward",
-                                  expected="each block called once per forward", found=f"{len(calls)} calls",
-                                  fix="distill the bare transformer, not a wrapper that loops over its blocks")
+                raise ConfigError(
+                    f"block {i} ran {len(calls)} times in one teacher forward",
+                    expected="each block called once per forward",
+                    found=f"{len(calls)} calls",
+                    fix="distill the bare transformer, not a wrapper that loops over its blocks",
+                )
             out[i] = calls[0]
         return out
 
@@ -213,11 +231,18 @@ class DepthStep(nn.Module):
         model, spec = self.model, self.spec
         off = disabled(model) if getattr(model, STATE_ATTR, None) is not None else nullcontext()
         with off:  # the kept blocks between spans run as the teacher's
-            return chained_inputs(model, spec, self.chains, records,
-                                  lambda rep: self.students[student_key(rep.id)], lambda j: spec.block(model, j))
+            return chained_inputs(
+                model,
+                spec,
+                self.chains,
+                records,
+                lambda rep: self.students[student_key(rep.id)],
+                lambda j: spec.block(model, j),
+            )
 
-    def _student_call(self, u: int, call: BlockCall, chained: list[dict[str, torch.Tensor]] | None
-                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _student_call(
+        self, u: int, call: BlockCall, chained: list[dict[str, torch.Tensor]] | None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The arguments the student of a span starting at ``u`` trains on: the teacher's call, with a share of the
         samples' streams taken from chained inputs."""
         if not chained:
@@ -227,8 +252,9 @@ class DepthStep(nn.Module):
         mixed = mix_inputs(teacher, chained, self.chain_mix, getattr(self, "micro_index", 0))
         return (), call_with_streams(spec, model, u, call, mixed)
 
-    def _nonsequential(self, records: dict[int, BlockCall], chained: dict[str, list[dict[str, torch.Tensor]]]
-                       ) -> dict[str, torch.Tensor]:
+    def _nonsequential(
+        self, records: dict[int, BlockCall], chained: dict[str, list[dict[str, torch.Tensor]]]
+    ) -> dict[str, torch.Tensor]:
         model, spec = self.model, self.spec
         losses = {}
         for rep in self.replacements:

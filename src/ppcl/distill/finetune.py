@@ -39,8 +39,8 @@ from ppcl.distill.echo import NO_ECHO, TeacherEcho
 from ppcl.distill.objective import FinetuneObjective, euler_to, guided_terms
 from ppcl.distill.trainer import DistillConfig, TrainingSession
 from ppcl.errors import ConfigError
-from ppcl.logging import get_logger
 from ppcl.kinds import kind_of
+from ppcl.logging import get_logger
 from ppcl.runtime import disabled, merge, save_merged, set_level
 
 log = get_logger("distill")
@@ -104,9 +104,16 @@ class FinetuneStep(nn.Module):
         unconditional: builds a batch's unconditional twin (needed by a guided objective).
     """
 
-    def __init__(self, model: nn.Module, trained: nn.ModuleDict, level: str, blocks: dict[str, nn.Module],
-                 flow_matching_weight: float = 0.0, objective: FinetuneObjective | None = None,
-                 unconditional: Unconditional | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        trained: nn.ModuleDict,
+        level: str,
+        blocks: dict[str, nn.Module],
+        flow_matching_weight: float = 0.0,
+        objective: FinetuneObjective | None = None,
+        unconditional: Unconditional | None = None,
+    ) -> None:
         super().__init__()
         self.__dict__["model"] = model
         self.trained = trained
@@ -115,9 +122,12 @@ class FinetuneStep(nn.Module):
         self.objective = (objective or FinetuneObjective()).validate()
         self.levels = list(dict.fromkeys([level, *self.objective.levels]))
         if self.objective.paired and unconditional is None:
-            raise ConfigError("a guided fine-tune needs unconditional twins of the batches",
-                              expected="a data source with an unconditional(batch) method (the toy data has one)",
-                              found="none", fix="use guidance=None (plain output loss) with this data source")
+            raise ConfigError(
+                "a guided fine-tune needs unconditional twins of the batches",
+                expected="a data source with an unconditional(batch) method (the toy data has one)",
+                found="none",
+                fix="use guidance=None (plain output loss) with this data source",
+            )
         self.unconditional = unconditional
         # Frozen originals of the trained base weights: the teacher must stay the original model.
         self.originals = [(p, p.detach().clone()) for p in self.blocks.parameters()]
@@ -130,8 +140,12 @@ class FinetuneStep(nn.Module):
         """``{term: scalar loss}`` for ``batch`` (transformer kwargs, plus the optional flow target)."""
         target = batch.pop(FLOW_TARGET_KEY, None)
         if self.flow_matching_weight > 0 and target is None:
-            raise ConfigError("the flow-matching loss needs targets", expected=f"batches with key {FLOW_TARGET_KEY!r}",
-                              found=f"keys {sorted(batch)}", fix="add the targets to the data or set the weight to 0")
+            raise ConfigError(
+                "the flow-matching loss needs targets",
+                expected=f"batches with key {FLOW_TARGET_KEY!r}",
+                found=f"keys {sorted(batch)}",
+                fix="add the targets to the data or set the weight to 0",
+            )
         model, objective = self.model, self.objective
         levels = objective.draw(self.levels, self.micro_index)
         uncond = self.unconditional(batch) if objective.paired and self.unconditional is not None else None
@@ -165,8 +179,9 @@ class FinetuneStep(nn.Module):
         return cond, None if uncond is None else model(**uncond, return_dict=False)[0]
 
     @torch.no_grad()
-    def _on_policy(self, batch: dict[str, Any], uncond: dict[str, Any], level: str
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _on_policy(
+        self, batch: dict[str, Any], uncond: dict[str, Any], level: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The batch with its first ``round(on_policy * B)`` samples' ``x_t`` replaced by the pruned model's own
         guided sampling state at the same ``t`` (flow-matching data: the timestep is ``t`` in [0, 1])."""
         objective, model = self.objective, self.model
@@ -175,8 +190,7 @@ class FinetuneStep(nn.Module):
         if rows == 0:
             return batch, uncond
         index = getattr(self, "data_index", self.micro_index)  # per process: ranks draw different noise
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([objective.seed, index, 11])
-                                                .integers(0, 2**62)))
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([objective.seed, index, 11]).integers(0, 2**62)))
         noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         set_level(model, level)
 
@@ -191,22 +205,36 @@ class FinetuneStep(nn.Module):
         return {**batch, "hidden_states": mixed}, {**uncond, "hidden_states": mixed}
 
 
-def _check_levels(addon: PruningAddon, levels: list[str], objective: FinetuneObjective,
-                  gradient_checkpointing: bool) -> None:
+def _check_levels(
+    addon: PruningAddon, levels: list[str], objective: FinetuneObjective, gradient_checkpointing: bool
+) -> None:
     for name in levels:
         addon.plan.level(name)  # raises on an unknown level
     if gradient_checkpointing and objective.level_mode == "all" and len(levels) > 1:
         # Backward recomputes checkpointed blocks at the level left active, which would be the last one only.
-        raise ConfigError("gradient checkpointing cannot train several levels on one batch",
-                          expected="level_mode 'draw' (one level per batch) with gradient checkpointing",
-                          found=f"level_mode 'all' over {levels}", fix="use level_mode='draw' or no checkpointing")
+        raise ConfigError(
+            "gradient checkpointing cannot train several levels on one batch",
+            expected="level_mode 'draw' (one level per batch) with gradient checkpointing",
+            found=f"level_mode 'all' over {levels}",
+            fix="use level_mode='draw' or no checkpointing",
+        )
 
 
-def finetune(model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
-             out_dir: str | os.PathLike[str], level: str, full: bool = False, flow_matching_weight: float = 0.0,
-             resume: bool = False, stop_at: int | None = None,
-             accelerator: Accelerator | None = None, objective: FinetuneObjective | None = None,
-             overwrite: bool = False) -> PruningAddon:
+def finetune(
+    model: nn.Module,
+    addon: PruningAddon,
+    data: DistillData,
+    config: DistillConfig,
+    out_dir: str | os.PathLike[str],
+    level: str,
+    full: bool = False,
+    flow_matching_weight: float = 0.0,
+    resume: bool = False,
+    stop_at: int | None = None,
+    accelerator: Accelerator | None = None,
+    objective: FinetuneObjective | None = None,
+    overwrite: bool = False,
+) -> PruningAddon:
     """End-to-end output distillation of ``level`` (pruned model vs the same model with the add-on disabled).
 
     Args:
@@ -229,22 +257,34 @@ def finetune(model: nn.Module, addon: PruningAddon, data: DistillData, config: D
     if flow_matching_weight < 0:
         raise ConfigError("negative flow-matching weight", expected=">= 0", found=str(flow_matching_weight))
     if full and len(levels) > 1:
-        raise ConfigError("a full fine-tune trains one level", expected="objective.levels empty with full=True",
-                          found=str(levels), fix="fine-tune one level, or train add-on parameters only")
+        raise ConfigError(
+            "a full fine-tune trains one level",
+            expected="objective.levels empty with full=True",
+            found=str(levels),
+            fix="fine-tune one level, or train add-on parameters only",
+        )
     trained = nn.ModuleDict({k: m for name in levels for k, m in level_modules(addon, name).items()})
     blocks = surviving_blocks(model, addon, level) if full else {}
     extra = {f"{name}.{k}": p for name, block in blocks.items() for k, p in block.named_parameters()}
-    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator, extra,
-                         overwrite=overwrite) as session:
+    with TrainingSession(
+        model, addon, data, config, out_dir, resume, accelerator, extra, overwrite=overwrite
+    ) as session:
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        step = FinetuneStep(model, trained, level, blocks, flow_matching_weight, objective,
-                            getattr(data, "unconditional", None))
+        step = FinetuneStep(
+            model, trained, level, blocks, flow_matching_weight, objective, getattr(data, "unconditional", None)
+        )
         params = list(trained.parameters()) + list(extra.values())
         kind = "FULL (base blocks train too: the result is a standalone model)" if full else "add-on only"
-        stats = session.run(step, params, stop_at, "fine-tune", "terms",
-                            f"level(s) {levels} ({objective.level_mode}), {kind}, {len(trained)} add-on module(s), "
-                            f"{len(blocks)} base block(s), guidance {objective.guidance}")
+        stats = session.run(
+            step,
+            params,
+            stop_at,
+            "fine-tune",
+            "terms",
+            f"level(s) {levels} ({objective.level_mode}), {kind}, {len(trained)} add-on module(s), "
+            f"{len(blocks)} base block(s), guidance {objective.guidance}",
+        )
     if stats["end"] < config.steps:
         return addon
     out = Path(out_dir)
@@ -252,15 +292,30 @@ def finetune(model: nn.Module, addon: PruningAddon, data: DistillData, config: D
     if full:
         # Base weights changed: the add-on now belongs to the fine-tuned base only.
         addon.fingerprint = fingerprint_of(model, addon.plan)
-        addon.provenance["standalone"] = {"level": level, "merged_model": MERGED_DIR,
-                                          "note": "base weights were fine-tuned; use the merged model"}
+        addon.provenance["standalone"] = {
+            "level": level,
+            "merged_model": MERGED_DIR,
+            "note": "base weights were fine-tuned; use the merged model",
+        }
         if session.accelerator.is_main_process:
             save_merged(merge(model, addon, level), out / MERGED_DIR)
-        log.warning("fine-tune: full fine-tune of level %r changed the base weights; the result is STANDALONE "
-                    "(merged model at %s), the add-on is no longer valid on the original base", level,
-                    out / MERGED_DIR)
-    session.finish("finetune", stats, {"method": "PPCL stage 3", "level": level, "levels": levels,
-                                       "objective": objective.to_json(), "standalone": full,
-                                       "flow_matching_weight": flow_matching_weight,
-                                       "trained": sorted(trained.keys())})
+        log.warning(
+            "fine-tune: full fine-tune of level %r changed the base weights; the result is STANDALONE "
+            "(merged model at %s), the add-on is no longer valid on the original base",
+            level,
+            out / MERGED_DIR,
+        )
+    session.finish(
+        "finetune",
+        stats,
+        {
+            "method": "PPCL stage 3",
+            "level": level,
+            "levels": levels,
+            "objective": objective.to_json(),
+            "standalone": full,
+            "flow_matching_weight": flow_matching_weight,
+            "trained": sorted(trained.keys()),
+        },
+    )
     return addon

@@ -34,21 +34,32 @@ from ppcl.errors import ArtefactError
 _MAX_SHIFT_DEFAULT = {"sd3": 1.16}  # the SD3 pipeline's default; FLUX.1 and Qwen-Image use 1.15
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                    max_shift: float = 1.15) -> float:
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """``mu`` of the dynamic time shift, linear in the number of image tokens (the pipelines' own formula)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
-def shift_sigmas(u: torch.Tensor, scheduler_config: dict[str, Any], image_seq_len: int,
-                 arch: str = "flux") -> torch.Tensor:
+def shift_sigmas(
+    u: torch.Tensor, scheduler_config: dict[str, Any], image_seq_len: int, arch: str = "flux"
+) -> torch.Tensor:
     """Map uniform times ``u`` in [0, 1] to σ the way the scheduler shifts its sigmas for ``image_seq_len`` tokens."""
     c = scheduler_config
     if c.get("use_dynamic_shifting"):
-        mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", _MAX_SHIFT_DEFAULT.get(arch, 1.15)))
-        odds = (1 / u.clamp_min(1e-12) - 1)  # sigma = 1.0 in the scheduler's time_shift
+        mu = calculate_shift(
+            image_seq_len,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", _MAX_SHIFT_DEFAULT.get(arch, 1.15)),
+        )
+        odds = 1 / u.clamp_min(1e-12) - 1  # sigma = 1.0 in the scheduler's time_shift
         scale = mu if c.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
         return scale / (scale + odds)
     shift = float(c.get("shift", 1.0))
@@ -59,8 +70,12 @@ def read_scheduler_config(pipeline: str | os.PathLike[str]) -> dict[str, Any]:
     """``PIPELINE/scheduler/scheduler_config.json`` as a dict."""
     path = Path(pipeline) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
-        raise ArtefactError("pipeline has no scheduler config", expected=str(path), found="no such file",
-                            fix="pass the pipeline folder written by `save_pretrained`")
+        raise ArtefactError(
+            "pipeline has no scheduler config",
+            expected=str(path),
+            found="no such file",
+            fix="pass the pipeline folder written by `save_pretrained`",
+        )
     return json.loads(path.read_text())
 
 
@@ -78,19 +93,26 @@ class LatentCacheData:
         dtype: dtype of the floating tensors handed out (the model's).
     """
 
-    def __init__(self, cache: LatentCache | str | os.PathLike[str], batch_size: int, seed: int = 0,
-                 timestep_sampling: TimestepSampling = "uniform", caption_dropout: float = 0.0,
-                 scheduler_config: dict[str, Any] | None = None, guidance: float = 3.5,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        cache: LatentCache | str | os.PathLike[str],
+        batch_size: int,
+        seed: int = 0,
+        timestep_sampling: TimestepSampling = "uniform",
+        caption_dropout: float = 0.0,
+        scheduler_config: dict[str, Any] | None = None,
+        guidance: float = 3.5,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
         check_sampling(batch_size, timestep_sampling, caption_dropout)
         if len(self.cache) == 0:
-            raise ArtefactError("latent cache is empty", expected="at least one sample", found="0",
-                                fix="re-run `ppcl cache` with data")
+            raise ArtefactError(
+                "latent cache is empty", expected="at least one sample", found="0", fix="re-run `ppcl cache` with data"
+            )
         self.batch_size, self.seed, self.timestep_sampling = batch_size, seed, timestep_sampling
         self.caption_dropout, self.guidance, self.dtype = caption_dropout, guidance, dtype
-        self.scheduler_config = dict(scheduler_config if scheduler_config is not None
-                                     else self.cache.scheduler_config)
+        self.scheduler_config = dict(scheduler_config if scheduler_config is not None else self.cache.scheduler_config)
         self.arch = self.cache.arch
         self.transformer = self.cache.manifest["pipeline"]["transformer"]
         counts = np.asarray(self.cache.counts, dtype=np.float64)
@@ -104,8 +126,12 @@ class LatentCacheData:
         found = {k: model.config.get(k) for k in TRANSFORMER_KEYS}
         found = {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()}
         if name != self.arch or found != self.transformer:
-            raise ArtefactError("latent cache was built for another model", expected=f"{self.arch} {self.transformer}",
-                                found=f"{name} {found}", fix="run `ppcl cache` with this model's pipeline")
+            raise ArtefactError(
+                "latent cache was built for another model",
+                expected=f"{self.arch} {self.transformer}",
+                found=f"{name} {found}",
+                fix="run `ppcl cache` with this model's pipeline",
+            )
 
     def sigmas(self, step: int, bucket: int) -> torch.Tensor:
         """σ of batch ``step`` for ``bucket`` (shape ``(batch_size,)``)."""
@@ -131,8 +157,10 @@ class LatentCacheData:
         drop = rng.random(self.batch_size) < self.caption_dropout
         samples = [self.cache.read(bucket, [r]) for r in rows]
         empty = {k: v[0] for k, v in self.cache.empty.items()}
-        samples = [{**({k: v[0] for k, v in s.items() if k != "latents"} if not d else empty),
-                    "latents": s["latents"][0]} for s, d in zip(samples, drop, strict=True)]
+        samples = [
+            {**({k: v[0] for k, v in s.items() if k != "latents"} if not d else empty), "latents": s["latents"][0]}
+            for s, d in zip(samples, drop, strict=True)
+        ]
         data = self.cache.stack(samples)
         x0 = data["latents"]
         sigma = self.sigmas(step, bucket)
@@ -143,23 +171,37 @@ class LatentCacheData:
 
     def _kwargs(self, x_t: torch.Tensor, sigma: torch.Tensor, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         b, _, h, w = x_t.shape
-        cast = (lambda t: t.to(self.dtype))
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.dtype)
+
         if self.arch == "sd3":
-            return {"hidden_states": cast(x_t), "encoder_hidden_states": cast(data["prompt_embeds"]),
-                    "pooled_projections": cast(data["pooled_prompt_embeds"]),
-                    "timestep": sigma * 1000}  # float32, like the scheduler's timesteps the SD3 pipeline passes
+            return {
+                "hidden_states": cast(x_t),
+                "encoder_hidden_states": cast(data["prompt_embeds"]),
+                "pooled_projections": cast(data["pooled_prompt_embeds"]),
+                "timestep": sigma * 1000,
+            }  # float32, like the scheduler's timesteps the SD3 pipeline passes
         packed = cast(_pack(x_t))
         if self.arch == "flux":
             from diffusers import FluxPipeline
 
-            out = {"hidden_states": packed, "encoder_hidden_states": cast(data["prompt_embeds"]),
-                   "pooled_projections": cast(data["pooled_prompt_embeds"]), "timestep": cast(sigma),
-                   "img_ids": cast(FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)),
-                   "txt_ids": cast(torch.zeros(data["prompt_embeds"].shape[1], 3))}
+            out = {
+                "hidden_states": packed,
+                "encoder_hidden_states": cast(data["prompt_embeds"]),
+                "pooled_projections": cast(data["pooled_prompt_embeds"]),
+                "timestep": cast(sigma),
+                "img_ids": cast(FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)),
+                "txt_ids": cast(torch.zeros(data["prompt_embeds"].shape[1], 3)),
+            }
         else:
-            out = {"hidden_states": packed, "encoder_hidden_states": cast(data["prompt_embeds"]),
-                   "encoder_hidden_states_mask": data["prompt_embeds_mask"], "timestep": cast(sigma),
-                   "img_shapes": [[(1, h // 2, w // 2)]] * b}
+            out = {
+                "hidden_states": packed,
+                "encoder_hidden_states": cast(data["prompt_embeds"]),
+                "encoder_hidden_states_mask": data["prompt_embeds_mask"],
+                "timestep": cast(sigma),
+                "img_shapes": [[(1, h // 2, w // 2)]] * b,
+            }
         if self.transformer.get("guidance_embeds"):
             out["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32)
         return out
@@ -167,13 +209,31 @@ class LatentCacheData:
     def describe(self) -> dict[str, Any]:
         """Source, cache identity and sampling settings."""
         m = self.cache.manifest
-        return {"source": "latent_cache", "path": str(self.cache.folder), "arch": self.arch,
-                "pipeline_hash": m["pipeline"]["hash"], "n_samples": len(self.cache), "buckets": m["buckets"],
-                "counts": m["counts"], "batch_size": self.batch_size, "seed": self.seed,
-                "timestep_sampling": self.timestep_sampling, "caption_dropout": self.caption_dropout,
-                "scheduler_shift": {k: self.scheduler_config.get(k) for k in
-                                    ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-                                     "max_image_seq_len", "time_shift_type")}}
+        return {
+            "source": "latent_cache",
+            "path": str(self.cache.folder),
+            "arch": self.arch,
+            "pipeline_hash": m["pipeline"]["hash"],
+            "n_samples": len(self.cache),
+            "buckets": m["buckets"],
+            "counts": m["counts"],
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "timestep_sampling": self.timestep_sampling,
+            "caption_dropout": self.caption_dropout,
+            "scheduler_shift": {
+                k: self.scheduler_config.get(k)
+                for k in (
+                    "shift",
+                    "use_dynamic_shifting",
+                    "base_shift",
+                    "max_shift",
+                    "base_image_seq_len",
+                    "max_image_seq_len",
+                    "time_shift_type",
+                )
+            },
+        }
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:

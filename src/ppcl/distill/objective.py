@@ -65,24 +65,34 @@ class FinetuneObjective:
         """Raise :class:`ConfigError` on the first out-of-range value; return ``self``."""
         checks: list[tuple[bool, str, str, Any]] = [
             (self.guidance is None or self.guidance >= 0, "guidance", ">= 0 or None", self.guidance),
-            (min(self.output_weight, self.guided_weight, self.direction_weight) >= 0, "weights", ">= 0",
-             (self.output_weight, self.guided_weight, self.direction_weight)),
+            (
+                min(self.output_weight, self.guided_weight, self.direction_weight) >= 0,
+                "weights",
+                ">= 0",
+                (self.output_weight, self.guided_weight, self.direction_weight),
+            ),
             (self.level_mode in LEVEL_MODES, "level_mode", f"one of {LEVEL_MODES}", self.level_mode),
             (0.0 <= self.on_policy <= 1.0, "on_policy", "in [0, 1]", self.on_policy),
             (self.on_policy_steps >= 1, "on_policy_steps", ">= 1", self.on_policy_steps),
-            (self.on_policy == 0 or self.guidance is not None, "on_policy", "0 unless guidance is set (the pruned "
-             "sampler runs guided)", self.on_policy)]
+            (
+                self.on_policy == 0 or self.guidance is not None,
+                "on_policy",
+                "0 unless guidance is set (the pruned sampler runs guided)",
+                self.on_policy,
+            ),
+        ]
         for ok, name, expected, found in checks:
             if not ok:
-                raise ConfigError(f"fine-tune objective `{name}` is out of range", expected=expected,
-                                  found=repr(found))
+                raise ConfigError(f"fine-tune objective `{name}` is out of range", expected=expected, found=repr(found))
         guided = self.guidance is not None and (self.guided_weight > 0 or self.direction_weight > 0)
         if self.output_weight == 0 and not guided:
-            raise ConfigError("the fine-tune objective has no active term", expected="output_weight > 0, or a "
-                              "guidance scale with a guided or direction weight > 0",
-                              found=f"output_weight 0, guidance {self.guidance}, guided_weight {self.guided_weight}, "
-                              f"direction_weight {self.direction_weight}",
-                              fix="set output_weight > 0, or guidance=G (the sampler's scale) with a guided weight")
+            raise ConfigError(
+                "the fine-tune objective has no active term",
+                expected="output_weight > 0, or a guidance scale with a guided or direction weight > 0",
+                found=f"output_weight 0, guidance {self.guidance}, guided_weight {self.guided_weight}, "
+                f"direction_weight {self.direction_weight}",
+                fix="set output_weight > 0, or guidance=G (the sampler's scale) with a guided weight",
+            )
         return self
 
     @property
@@ -100,8 +110,9 @@ class FinetuneObjective:
         return {**asdict(self), "levels": list(self.levels)}
 
 
-def guided_terms(pruned: tuple[Tensor, Tensor | None], teacher: tuple[Tensor, Tensor | None],
-                 objective: FinetuneObjective) -> dict[str, Tensor]:
+def guided_terms(
+    pruned: tuple[Tensor, Tensor | None], teacher: tuple[Tensor, Tensor | None], objective: FinetuneObjective
+) -> dict[str, Tensor]:
     """The weighted terms of one level: ``{"output", "guided", "direction"}`` (zero-weight terms left out).
 
     Args:

@@ -67,8 +67,10 @@ def autocast_dtype(base: torch.dtype, mixed_precision: str) -> torch.dtype | Non
         return None
     if base == torch.float16:
         # Without loss scaling small fp16 activation gradients flush to zero; accelerate's fp16 mode adds a scaler.
-        log.warning("training on a float16 base under float16 autocast without loss scaling; on a GPU, "
-                    "mixed_precision='fp16' (--mixed-precision fp16) adds a gradient scaler")
+        log.warning(
+            "training on a float16 base under float16 autocast without loss scaling; on a GPU, "
+            "mixed_precision='fp16' (--mixed-precision fp16) adds a gradient scaler"
+        )
     return base
 
 
@@ -99,10 +101,14 @@ class MasterWeights:
 
 def precision_record(base: torch.dtype, autocast: torch.dtype | None, mixed_precision: str) -> dict[str, Any]:
     """The ``precision`` entry of a stage's provenance: base dtype, master dtype, autocast, what the files hold."""
+
     def name(dtype: torch.dtype) -> str:
         return str(dtype).removeprefix("torch.")
 
     accelerate = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)  # its autocast, when it has one
-    return {"base_dtype": name(base), "master_dtype": "float32",
-            "autocast": name(autocast) if autocast is not None else accelerate,
-            "saved": "each module in the dtype it came in (students: the base's); checkpoints: float32 masters"}
+    return {
+        "base_dtype": name(base),
+        "master_dtype": "float32",
+        "autocast": name(autocast) if autocast is not None else accelerate,
+        "saved": "each module in the dtype it came in (students: the base's); checkpoints: float32 masters",
+    }

@@ -34,21 +34,26 @@ def resume_changes(state: dict[str, Any], config: DistillConfig, trains: str) ->
     changed = {k: [v, now.get(k)] for k, v in saved.items() if k in now and now[k] != v}
     refused = {k: v for k, v in changed.items() if k not in APPLIED + LAYOUT}
     if refused:
-        raise ConfigError("the resumed run would train something else than the checkpoint's run",
-                          expected=f"the checkpoint's values of {sorted(refused)} (a resume may change only "
-                                   f"{', '.join(APPLIED)} and the checkpoint/log cadence)",
-                          found=", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items())),
-                          fix="resume with the run's settings, or start again with --overwrite")
+        raise ConfigError(
+            "the resumed run would train something else than the checkpoint's run",
+            expected=f"the checkpoint's values of {sorted(refused)} (a resume may change only "
+            f"{', '.join(APPLIED)} and the checkpoint/log cadence)",
+            found=", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(refused.items())),
+            fix="resume with the run's settings, or start again with --overwrite",
+        )
     if state.get("trains", trains) != trains:
-        raise ConfigError("the resumed run trains something else than the checkpoint's run",
-                          expected=f"what the checkpoint trained: {state['trains']}", found=trains,
-                          fix="resume with the --level (and objective) the run started with, or start again "
-                              "with --overwrite")
+        raise ConfigError(
+            "the resumed run trains something else than the checkpoint's run",
+            expected=f"what the checkpoint trained: {state['trains']}",
+            found=trains,
+            fix="resume with the --level (and objective) the run started with, or start again with --overwrite",
+        )
     return {k: v for k, v in changed.items() if k in APPLIED}
 
 
-def apply_changes(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, config: DistillConfig,
-                  step: int) -> None:
+def apply_changes(
+    opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, config: DistillConfig, step: int
+) -> None:
     """Put ``config``'s lr and weight decay into a just-loaded optimiser and scheduler, resuming at ``step``.
 
     ``LambdaLR.load_state_dict`` restores the saved base rates; the lambda is the new config's, so the schedule's

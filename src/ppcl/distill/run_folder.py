@@ -71,22 +71,31 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> bool:
             run (never deleted), or holds a run and neither ``resume`` nor ``overwrite`` is given.
     """
     if out.is_symlink():
-        raise ConfigError("the run folder is a symlink", expected="a new, empty or ppcl run folder",
-                          found=f"{out} -> {out.readlink()}", fix="pass the real folder as --out")
+        raise ConfigError(
+            "the run folder is a symlink",
+            expected="a new, empty or ppcl run folder",
+            found=f"{out} -> {out.readlink()}",
+            fix="pass the real folder as --out",
+        )
     if not (out.is_dir() and any(out.iterdir())):
         return False
     _refuse_symlinks(out)
     if not is_run_folder(out):
-        raise ConfigError("the output folder holds files that are not a ppcl run",
-                          expected="a new, empty or ppcl run folder", found=f"{out} is not empty",
-                          fix="choose another --out (ppcl does not delete what it did not create)")
+        raise ConfigError(
+            "the output folder holds files that are not a ppcl run",
+            expected="a new, empty or ppcl run folder",
+            found=f"{out} is not empty",
+            fix="choose another --out (ppcl does not delete what it did not create)",
+        )
     if resume:
         return False
     if not overwrite:
-        raise ConfigError("the output folder already holds a distillation run",
-                          expected="a new folder, --resume to continue it or --overwrite to start again",
-                          found=str(out), fix="pass --resume (resume=True) or --overwrite (overwrite=True), "
-                          "or choose another out_dir")
+        raise ConfigError(
+            "the output folder already holds a distillation run",
+            expected="a new folder, --resume to continue it or --overwrite to start again",
+            found=str(out),
+            fix="pass --resume (resume=True) or --overwrite (overwrite=True), or choose another out_dir",
+        )
     return True
 
 
@@ -94,13 +103,20 @@ def _refuse_symlinks(out: Path) -> None:
     """Refuse a run whose own entries (or what is inside its checkpoint / add-on) are symlinks: ppcl never makes
     them, and a run reads, appends to and replaces these paths, so it would read or rewrite whatever they point to."""
     entries = [out / name for name in RUN_ENTRIES]
-    entries += [p for name in (CHECKPOINT_DIR, ADDON_DIR) if (out / name).is_dir() and not (out / name).is_symlink()
-                for p in (out / name).iterdir()]
+    entries += [
+        p
+        for name in (CHECKPOINT_DIR, ADDON_DIR)
+        if (out / name).is_dir() and not (out / name).is_symlink()
+        for p in (out / name).iterdir()
+    ]
     linked = [p for p in entries if p.is_symlink()]
     if linked:
-        raise ConfigError("the run folder holds a symlink ppcl did not create", expected="plain files and folders "
-                          "written by ppcl", found=", ".join(f"{p} -> {p.readlink()}" for p in linked),
-                          fix="replace the symlink by the real file or folder, or choose another --out")
+        raise ConfigError(
+            "the run folder holds a symlink ppcl did not create",
+            expected="plain files and folders written by ppcl",
+            found=", ".join(f"{p} -> {p.readlink()}" for p in linked),
+            fix="replace the symlink by the real file or folder, or choose another --out",
+        )
 
 
 def claim_run_folder(out: Path, clear: bool) -> None:
@@ -142,11 +158,14 @@ def check_lock(out: Path) -> None:
     """
     holder = _holder(out)
     if holder is not None and _alive(holder):
-        raise ConfigError("another ppcl run is writing into this folder", expected="one run per output folder",
-                          found=f"{out / LOCK_FILE}: pid {holder.get('pid')} on host {holder.get('host')}, started "
-                                f"{holder.get('started')}",
-                          fix="wait for that run to end or choose another --out; if it ran on another machine and "
-                              f"is gone, remove {out / LOCK_FILE}")
+        raise ConfigError(
+            "another ppcl run is writing into this folder",
+            expected="one run per output folder",
+            found=f"{out / LOCK_FILE}: pid {holder.get('pid')} on host {holder.get('host')}, started "
+            f"{holder.get('started')}",
+            fix="wait for that run to end or choose another --out; if it ran on another machine and "
+            f"is gone, remove {out / LOCK_FILE}",
+        )
 
 
 def acquire_lock(out: Path) -> None:
@@ -218,21 +237,32 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """
     if (checkpoint / STATE_FILE).is_file():
         return _checked(load_state(checkpoint, STATE_NAME, "trainer state"), checkpoint / STATE_FILE)
-    log.warning("%s is in the pre-issue-14 format (torch.save); it is read once and the next checkpoint replaces it "
-                "with trainer_state.json + .safetensors. Support for reading it will be removed.",
-                checkpoint / LEGACY_STATE_FILE)
+    log.warning(
+        "%s is in the pre-issue-14 format (torch.save); it is read once and the next checkpoint replaces it "
+        "with trainer_state.json + .safetensors. Support for reading it will be removed.",
+        checkpoint / LEGACY_STATE_FILE,
+    )
     try:
         state = torch.load(checkpoint / LEGACY_STATE_FILE, weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ArtefactError("the legacy trainer state is unreadable", expected="a complete trainer_state.pt",
-                            found=f"{checkpoint / LEGACY_STATE_FILE}: {type(exc).__name__}: {exc}",
-                            fix="start the run again (--overwrite)") from exc
+        raise ArtefactError(
+            "the legacy trainer state is unreadable",
+            expected="a complete trainer_state.pt",
+            found=f"{checkpoint / LEGACY_STATE_FILE}: {type(exc).__name__}: {exc}",
+            fix="start the run again (--overwrite)",
+        ) from exc
     return _checked(state, checkpoint / LEGACY_STATE_FILE)
 
 
 STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "step": int, "data_index": int, "elapsed": (int, float), "config": dict, "optimizer": dict, "scheduler": dict,
-    "rng": dict}
+    "step": int,
+    "data_index": int,
+    "elapsed": (int, float),
+    "config": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": dict,
+}
 
 
 def _checked(state: Any, path: Path) -> dict[str, Any]:
@@ -240,15 +270,21 @@ def _checked(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         state, bad = {"step": 0, "data_index": 0}, ["the state itself"]
     else:
-        bad = [k for k, kind in STATE_FIELDS.items()
-               if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+        bad = [
+            k
+            for k, kind in STATE_FIELDS.items()
+            if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)
+        ]
     if not bad:
         opt = state["optimizer"]
         bad = [] if isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list) else ["optimizer"]
     if bad or state["step"] < 0 or state["data_index"] < 0:
-        raise ArtefactError("the trainer state is incomplete", expected=f"the fields {sorted(STATE_FIELDS)}",
-                            found=f"{path}: missing or malformed {bad or ['step / data_index']}",
-                            fix="start the run again (--overwrite); the checkpoint was edited or damaged")
+        raise ArtefactError(
+            "the trainer state is incomplete",
+            expected=f"the fields {sorted(STATE_FIELDS)}",
+            found=f"{path}: missing or malformed {bad or ['step / data_index']}",
+            fix="start the run again (--overwrite); the checkpoint was edited or damaged",
+        )
     return state
 
 
@@ -273,9 +309,12 @@ def metrics_rows(path: Path) -> list[dict[str, Any]]:
         elif i == len(lines) - 1:
             log.warning("dropping the cut-short last line of %s (a kill during its append): %r", path, line[:80])
         else:
-            raise ArtefactError("the metrics log is damaged", expected="one JSON row with a step per line",
-                                found=f"{path} line {i + 1}: {line[:80]!r}",
-                                fix="remove the damaged line, or start the run again (--overwrite)")
+            raise ArtefactError(
+                "the metrics log is damaged",
+                expected="one JSON row with a step per line",
+                found=f"{path} line {i + 1}: {line[:80]!r}",
+                fix="remove the damaged line, or start the run again (--overwrite)",
+            )
     return rows
 
 
@@ -305,6 +344,10 @@ def keep_metrics_rows(out: Path, last_step: int) -> None:
 def _metrics_write_error(path: Path, exc: OSError) -> ArtefactError:
     if exc.errno not in WRITE_ERRNOS:
         raise exc
-    return ArtefactError("cannot write the metrics log", expected="a writable run folder with free space",
-                         found=f"{path}: {exc.strerror or exc}", fix="free some space or fix the permissions, then "
-                         "--resume (the last checkpoint is intact; a cut-short last line is dropped)")
+    return ArtefactError(
+        "cannot write the metrics log",
+        expected="a writable run folder with free space",
+        found=f"{path}: {exc.strerror or exc}",
+        fix="free some space or fix the permissions, then "
+        "--resume (the last checkpoint is intact; a cut-short last line is dropped)",
+    )

@@ -72,7 +72,9 @@ class SessionShards:
         # FSDP2 warns when a unit returns a view (FLUX.1's single blocks split their output), since an in-place op on
         # it would skip the unit's backward hook. Here teacher outputs are only read under no_grad and student
         # outputs only by the loss, never modified in place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning
+        )
         self.model, self.device = model, device
         self.home = next(model.parameters()).device
         self.blocks: list[tuple[nn.ModuleList, int, nn.Module]] = []
@@ -125,8 +127,10 @@ class SessionShards:
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``optimizer.state_dict()`` with every sharded moment gathered (collective), as an unsharded run saves it."""
         state = optimizer.state_dict()
-        state["state"] = {index: {k: _full(v).cpu() if isinstance(v, Tensor) else v for k, v in entry.items()}
-                          for index, entry in state["state"].items()}
+        state["state"] = {
+            index: {k: _full(v).cpu() if isinstance(v, Tensor) else v for k, v in entry.items()}
+            for index, entry in state["state"].items()
+        }
         return state
 
     def sharded_optimizer_state(self, state: dict[str, Any], params: list[nn.Parameter]) -> dict[str, Any]:
@@ -135,8 +139,11 @@ class SessionShards:
         for index, entry in state["state"].items():
             param = params[int(index)]
             out["state"][index] = {
-                k: _shard_like(v, param) if isinstance(param, DTensor) and isinstance(v, Tensor)
-                and v.shape == param.shape else v for k, v in entry.items()}
+                k: _shard_like(v, param)
+                if isinstance(param, DTensor) and isinstance(v, Tensor) and v.shape == param.shape
+                else v
+                for k, v in entry.items()
+            }
         return out
 
     def close(self) -> None:

@@ -31,18 +31,37 @@ from accelerate import Accelerator
 from torch import nn
 
 from ppcl.addon import WEIGHTS_FILE, PruningAddon, student_key
-from ppcl.distill.checkpoint import (check_distributed, check_shardable, checkpoint_bytes,
-                                    make_accelerator, not_finite_anywhere, preflight, rng_state,
-                                    set_rng_state)
+from ppcl.distill.checkpoint import (
+    check_distributed,
+    check_shardable,
+    checkpoint_bytes,
+    make_accelerator,
+    not_finite_anywhere,
+    preflight,
+    rng_state,
+    set_rng_state,
+)
 from ppcl.distill.config import DistillConfig
 from ppcl.distill.data import DistillData
 from ppcl.distill.depth import DepthStep, depth_replacements, sequential_level
 from ppcl.distill.echo import TeacherEcho
 from ppcl.distill.precision import MasterWeights, autocast_dtype, base_dtype, precision_record
 from ppcl.distill.resume import apply_changes, resume_changes
-from ppcl.distill.run_folder import (ADDON_DIR, CHECKPOINT_DIR, EXTRA_FILE, METRICS_FILE, STATE_NAME,
-                                    append_metrics_row, check_lock, check_run_folder, claim_run_folder,
-                                    has_trainer_state, keep_metrics_rows, read_trainer_state, release_lock)
+from ppcl.distill.run_folder import (
+    ADDON_DIR,
+    CHECKPOINT_DIR,
+    EXTRA_FILE,
+    METRICS_FILE,
+    STATE_NAME,
+    append_metrics_row,
+    check_lock,
+    check_run_folder,
+    claim_run_folder,
+    has_trainer_state,
+    keep_metrics_rows,
+    read_trainer_state,
+    release_lock,
+)
 from ppcl.distill.sharding import SessionShards
 from ppcl.errors import ArtefactError, ConfigError, TrainingError
 from ppcl.faults import fault_point
@@ -56,10 +75,19 @@ if TYPE_CHECKING:
 
 log = get_logger("distill")
 
-def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
-                  out_dir: str | os.PathLike[str], resume: bool = False, level: str | None = None,
-                  stop_at: int | None = None, accelerator: Accelerator | None = None,
-                  overwrite: bool = False) -> PruningAddon:
+
+def distill_depth(
+    model: nn.Module,
+    addon: PruningAddon,
+    data: DistillData,
+    config: DistillConfig,
+    out_dir: str | os.PathLike[str],
+    resume: bool = False,
+    level: str | None = None,
+    stop_at: int | None = None,
+    accelerator: Accelerator | None = None,
+    overwrite: bool = False,
+) -> PruningAddon:
     """Train the add-on's depth students against the frozen teacher (the same ``model`` with the add-on off).
 
     Args:
@@ -86,26 +114,58 @@ def distill_depth(model: nn.Module, addon: PruningAddon, data: DistillData, conf
     reps = depth_replacements(addon.plan, level)
     run_level = sequential_level(addon.plan, reps, level) if config.mode == "sequential" else None
     keys = {rep.id for rep in reps}
-    with TrainingSession(model, addon, data, config, out_dir, resume, accelerator,
-                         shardable=config.mode == "nonsequential", overwrite=overwrite) as session:
+    with TrainingSession(
+        model,
+        addon,
+        data,
+        config,
+        out_dir,
+        resume,
+        accelerator,
+        shardable=config.mode == "nonsequential",
+        overwrite=overwrite,
+    ) as session:
         chain_mix = config.chain_mix if config.mode == "nonsequential" else 0.0
-        step_module = DepthStep(model, addon.students, reps, config.mode, run_level,
-                                config.gradient_checkpointing and config.mode == "nonsequential",
-                                config.early_stop_teacher, chain_mix, addon.plan)
+        step_module = DepthStep(
+            model,
+            addon.students,
+            reps,
+            config.mode,
+            run_level,
+            config.gradient_checkpointing and config.mode == "nonsequential",
+            config.early_stop_teacher,
+            chain_mix,
+            addon.plan,
+        )
         params = [p for rep in reps for p in addon.students[student_key(rep.id)].parameters()]
         addon.students.train()
         if config.mode == "sequential" and config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        stats = session.run(step_module, params, stop_at, "depth distillation", "spans",
-                            f"{len(reps)} span(s) {sorted(keys)} ({config.mode}"
-                            + (f", chain mix {chain_mix:g} over {len(step_module.chains)} chain(s))" if chain_mix
-                               else ")"))
+        stats = session.run(
+            step_module,
+            params,
+            stop_at,
+            "depth distillation",
+            "spans",
+            f"{len(reps)} span(s) {sorted(keys)} ({config.mode}"
+            + (f", chain mix {chain_mix:g} over {len(step_module.chains)} chain(s))" if chain_mix else ")"),
+        )
     if stats["end"] < config.steps:
         return addon
     addon.metrics["depth_loss"] = stats["final"]
-    session.finish("depth", stats, {"method": "PPCL stage 1.3", "mode": config.mode, "level": level,
-                                    "chain_mix": chain_mix, "chains": [[r.id for r in g] for g in step_module.chains],
-                                    "sequential_level": run_level, "spans": sorted(keys)})
+    session.finish(
+        "depth",
+        stats,
+        {
+            "method": "PPCL stage 1.3",
+            "mode": config.mode,
+            "level": level,
+            "chain_mix": chain_mix,
+            "chains": [[r.id for r in g] for g in step_module.chains],
+            "sequential_level": run_level,
+            "spans": sorted(keys),
+        },
+    )
     return addon
 
 
@@ -127,17 +187,29 @@ class TrainingSession:
     holds students in the base dtype while checkpoints keep the float32 masters (exact resume).
     """
 
-    def __init__(self, model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
-                 out_dir: str | os.PathLike[str], resume: bool, accelerator: Accelerator | None,
-                 extra: dict[str, nn.Parameter] | None = None, shardable: bool = False,
-                 overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        addon: PruningAddon,
+        data: DistillData,
+        config: DistillConfig,
+        out_dir: str | os.PathLike[str],
+        resume: bool,
+        accelerator: Accelerator | None,
+        extra: dict[str, nn.Parameter] | None = None,
+        shardable: bool = False,
+        overwrite: bool = False,
+    ) -> None:
         config.validate()
         if not callable(getattr(data, "batch", None)):
             raise ConfigError("the data source has no batch(step) method", expected="a DistillData", found=str(data))
         if getattr(data, "batch_size", None) not in (None, config.batch_size):
-            raise ConfigError("the data source and the config disagree on the batch size",
-                              expected=f"batch_size {config.batch_size} (config)", found=f"{data.batch_size} (data)",
-                              fix="build the data source with the config's batch size")
+            raise ConfigError(
+                "the data source and the config disagree on the batch size",
+                expected=f"batch_size {config.batch_size} (config)",
+                found=f"{data.batch_size} (data)",
+                fix="build the data source with the config's batch size",
+            )
         self.out = Path(out_dir)
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         check_distributed(self.accelerator)
@@ -154,7 +226,9 @@ class TrainingSession:
         self.model, self.addon, self.data, self.config, self.resume = model, addon, data, config, resume
         self.extra, self.stage, self.terms_key = dict(extra or {}), "distillation", "terms"
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
-            raise ConfigError("fp16 mixed precision needs a GPU", expected="bf16 or no on CPU", found="fp16", fix="use bf16")
+            raise ConfigError(
+                "fp16 mixed precision needs a GPU", expected="bf16 or no on CPU", found="fp16", fix="use bf16"
+            )
         # Read before anything is upcast (a full fine-tune trains base blocks): the dtype the base runs in.
         self.base_dtype = base_dtype(model, skip=ADDON_ATTR)
         self.mixed_precision = str(getattr(self.accelerator, "mixed_precision", config.mixed_precision))
@@ -186,8 +260,12 @@ class TrainingSession:
         model = self.model
         state = getattr(model, STATE_ATTR, None)
         if state is not None and state.addon.students is not self.addon.students:
-            raise ConfigError("another add-on is applied to the model", expected="the add-on being trained, or none",
-                              found="a different add-on under model.ppcl", fix="remove_addon(model) first")
+            raise ConfigError(
+                "another add-on is applied to the model",
+                expected="the add-on being trained, or none",
+                found="a different add-on under model.ppcl",
+                fix="remove_addon(model) first",
+            )
         if self.shard:
             return self._enter_sharded(state is not None)
         self.applied_here = state is None
@@ -243,8 +321,15 @@ class TrainingSession:
         else:
             set_level(model, self.level_before)
 
-    def run(self, step_module: nn.Module, params: list[nn.Parameter], stop_at: int | None, stage: str,
-            terms_key: str, what: str) -> dict[str, Any]:
+    def run(
+        self,
+        step_module: nn.Module,
+        params: list[nn.Parameter],
+        stop_at: int | None,
+        stage: str,
+        terms_key: str,
+        what: str,
+    ) -> dict[str, Any]:
         """Optimise ``params`` (AdamW + schedule) on the summed losses of ``step_module(**batch)``; returns
         ``{"final": {term: loss}, "end": last step, "elapsed", "seconds_per_step", "teacher_ratio"}``."""
         config, accelerator = self.config, self.accelerator
@@ -272,26 +357,43 @@ class TrainingSession:
             self.step_module, self.opt = step_module, opt
         start, elapsed, last = self._start(saved)
         end = config.steps if stop_at is None else min(stop_at, config.steps)
-        log.info("%s: %s, steps %d..%d of %d%s, %d trainable parameters", stage, what, start, end, config.steps,
-                 " (stopping early: resume with resume=True)" if end < config.steps else "",
-                 sum(p.numel() for p in params))
+        log.info(
+            "%s: %s, steps %d..%d of %d%s, %d trainable parameters",
+            stage,
+            what,
+            start,
+            end,
+            config.steps,
+            " (stopping early: resume with resume=True)" if end < config.steps else "",
+            sum(p.numel() for p in params),
+        )
         return {**self._loop(start, end, elapsed, last), "end": end}
 
     def finish(self, key: str, stats: dict[str, Any], fields: dict[str, Any]) -> None:
         """Record ``addon.provenance[key]`` (``fields`` + the common run fields), write ``out_dir/addon`` and log."""
         data, config = self.data, self.config
         self.addon.provenance[key] = {
-            **fields, "config": config.to_json(), "steps": config.steps,
+            **fields,
+            "config": config.to_json(),
+            "steps": config.steps,
             "data": data.describe() if hasattr(data, "describe") else {"source": type(data).__name__},
-            "seconds_per_step": stats["seconds_per_step"], "teacher_forward_ratio": stats["teacher_ratio"],
-            "mixed_precision": config.mixed_precision, "num_processes": self.accelerator.num_processes,
+            "seconds_per_step": stats["seconds_per_step"],
+            "teacher_forward_ratio": stats["teacher_ratio"],
+            "mixed_precision": config.mixed_precision,
+            "num_processes": self.accelerator.num_processes,
             "precision": precision_record(self.base_dtype, self.autocast_dtype, self.mixed_precision),
-            **({"resumed_with_changes": self.resume_changes} if self.resume_changes else {})}
+            **({"resumed_with_changes": self.resume_changes} if self.resume_changes else {}),
+        }
         if self.accelerator.is_main_process:
             self.addon.save_pretrained(self.out / ADDON_DIR, overwrite=True)  # atomic by itself; the run owns it
         self.accelerator.wait_for_everyone()
-        log.info("%s: done in %.1f s, final loss %.5f; add-on at %s", self.stage, stats["elapsed"],
-                 sum(stats["final"].values()), self.out / ADDON_DIR)
+        log.info(
+            "%s: done in %.1f s, final loss %.5f; add-on at %s",
+            self.stage,
+            stats["elapsed"],
+            sum(stats["final"].values()),
+            self.out / ADDON_DIR,
+        )
 
     def _loop(self, start: int, end: int, elapsed: float, last: dict[str, float]) -> dict[str, Any]:
         """Steps ``start..end``; ``last`` is the last step's losses so far (a checkpoint's, on resume)."""
@@ -312,8 +414,10 @@ class TrainingSession:
             for micro in range(accum):
                 # Data echoing: a new batch every `teacher_reuse` steps; the step module keeps its teacher pass.
                 index = ((step // reuse) * accum + micro) * procs + rank
-                batch = {k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                         for k, v in self.data.batch(index).items()}
+                batch = {
+                    k: (v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                    for k, v in self.data.batch(index).items()
+                }
                 # Step modules that draw per batch (a fine-tune's level) key their draws on the micro-batch index,
                 # the same on every process (all ranks train one level per step) and on resume; random tensors
                 # key on the data index, which differs between processes.
@@ -346,9 +450,12 @@ class TrainingSession:
             if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
                 self._save_checkpoint(step + 1, time.perf_counter() - t0, last)
         inner.echo.clear()  # the kept teacher tensors are not needed past the run
-        return {"final": last, "elapsed": time.perf_counter() - t0,
-                "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
-                "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
+        return {
+            "final": last,
+            "elapsed": time.perf_counter() - t0,
+            "seconds_per_step": round((time.perf_counter() - t_run) / max(1, end - start), 6),
+            "teacher_ratio": round(float(np.mean(ratios)), 4) if ratios else None,
+        }
 
     def _autocast(self) -> AbstractContextManager[Any]:
         """The autocast of one micro-batch: to a low-precision base's dtype, else accelerate's when sharded (FSDP2 is
@@ -382,9 +489,11 @@ class TrainingSession:
         then = f"resume from the last good checkpoint {kept}" if kept.exists() else "start again"
         raise TrainingError(
             f"{self.stage} {what} is not finite at step {step + 1} of {self.config.steps} for {self.terms_key} "
-            f"{', '.join(keys)}", expected=f"a finite {what}",
+            f"{', '.join(keys)}",
+            expected=f"a finite {what}",
             found=", ".join(f"{key}={v}" for key, v in zip(keys, values, strict=True)),
-            fix=f"lower the learning rate or use bf16 instead of fp16, then {then}")
+            fix=f"lower the learning rate or use bf16 instead of fp16, then {then}",
+        )
 
     def _refuse_not_finite_state(self, step: int) -> None:
         """Raise before a checkpoint of a non-finite state is written (every process, so none waits alone); the
@@ -394,10 +503,13 @@ class TrainingSession:
             return
         kept = self.out / CHECKPOINT_DIR
         then = f"resume (--resume --lr ...) from the last good checkpoint {kept}" if kept.exists() else "start again"
-        raise TrainingError(f"{self.stage}: the {' and '.join(bad)} are not finite after step {step} of "
-                            f"{self.config.steps} ({self.what}); the checkpoint of this step was not written",
-                            expected="finite weights, gradients and optimiser moments", found=", ".join(bad),
-                            fix=f"lower the learning rate or use bf16 instead of fp16, then {then}")
+        raise TrainingError(
+            f"{self.stage}: the {' and '.join(bad)} are not finite after step {step} of "
+            f"{self.config.steps} ({self.what}); the checkpoint of this step was not written",
+            expected="finite weights, gradients and optimiser moments",
+            found=", ".join(bad),
+            fix=f"lower the learning rate or use bf16 instead of fp16, then {then}",
+        )
 
     def _log_row(self, step: int, window: dict[str, list[float]], lr: float, seconds: float) -> None:
         if not self.accelerator.is_main_process:
@@ -415,10 +527,17 @@ class TrainingSession:
             optimizer = self.shards.full_optimizer_state(self.opt)
         if self.accelerator.is_main_process:
             # data_index: the next micro-batch to draw (batches are a function of it, so nothing else is needed).
-            state = {"step": step, "data_index": step // self.config.teacher_reuse * self.config.gradient_accumulation,
-                     "elapsed": elapsed, "trains": self.what, "last_losses": last,
-                     "config": self.config.to_json(), "optimizer": self.opt.state_dict() if optimizer is None else optimizer,
-                     "scheduler": self.sched.state_dict(), "rng": rng_state()}
+            state = {
+                "step": step,
+                "data_index": step // self.config.teacher_reuse * self.config.gradient_accumulation,
+                "elapsed": elapsed,
+                "trains": self.what,
+                "last_losses": last,
+                "config": self.config.to_json(),
+                "optimizer": self.opt.state_dict() if optimizer is None else optimizer,
+                "scheduler": self.sched.state_dict(),
+                "rng": rng_state(),
+            }
             self.addon.provenance["checkpoint"] = {"step": step}
             with atomic_folder(self.out / CHECKPOINT_DIR, CHECKPOINT, overwrite=True) as tmp:
                 self.addon.save_pretrained(tmp)  # first: it may replace the folder it is given
@@ -442,9 +561,12 @@ class TrainingSession:
             for key, p in self.extra.items():
                 p.data.copy_(saved[key])
         except (RuntimeError, KeyError) as exc:
-            raise ArtefactError("the checkpoint holds another run's weights", expected="the weights of this run's "
-                                "plan", found=str(exc).splitlines()[0],
-                                fix="resume with the plan (and settings) the run started with") from exc
+            raise ArtefactError(
+                "the checkpoint holds another run's weights",
+                expected="the weights of this run's plan",
+                found=str(exc).splitlines()[0],
+                fix="resume with the plan (and settings) the run started with",
+            ) from exc
         return state
 
     def _start(self, state: dict[str, Any] | None) -> tuple[int, float, dict[str, float]]:
@@ -465,14 +587,19 @@ class TrainingSession:
         self.sched.load_state_dict(state["scheduler"])
         if self.resume_changes:
             apply_changes(self.opt, self.sched, config, int(state["step"]))
-            log.warning("%s: resuming with changed settings %s (applied from step %d; recorded in the add-on's "
-                        "provenance)", stage, self.resume_changes, state["step"])
+            log.warning(
+                "%s: resuming with changed settings %s (applied from step %d; recorded in the add-on's provenance)",
+                stage,
+                self.resume_changes,
+                state["step"],
+            )
         set_rng_state(state["rng"])
         if self.accelerator.is_main_process:  # drop the rows logged after the checkpoint: they are logged again
             keep_metrics_rows(out, int(state["step"]))
         log.info("%s: resuming from %s at step %d", stage, folder, state["step"])
         # The last step's losses: the add-on's metrics when the checkpoint is the run's last step (no step left).
         raw = state.get("last_losses")
-        last = ({str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict)
-                else {})
+        last = (
+            {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
+        )
         return int(state["step"]), float(state["elapsed"]), last

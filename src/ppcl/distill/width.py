@@ -25,9 +25,9 @@ each projection's output against the teacher tensor at the same point.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -52,12 +52,21 @@ from ppcl.runtime.width import parts_for, projection_keys
 
 log = get_logger("distill")
 LinearLoss = Literal["mse", "relative"]
-__all__ = ["Capture", "LinearLoss", "Position", "TeacherCapture", "WidthStep", "distill_width",
-           "init_width_projections", "width_positions"]
+__all__ = [
+    "Capture",
+    "LinearLoss",
+    "Position",
+    "TeacherCapture",
+    "WidthStep",
+    "distill_width",
+    "init_width_projections",
+    "width_positions",
+]
 
 
-def init_width_projections(model: nn.Module, addon: PruningAddon, level: str, batches: Iterable[dict[str, Any]],
-                           ridge: float = 1e-4) -> dict[str, float]:
+def init_width_projections(
+    model: nn.Module, addon: PruningAddon, level: str, batches: Iterable[dict[str, Any]], ridge: float = 1e-4
+) -> dict[str, float]:
     """Least-squares initialisation of every projection of ``level`` from all of ``batches`` (in place).
 
     Each projection's ``(input, target)`` token pairs (see the module docstring) are accumulated in float64 over every
@@ -79,12 +88,21 @@ def init_width_projections(model: nn.Module, addon: PruningAddon, level: str, ba
             acc.update(x, y, None if mask is None else mask != 0)
         n_batches += 1
     if not n_batches:
-        raise ConfigError("no calibration batch for the least-squares initialisation", expected=">= 1 batch",
-                          found="0", fix="pass a non-empty calibration set")
+        raise ConfigError(
+            "no calibration batch for the least-squares initialisation",
+            expected=">= 1 batch",
+            found="0",
+            fix="pass a non-empty calibration set",
+        )
     errors = {key: addon.students[key].fit_from(acc, ridge) for key, acc in sorted(accs.items())}
-    log.info("width init: %d projection(s) of level %r from %d batch(es), %d tokens max; relative errors %s",
-             len(errors), level, n_batches, max((a.n_tokens for a in accs.values()), default=0),
-             {k: round(v, 5) for k, v in errors.items()})
+    log.info(
+        "width init: %d projection(s) of level %r from %d batch(es), %d tokens max; relative errors %s",
+        len(errors),
+        level,
+        n_batches,
+        max((a.n_tokens for a in accs.values()), default=0),
+        {k: round(v, 5) for k, v in errors.items()},
+    )
     return errors
 
 
@@ -113,8 +131,16 @@ class WidthStep(nn.Module):
         early_stop: end the teacher pass after the last block needed.
     """
 
-    def __init__(self, model: nn.Module, addon: PruningAddon, level: str, train_students: bool = False,
-                 linear_weight: float = 1.0, linear_loss: LinearLoss = "mse", early_stop: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        addon: PruningAddon,
+        level: str,
+        train_students: bool = False,
+        linear_weight: float = 1.0,
+        linear_loss: LinearLoss = "mse",
+        early_stop: bool = True,
+    ) -> None:
         super().__init__()
         if linear_loss not in ("mse", "relative"):
             raise ConfigError("unknown linear loss", expected="'mse' or 'relative'", found=repr(linear_loss))
@@ -158,7 +184,9 @@ class WidthStep(nn.Module):
         if pos.mode.text in ("pruned", "last"):
             assert pos.run is not None and ctx is not None
             # The pruned model hands block j the anchor's text output (passed through) and the anchor's z_a.
-            bound[dict(spec.stack_of(model, i).stream_inputs)["text"]] = self.capture.output(cap, pos.run.anchor, "text")
+            bound[dict(spec.stack_of(model, i).stream_inputs)["text"]] = self.capture.output(
+                cap, pos.run.anchor, "text"
+            )
             ctx.z = cap.z[pos.run.anchor]
         parts = parts_for(self.students, self.plan, self.reps, i, pos.mode)
         outputs: dict[str, Tensor] = {}  # filled by the projections this position calls
@@ -185,12 +213,26 @@ def _keep(store: dict[str, Tensor], key: str) -> Any:
     return hook
 
 
-def distill_width(model: nn.Module, addon: PruningAddon, data: DistillData, config: DistillConfig,
-                  out_dir: str | os.PathLike[str], level: str,
-                  calibration: CalibrationSet | Iterable[dict[str, Any]] | None = None, resume: bool = False,
-                  stop_at: int | None = None, accelerator: Accelerator | None = None, *, init: bool = True,
-                  init_batches: int = 8, ridge: float = 1e-4, train_students: bool = False,
-                  linear_weight: float = 1.0, linear_loss: LinearLoss = "mse", overwrite: bool = False) -> PruningAddon:
+def distill_width(
+    model: nn.Module,
+    addon: PruningAddon,
+    data: DistillData,
+    config: DistillConfig,
+    out_dir: str | os.PathLike[str],
+    level: str,
+    calibration: CalibrationSet | Iterable[dict[str, Any]] | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    accelerator: Accelerator | None = None,
+    *,
+    init: bool = True,
+    init_batches: int = 8,
+    ridge: float = 1e-4,
+    train_students: bool = False,
+    linear_weight: float = 1.0,
+    linear_loss: LinearLoss = "mse",
+    overwrite: bool = False,
+) -> PruningAddon:
     """Least-squares initialise, then train, the projections of ``level`` against the frozen teacher.
 
     Args:
@@ -215,23 +257,42 @@ def distill_width(model: nn.Module, addon: PruningAddon, data: DistillData, conf
         if init and not resuming:
             batches: Iterable[dict[str, Any]] = (
                 calibration.batches(config.batch_size, device=session.accelerator.device)
-                if isinstance(calibration, CalibrationSet) else calibration if calibration is not None
-                else (data.batch(i) for i in range(init_batches)))
+                if isinstance(calibration, CalibrationSet)
+                else calibration
+                if calibration is not None
+                else (data.batch(i) for i in range(init_batches))
+            )
             errors = init_width_projections(model, addon, level, batches, ridge)
         step = WidthStep(model, addon, level, train_students, linear_weight, linear_loss, config.early_stop_teacher)
         params = list(step.trained.parameters())
-        what = (f"level {level!r}, {sum(p.trained for p in positions)} modified block(s), "
-                f"{len(step.trained)} trained module(s)")
+        what = (
+            f"level {level!r}, {sum(p.trained for p in positions)} modified block(s), "
+            f"{len(step.trained)} trained module(s)"
+        )
         stats = session.run(step, params, stop_at, "width distillation", "terms", what)
     if errors is not None:
         addon.metrics["width_init_rel_error"] = errors
     if stats["end"] < config.steps:
         return addon
-    source = (calibration.content_hash if isinstance(calibration, CalibrationSet) else
-              f"first {init_batches} data batches" if calibration is None else "caller's batches")
+    source = (
+        calibration.content_hash
+        if isinstance(calibration, CalibrationSet)
+        else f"first {init_batches} data batches"
+        if calibration is None
+        else "caller's batches"
+    )
     addon.metrics["width_loss"] = stats["final"]
-    session.finish("width", stats, {
-        "method": "PPCL stage 2", "level": level, "trained": sorted(step.trained.keys()),
-        "init": None if errors is None else {"ridge": ridge, "rel_error": errors, "source": source},
-        "train_students": train_students, "linear_weight": linear_weight, "linear_loss": linear_loss})
+    session.finish(
+        "width",
+        stats,
+        {
+            "method": "PPCL stage 2",
+            "level": level,
+            "trained": sorted(step.trained.keys()),
+            "init": None if errors is None else {"ridge": ridge, "rel_error": errors, "source": source},
+            "train_students": train_students,
+            "linear_weight": linear_weight,
+            "linear_loss": linear_loss,
+        },
+    )
     return addon

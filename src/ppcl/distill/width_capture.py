@@ -19,14 +19,15 @@ from ppcl.arch import get_spec
 from ppcl.data.recorder import ActivationRecorder, BlockCall
 from ppcl.distill.depth import _raise_done, _TeacherDone, _text_mask
 from ppcl.errors import ConfigError
-from ppcl.modules.width import WidthMode
 from ppcl.kinds import kind_of
+from ppcl.modules.width import WidthMode
 from ppcl.plan import PruningPlan
 from ppcl.runtime import STATE_ATTR, disabled
 from ppcl.runtime.width import level_modes
 
 if TYPE_CHECKING:
     from ppcl.plan import TextRun
+
 
 @dataclass(frozen=True)
 class Position:
@@ -68,15 +69,26 @@ def width_positions(plan: PruningPlan, level: str) -> list[Position]:
     """
     reps = plan.replacements_of(level)
     if not any(kind_of(r).is_width for r in reps):
-        raise ConfigError(f"level {level!r} has nothing to width-distill", expected="a text run or an FFN block",
-                          found=str([r.id for r in reps]), fix="pick a level with width replacements")
+        raise ConfigError(
+            f"level {level!r} has nothing to width-distill",
+            expected="a text run or an FFN block",
+            found=str([r.id for r in reps]),
+            fix="pick a level with width replacements",
+        )
     spans = {r.span.start: r for r in reps if kind_of(r).owns_student}
     runs = {i: r for r in reps if kind_of(r).name == "text_run" for i in (r.anchor, *r.pruned_blocks())}
     out = []
     for i, mode in level_modes(plan, reps).items():
         span = spans.get(i)
-        out.append(Position(i, mode, None if span is None else student_key(span.id),
-                            i if span is None else span.span.stop - 1, runs.get(i)))
+        out.append(
+            Position(
+                i,
+                mode,
+                None if span is None else student_key(span.id),
+                i if span is None else span.span.stop - 1,
+                runs.get(i),
+            )
+        )
     return out
 
 
@@ -95,8 +107,9 @@ class TeacherCapture:
     ``early_stop``: end the teacher pass after the last block needed.
     """
 
-    def __init__(self, model: nn.Module, students: nn.ModuleDict, positions: list[Position],
-                 early_stop: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, students: nn.ModuleDict, positions: list[Position], early_stop: bool = True
+    ) -> None:
         self.model, self.spec, self.students, self.positions = model, get_spec(model), students, positions
         self.early_stop = early_stop
         anchors = {p.run.anchor for p in positions if p.run is not None}
@@ -130,8 +143,10 @@ class TeacherCapture:
         handles = [h for i in teacher_hooked for h in self._hooks(spec.block(model, i), i, cap)]
         applied = getattr(model, STATE_ATTR, None) is not None
         try:
-            with disabled(model) if applied else nullcontext(), ActivationRecorder(model, self.needed,
-                                                                                    spec=spec) as rec:
+            with (
+                disabled(model) if applied else nullcontext(),
+                ActivationRecorder(model, self.needed, spec=spec) as rec,
+            ):
                 if self.early_stop:
                     # Registered after the recorder's hooks, so the last block's output is recorded before we stop.
                     handles.append(spec.block(model, self.needed[-1]).register_forward_hook(_raise_done))
@@ -144,9 +159,12 @@ class TeacherCapture:
                 handle.remove()
         for i in self.needed:
             if len(rec[i]) != 1:
-                raise ConfigError(f"block {i} ran {len(rec[i])} times in one teacher forward",
-                                  expected="each block called once per forward", found=f"{len(rec[i])} calls",
-                                  fix="distill the bare transformer, not a wrapper that loops over its blocks")
+                raise ConfigError(
+                    f"block {i} ran {len(rec[i])} times in one teacher forward",
+                    expected="each block called once per forward",
+                    found=f"{len(rec[i])} calls",
+                    fix="distill the bare transformer, not a wrapper that loops over its blocks",
+                )
             cap.calls[i] = rec[i][0]
         for i in [i for i in sorted(set(self.z_at) | set(self.by_index)) if not self._on_teacher(i)]:
             handles = self._hooks(self.occupant(i), i, cap)  # a depth student: run it (stock) on the teacher's input
@@ -157,9 +175,12 @@ class TeacherCapture:
                     handle.remove()
         missing = [i for i in self.z_at if i not in cap.z]
         if missing:
-            raise ConfigError("the text key projection was never called", expected="attn.add_k_proj to run on the "
-                              "modulated text features", found=f"no call at blocks {missing}",
-                              fix="unfuse fused QKV projections (transformer.unfuse_qkv_projections())")
+            raise ConfigError(
+                "the text key projection was never called",
+                expected="attn.add_k_proj to run on the modulated text features",
+                found=f"no call at blocks {missing}",
+                fix="unfuse fused QKV projections (transformer.unfuse_qkv_projections())",
+            )
         return cap
 
     def _on_teacher(self, i: int) -> bool:
@@ -171,8 +192,9 @@ class TeacherCapture:
         last = self.by_index[i].last if i in self.by_index else i
         return self.spec.split_outputs(self.model, last, cap.calls[last].output).get(stream)
 
-    def pairs(self, cap: Capture, plan: PruningPlan, level: str) -> Iterator[tuple[str, Tensor, Tensor | None,
-                                                                                   Tensor | None]]:
+    def pairs(
+        self, cap: Capture, plan: PruningPlan, level: str
+    ) -> Iterator[tuple[str, Tensor, Tensor | None, Tensor | None]]:
         """``(projection key, input, teacher target, text mask or None)`` for every projection of the level."""
         view = _CaptureView(self, cap)
         for rep in plan.replacements_of(level):

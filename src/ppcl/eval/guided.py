@@ -46,17 +46,21 @@ def uncond_twin(batch: dict[str, Any], empty_embeds: torch.Tensor, empty_mask: t
     """
     b = batch["hidden_states"].shape[0]
     if empty_embeds.dim() != 3 or empty_embeds.shape[0] != 1 or empty_mask.shape != empty_embeds.shape[:2]:
-        raise ConfigError("the empty prompt's embedding has the wrong shape", expected="embeds (1, T, D) and mask "
-                          "(1, T)", found=f"{tuple(empty_embeds.shape)} and {tuple(empty_mask.shape)}",
-                          fix="encode [\"\"] once with the pipeline's text encoder and pass its outputs")
+        raise ConfigError(
+            "the empty prompt's embedding has the wrong shape",
+            expected="embeds (1, T, D) and mask (1, T)",
+            found=f"{tuple(empty_embeds.shape)} and {tuple(empty_mask.shape)}",
+            fix='encode [""] once with the pipeline\'s text encoder and pass its outputs',
+        )
     twin = dict(batch)
     twin["encoder_hidden_states"] = empty_embeds.expand(b, -1, -1)
     twin["encoder_hidden_states_mask"] = empty_mask.expand(b, -1)
     return twin
 
 
-def toy_pair(teacher: Any, batch_size: int, seed: int, index: int,
-             buckets: Sequence[tuple[float, float]] = T_BUCKETS) -> Pair:
+def toy_pair(
+    teacher: Any, batch_size: int, seed: int, index: int, buckets: Sequence[tuple[float, float]] = T_BUCKETS
+) -> Pair:
     """Pair ``index`` of :func:`paired_toy_batches`: ShapesWorld scenes with their captions (no caption dropout),
     ``x_t = (1 − t)·x0 + t·ε`` at times stratified over ``buckets``, and the unconditional twin."""
     from ppcl.toy.teacher import img_shapes, patchify
@@ -70,14 +74,24 @@ def toy_pair(teacher: Any, batch_size: int, seed: int, index: int,
     noise = torch.randn(x0.shape, generator=gen)
     tt = t[:, None, None]
     emb, mask = teacher.encode_prompts(captions)
-    cond = {"hidden_states": (1 - tt) * x0 + tt * noise, "encoder_hidden_states": emb.cpu(),
-            "encoder_hidden_states_mask": mask.cpu(), "timestep": t, "img_shapes": img_shapes(batch_size)}
+    cond = {
+        "hidden_states": (1 - tt) * x0 + tt * noise,
+        "encoder_hidden_states": emb.cpu(),
+        "encoder_hidden_states_mask": mask.cpu(),
+        "timestep": t,
+        "img_shapes": img_shapes(batch_size),
+    }
     empty_emb, empty_mask = teacher.encode_prompts([""])
     return cond, uncond_twin(cond, empty_emb.cpu(), empty_mask.cpu())
 
 
-def paired_toy_batches(teacher: Any, n_batches: int = 4, batch_size: int = 32, seed: int = PAIRED_SEED,
-                       buckets: Sequence[tuple[float, float]] = T_BUCKETS) -> list[Pair]:
+def paired_toy_batches(
+    teacher: Any,
+    n_batches: int = 4,
+    batch_size: int = 32,
+    seed: int = PAIRED_SEED,
+    buckets: Sequence[tuple[float, float]] = T_BUCKETS,
+) -> list[Pair]:
     """``n_batches`` captioned toy batches and their unconditional twins (a pure function of the arguments).
 
     Every batch has ``batch_size // len(buckets)`` (or one more) samples in every time bucket, so the x0-prediction
@@ -105,8 +119,7 @@ def predict_pairs(model: nn.Module, pairs: Sequence[Pair]) -> tuple[torch.Tensor
 
 def pair_inputs(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     """``x_t`` ``(ΣB, N, C)`` and ``t`` ``(ΣB,)`` of every pair (shared by both halves)."""
-    return (torch.cat([c["hidden_states"] for c, _ in pairs]),
-            torch.cat([c["timestep"].reshape(-1) for c, _ in pairs]))
+    return (torch.cat([c["hidden_states"] for c, _ in pairs]), torch.cat([c["timestep"].reshape(-1) for c, _ in pairs]))
 
 
 def guided_row(
@@ -130,8 +143,15 @@ def guided_row(
 
 def teacher_guided_row(x0_labels: Sequence[str]) -> dict[str, Any]:
     """The teacher's own row: zero NMSE, cosine 1 (exact, not measured against itself)."""
-    return {"guided_nmse": 0.0, "guided_cosine": 1.0, "direction_nmse": 0.0, "direction_cosine": 1.0,
-            "cond_nmse": 0.0, "uncond_nmse": 0.0, "x0_nmse": dict.fromkeys(x0_labels, 0.0)}
+    return {
+        "guided_nmse": 0.0,
+        "guided_cosine": 1.0,
+        "direction_nmse": 0.0,
+        "direction_cosine": 1.0,
+        "cond_nmse": 0.0,
+        "uncond_nmse": 0.0,
+        "x0_nmse": dict.fromkeys(x0_labels, 0.0),
+    }
 
 
 def psnr_prompts(per_category: int) -> list[str]:
@@ -141,21 +161,29 @@ def psnr_prompts(per_category: int) -> list[str]:
     return [p.text for p in benchmark_prompts(per_category)]
 
 
-def psnr_images(teacher: Any, transformer: nn.Module, prompts: Sequence[str], seeds: Sequence[int] = PSNR_SEEDS,
-                guidance: float = 4.0) -> np.ndarray:
+def psnr_images(
+    teacher: Any,
+    transformer: nn.Module,
+    prompts: Sequence[str],
+    seeds: Sequence[int] = PSNR_SEEDS,
+    guidance: float = 4.0,
+) -> np.ndarray:
     """uint8 images ``(len(seeds) * len(prompts), 32, 32, 3)`` of ``transformer`` (at its active level) with the toy
     sampler's defaults and ``guidance``; the noise depends only on (seed, prompt index), so models compare pixelwise."""
     from ppcl.toy.sampler import SamplerConfig, sample
 
     rows = [p for _ in seeds for p in prompts]
     noise = [s * 100_000 + i for s in seeds for i in range(len(prompts))]
-    return sample(teacher, rows, noise, SamplerConfig(guidance=guidance), transformer=transformer,
-                  show_progress=False)
+    return sample(teacher, rows, noise, SamplerConfig(guidance=guidance), transformer=transformer, show_progress=False)
 
 
 def image_psnr(images: np.ndarray, reference: np.ndarray) -> float:
     """Mean PSNR (dB) of uint8 ``images`` ``(M, H, W, 3)`` to the teacher's ``reference`` at equal seeds."""
     if images.shape != reference.shape:
-        raise ConfigError("PSNR needs one image per teacher image", expected=f"images {reference.shape}",
-                          found=str(images.shape), fix="sample both with the same prompts and seeds")
+        raise ConfigError(
+            "PSNR needs one image per teacher image",
+            expected=f"images {reference.shape}",
+            found=str(images.shape),
+            fix="sample both with the same prompts and seeds",
+        )
     return round(psnr(images, reference), 3)

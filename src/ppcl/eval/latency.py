@@ -37,7 +37,7 @@ def interleaved_latency(
                 variants[name]()
         for r in range(repeats):
             # Rotate the order so no variant always runs right after the same one.
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 _sync(device)
                 t0 = time.perf_counter()
@@ -47,8 +47,11 @@ def interleaved_latency(
     out = {}
     for name, values in times.items():
         arr = np.array(values)
-        out[name] = {"median_ms": float(np.median(arr)), "min_ms": float(arr.min()),
-                     "iqr_ms": float(np.percentile(arr, 75) - np.percentile(arr, 25))}
+        out[name] = {
+            "median_ms": float(np.median(arr)),
+            "min_ms": float(arr.min()),
+            "iqr_ms": float(np.percentile(arr, 75) - np.percentile(arr, 25)),
+        }
     return out
 
 

@@ -17,7 +17,6 @@ from torch import nn
 
 from ppcl.addon import PruningAddon
 from ppcl.eval.flops import forward_flops
-from ppcl.eval.latency import interleaved_latency, ratios
 from ppcl.eval.guided import (
     PSNR_SEEDS,
     Pair,
@@ -30,6 +29,7 @@ from ppcl.eval.guided import (
     psnr_prompts,
     teacher_guided_row,
 )
+from ppcl.eval.latency import interleaved_latency, ratios
 from ppcl.eval.metrics import T_BUCKETS, TASKS, bucket_label, check_buckets, relative_drop, velocity_agreement
 from ppcl.logging import get_logger
 from ppcl.runtime import STATE_ATTR, active_level, apply_addon, remove_addon, set_level
@@ -123,8 +123,9 @@ def evaluate_levels(
         for name, ratio in ratios(timing, TEACHER).items():
             rows[name].update(latency_ms=round(timing[name]["median_ms"], 3), latency_ratio=round(ratio, 4))
         if toy is not None:
-            images = _shapes_eval(model, toy, [None, *levels], rows, _with_sampler(shapes_eval, guidance),
-                                  teacher_scores)
+            images = _shapes_eval(
+                model, toy, [None, *levels], rows, _with_sampler(shapes_eval, guidance), teacher_scores
+            )
             if psnr_per_category > 0 and TEACHER in images:
                 _psnr_from(images, rows)
             elif psnr_per_category > 0:
@@ -137,8 +138,14 @@ def evaluate_levels(
     return rows
 
 
-def _guided(model: nn.Module, levels: list[str], rows: dict, paired: Sequence[Pair], guidance: float,
-            buckets: Sequence[tuple[float, float]]) -> None:
+def _guided(
+    model: nn.Module,
+    levels: list[str],
+    rows: dict,
+    paired: Sequence[Pair],
+    guidance: float,
+    buckets: Sequence[tuple[float, float]],
+) -> None:
     """Guided agreement of every level with the teacher on the same pairs (teacher predicted once)."""
     set_level(model, None)
     teacher = predict_pairs(model, paired)
@@ -149,8 +156,9 @@ def _guided(model: nn.Module, levels: list[str], rows: dict, paired: Sequence[Pa
         rows[lv].update(guided_row(predict_pairs(model, paired), teacher, x_t, t, guidance, buckets))
 
 
-def _psnr(model: nn.Module, toy: Any, levels: list[str], rows: dict, prompts: list[str], seeds: Sequence[int],
-          guidance: float) -> None:
+def _psnr(
+    model: nn.Module, toy: Any, levels: list[str], rows: dict, prompts: list[str], seeds: Sequence[int], guidance: float
+) -> None:
     """Image PSNR of every level to the teacher's images at equal prompts and noise seeds."""
     set_level(model, None)
     log.info("eval: PSNR images (%d prompts x %d seeds per level)", len(prompts), len(seeds))
@@ -178,19 +186,29 @@ def _psnr_from(images: dict[str, np.ndarray], rows: dict) -> None:
 
 def _static_row(model: nn.Module, addon: PruningAddon, level: str | None) -> dict[str, Any]:
     count = addon.plan.param_count(model.config, level)
-    return {"params": count.after, "blocks": count.blocks_after,
-            "block_params_removed": round(count.block_fraction_removed, 4)}
+    return {
+        "params": count.after,
+        "blocks": count.blocks_after,
+        "block_params_removed": round(count.block_fraction_removed, 4),
+    }
 
 
 def _timed(model: nn.Module, level: str | None, batch: dict[str, Any]):
     def run() -> None:
         set_level(model, level)
         model(**batch, return_dict=False)
+
     return run
 
 
-def _shapes_eval(model: nn.Module, toy: Any, levels: list[str | None], rows: dict, kwargs: dict[str, Any],
-                 teacher_scores: dict[str, Any] | None) -> dict[str, np.ndarray]:
+def _shapes_eval(
+    model: nn.Module,
+    toy: Any,
+    levels: list[str | None],
+    rows: dict,
+    kwargs: dict[str, Any],
+    teacher_scores: dict[str, Any] | None,
+) -> dict[str, np.ndarray]:
     """ShapesEval and R of every level (the teacher re-sampled unless ``teacher_scores``); returns the sampled
     images ``(M, 32, 32, 3)`` by row name."""
     from ppcl.toy.benchmark import sample_benchmark, score_images
@@ -225,8 +243,16 @@ def level_columns(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list
     """Header and formatted cells of the per-level table; the guided, PSNR and ShapesEval columns appear when any
     row has them."""
     has = {key: any(key in r for r in rows.values()) for key in ("guided_nmse", "psnr_db", "shapes_eval")}
-    header = ["level", "blocks", "params", "block params removed", "FLOPs ratio", "latency ratio",
-              "velocity cosine", "velocity NMSE"]
+    header = [
+        "level",
+        "blocks",
+        "params",
+        "block params removed",
+        "FLOPs ratio",
+        "latency ratio",
+        "velocity cosine",
+        "velocity NMSE",
+    ]
     if has["guided_nmse"]:
         header += ["guided NMSE", "direction NMSE", "direction cosine"]
     if has["psnr_db"]:
@@ -235,17 +261,28 @@ def level_columns(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list
         header += ["ShapesEval overall", "strict overall", "single", "two objects", "position", "color", "R"]
     cells = []
     for name, r in rows.items():
-        line = [name, str(r["blocks"]), f"{r['params'] / 1e6:.2f}M", f"{r['block_params_removed']:.1%}",
-                f"{r['flops_ratio']:.3f}", _cell(r.get("latency_ratio"), ".3f"), f"{r['cosine']:.4f}",
-                f"{r['nmse']:.4f}"]
+        line = [
+            name,
+            str(r["blocks"]),
+            f"{r['params'] / 1e6:.2f}M",
+            f"{r['block_params_removed']:.1%}",
+            f"{r['flops_ratio']:.3f}",
+            _cell(r.get("latency_ratio"), ".3f"),
+            f"{r['cosine']:.4f}",
+            f"{r['nmse']:.4f}",
+        ]
         if has["guided_nmse"]:
             line += [_cell(r.get(k), ".4f") for k in ("guided_nmse", "direction_nmse", "direction_cosine")]
         if has["psnr_db"]:
             line += [_cell(r.get("psnr_db"), ".2f")]
         if has["shapes_eval"]:
             s = r.get("shapes_eval") or {}
-            line += [_cell(s.get("overall"), ".3f"), _cell(strict_overall(s), ".3f"),
-                     *(_cell(s.get(k), ".3f") for k in TASKS), _cell(r.get("R"), ".2%")]
+            line += [
+                _cell(s.get("overall"), ".3f"),
+                _cell(strict_overall(s), ".3f"),
+                *(_cell(s.get(k), ".3f") for k in TASKS),
+                _cell(r.get("R"), ".2%"),
+            ]
         cells.append(line)
     return header, cells
 
@@ -256,8 +293,7 @@ def x0_columns(rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[st
     if not labels:
         return [], []
     header = ["level", *(f"t in {label}" for label in labels)]
-    cells = [[name, *(_cell(r["x0_nmse"].get(k), ".4f") for k in labels)] for name, r in rows.items()
-             if "x0_nmse" in r]
+    cells = [[name, *(_cell(r["x0_nmse"].get(k), ".4f") for k in labels)] for name, r in rows.items() if "x0_nmse" in r]
     return header, cells
 
 

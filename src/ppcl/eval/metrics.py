@@ -32,8 +32,7 @@ def psnr(images: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
 
 
-def relative_drop(scores: Mapping[str, float], teacher: Mapping[str, float],
-                  tasks: Sequence[str] = TASKS) -> float:
+def relative_drop(scores: Mapping[str, float], teacher: Mapping[str, float], tasks: Sequence[str] = TASKS) -> float:
     """R: the mean relative drop of the task scores, ``mean_k (teacher_k − scores_k) / teacher_k`` (paper's R).
 
     Tasks where the teacher scores 0 are skipped (a relative drop is undefined there). Negative R = better than the
@@ -91,18 +90,26 @@ def guided_agreement(
     g_s = guided_velocity(student_cond, student_uncond, guidance)
     g_t = guided_velocity(teacher_cond, teacher_uncond, guidance)
     d_s, d_t = student_cond - student_uncond, teacher_cond - teacher_uncond
-    return {"guided_nmse": nmse(g_s, g_t), "guided_cosine": mean_cosine(g_s, g_t),
-            "direction_nmse": nmse(d_s, d_t), "direction_cosine": mean_cosine(d_s, d_t),
-            "cond_nmse": nmse(student_cond, teacher_cond), "uncond_nmse": nmse(student_uncond, teacher_uncond)}
+    return {
+        "guided_nmse": nmse(g_s, g_t),
+        "guided_cosine": mean_cosine(g_s, g_t),
+        "direction_nmse": nmse(d_s, d_t),
+        "direction_cosine": mean_cosine(d_s, d_t),
+        "cond_nmse": nmse(student_cond, teacher_cond),
+        "uncond_nmse": nmse(student_uncond, teacher_uncond),
+    }
 
 
 def check_buckets(buckets: Sequence[tuple[float, float]]) -> None:
     """Raise :class:`~ppcl.errors.ConfigError` unless ``buckets`` are non-empty, contiguous and increasing in [0, 1]."""
     edges_ok = bool(buckets) and all(lo < hi for lo, hi in buckets)
-    contiguous = all(a[1] == b[0] for a, b in zip(buckets[:-1], buckets[1:]))
+    contiguous = all(a[1] == b[0] for a, b in zip(buckets[:-1], buckets[1:], strict=False))
     if not (edges_ok and contiguous and buckets[0][0] >= 0.0 and buckets[-1][1] <= 1.0):
-        raise ConfigError("time buckets must tile a part of [0, 1] in order", expected="contiguous (lo, hi) pairs "
-                          "with 0 <= lo < hi <= 1, e.g. ((0, 0.5), (0.5, 1))", found=repr(tuple(buckets)))
+        raise ConfigError(
+            "time buckets must tile a part of [0, 1] in order",
+            expected="contiguous (lo, hi) pairs with 0 <= lo < hi <= 1, e.g. ((0, 0.5), (0.5, 1))",
+            found=repr(tuple(buckets)),
+        )
 
 
 def bucket_label(bucket: tuple[float, float]) -> str:
@@ -120,14 +127,17 @@ def bucket_index(t: torch.Tensor, buckets: Sequence[tuple[float, float]]) -> tor
     return index
 
 
-def stratified_timesteps(n: int, buckets: Sequence[tuple[float, float]], generator: torch.Generator
-                         ) -> torch.Tensor:
+def stratified_timesteps(n: int, buckets: Sequence[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
     """``n`` times ``(n,)``, as even a share per bucket as ``n`` allows (the first ``n mod K`` buckets get one more),
     uniform inside each bucket, so every one of the ``K`` buckets has samples when ``n >= K``."""
     check_buckets(buckets)
     if n < len(buckets):
-        raise ConfigError("too few samples to cover every time bucket", expected=f">= {len(buckets)} samples per "
-                          "batch (one per bucket)", found=str(n), fix="raise the batch size or use fewer buckets")
+        raise ConfigError(
+            "too few samples to cover every time bucket",
+            expected=f">= {len(buckets)} samples per batch (one per bucket)",
+            found=str(n),
+            fix="raise the batch size or use fewer buckets",
+        )
     k = len(buckets)
     parts = []
     for i, (lo, hi) in enumerate(buckets):
@@ -158,9 +168,12 @@ def x0_nmse_by_bucket(
     """
     check_buckets(buckets)
     if float(t.min()) < 0.0 or float(t.max()) > 1.0:
-        raise ConfigError("x0 prediction needs times in [0, 1]", expected="flow-matching sigmas t in [0, 1] "
-                          "(x_t = (1 - t) x0 + t noise)", found=f"timesteps in [{float(t.min()):.3g}, "
-                          f"{float(t.max()):.3g}]", fix="pass batches whose timestep is sigma, not sigma x 1000")
+        raise ConfigError(
+            "x0 prediction needs times in [0, 1]",
+            expected="flow-matching sigmas t in [0, 1] (x_t = (1 - t) x0 + t noise)",
+            found=f"timesteps in [{float(t.min()):.3g}, {float(t.max()):.3g}]",
+            fix="pass batches whose timestep is sigma, not sigma x 1000",
+        )
     x0_s, x0_t = x0_prediction(x_t, t, v_student), x0_prediction(x_t, t, v_teacher)
     index = bucket_index(t, buckets)
     out = {}

@@ -12,5 +12,16 @@ from ppcl.kinds import depth, ffn_linear, text_run  # noqa: F401  (registration)
 from ppcl.kinds.base import Kind, check_kinds, kind_of, register_kind, registered_kinds, student_key
 from ppcl.kinds.projections import block_dim, width_key
 
-__all__ = ["Kind", "block_dim", "depth", "ffn_linear", "text_run", "check_kinds", "kind_of", "register_kind", "registered_kinds", "student_key",
-           "width_key"]
+__all__ = [
+    "Kind",
+    "block_dim",
+    "depth",
+    "ffn_linear",
+    "text_run",
+    "check_kinds",
+    "kind_of",
+    "register_kind",
+    "registered_kinds",
+    "student_key",
+    "width_key",
+]

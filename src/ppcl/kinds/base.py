@@ -52,8 +52,9 @@ class Kind:
         """Keys of the add-on modules ``rep`` owns, in the add-on's ``students`` ``nn.ModuleDict``."""
         raise NotImplementedError
 
-    def fresh_modules(self, model: nn.Module, spec: ArchSpec, rep: Replacement,
-                      dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    def fresh_modules(
+        self, model: nn.Module, spec: ArchSpec, rep: Replacement, dtype: torch.dtype = torch.float32
+    ) -> dict[str, nn.Module]:
         """New, untrained modules for ``rep`` by key; empty when the add-on builds them itself (depth students are
         copied from teacher blocks by :class:`~ppcl.addon.PruningAddon`)."""
         return {}
@@ -61,13 +62,15 @@ class Kind:
     def check_support(self, spec: ArchSpec, model: nn.Module, rep: Replacement) -> None:
         """Raise :class:`ConfigError` when ``model``'s blocks cannot run ``rep`` (nothing to check by default)."""
 
-    def add_dispatch(self, rep: Replacement, students: Mapping[str, nn.Module], table: dict[int, object],
-                     skip: object) -> None:
+    def add_dispatch(
+        self, rep: Replacement, students: Mapping[str, nn.Module], table: dict[int, object], skip: object
+    ) -> None:
         """Add ``rep``'s entries to one level's dispatch table (flat block → the module that runs there, or ``skip``
         for a block that passes its inputs on). Width kinds add theirs later, as width actions."""
 
-    def projection_targets(self, rep: Replacement, view: TargetView) -> Iterator[tuple[str, Tensor, Tensor | None,
-                                                                                       Tensor | None]]:
+    def projection_targets(
+        self, rep: Replacement, view: TargetView
+    ) -> Iterator[tuple[str, Tensor, Tensor | None, Tensor | None]]:
         """``(module key, input, teacher target, text mask or None)`` for each of ``rep``'s projections, from one
         captured teacher pass (what least-squares initialisation and width distillation fit); none by default."""
         return iter(())
@@ -76,8 +79,15 @@ class Kind:
         """Add ``rep``'s per-block width roles to one level's ``text`` (block → (role, run id)) and ``ffn``
         (block → streams) tables; kinds that do not change block width add nothing."""
 
-    def add_width_parts(self, rep: Replacement, students: Mapping[str, nn.Module], index: int, run: str | None,
-                        text_role: str, parts: WidthParts) -> None:
+    def add_width_parts(
+        self,
+        rep: Replacement,
+        students: Mapping[str, nn.Module],
+        index: int,
+        run: str | None,
+        text_role: str,
+        parts: WidthParts,
+    ) -> None:
         """Put the projections block ``index`` takes from ``rep`` into ``parts`` (nothing by default)."""
 
 
@@ -121,9 +131,12 @@ def kind_of(rep: Replacement) -> Kind:
     """
     kind = _KINDS.get(rep.kind)
     if kind is None:
-        raise ConfigError(f"replacement {rep.id} has a kind this ppcl cannot run: {rep.kind!r}",
-                          expected=f"one of {sorted(_KINDS)}", found=repr(rep.kind),
-                          fix="remove those replacements from the plan, or use a ppcl version that supports them")
+        raise ConfigError(
+            f"replacement {rep.id} has a kind this ppcl cannot run: {rep.kind!r}",
+            expected=f"one of {sorted(_KINDS)}",
+            found=repr(rep.kind),
+            fix="remove those replacements from the plan, or use a ppcl version that supports them",
+        )
     return kind
 
 

@@ -27,8 +27,9 @@ class DepthKind(Kind):
         """The student's key."""
         return [student_key(rep.id)]
 
-    def add_dispatch(self, rep: Replacement, students: Mapping[str, nn.Module], table: dict[int, object],
-                     skip: object) -> None:
+    def add_dispatch(
+        self, rep: Replacement, students: Mapping[str, nn.Module], table: dict[int, object], skip: object
+    ) -> None:
         """The span's first block runs the student; the others are skipped."""
         span = rep.span  # type: ignore[attr-defined]
         table[span.start] = students[student_key(rep.id)]

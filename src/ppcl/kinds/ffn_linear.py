@@ -42,26 +42,35 @@ class FFNLinearKind(ProjectionKind):
         targets = spec.width_targets(model, ffn.block)
         missing = [s for s in ffn.streams if targets.ffn_of(s) is None]
         if missing:
-            raise ConfigError(f"Replacement {ffn.id} replaces the FFN of stream(s) {missing}, which block "
-                              f"{ffn.block} does not have", expected=f"streams among {[s for s, _ in targets.ffn]}",
-                              found=str(list(ffn.streams)), fix="drop those streams (e.g. SD3's last block has no text "
-                              "FFN)")
+            raise ConfigError(
+                f"Replacement {ffn.id} replaces the FFN of stream(s) {missing}, which block {ffn.block} does not have",
+                expected=f"streams among {[s for s, _ in targets.ffn]}",
+                found=str(list(ffn.streams)),
+                fix="drop those streams (e.g. SD3's last block has no text FFN)",
+            )
 
     def add_width_modes(self, rep: Replacement, text: dict[int, tuple[str, str]], ffn: dict[int, set[str]]) -> None:
         """The block's replaced streams."""
         one: FFNLinear = rep  # type: ignore[assignment]
         ffn.setdefault(one.block, set()).update(one.streams)
 
-    def add_width_parts(self, rep: Replacement, students: Mapping[str, nn.Module], index: int, run: str | None,
-                        text_role: str, parts: WidthParts) -> None:
+    def add_width_parts(
+        self,
+        rep: Replacement,
+        students: Mapping[str, nn.Module],
+        index: int,
+        run: str | None,
+        text_role: str,
+        parts: WidthParts,
+    ) -> None:
         """This block's maps, by stream."""
         one: FFNLinear = rep  # type: ignore[assignment]
         if one.block == index:
             parts.ffn.update({s: _get(students, width_key(one, s)) for s in one.streams})
 
-
-    def projection_targets(self, rep: Replacement, view: TargetView) -> Iterator[tuple[str, Tensor, Tensor | None,
-                                                                                       Tensor | None]]:
+    def projection_targets(
+        self, rep: Replacement, view: TargetView
+    ) -> Iterator[tuple[str, Tensor, Tensor | None, Tensor | None]]:
         """Per stream: the FFN half's input ``g`` → the block's (or its span's) output of that stream."""
         one: FFNLinear = rep  # type: ignore[assignment]
         mask = view.text_mask(one.block)

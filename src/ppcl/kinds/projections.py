@@ -31,8 +31,9 @@ class ProjectionKind(Kind):
 
     is_width = True
 
-    def fresh_modules(self, model: nn.Module, spec: ArchSpec, rep: Replacement,
-                      dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    def fresh_modules(
+        self, model: nn.Module, spec: ArchSpec, rep: Replacement, dtype: torch.dtype = torch.float32
+    ) -> dict[str, nn.Module]:
         """Identity projections (``W = 0``, ``b = 0``) for every key of ``rep``."""
         block = spec.block(model, rep.blocks()[0])
         device = next(block.parameters()).device
@@ -46,5 +47,9 @@ class ProjectionKind(Kind):
         for i in rep.blocks():
             name = type(spec.block(model, i)).__name__
             if name not in SUPPORTED_BLOCKS:
-                raise ConfigError(f"Replacement {rep.id} targets a {name}", expected=f"one of {SUPPORTED_BLOCKS}",
-                                  found=f"flat block {i}", fix="keep width replacements on dual-stream blocks")
+                raise ConfigError(
+                    f"Replacement {rep.id} targets a {name}",
+                    expected=f"one of {SUPPORTED_BLOCKS}",
+                    found=f"flat block {i}",
+                    fix="keep width replacements on dual-stream blocks",
+                )

@@ -45,8 +45,15 @@ class TextRunKind(ProjectionKind):
         for j in run.pruned_blocks():
             text[j] = ("last" if j == run.last else "pruned", run.id)
 
-    def add_width_parts(self, rep: Replacement, students: Mapping[str, nn.Module], index: int, run: str | None,
-                        text_role: str, parts: WidthParts) -> None:
+    def add_width_parts(
+        self,
+        rep: Replacement,
+        students: Mapping[str, nn.Module],
+        index: int,
+        run: str | None,
+        text_role: str,
+        parts: WidthParts,
+    ) -> None:
         """``L_j`` for a pruned block of this run, and ``L_h`` too for its last block."""
         if rep.id != run or text_role not in ("pruned", "last"):
             return
@@ -54,9 +61,9 @@ class TextRunKind(ProjectionKind):
         if text_role == "last":
             parts.text_out = _get(students, width_key(rep, "out"))
 
-
-    def projection_targets(self, rep: Replacement, view: TargetView) -> Iterator[tuple[str, Tensor, Tensor | None,
-                                                                                       Tensor | None]]:
+    def projection_targets(
+        self, rep: Replacement, view: TargetView
+    ) -> Iterator[tuple[str, Tensor, Tensor | None, Tensor | None]]:
         """``L_j``: ``z_a`` → ``z_j`` for every pruned block ``j``; ``L_h``: the anchor's text output → the run's last
         block's text output."""
         run: TextRun = rep  # type: ignore[assignment]
@@ -73,8 +80,12 @@ def _get(students: Mapping[str, nn.Module], key: str) -> nn.Module:
     from ppcl.errors import ConfigError
 
     if key not in students:
-        raise ConfigError(f"The add-on has no projection {key!r}", expected="one projection per width target",
-                          found=f"keys {sorted(students)[:6]}...", fix="build the add-on with PruningAddon.from_plan")
+        raise ConfigError(
+            f"The add-on has no projection {key!r}",
+            expected="one projection per width target",
+            found=f"keys {sorted(students)[:6]}...",
+            fix="build the add-on with PruningAddon.from_plan",
+        )
     return students[key]
 
 

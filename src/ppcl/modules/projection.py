@@ -18,15 +18,19 @@ from ppcl.errors import ConfigError
 class ResidualLinear(ResidualProbe):
     """``z ↦ z + z Wᵀ + b`` on ``(..., D)`` tokens; parameters ``W`` ``(D, D)``, ``b`` ``(D,)`` (zero = identity)."""
 
-    def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, dim: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> None:
         super().__init__(dim, dim, residual=True, dtype=dtype, device=device)
 
     def set_map(self, W: Tensor, b: Tensor) -> ResidualLinear:
         """Copy ``W`` ``(D, D)`` and ``b`` ``(D,)`` into the parameters in place (optimisers stay valid); returns self."""
         if tuple(W.shape) != (self.dim, self.dim) or tuple(b.shape) != (self.dim,):
-            raise ConfigError("Projection weights have the wrong shape", expected=f"W ({self.dim}, {self.dim}), "
-                              f"b ({self.dim},)", found=f"W {tuple(W.shape)}, b {tuple(b.shape)}")
+            raise ConfigError(
+                "Projection weights have the wrong shape",
+                expected=f"W ({self.dim}, {self.dim}), b ({self.dim},)",
+                found=f"W {tuple(W.shape)}, b {tuple(b.shape)}",
+            )
         with torch.no_grad():
             self.W.copy_(W)
             self.b.copy_(b)
@@ -42,10 +46,12 @@ class ResidualLinear(ResidualProbe):
             the relative fit error of the solution over the accumulated tokens.
         """
         if not accumulator.residual or accumulator.dim != self.dim:
-            raise ConfigError("The accumulator does not fit this projection",
-                              expected=f"a residual ProbeAccumulator of width {self.dim}",
-                              found=f"residual={accumulator.residual}, dim={accumulator.dim}",
-                              fix="accumulate with ProbeAccumulator(dim, residual=True)")
+            raise ConfigError(
+                "The accumulator does not fit this projection",
+                expected=f"a residual ProbeAccumulator of width {self.dim}",
+                found=f"residual={accumulator.residual}, dim={accumulator.dim}",
+                fix="accumulate with ProbeAccumulator(dim, residual=True)",
+            )
         fit = accumulator.fit(ridge, dtype=torch.float64)
         self.set_map(fit.probe.W.to(self.W.dtype), fit.probe.b.to(self.b.dtype))
         return fit.rel_error

@@ -117,25 +117,32 @@ def _clip16(x: Tensor) -> Tensor:
 
 def _text_input(mode: WidthMode, parts: WidthParts, ctx: RunContext | None) -> Tensor:
     if ctx is None or ctx.z is None or parts.text_in is None:
-        raise ConfigError("A text-pruned block ran before its run's anchor block",
-                          expected="the anchor block of the run to run first in the same forward pass",
-                          found=f"no z_a for run {mode.run!r}",
-                          fix="run the whole model (or the run from its anchor); do not call a pruned block alone")
+        raise ConfigError(
+            "A text-pruned block ran before its run's anchor block",
+            expected="the anchor block of the run to run first in the same forward pass",
+            found=f"no z_a for run {mode.run!r}",
+            fix="run the whole model (or the run from its anchor); do not call a pruned block alone",
+        )
     return parts.text_in(ctx.z)
 
 
 def _text_output(e: Tensor, mode: WidthMode, parts: WidthParts) -> Tensor:
     if mode.text == "last":
         if parts.text_out is None:
-            raise ConfigError("The last block of a text run has no output projection", expected="L_h",
-                              found="None", fix="build the add-on with PruningAddon.from_plan, which creates every projection")
+            raise ConfigError(
+                "The last block of a text run has no output projection",
+                expected="L_h",
+                found="None",
+                fix="build the add-on with PruningAddon.from_plan, which creates every projection",
+            )
         return parts.text_out(e)
     return e
 
 
 # ------------------------------------------------------------------------------------------------------ Qwen-Image
-def _qwen(block: nn.Module, a: Mapping[str, Any], mode: WidthMode, parts: WidthParts,
-          ctx: RunContext | None) -> tuple[Tensor, Tensor]:
+def _qwen(
+    block: nn.Module, a: Mapping[str, Any], mode: WidthMode, parts: WidthParts, ctx: RunContext | None
+) -> tuple[Tensor, Tensor]:
     h, e, temb = a["hidden_states"], a["encoder_hidden_states"], a["temb"]
     index = a.get("modulate_index")
     d = block.dim
@@ -157,9 +164,13 @@ def _qwen(block: nn.Module, a: Mapping[str, Any], mode: WidthMode, parts: WidthP
     else:
         txt_x = _text_input(mode, parts, ctx)
         attn = TextQueryFreeAttention(block.attn)
-    img_attn, txt_attn = attn(hidden_states=img_x, encoder_hidden_states=txt_x,
-                              encoder_hidden_states_mask=a.get("encoder_hidden_states_mask"),
-                              image_rotary_emb=a.get("image_rotary_emb"), **(a.get("joint_attention_kwargs") or {}))
+    img_attn, txt_attn = attn(
+        hidden_states=img_x,
+        encoder_hidden_states=txt_x,
+        encoder_hidden_states_mask=a.get("encoder_hidden_states_mask"),
+        image_rotary_emb=a.get("image_rotary_emb"),
+        **(a.get("joint_attention_kwargs") or {}),
+    )
     h = h + img_gate1 * img_attn
     if "image" in mode.ffn:
         h = parts.ffn["image"](h)
@@ -185,8 +196,9 @@ def _ada_zero_first(norm: nn.Module, x: Tensor, temb: Tensor, d: int) -> tuple[T
     return norm.norm(x) * (1 + scale[:, None]) + shift[:, None], gate
 
 
-def _second_half(block: nn.Module, ff: nn.Module, norm2: nn.Module, g: Tensor, shift: Tensor, scale: Tensor,
-                 gate: Tensor) -> Tensor:
+def _second_half(
+    block: nn.Module, ff: nn.Module, norm2: nn.Module, g: Tensor, shift: Tensor, scale: Tensor, gate: Tensor
+) -> Tensor:
     x = norm2(g) * (1 + scale[:, None]) + shift[:, None]
     chunk = getattr(block, "_chunk_size", None)
     if chunk is not None:
@@ -198,8 +210,9 @@ def _second_half(block: nn.Module, ff: nn.Module, norm2: nn.Module, g: Tensor, s
     return g + gate.unsqueeze(1) * out
 
 
-def _joint(block: nn.Module, a: Mapping[str, Any], mode: WidthMode, parts: WidthParts,
-           ctx: RunContext | None, *, flux: bool) -> tuple[Tensor | None, Tensor]:
+def _joint(
+    block: nn.Module, a: Mapping[str, Any], mode: WidthMode, parts: WidthParts, ctx: RunContext | None, *, flux: bool
+) -> tuple[Tensor | None, Tensor]:
     h, e, temb = a["hidden_states"], a["encoder_hidden_states"], a["temb"]
     jak = a.get("joint_attention_kwargs") or {}
     d = h.shape[-1]
@@ -270,8 +283,9 @@ _FORWARDS = {
 SUPPORTED_BLOCKS: tuple[str, ...] = tuple(_FORWARDS)
 
 
-def width_forward(block: nn.Module, bound: Mapping[str, Any], mode: WidthMode, parts: WidthParts,
-                  ctx: RunContext | None) -> tuple[Tensor | None, Tensor]:
+def width_forward(
+    block: nn.Module, bound: Mapping[str, Any], mode: WidthMode, parts: WidthParts, ctx: RunContext | None
+) -> tuple[Tensor | None, Tensor]:
     """Run ``block`` in ``mode`` on its bound ``forward`` arguments; returns ``(text, image)`` like the stock block.
 
     Args:
@@ -286,7 +300,10 @@ def width_forward(block: nn.Module, bound: Mapping[str, Any], mode: WidthMode, p
     """
     fn = _FORWARDS.get(type(block).__name__)
     if fn is None:
-        raise UnsupportedModelError(f"Width pruning does not support {type(block).__name__}",
-                                    expected=f"one of {', '.join(SUPPORTED_BLOCKS)}", found=type(block).__name__,
-                                    fix="use width replacements on dual-stream blocks only")
+        raise UnsupportedModelError(
+            f"Width pruning does not support {type(block).__name__}",
+            expected=f"one of {', '.join(SUPPORTED_BLOCKS)}",
+            found=type(block).__name__,
+            fix="use width replacements on dual-stream blocks only",
+        )
     return fn(block, bound, mode, parts, ctx)

@@ -18,9 +18,9 @@ from ppcl.plan.count import (
     param_count,
     param_table,
 )
-from ppcl.plan.plan import PLAN_FILE, Level, PruningPlan
-from ppcl.plan.guard import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR, BudgetGuard, check_guard
 from ppcl.plan.from_report import WIDTH_SUFFIX, add_width_levels, plan_from_report, plan_from_spans
+from ppcl.plan.guard import DEFAULT_GUARD_FACTOR, DEFAULT_GUARD_FLOOR, BudgetGuard, check_guard
+from ppcl.plan.plan import PLAN_FILE, Level, PruningPlan
 from ppcl.plan.propose import plan_from_intervals, propose_plan
 from ppcl.plan.replacements import (
     DepthReplacement,

@@ -56,9 +56,11 @@ class ParamTable:
         """A table known only by its per-block counts (``total`` defaults to their sum: blocks only)."""
         counts = tuple(int(n) for n in per_block)
         if len(counts) != sum(stack_sizes):
-            raise ConfigError("Per-block parameter counts do not match the stack sizes",
-                              expected=f"{sum(stack_sizes)} counts for stacks {list(stack_sizes)}",
-                              found=f"{len(counts)} counts")
+            raise ConfigError(
+                "Per-block parameter counts do not match the stack sizes",
+                expected=f"{sum(stack_sizes)} counts for stacks {list(stack_sizes)}",
+                found=f"{len(counts)} counts",
+            )
         return cls("", tuple(stack_sizes), sum(counts) if total is None else int(total), counts)
 
     @property
@@ -120,8 +122,10 @@ class ParamCount:
     def summary(self) -> str:
         """One line, e.g. ``"level p40: 20.43B → 11.93B parameters (-41.6%), 60 → 35 blocks"``."""
         head = f"level {self.level}" if self.level is not None else self.model_class
-        return (f"{head}: {human(self.total)} → {human(self.after)} parameters (-{100 * self.fraction_removed:.1f}%), "
-                f"{len(self.per_block)} → {self.blocks_after} blocks")
+        return (
+            f"{head}: {human(self.total)} → {human(self.after)} parameters (-{100 * self.fraction_removed:.1f}%), "
+            f"{len(self.per_block)} → {self.blocks_after} blocks"
+        )
 
 
 def human(n: float) -> str:
@@ -148,9 +152,11 @@ def resolve_model_class(model_class_or_name: type | str) -> type[nn.Module]:
 
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise UnsupportedModelError(f"{model_class_or_name!r} is not a diffusers model class",
-                                    expected=f"one of {', '.join(supported_classes())} or an architecture name",
-                                    found=repr(model_class_or_name))
+        raise UnsupportedModelError(
+            f"{model_class_or_name!r} is not a diffusers model class",
+            expected=f"one of {', '.join(supported_classes())} or an architecture name",
+            found=repr(model_class_or_name),
+        )
     return cls
 
 
@@ -207,17 +213,22 @@ def param_count(
     table = param_table(model_class_or_name, model_config)
     if plan is None:
         if level is not None:
-            raise ConfigError("A level was given without a plan", expected="plan=... together with level=...",
-                              found=f"level={level!r}, plan=None")
+            raise ConfigError(
+                "A level was given without a plan",
+                expected="plan=... together with level=...",
+                found=f"level={level!r}, plan=None",
+            )
         return ParamCount(table.model_class, table.total, table.per_block)
     from ppcl.arch import get_spec
 
     arch = get_spec(resolve_model_class(model_class_or_name)).name
     if plan.arch != arch or plan.stack_sizes != table.stack_sizes:
-        raise ConfigError("The plan was made for another model",
-                          expected=f"arch {arch!r} with stack sizes {list(table.stack_sizes)} (from the config)",
-                          found=f"arch {plan.arch!r} with stack sizes {list(plan.stack_sizes)}",
-                          fix="count with the config of the model the plan was made for")
+        raise ConfigError(
+            "The plan was made for another model",
+            expected=f"arch {arch!r} with stack sizes {list(table.stack_sizes)} (from the config)",
+            found=f"arch {plan.arch!r} with stack sizes {list(plan.stack_sizes)}",
+            fix="count with the config of the model the plan was made for",
+        )
     replacements = plan.replacements_of(level)
     name = level if isinstance(level, str) or level is None else level.name
     return ParamCount(

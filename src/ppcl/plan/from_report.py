@@ -52,17 +52,36 @@ def plan_from_report(
     the level undershoots instead, with a note in ``plan.notes``.
     """
     if config_hash(dict(model_config)) != report.config_hash:
-        raise ArtefactError("the report was made for another model config",
-                            expected=f"config hash {report.config_hash}",
-                            found=f"config hash {config_hash(dict(model_config))}",
-                            fix="pass the model that `ppcl analyze` analysed")
+        raise ArtefactError(
+            "the report was made for another model config",
+            expected=f"config hash {report.config_hash}",
+            found=f"config hash {config_hash(dict(model_config))}",
+            fix="pass the model that `ppcl analyze` analysed",
+        )
     table = param_table(report.model_class, model_config)
-    provenance = {"report": {"calibration_hash": report.calibration_hash, "config_hash": report.config_hash,
-                             "settings": report.settings}}
-    return plan_from_intervals(report.intervals, report.arch, report.model_class, report.stack_sizes, table.per_block,
-                        targets, target_kind, level_names, protect_first=report.settings["protect_first"],
-                        protect_last=report.settings["protect_last"], init=init, provenance=provenance,
-                        guard_factor=guard_factor, guard_floor=guard_floor)
+    provenance = {
+        "report": {
+            "calibration_hash": report.calibration_hash,
+            "config_hash": report.config_hash,
+            "settings": report.settings,
+        }
+    }
+    return plan_from_intervals(
+        report.intervals,
+        report.arch,
+        report.model_class,
+        report.stack_sizes,
+        table.per_block,
+        targets,
+        target_kind,
+        level_names,
+        protect_first=report.settings["protect_first"],
+        protect_last=report.settings["protect_last"],
+        init=init,
+        provenance=provenance,
+        guard_factor=guard_factor,
+        guard_floor=guard_floor,
+    )
 
 
 def plan_from_spans(
@@ -101,30 +120,52 @@ def plan_from_spans(
     cls = resolve_model_class(model_class)
     table = param_table(cls, model_config)
     wanted = sorted(b for s in spans for b in range(s.u + 1, s.v + 1))
-    plan = plan_from_intervals(spans, get_spec(cls).name, cls.__name__, table.stack_sizes, table.per_block, [len(wanted)],
-                        "blocks", [level_name], protect_first=protect_first, protect_last=protect_last, init="first",
-                        # A removed set is taken whole (all scores 0), never budgeted: nothing for the guard to refuse.
-                        guard_factor=0,
-                        provenance={"selector": "ppcl.plan_from_removed", "removed_blocks": wanted,
-                                    "rule": "each maximal run a..b of removed blocks is the span [a-1, b] (inclusive) "
-                                            "with a student copied from block a-1",
-                                    **dict(provenance or {})})
+    plan = plan_from_intervals(
+        spans,
+        get_spec(cls).name,
+        cls.__name__,
+        table.stack_sizes,
+        table.per_block,
+        [len(wanted)],
+        "blocks",
+        [level_name],
+        protect_first=protect_first,
+        protect_last=protect_last,
+        init="first",
+        # A removed set is taken whole (all scores 0), never budgeted: nothing for the guard to refuse.
+        guard_factor=0,
+        provenance={
+            "selector": "ppcl.plan_from_removed",
+            "removed_blocks": wanted,
+            "rule": "each maximal run a..b of removed blocks is the span [a-1, b] (inclusive) "
+            "with a student copied from block a-1",
+            **dict(provenance or {}),
+        },
+    )
     if plan.removed_blocks(level_name) != wanted:
         # propose_plan skips spans it cannot hold; for a removed set that would silently change the selection.
         skipped = "; ".join(f"{d['inclusive']}: {d['reason']}" for d in plan.provenance["skipped"])
         first, last = protect_first + 1, plan.num_blocks - 1 - protect_last
-        raise ConfigError("The removed blocks cannot all become student spans",
-                          expected=f"removed blocks in [{first}, {last}] (inclusive), no run starting a block stack",
-                          found=f"spans (inclusive) {skipped}",
-                          fix="select removed blocks inside the range PPCL's spans can remove from")
+        raise ConfigError(
+            "The removed blocks cannot all become student spans",
+            expected=f"removed blocks in [{first}, {last}] (inclusive), no run starting a block stack",
+            found=f"spans (inclusive) {skipped}",
+            fix="select removed blocks inside the range PPCL's spans can remove from",
+        )
     return plan
 
 
 WIDTH_SUFFIX = "+w"
 
 
-def add_width_levels(plan: PruningPlan, report: RedundancyReport, *, threshold: float | None = None,
-                     ffn_blocks: int = 2, suffix: str = WIDTH_SUFFIX) -> PruningPlan:
+def add_width_levels(
+    plan: PruningPlan,
+    report: RedundancyReport,
+    *,
+    threshold: float | None = None,
+    ffn_blocks: int = 2,
+    suffix: str = WIDTH_SUFFIX,
+) -> PruningPlan:
     """A copy of ``plan`` with, for each depth level ``X``, a level ``X + suffix`` = ``X`` + width replacements.
 
     Text runs and FFN blocks come from :func:`ppcl.plan.width_select.select_width` on ``report``, then are fitted to
@@ -151,23 +192,31 @@ def add_width_levels(plan: PruningPlan, report: RedundancyReport, *, threshold: 
     for base in bases:
         name = f"{base}{suffix}" if base is not None else "w"
         if name in out.level_names:
-            raise ConfigError(f"The plan already has a level {name!r}", expected="new width level names",
-                              found=f"levels {out.level_names}", fix="pass a plan without width levels")
+            raise ConfigError(
+                f"The plan already has a level {name!r}",
+                expected="new width level names",
+                found=f"levels {out.level_names}",
+                fix="pass a plan without width levels",
+            )
         gone = set(plan.removed_blocks(base)) if base is not None else set()
         fitted = _fit_runs(runs, gone, report.text_cka, cut)
         pruned = [j for a, b in fitted for j in range(a + 1, b + 1)]
-        ffns = select_ffn_blocks(report.ffn_rel_error, ffn_blocks, text_pruned=pruned,
-                                 allowed=[i for i in allowed if i not in gone])
+        ffns = select_ffn_blocks(
+            report.ffn_rel_error, ffn_blocks, text_pruned=pruned, allowed=[i for i in allowed if i not in gone]
+        )
         if not fitted and not ffns:
             continue  # nothing to add on top of this level: no empty twin
-        desc = (f"{base or 'teacher'} + {len(fitted)} text run(s) (inclusive {fitted}) + FFN blocks "
-                f"{[f.block for f in ffns]}")
+        desc = (
+            f"{base or 'teacher'} + {len(fitted)} text run(s) (inclusive {fitted}) + FFN blocks "
+            f"{[f.block for f in ffns]}"
+        )
         out = with_width_level(out, name, fitted, ffns, base_level=base, description=desc)
     return out
 
 
-def _fit_runs(runs: Sequence[tuple[int, int]], gone: set[int], text_cka: Any,
-              threshold: float) -> list[tuple[int, int]]:
+def _fit_runs(
+    runs: Sequence[tuple[int, int]], gone: set[int], text_cka: Any, threshold: float
+) -> list[tuple[int, int]]:
     """Inclusive runs moved off depth-removed ends (see :func:`add_width_levels`)."""
     cka = np.asarray(text_cka, dtype=np.float64)
     fitted = []
@@ -180,8 +229,9 @@ def _fit_runs(runs: Sequence[tuple[int, int]], gone: set[int], text_cka: Any,
         # A run needs a kept block after its anchor; a moved anchor must still see high text CKA to the run's end.
         if b <= a or not any(j not in gone for j in range(a + 1, b + 1)):
             continue
-        if moved != a and not all(np.isfinite(cka[a + 1, k]) and cka[a + 1, k] >= threshold
-                                  for k in range(a + 2, b + 2)):
+        if moved != a and not all(
+            np.isfinite(cka[a + 1, k]) and cka[a + 1, k] >= threshold for k in range(a + 2, b + 2)
+        ):
             continue
         fitted.append((a, b))
     return fitted

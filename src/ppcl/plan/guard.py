@@ -58,14 +58,19 @@ class BudgetGuard:
     def of(cls, factor: float, floor: float) -> BudgetGuard:
         """A checked guard; ``factor`` 0 or ``inf`` is the disabled guard (stored as 0)."""
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not (factor == 0 or factor >= 1):
-            raise ConfigError(f"Invalid budget guard factor {factor!r}",
-                              expected="0 (no guard) or a number >= 1 (a factor below 1 would refuse every interval "
-                                       "after the first)",
-                              found=repr(factor),
-                              fix=f"pass e.g. --guard-factor {DEFAULT_GUARD_FACTOR:g}, or 0 to disable the guard")
+            raise ConfigError(
+                f"Invalid budget guard factor {factor!r}",
+                expected="0 (no guard) or a number >= 1 (a factor below 1 would refuse every interval after the first)",
+                found=repr(factor),
+                fix=f"pass e.g. --guard-factor {DEFAULT_GUARD_FACTOR:g}, or 0 to disable the guard",
+            )
         if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < math.inf:
-            raise ConfigError(f"Invalid budget guard floor {floor!r}", expected="a finite number >= 0",
-                              found=repr(floor), fix=f"pass e.g. guard_floor={DEFAULT_GUARD_FLOOR:g}")
+            raise ConfigError(
+                f"Invalid budget guard floor {floor!r}",
+                expected="a finite number >= 0",
+                found=repr(floor),
+                fix=f"pass e.g. guard_floor={DEFAULT_GUARD_FLOOR:g}",
+            )
         return cls(0.0 if math.isinf(factor) else float(factor), float(floor))
 
     @property
@@ -106,15 +111,21 @@ class Refusal:
         limit = f"{self.factor:g}x"
         if self.reference < self.floor:
             limit += f" the guard floor {self.floor:g}"
-        return (f"[{u}, {v}] (score {self.score:.3g} = {self.ratio:.1f}x the largest accepted score "
-                f"{self.reference:.3g}; limit {limit})")
+        return (
+            f"[{u}, {v}] (score {self.score:.3g} = {self.ratio:.1f}x the largest accepted score "
+            f"{self.reference:.3g}; limit {limit})"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The provenance record (``ratio`` is ``null`` when the reference is 0)."""
         ratio = self.ratio
-        return {"inclusive": list(self.inclusive), "score": self.score, "reference": self.reference,
-                "ratio": ratio if math.isfinite(ratio) else None, "limit": self.limit}
-
+        return {
+            "inclusive": list(self.inclusive),
+            "score": self.score,
+            "reference": self.reference,
+            "ratio": ratio if math.isfinite(ratio) else None,
+            "limit": self.limit,
+        }
 
 
 def check_guard(guard_factor: float = DEFAULT_GUARD_FACTOR, guard_floor: float = DEFAULT_GUARD_FLOOR) -> BudgetGuard:

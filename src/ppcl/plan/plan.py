@@ -84,8 +84,11 @@ class Level:
 
     def to_json(self) -> dict[str, Any]:
         """JSON object of the level; the score fields are written only when known, so older plans stay byte-equal."""
-        out: dict[str, Any] = {"name": self.name, "replacements": list(self.replacement_ids),
-                               "description": self.description}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "replacements": list(self.replacement_ids),
+            "description": self.description,
+        }
         if self.worst_score is not None:
             out["worst_score"] = self.worst_score
         if self.cheapest_score is not None:
@@ -168,8 +171,12 @@ class PruningPlan:
         try:
             return spec_by_name(self.arch)
         except PPCLError as err:
-            raise ConfigError(f"The plan's architecture {self.arch!r} is unknown", expected=err.expected,
-                              found=err.found, fix="set `arch` to a supported architecture name") from err
+            raise ConfigError(
+                f"The plan's architecture {self.arch!r} is unknown",
+                expected=err.expected,
+                found=err.found,
+                fix="set `arch` to a supported architecture name",
+            ) from err
 
     def protected_blocks(self, spec: ArchSpec | None = None) -> list[int]:
         """Flat indices no depth span may cover: first/last protected blocks (+ SD3's last block)."""
@@ -195,16 +202,23 @@ class PruningPlan:
         for lvl in self.levels:
             if lvl.name == name:
                 return lvl
-        raise ConfigError(f"The plan has no level {name!r}", expected=f"one of {self.level_names}", found=repr(name),
-                          fix="pick an existing level name (or None for the original model)")
+        raise ConfigError(
+            f"The plan has no level {name!r}",
+            expected=f"one of {self.level_names}",
+            found=repr(name),
+            fix="pick an existing level name (or None for the original model)",
+        )
 
     def replacement(self, replacement_id: str) -> Replacement:
         """The replacement with ``replacement_id``."""
         for rep in self.replacements:
             if rep.id == replacement_id:
                 return rep
-        raise ConfigError(f"The plan has no replacement {replacement_id!r}",
-                          expected=f"one of {[r.id for r in self.replacements]}", found=repr(replacement_id))
+        raise ConfigError(
+            f"The plan has no replacement {replacement_id!r}",
+            expected=f"one of {[r.id for r in self.replacements]}",
+            found=repr(replacement_id),
+        )
 
     def _resolve(self, level: LevelRef) -> Level | None:
         return self.level(level) if isinstance(level, str) else level
@@ -253,17 +267,22 @@ class PruningPlan:
             return self.param_count(model_config, level).block_fraction_removed
         recorded = self.provenance.get("per_block_params")
         if not isinstance(recorded, list) or len(recorded) != self.num_blocks:
-            raise ConfigError("The plan does not record per-block parameter counts",
-                              expected=f"provenance.per_block_params with {self.num_blocks} entries",
-                              found=repr(recorded)[:80], fix="pass model_config (the base model's config)")
+            raise ConfigError(
+                "The plan does not record per-block parameter counts",
+                expected=f"provenance.per_block_params with {self.num_blocks} entries",
+                found=repr(recorded)[:80],
+                fix="pass model_config (the base model's config)",
+            )
         table = ParamTable.from_per_block(recorded, self.stack_sizes)
         return block_param_fraction(table, self.replacements_of(level))
 
     def summary(self) -> str:
         """Multi-line human description of the replacements and levels."""
         layout = self.layout()
-        lines = [f"PruningPlan for {self.model_class} ({self.arch}), {self.num_blocks} blocks {list(self.stack_sizes)},"
-                 f" protected flat blocks {self.protected_blocks()}"]
+        lines = [
+            f"PruningPlan for {self.model_class} ({self.arch}), {self.num_blocks} blocks {list(self.stack_sizes)},"
+            f" protected flat blocks {self.protected_blocks()}"
+        ]
         lines += [f"  {rep.describe(layout)}" for rep in self.replacements]
         for lvl in self.levels:
             kept = self.num_blocks - len(self.removed_blocks(lvl))
@@ -303,31 +322,40 @@ class PruningPlan:
         fmt = _json.optional(obj, "format", str, "", FORMAT)
         version = _json.optional(obj, "format_version", int, "", FORMAT_VERSION)
         if fmt != FORMAT or version > FORMAT_VERSION:
-            raise ArtefactError("This is not a plan this ppcl version can read",
-                                expected=f"format {FORMAT!r} version <= {FORMAT_VERSION}",
-                                found=f"format {fmt!r} version {version}", fix="upgrade ppcl or check the file")
+            raise ArtefactError(
+                "This is not a plan this ppcl version can read",
+                expected=f"format {FORMAT!r} version <= {FORMAT_VERSION}",
+                found=f"format {fmt!r} version {version}",
+                fix="upgrade ppcl or check the file",
+            )
         sizes = _json.require(obj, "stack_sizes", list, "")
         stack_sizes = tuple(_json.check(s, int, f"stack_sizes[{i}]") for i, s in enumerate(sizes))
         if not 1 <= len(stack_sizes) <= MAX_STACKS or not all(1 <= s <= MAX_STACK_BLOCKS for s in stack_sizes):
             # Validation walks every block: a 200-byte file declaring 1e9 blocks must not take unbounded memory.
-            raise ArtefactError("Plan field `stack_sizes` is out of range",
-                                expected=f"1 to {MAX_STACKS} stacks of 1 to {MAX_STACK_BLOCKS} blocks (the largest "
-                                         "supported DiTs have about 60 per stack)",
-                                found=repr(sizes)[:80],
-                                fix="correct the field: it is the base model's blocks per stack")
+            raise ArtefactError(
+                "Plan field `stack_sizes` is out of range",
+                expected=f"1 to {MAX_STACKS} stacks of 1 to {MAX_STACK_BLOCKS} blocks (the largest "
+                "supported DiTs have about 60 per stack)",
+                found=repr(sizes)[:80],
+                fix="correct the field: it is the base model's blocks per stack",
+            )
         plan = cls(
             arch=_json.require(obj, "arch", str, ""),
             model_class=_json.require(obj, "model_class", str, ""),
             stack_sizes=stack_sizes,
-            replacements=[replacement_from_json(r, f"replacements[{i}]")
-                          for i, r in enumerate(_json.require(obj, "replacements", list, ""))],
-            levels=[Level.from_json(lvl, f"levels[{i}]")
-                    for i, lvl in enumerate(_json.require(obj, "levels", list, ""))],
+            replacements=[
+                replacement_from_json(r, f"replacements[{i}]")
+                for i, r in enumerate(_json.require(obj, "replacements", list, ""))
+            ],
+            levels=[
+                Level.from_json(lvl, f"levels[{i}]") for i, lvl in enumerate(_json.require(obj, "levels", list, ""))
+            ],
             protect_first=_json.optional(obj, "protect_first", int, "", 2),
             protect_last=_json.optional(obj, "protect_last", int, "", 2),
             provenance=dict(_json.optional(obj, "provenance", dict, "", {})),
-            notes=[_json.check(n, str, f"notes[{i}]")
-                   for i, n in enumerate(_json.optional(obj, "notes", list, "", []))],
+            notes=[
+                _json.check(n, str, f"notes[{i}]") for i, n in enumerate(_json.optional(obj, "notes", list, "", []))
+            ],
         )
         return plan.validate() if validate else plan
 
@@ -342,16 +370,24 @@ class PruningPlan:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ArtefactError("cannot create the plan folder", expected="a writable location",
-                                found=f"{out}: {exc.strerror}", fix="choose another --out") from exc
+            raise ArtefactError(
+                "cannot create the plan folder",
+                expected="a writable location",
+                found=f"{out}: {exc.strerror}",
+                fix="choose another --out",
+            ) from exc
         path = out / PLAN_FILE
         text = _json.dumps(self.to_json())
         # A crash mid-write leaves the old plan.json untouched: readers only ever see a complete file.
         try:
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PLAN_FILE}.", suffix=".tmp")
         except OSError as exc:
-            raise ArtefactError("cannot write into the plan folder", expected="a writable folder",
-                                found=f"{out}: {exc.strerror}", fix="choose another --out or fix its permissions") from exc
+            raise ArtefactError(
+                "cannot write into the plan folder",
+                expected="a writable folder",
+                found=f"{out}: {exc.strerror}",
+                fix="choose another --out or fix its permissions",
+            ) from exc
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -359,9 +395,12 @@ class PruningPlan:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         except OSError as exc:  # disk full or read-only while writing: the old plan.json stays as it was
-            raise ArtefactError("cannot write the plan", expected="a writable location with free space",
-                                found=f"{path}: {exc.strerror or exc}",
-                                fix="free some space, fix the permissions or choose another --out") from exc
+            raise ArtefactError(
+                "cannot write the plan",
+                expected="a writable location with free space",
+                found=f"{path}: {exc.strerror or exc}",
+                fix="free some space, fix the permissions or choose another --out",
+            ) from exc
         finally:
             Path(tmp).unlink(missing_ok=True)
         return path
@@ -378,18 +417,24 @@ class PruningPlan:
         if path.is_dir():
             path = path / PLAN_FILE
         if not path.is_file():
-            raise ArtefactError(f"No pruning plan at {path}", expected=f"a folder holding {PLAN_FILE} (or the file)",
-                                found="nothing" if not path.exists() else "not a file",
-                                fix="run `ppcl plan` first, or pass the right folder")
+            raise ArtefactError(
+                f"No pruning plan at {path}",
+                expected=f"a folder holding {PLAN_FILE} (or the file)",
+                found="nothing" if not path.exists() else "not a file",
+                fix="run `ppcl plan` first, or pass the right folder",
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ArtefactError(f"{path} is not valid JSON", expected="a JSON object as written by PruningPlan.save",
-                                found=str(err), fix="fix the syntax at the position given") from err
+            raise ArtefactError(
+                f"{path} is not valid JSON",
+                expected="a JSON object as written by PruningPlan.save",
+                found=str(err),
+                fix="fix the syntax at the position given",
+            ) from err
         try:
             return cls.from_json(data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err.what}", expected=err.expected, found=err.found, fix=err.fix) from err
         except ArtefactError as err:
             raise ArtefactError(f"{path}: {err.what}", expected=err.expected, found=err.found, fix=err.fix) from err
-

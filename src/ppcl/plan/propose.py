@@ -61,8 +61,6 @@ class _Draft:
     met: bool
 
 
-
-
 def plan_from_intervals(
     intervals: Iterable[IntervalLike],
     spec_name: str,
@@ -113,14 +111,23 @@ def plan_from_intervals(
         ConfigError: unknown target kind or init, bad targets, names or guard settings, an interval out of range.
     """
     if target_kind not in TARGET_KINDS:
-        raise ConfigError(f"Unknown target kind {target_kind!r}", expected=f"one of {', '.join(TARGET_KINDS)}",
-                          found=repr(target_kind))
+        raise ConfigError(
+            f"Unknown target kind {target_kind!r}",
+            expected=f"one of {', '.join(TARGET_KINDS)}",
+            found=repr(target_kind),
+        )
     if init not in INITS:
-        raise ConfigError(f"Unknown student initialisation {init!r}", expected=f"one of {', '.join(INITS)}",
-                          found=repr(init))
+        raise ConfigError(
+            f"Unknown student initialisation {init!r}", expected=f"one of {', '.join(INITS)}", found=repr(init)
+        )
     guard = check_guard(guard_factor, guard_floor)
-    plan = PruningPlan(spec_name, model_class, tuple(int(s) for s in stack_sizes),
-                       protect_first=protect_first, protect_last=protect_last)
+    plan = PruningPlan(
+        spec_name,
+        model_class,
+        tuple(int(s) for s in stack_sizes),
+        protect_first=protect_first,
+        protect_last=protect_last,
+    )
     spec = plan.spec()
     table = _table(per_block_params, plan.stack_sizes, target_kind)
     named = _named_targets(targets, target_kind, level_names)
@@ -131,9 +138,12 @@ def plan_from_intervals(
     for interval in intervals:
         u, v, score = int(interval.u), int(interval.v), float(interval.score)
         if not (0 <= u <= v < plan.num_blocks) or math.isnan(score):
-            raise ConfigError("An interval is out of range or has no score",
-                              expected=f"inclusive 0 <= u <= v < {plan.num_blocks} and a number score",
-                              found=f"[{u}, {v}] (inclusive), score {score}", fix="check the report's intervals")
+            raise ConfigError(
+                "An interval is out of range or has no score",
+                expected=f"inclusive 0 <= u <= v < {plan.num_blocks} and a number score",
+                found=f"[{u}, {v}] (inclusive), score {score}",
+                fix="check the report's intervals",
+            )
         rep = DepthReplacement(Span.from_inclusive(u, v), init)
         issues = rep.issues(layout)
         if issues:
@@ -156,35 +166,46 @@ def plan_from_intervals(
     plan.provenance = {
         "selector": "ppcl.plan.plan_from_intervals",
         "rule": "intervals accepted cheapest-first (score ascending, ties by position) until each target is met; "
-                "levels are nested prefixes of that order; the budget guard refuses an interval scoring more than "
-                "guard_factor x max(largest accepted score, guard_floor), and the order stops there; a level with "
-                "the same intervals as a smaller one is dropped",
+        "levels are nested prefixes of that order; the budget guard refuses an interval scoring more than "
+        "guard_factor x max(largest accepted score, guard_floor), and the order stops there; a level with "
+        "the same intervals as a smaller one is dropped",
         "target_kind": target_kind,
         "target_meaning": _TARGET_MEANING[target_kind],
         "targets": {name: target for name, target in named},
         "init": init,
         "order": [{"id": rep.id, "inclusive": list(rep.span.inclusive), "score": score} for score, rep in accepted],
         "skipped": skipped,
-        "guard": {"factor": guard.factor, "floor": guard.floor, "reference": "largest accepted score",
-                  "refused": None if refusal is None else refusal.to_json()},
-        "dropped_levels": [{"name": d.name, "target": d.target, "same_as": dropped[d.name].name}
-                           for d in drafts if d.name in dropped],
+        "guard": {
+            "factor": guard.factor,
+            "floor": guard.floor,
+            "reference": "largest accepted score",
+            "refused": None if refusal is None else refusal.to_json(),
+        },
+        "dropped_levels": [
+            {"name": d.name, "target": d.target, "same_as": dropped[d.name].name} for d in drafts if d.name in dropped
+        ],
         "per_block_params": list(table.per_block) if table is not None else None,
         **dict(provenance or {}),
     }
     plan.validate(spec)
-    _log.info("Proposed %d level(s) from %d candidate interval(s): %s", len(levels), len(candidates),
-              ", ".join(f"{lvl.name} ({len(lvl.replacement_ids)} spans)" for lvl in levels))
+    _log.info(
+        "Proposed %d level(s) from %d candidate interval(s): %s",
+        len(levels),
+        len(candidates),
+        ", ".join(f"{lvl.name} ({len(lvl.replacement_ids)} spans)" for lvl in levels),
+    )
     return plan
 
 
 def _table(per_block: Sequence[int] | None, sizes: tuple[int, ...], kind: str) -> ParamTable | None:
     if per_block is None:
         if kind != "blocks":
-            raise ConfigError(f"Target kind {kind!r} needs per-block parameter counts",
-                              expected="per_block_params (one count per flat block)", found="None",
-                              fix="pass per_block_params (see ppcl.plan.count.param_table), "
-                              "or use target_kind='blocks'")
+            raise ConfigError(
+                f"Target kind {kind!r} needs per-block parameter counts",
+                expected="per_block_params (one count per flat block)",
+                found="None",
+                fix="pass per_block_params (see ppcl.plan.count.param_table), or use target_kind='blocks'",
+            )
         return None
     return ParamTable.from_per_block(per_block, sizes)
 
@@ -194,19 +215,28 @@ def _named_targets(targets: Sequence[float], kind: str, names: Sequence[str] | N
     if not values:
         raise ConfigError("No targets were given", expected="at least one target", found="[]")
     for t in values:
-        bad = (not isinstance(t, int | float) or isinstance(t, bool) or not t > 0
-               or (kind == "fraction" and t > 1) or (kind == "blocks" and t != int(t)))
+        bad = (
+            not isinstance(t, int | float)
+            or isinstance(t, bool)
+            or not t > 0
+            or (kind == "fraction" and t > 1)
+            or (kind == "blocks" and t != int(t))
+        )
         if bad:
-            allowed = {"fraction": "a number in (0, 1]", "params": "a positive parameter count",
-                       "blocks": "a positive whole number"}[kind]
+            allowed = {
+                "fraction": "a number in (0, 1]",
+                "params": "a positive parameter count",
+                "blocks": "a positive whole number",
+            }[kind]
             raise ConfigError(f"Invalid {kind} target {t!r}", expected=allowed, found=repr(t))
     if len(set(values)) != len(values):
         raise ConfigError("Targets repeat", expected="distinct targets (one level each)", found=str(values))
     if names is None:
         names = [_default_name(kind, t) for t in values]
     elif len(names) != len(values):
-        raise ConfigError("level_names and targets differ in length", expected=f"{len(values)} names",
-                          found=str(list(names)))
+        raise ConfigError(
+            "level_names and targets differ in length", expected=f"{len(values)} names", found=str(list(names))
+        )
     # Levels are nested, so they are listed from the least to the most pruned.
     return sorted(zip(names, values, strict=True), key=lambda nt: nt[1])
 
@@ -239,8 +269,15 @@ def _format_target(kind: str, value: float) -> str:
     return f"{int(value)} blocks removed"
 
 
-def _describe_level(accepted: Sequence[tuple[float, DepthReplacement]], table: ParamTable | None, total: int,
-                    kind: str, target: float, met: bool, guarded: bool = False) -> str:
+def _describe_level(
+    accepted: Sequence[tuple[float, DepthReplacement]],
+    table: ParamTable | None,
+    total: int,
+    kind: str,
+    target: float,
+    met: bool,
+    guarded: bool = False,
+) -> str:
     blocks = sum(rep.span.removed for _, rep in accepted)
     text = f"{len(accepted)} spans, {total} → {total - blocks} blocks"
     removed = _removed_params(accepted, table)
@@ -311,8 +348,10 @@ def _level_note(draft: _Draft, refusal: Refusal | None, same_as: _Draft | None, 
     target = _format_target(kind, draft.target)
     short = _shortfall(draft, refusal, kind)
     if same_as is not None:
-        note = (f"level {draft.name} (target {target}) dropped: it would hold the same {len(draft.accepted)} "
-                f"intervals as level {same_as.name} ({reached})")
+        note = (
+            f"level {draft.name} (target {target}) dropped: it would hold the same {len(draft.accepted)} "
+            f"intervals as level {same_as.name} ({reached})"
+        )
         # When the kept level met its own target, no other note says why this one's intervals stop short.
         return note if draft.met or not same_as.met else f"{note}; {short}"
     return "" if draft.met else f"level {draft.name}: target {target} not reached, {short}"
@@ -331,15 +370,24 @@ def _level(draft: _Draft, table: ParamTable | None, total: int, kind: str, refus
     scores = [score for score, _ in draft.accepted]
     # An unmet level stopped either because the candidates ran out or because the guard refused the next one; the
     # refusal ends the order, so when there is one every unmet level is short because of it.
-    description = _describe_level(draft.accepted, table, total, kind, draft.target, draft.met,
-                                  guarded=refusal is not None)
-    return Level(draft.name, tuple(rep.id for _, rep in draft.accepted), description,
-                 worst_score=max(scores) if scores else None, cheapest_score=min(scores) if scores else None)
+    description = _describe_level(
+        draft.accepted, table, total, kind, draft.target, draft.met, guarded=refusal is not None
+    )
+    return Level(
+        draft.name,
+        tuple(rep.id for _, rep in draft.accepted),
+        description,
+        worst_score=max(scores) if scores else None,
+        cheapest_score=min(scores) if scores else None,
+    )
 
 
 def propose_plan(*args: Any, **kwargs: Any) -> PruningPlan:
     """Deprecated name of :func:`plan_from_intervals` (it read like :func:`ppcl.propose_plan`, which plans from a
     report); kept so existing code keeps working."""
-    warnings.warn("ppcl.plan.propose_plan is renamed plan_from_intervals (ppcl.propose_plan plans from a report)",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "ppcl.plan.propose_plan is renamed plan_from_intervals (ppcl.propose_plan plans from a report)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return plan_from_intervals(*args, **kwargs)

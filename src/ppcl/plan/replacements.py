@@ -124,8 +124,9 @@ def replacement_from_json(data: Any, where: str = "replacement") -> Replacement:
     try:
         return cls.from_fields(obj, replacement_id, where)
     except ConfigError as err:  # a value object rejected its fields: report it as a malformed file
-        raise ArtefactError(f"Plan field `{where}` is invalid: {err.what}", expected=err.expected,
-                            found=err.found, fix=err.fix) from err
+        raise ArtefactError(
+            f"Plan field `{where}` is invalid: {err.what}", expected=err.expected, found=err.found, fix=err.fix
+        ) from err
 
 
 @register_replacement
@@ -154,8 +155,12 @@ class DepthReplacement(Replacement):
 
     def __post_init__(self) -> None:
         if not isinstance(self.span, Span):
-            raise ConfigError("A depth replacement needs a Span", expected="a ppcl.plan.Span",
-                              found=type(self.span).__name__, fix="use Span(start, stop) or Span.from_inclusive(u, v)")
+            raise ConfigError(
+                "A depth replacement needs a Span",
+                expected="a ppcl.plan.Span",
+                found=type(self.span).__name__,
+                fix="use Span(start, stop) or Span.from_inclusive(u, v)",
+            )
         if self.init not in INITS:
             raise ConfigError(
                 f"Unknown student initialisation {self.init!r} for {self.span}",
@@ -195,23 +200,45 @@ class DepthReplacement(Replacement):
     def issues(self, layout: BlockLayout) -> list[Issue]:
         span, found = self.span, f"{layout.describe_both(self.span)}"
         if span.stop > layout.total:
-            return [Issue("runs past the last block", f"a span inside flat blocks [0, {layout.total})", found,
-                          "shorten the span or check that the plan was made for this model")]
+            return [
+                Issue(
+                    "runs past the last block",
+                    f"a span inside flat blocks [0, {layout.total})",
+                    found,
+                    "shorten the span or check that the plan was made for this model",
+                )
+            ]
         issues = []
         if span.size < 2:
-            issues.append(Issue("covers a single block, so it removes nothing", "a span of at least 2 blocks", found,
-                                "extend the span or delete the replacement"))
+            issues.append(
+                Issue(
+                    "covers a single block, so it removes nothing",
+                    "a span of at least 2 blocks",
+                    found,
+                    "extend the span or delete the replacement",
+                )
+            )
         stacks = layout.stacks_of(span)
         if len(stacks) > 1:
-            issues.append(Issue(
-                "crosses a block-stack boundary", "all blocks of the span in one stack (the student is one block of "
-                "one type)", found, "split the span at the stack boundary into one replacement per stack"))
+            issues.append(
+                Issue(
+                    "crosses a block-stack boundary",
+                    "all blocks of the span in one stack (the student is one block of one type)",
+                    found,
+                    "split the span at the stack boundary into one replacement per stack",
+                )
+            )
         hit = sorted(layout.protected.intersection(span.blocks))
         if hit:
-            issues.append(Issue(
-                f"covers protected block(s) {hit}", "a span avoiding the protected blocks "
-                f"{sorted(layout.protected)}", found, "shrink the span, or lower the plan's protect_first / "
-                "protect_last (SD3's last block is always protected)"))
+            issues.append(
+                Issue(
+                    f"covers protected block(s) {hit}",
+                    f"a span avoiding the protected blocks {sorted(layout.protected)}",
+                    found,
+                    "shrink the span, or lower the plan's protect_first / "
+                    "protect_last (SD3's last block is always protected)",
+                )
+            )
         return issues
 
     def describe(self, layout: BlockLayout | None = None) -> str:
@@ -245,7 +272,8 @@ class DepthReplacement(Replacement):
 
 def _inclusive_span(value: list[Any], where: str) -> Span:
     if len(value) != 2:
-        raise ArtefactError(f"Plan field `{where}.inclusive` is malformed", expected="[u, v] (two flat indices)",
-                            found=repr(value))
+        raise ArtefactError(
+            f"Plan field `{where}.inclusive` is malformed", expected="[u, v] (two flat indices)", found=repr(value)
+        )
     u, v = (_json.check(x, int, f"{where}.inclusive") for x in value)
     return Span.from_inclusive(u, v)

@@ -115,9 +115,7 @@ class BlockLayout:
     protected: frozenset[int] = frozenset()
 
     @classmethod
-    def of(
-        cls, stack_sizes: Sequence[int], spec: ArchSpec | None = None, protected: Iterable[int] = ()
-    ) -> BlockLayout:
+    def of(cls, stack_sizes: Sequence[int], spec: ArchSpec | None = None, protected: Iterable[int] = ()) -> BlockLayout:
         """Layout for ``stack_sizes``, naming the stacks after ``spec`` when its stack count matches."""
         sizes = tuple(int(s) for s in stack_sizes)
         names = tuple(s.attr for s in spec.stacks) if spec is not None and len(spec.stacks) == len(sizes) else None

@@ -79,8 +79,11 @@ def _dim(table: ParamTable, index: int) -> int:
     for cand in (d - 1, d, d + 1):
         if cand > 0 and cand * cand + cand == n_params:
             return cand
-    raise ConfigError(f"Cannot read the token width of block {index}", expected="a D×D text key projection with bias",
-                      found=f"{n_params} parameters in attn.add_k_proj")
+    raise ConfigError(
+        f"Cannot read the token width of block {index}",
+        expected="a D×D text key projection with bias",
+        found=f"{n_params} parameters in attn.add_k_proj",
+    )
 
 
 @register_replacement
@@ -102,8 +105,12 @@ class TextRun(Replacement):
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, Span):
-            raise ConfigError("A text run needs a Span", expected="a ppcl.plan.Span", found=type(self.run).__name__,
-                              fix="use TextRun(Span(a, b + 1)) or TextRun.from_inclusive(a, b)")
+            raise ConfigError(
+                "A text run needs a Span",
+                expected="a ppcl.plan.Span",
+                found=type(self.run).__name__,
+                fix="use TextRun(Span(a, b + 1)) or TextRun.from_inclusive(a, b)",
+            )
         object.__setattr__(self, "skip", tuple(sorted({int(i) for i in self.skip})))
         if not self.id:
             object.__setattr__(self, "id", f"text:{self.run.start}-{self.run.stop}")
@@ -148,24 +155,54 @@ class TextRun(Replacement):
     def issues(self, layout: BlockLayout) -> list[Issue]:
         found = layout.describe_both(self.run)
         if self.run.stop > layout.total:
-            return [Issue("runs past the last block", f"a run inside flat blocks [0, {layout.total})", found,
-                          "shorten the run or check the plan was made for this model")]
+            return [
+                Issue(
+                    "runs past the last block",
+                    f"a run inside flat blocks [0, {layout.total})",
+                    found,
+                    "shorten the run or check the plan was made for this model",
+                )
+            ]
         issues = []
         if self.run.size < 2:
-            issues.append(Issue("covers a single block, so it prunes nothing", "a run of at least 2 blocks "
-                                "(inclusive [a, b] with b > a)", found, "extend the run or delete it"))
+            issues.append(
+                Issue(
+                    "covers a single block, so it prunes nothing",
+                    "a run of at least 2 blocks (inclusive [a, b] with b > a)",
+                    found,
+                    "extend the run or delete it",
+                )
+            )
         if len(layout.stacks_of(self.run)) > 1:
-            issues.append(Issue("crosses a block-stack boundary", "a run inside one stack", found,
-                                "split the run at the stack boundary"))
+            issues.append(
+                Issue(
+                    "crosses a block-stack boundary",
+                    "a run inside one stack",
+                    found,
+                    "split the run at the stack boundary",
+                )
+            )
         else:
             spec, stack = _stack_spec(layout, self.run.start)
             if spec is not None and not spec.stacks[stack].dual_stream:
-                issues.append(Issue("lies in a single-stream stack", "a run inside a dual-stream stack (separate text "
-                                    "weights)", found, "move the run to the dual-stream blocks"))
+                issues.append(
+                    Issue(
+                        "lies in a single-stream stack",
+                        "a run inside a dual-stream stack (separate text weights)",
+                        found,
+                        "move the run to the dual-stream blocks",
+                    )
+                )
         bad = [j for j in self.skip if not self.run.start < j < self.last]
         if bad:
-            issues.append(Issue(f"skips blocks {bad} that are not strictly inside the run", "skip ⊂ (a, b) (the anchor "
-                                "and the last block must run)", found, "fix `skip` or move the run's ends"))
+            issues.append(
+                Issue(
+                    f"skips blocks {bad} that are not strictly inside the run",
+                    "skip ⊂ (a, b) (the anchor and the last block must run)",
+                    found,
+                    "fix `skip` or move the run's ends",
+                )
+            )
         return issues
 
     def conflicts_with(self, other: Replacement) -> bool:
@@ -180,7 +217,9 @@ class TextRun(Replacement):
     def describe(self, layout: BlockLayout | None = None) -> str:
         where = layout.describe_both(self.run) if layout is not None else f"{self.run} = {self.run.paper()}"
         skip = f", skipping depth-removed {list(self.skip)}" if self.skip else ""
-        return f"{self.id}: text-stream run {where}: anchor {self.anchor}, text-pruned {list(self.pruned_blocks())}{skip}"
+        return (
+            f"{self.id}: text-stream run {where}: anchor {self.anchor}, text-pruned {list(self.pruned_blocks())}{skip}"
+        )
 
     def fields_json(self) -> dict[str, Any]:
         a, b = self.run.inclusive
@@ -191,12 +230,16 @@ class TextRun(Replacement):
         span = Span(_json.require(data, "start", int, where), _json.require(data, "stop", int, where))
         inclusive = _json.optional(data, "inclusive", list, where, [])
         if inclusive and list(span.inclusive) != inclusive:
-            raise ArtefactError(f"Plan fields `{where}.start/stop` and `{where}.inclusive` disagree",
-                                expected=f"inclusive {list(span.inclusive)}", found=f"inclusive {inclusive}",
-                                fix="edit both, or delete `inclusive`")
+            raise ArtefactError(
+                f"Plan fields `{where}.start/stop` and `{where}.inclusive` disagree",
+                expected=f"inclusive {list(span.inclusive)}",
+                found=f"inclusive {inclusive}",
+                fix="edit both, or delete `inclusive`",
+            )
         skip = _json.optional(data, "skip", list, where, [])
-        return cls(span, tuple(_json.check(s, int, f"{where}.skip[{i}]") for i, s in enumerate(skip)),
-                   replacement_id or "")
+        return cls(
+            span, tuple(_json.check(s, int, f"{where}.skip[{i}]") for i, s in enumerate(skip)), replacement_id or ""
+        )
 
 
 @register_replacement
@@ -219,8 +262,11 @@ class FFNLinear(Replacement):
     def __post_init__(self) -> None:
         object.__setattr__(self, "streams", tuple(s for s in _WIDTH_STREAMS if s in set(self.streams)))
         if not self.streams:
-            raise ConfigError(f"FFN replacement of block {self.block} names no stream",
-                              expected=f"a subset of {_WIDTH_STREAMS}", found="()")
+            raise ConfigError(
+                f"FFN replacement of block {self.block} names no stream",
+                expected=f"a subset of {_WIDTH_STREAMS}",
+                found="()",
+            )
         if not self.id:
             object.__setattr__(self, "id", f"ffn:{self.block}")
 
@@ -249,9 +295,14 @@ class FFNLinear(Replacement):
             return [Issue("is out of range", f"a flat block in [0, {layout.total})", str(self.block), "fix `block`")]
         spec, stack = _stack_spec(layout, self.block)
         if spec is not None and not spec.stacks[stack].width.ffn:
-            return [Issue("targets a block without a separate FFN", "a block with a feed-forward second half",
-                          f"flat block {self.block} ({layout.names[stack] if layout.names else 'blocks'})",
-                          "FLUX.1 single blocks fuse their MLP into proj_out; pick a double-stream block")]
+            return [
+                Issue(
+                    "targets a block without a separate FFN",
+                    "a block with a feed-forward second half",
+                    f"flat block {self.block} ({layout.names[stack] if layout.names else 'blocks'})",
+                    "FLUX.1 single blocks fuse their MLP into proj_out; pick a double-stream block",
+                )
+            ]
         return []
 
     def conflicts_with(self, other: Replacement) -> bool:
@@ -273,9 +324,11 @@ class FFNLinear(Replacement):
     @classmethod
     def from_fields(cls, data: Mapping[str, Any], replacement_id: str | None, where: str) -> FFNLinear:
         streams = _json.optional(data, "streams", list, where, list(_WIDTH_STREAMS))
-        return cls(_json.require(data, "block", int, where),
-                   tuple(_json.check(s, str, f"{where}.streams[{i}]") for i, s in enumerate(streams)),
-                   replacement_id or "")
+        return cls(
+            _json.require(data, "block", int, where),
+            tuple(_json.check(s, str, f"{where}.streams[{i}]") for i, s in enumerate(streams)),
+            replacement_id or "",
+        )
 
 
 def _arch_of(table: ParamTable) -> str:
@@ -301,7 +354,9 @@ def check_level_width(plan: PruningPlan, level: Level | str) -> None:
     gone = {i for rep in reps if isinstance(rep, DepthReplacement) for i in rep.removed_blocks()}
     for rep in reps:
         if isinstance(rep, TextRun) and set(rep.skip) - gone:
-            raise ConfigError(f"Text run {rep.id} skips blocks no depth span of level {lvl.name} removes",
-                              expected=f"skip ⊆ depth-removed blocks {sorted(gone & set(rep.run.blocks))}",
-                              found=f"skip {list(rep.skip)}",
-                              fix="use a text run whose `skip` matches this level's depth spans")
+            raise ConfigError(
+                f"Text run {rep.id} skips blocks no depth span of level {lvl.name} removes",
+                expected=f"skip ⊆ depth-removed blocks {sorted(gone & set(rep.run.blocks))}",
+                found=f"skip {list(rep.skip)}",
+                fix="use a text run whose `skip` matches this level's depth spans",
+            )

@@ -49,8 +49,13 @@ def dual_stream_blocks(arch: str, stack_sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def select_width(report: RedundancyReport, *, threshold: float = DEFAULT_TEXT_CKA_THRESHOLD, ffn_k: int = 3,
-                 max_run_blocks: int | None = None) -> tuple[list[tuple[int, int]], list[FFNLinear]]:
+def select_width(
+    report: RedundancyReport,
+    *,
+    threshold: float = DEFAULT_TEXT_CKA_THRESHOLD,
+    ffn_k: int = 3,
+    max_run_blocks: int | None = None,
+) -> tuple[list[tuple[int, int]], list[FFNLinear]]:
     """Text runs (inclusive ``(a, b)``) and FFN blocks from a report, restricted to :func:`dual_stream_blocks`."""
     allowed = dual_stream_blocks(report.arch, report.stack_sizes)
     runs = select_text_runs(report.text_cka, threshold, max_blocks=max_run_blocks, allowed=allowed)
@@ -58,8 +63,14 @@ def select_width(report: RedundancyReport, *, threshold: float = DEFAULT_TEXT_CK
     return runs, select_ffn_blocks(report.ffn_rel_error, ffn_k, text_pruned=pruned, allowed=allowed)
 
 
-def select_text_runs(text_cka: np.ndarray, threshold: float = DEFAULT_TEXT_CKA_THRESHOLD, *, min_blocks: int = 2,
-                     max_blocks: int | None = None, allowed: Iterable[int] | None = None) -> list[tuple[int, int]]:
+def select_text_runs(
+    text_cka: np.ndarray,
+    threshold: float = DEFAULT_TEXT_CKA_THRESHOLD,
+    *,
+    min_blocks: int = 2,
+    max_blocks: int | None = None,
+    allowed: Iterable[int] | None = None,
+) -> list[tuple[int, int]]:
     """Maximal non-overlapping runs ``(a, b)`` (inclusive flat blocks) where text CKA from the anchor stays high.
 
     Args:
@@ -75,20 +86,30 @@ def select_text_runs(text_cka: np.ndarray, threshold: float = DEFAULT_TEXT_CKA_T
     """
     cka = np.asarray(text_cka, dtype=np.float64)
     if cka.ndim != 2 or cka.shape[0] != cka.shape[1] or cka.shape[0] < 2:
-        raise ConfigError("The text CKA matrix is malformed", expected="a square (L+1, L+1) matrix, L >= 1",
-                          found=str(cka.shape), fix="pass RedundancyReport.text_cka")
+        raise ConfigError(
+            "The text CKA matrix is malformed",
+            expected="a square (L+1, L+1) matrix, L >= 1",
+            found=str(cka.shape),
+            fix="pass RedundancyReport.text_cka",
+        )
     if not 0.0 < threshold <= 1.0:
-        raise ConfigError("The text-run CKA threshold is out of range", expected="0 < threshold <= 1",
-                          found=str(threshold))
+        raise ConfigError(
+            "The text-run CKA threshold is out of range", expected="0 < threshold <= 1", found=str(threshold)
+        )
     num_blocks = cka.shape[0] - 1
     ok = set(range(num_blocks)) if allowed is None else {int(i) for i in allowed}
     runs: list[tuple[int, int]] = []
     a = 0
     while a < num_blocks:
         b = a
-        while (b + 1 < num_blocks and b + 1 in ok and a in ok
-               and (max_blocks is None or b + 1 - a + 1 <= max_blocks)
-               and np.isfinite(cka[a + 1, b + 2]) and cka[a + 1, b + 2] >= threshold):
+        while (
+            b + 1 < num_blocks
+            and b + 1 in ok
+            and a in ok
+            and (max_blocks is None or b + 1 - a + 1 <= max_blocks)
+            and np.isfinite(cka[a + 1, b + 2])
+            and cka[a + 1, b + 2] >= threshold
+        ):
             b += 1
         if b - a + 1 >= min_blocks:
             runs.append((a, b))
@@ -98,8 +119,13 @@ def select_text_runs(text_cka: np.ndarray, threshold: float = DEFAULT_TEXT_CKA_T
     return runs
 
 
-def select_ffn_blocks(ffn_rel_error: Mapping[str, np.ndarray], k: int, *, text_pruned: Iterable[int] = (),
-                      allowed: Iterable[int] | None = None) -> list[FFNLinear]:
+def select_ffn_blocks(
+    ffn_rel_error: Mapping[str, np.ndarray],
+    k: int,
+    *,
+    text_pruned: Iterable[int] = (),
+    allowed: Iterable[int] | None = None,
+) -> list[FFNLinear]:
     """The ``k`` blocks whose FFN second halves are most linear, as :class:`FFNLinear` replacements (block order).
 
     Args:
@@ -124,9 +150,14 @@ def select_ffn_blocks(ffn_rel_error: Mapping[str, np.ndarray], k: int, *, text_p
     return [FFNLinear(i, streams) for _, i, streams in sorted(chosen, key=lambda t: t[1])]
 
 
-def with_width_level(plan: PruningPlan, name: str, text_runs: Sequence[tuple[int, int]],
-                     ffn_blocks: Sequence[int | FFNLinear], base_level: str | None = None,
-                     description: str = "") -> PruningPlan:
+def with_width_level(
+    plan: PruningPlan,
+    name: str,
+    text_runs: Sequence[tuple[int, int]],
+    ffn_blocks: Sequence[int | FFNLinear],
+    base_level: str | None = None,
+    description: str = "",
+) -> PruningPlan:
     """A copy of ``plan`` with a new level ``name`` = ``base_level``'s replacements + the given width replacements.
 
     Text runs are inclusive ``(a, b)``; their ``skip`` is set to the blocks ``base_level``'s depth spans remove inside
@@ -138,8 +169,10 @@ def with_width_level(plan: PruningPlan, name: str, text_runs: Sequence[tuple[int
     gone = {i for r in base if isinstance(r, DepthReplacement) for i in r.removed_blocks()}
     runs = [TextRun.from_inclusive(a, b, skip=sorted(gone & set(range(a + 1, b)))) for a, b in text_runs]
     pruned = {j for r in runs for j in r.pruned_blocks()}
-    ffns = [f if isinstance(f, FFNLinear) else FFNLinear(int(f), ("image",) if f in pruned else ("image", "text"))
-            for f in ffn_blocks]
+    ffns = [
+        f if isinstance(f, FFNLinear) else FFNLinear(int(f), ("image",) if f in pruned else ("image", "text"))
+        for f in ffn_blocks
+    ]
     replacements = list(plan.replacements)
     by_id = {r.id: r for r in replacements}
     width: list[Replacement] = []
@@ -154,6 +187,11 @@ def with_width_level(plan: PruningPlan, name: str, text_runs: Sequence[tuple[int
         width.append(rep)
     # The depth intervals are the base level's, so are their scores (width replacements have none).
     scored = plan.level(base_level) if base_level is not None else Level(name)
-    level = Level(name, tuple(r.id for r in base) + tuple(r.id for r in width), description,
-                  worst_score=scored.worst_score, cheapest_score=scored.cheapest_score)
+    level = Level(
+        name,
+        tuple(r.id for r in base) + tuple(r.id for r in width),
+        description,
+        worst_score=scored.worst_score,
+        cheapest_score=scored.cheapest_score,
+    )
     return dataclasses.replace(plan, replacements=replacements, levels=[*plan.levels, level]).validate()

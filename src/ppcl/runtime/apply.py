@@ -33,8 +33,8 @@ from ppcl.addon import PruningAddon
 from ppcl.addon.fingerprint import touched_blocks
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
-from ppcl.modules.width import RunContext
 from ppcl.kinds import check_kinds, kind_of
+from ppcl.modules.width import RunContext
 from ppcl.runtime.width import WidthAction, check_width_support, like_input, width_actions
 
 ADDON_ATTR = "ppcl"
@@ -102,13 +102,19 @@ def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None)
         AddonMismatchError: ``addon`` was made for another base model (the field that differs is named).
     """
     if getattr(model, STATE_ATTR, None) is not None:
-        raise ConfigError("An add-on is already applied to this model", expected="a model without an add-on",
-                          found=f"add-on with levels {model._ppcl_state.addon.level_names}",
-                          fix="switch levels with set_level, or call remove_addon(model) before applying another")
+        raise ConfigError(
+            "An add-on is already applied to this model",
+            expected="a model without an add-on",
+            found=f"add-on with levels {model._ppcl_state.addon.level_names}",
+            fix="switch levels with set_level, or call remove_addon(model) before applying another",
+        )
     if hasattr(model, ADDON_ATTR):
-        raise ConfigError(f"The model already has an attribute `{ADDON_ATTR}`",
-                          expected=f"no attribute `{ADDON_ATTR}` (the add-on installs its students there)",
-                          found=type(getattr(model, ADDON_ATTR)).__name__, fix="remove or rename that attribute")
+        raise ConfigError(
+            f"The model already has an attribute `{ADDON_ATTR}`",
+            expected=f"no attribute `{ADDON_ATTR}` (the add-on installs its students there)",
+            found=type(getattr(model, ADDON_ATTR)).__name__,
+            fix="remove or rename that attribute",
+        )
     addon.check_base(model)
     spec = get_spec(model)
     contexts: dict[str, RunContext] = {}
@@ -121,8 +127,12 @@ def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None)
         block = spec.block(model, i)
         previous = block.__dict__.get("forward")
         if getattr(previous, _DISPATCHER_FLAG, False):
-            raise ConfigError(f"Block {i} already runs a ppcl dispatcher", expected="a block without one",
-                              found=spec.block_name(model, i), fix="remove the other add-on first")
+            raise ConfigError(
+                f"Block {i} already runs a ppcl dispatcher",
+                expected="a block without one",
+                found=spec.block_name(model, i),
+                fix="remove the other add-on first",
+            )
         state.blocks[i], state.previous_forward[i] = block, previous
     for i, block in state.blocks.items():
         block.forward = _Dispatcher(model, state, i, block, state.previous_forward[i])
@@ -142,9 +152,12 @@ def set_level(model: nn.Module, name: str | None) -> None:
     state = runtime_state(model)
     table = state.tables.get(name)
     if table is None:
-        raise ConfigError(f"The applied add-on has no level {name!r}",
-                          expected=f"one of {state.addon.level_names} or None (the original model)",
-                          found=repr(name), fix="pick an existing level name")
+        raise ConfigError(
+            f"The applied add-on has no level {name!r}",
+            expected=f"one of {state.addon.level_names} or None (the original model)",
+            found=repr(name),
+            fix="pick an existing level name",
+        )
     state.active = table
     state.level = name
 
@@ -181,10 +194,12 @@ def remove_addon(model: nn.Module) -> PruningAddon:
     state = runtime_state(model)
     for i, block in state.blocks.items():
         if not getattr(block.__dict__.get("forward"), _DISPATCHER_FLAG, False):
-            raise ConfigError(f"Block {i}'s forward was replaced after the add-on was applied",
-                              expected="the ppcl dispatcher as the block's forward",
-                              found=repr(block.__dict__.get("forward")),
-                              fix="remove the later hook/wrapper (e.g. accelerate hooks) before remove_addon")
+            raise ConfigError(
+                f"Block {i}'s forward was replaced after the add-on was applied",
+                expected="the ppcl dispatcher as the block's forward",
+                found=repr(block.__dict__.get("forward")),
+                fix="remove the later hook/wrapper (e.g. accelerate hooks) before remove_addon",
+            )
     for i, block in state.blocks.items():
         previous = state.previous_forward[i]
         if previous is None:
@@ -202,13 +217,18 @@ def runtime_state(model: nn.Module) -> RuntimeState:
     """The :class:`RuntimeState` of a model with an add-on applied."""
     state = getattr(model, STATE_ATTR, None)
     if state is None:
-        raise ConfigError("No add-on is applied to this model", expected="a model passed to apply_addon",
-                          found=type(model).__name__, fix="call ppcl.apply_addon(model, addon) first")
+        raise ConfigError(
+            "No add-on is applied to this model",
+            expected="a model passed to apply_addon",
+            found=type(model).__name__,
+            fix="call ppcl.apply_addon(model, addon) first",
+        )
     return state
 
 
-def _dispatch_tables(addon: PruningAddon, spec: ArchSpec, model: nn.Module,
-                     contexts: dict[str, RunContext]) -> dict[str | None, dict[int, Action]]:
+def _dispatch_tables(
+    addon: PruningAddon, spec: ArchSpec, model: nn.Module, contexts: dict[str, RunContext]
+) -> dict[str | None, dict[int, Action]]:
     reps = {rep.id: rep for rep in check_kinds(addon.plan.replacements)}
     for rep in reps.values():
         if kind_of(rep).owns_student:
@@ -247,8 +267,9 @@ class _Dispatcher:
 
     _ppcl_dispatcher = True
 
-    def __init__(self, model: nn.Module, state: RuntimeState, index: int, block: nn.Module,
-                 previous: Callable[..., Any] | None) -> None:
+    def __init__(
+        self, model: nn.Module, state: RuntimeState, index: int, block: nn.Module, previous: Callable[..., Any] | None
+    ) -> None:
         self.model, self.state, self.index, self.block, self.previous = model, state, index, block, previous
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -277,8 +298,9 @@ class _Dispatcher:
         return f"<ppcl dispatcher of flat block {self.index}>"
 
 
-def _drop_addon_keys(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str,
-                     local_metadata: dict[str, Any]) -> None:
+def _drop_addon_keys(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata: dict[str, Any]
+) -> None:
     head = f"{prefix}{ADDON_ATTR}."
     for key in [k for k in state_dict if k.startswith(head)]:
         del state_dict[key]

@@ -44,8 +44,10 @@ def remap_lora_state_dict(
     spec = plan.spec()
     kept = plan.kept_blocks(level)
     per_stack = spec.check_kept(plan.stack_sizes, kept)
-    renames = {stack.attr: {old: new for new, old in enumerate(local)} for stack, local in
-               zip(spec.stacks, per_stack, strict=True)}
+    renames = {
+        stack.attr: {old: new for new, old in enumerate(local)}
+        for stack, local in zip(spec.stacks, per_stack, strict=True)
+    }
     sizes = {stack.attr: size for stack, size in zip(spec.stacks, plan.stack_sizes, strict=True)}
     out: dict[str, V] = {}
     gone: list[str] = []
@@ -59,9 +61,12 @@ def remap_lora_state_dict(
         matched += 1
         attr, index = parts[at], int(parts[at + 1])
         if index >= sizes[attr]:
-            raise ConfigError(f"LoRA key {key!r} names block {index} of `{attr}`",
-                              expected=f"indices below {sizes[attr]} (the plan's base model)", found=str(index),
-                              fix="use a LoRA trained on the add-on's base model")
+            raise ConfigError(
+                f"LoRA key {key!r} names block {index} of `{attr}`",
+                expected=f"indices below {sizes[attr]} (the plan's base model)",
+                found=str(index),
+                fix="use a LoRA trained on the add-on's base model",
+            )
         new = renames[attr].get(index)
         if new is None:
             gone.append(key)
@@ -69,11 +74,17 @@ def remap_lora_state_dict(
         parts[at + 1] = str(new)
         out[".".join(parts)] = value
     if gone:
-        _log.info("remap_lora_state_dict: %d LoRA tensors of blocks removed by level %s dropped: %s", len(gone),
-                  level, _preview(gone))
+        _log.info(
+            "remap_lora_state_dict: %d LoRA tensors of blocks removed by level %s dropped: %s",
+            len(gone),
+            level,
+            _preview(gone),
+        )
     if lora_state_dict and not matched:
-        _log.warning("remap_lora_state_dict: no key names a block (%s); is the LoRA in diffusers/PEFT format?",
-                     _preview(list(lora_state_dict)))
+        _log.warning(
+            "remap_lora_state_dict: no key names a block (%s); is the LoRA in diffusers/PEFT format?",
+            _preview(list(lora_state_dict)),
+        )
     if dropped is not None:
         dropped.extend(gone)
     return out

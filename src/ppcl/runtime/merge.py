@@ -38,8 +38,12 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
             rewritten ``dual_attention_layers`` expects one).
     """
     if not isinstance(level, str):
-        raise ConfigError("merge needs a level name", expected=f"one of {addon.level_names}", found=repr(level),
-                          fix="the original model (level None) needs no merge")
+        raise ConfigError(
+            "merge needs a level name",
+            expected=f"one of {addon.level_names}",
+            found=repr(level),
+            fix="the original model (level None) needs no merge",
+        )
     addon.check_base(model)
     spec = get_spec(model)
     check_kinds(addon.plan.replacements)
@@ -47,10 +51,13 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
     all_reps = addon.plan.replacements_of(level)
     reps = [r for r in all_reps if kind_of(r).owns_student]
     if _has_base_adapters(model):
-        raise ConfigError("The base model carries adapter layers (e.g. a LoRA)", expected="a plain base model",
-                          found="PEFT tuner layers in the transformer",
-                          fix="fuse and unload the adapter (or remove it) before merging; re-apply a LoRA to the "
-                              "merged model with remap_lora_state_dict")
+        raise ConfigError(
+            "The base model carries adapter layers (e.g. a LoRA)",
+            expected="a plain base model",
+            found="PEFT tuner layers in the transformer",
+            fix="fuse and unload the adapter (or remove it) before merging; re-apply a LoRA to the "
+            "merged model with remap_lora_state_dict",
+        )
     kept = addon.plan.kept_blocks(level)
     config = spec.rewrite_config(dict(model.config), kept)
     spec.check_pruned_compatible(model, kept)
@@ -77,8 +84,9 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
     return merged
 
 
-def _apply_width(spec: ArchSpec, merged: nn.Module, addon: PruningAddon, level: str, reps: list[Any],
-                 kept: list[int]) -> None:
+def _apply_width(
+    spec: ArchSpec, merged: nn.Module, addon: PruningAddon, level: str, reps: list[Any], kept: list[int]
+) -> None:
     # Substitutions are recorded at merged positions; a span start's position holds its student, already loaded.
     from ppcl.plan import check_level_width
 
@@ -102,8 +110,9 @@ def _has_base_adapters(model: nn.Module) -> bool:
     return any(has_adapter_layers(child) for name, child in model.named_children() if name != ADDON_ATTR)
 
 
-def _check_students_fit(spec: ArchSpec, merged: nn.Module, addon: PruningAddon, reps: list[Any],
-                        kept: list[int]) -> None:
+def _check_students_fit(
+    spec: ArchSpec, merged: nn.Module, addon: PruningAddon, reps: list[Any], kept: list[int]
+) -> None:
     position = {old: new for new, old in enumerate(kept)}
     for rep in reps:
         new_block = spec.block(merged, position[rep.span.start])
@@ -117,12 +126,13 @@ def _check_students_fit(spec: ArchSpec, merged: nn.Module, addon: PruningAddon, 
                 expected="the parameter names and shapes the rewritten config builds at that position",
                 found=f"differences {diff[:4]}{' ...' if len(diff) > 4 else ''}",
                 fix="re-create the add-on with init='first' for this span (the merged config builds each kept "
-                    "position like the span's first block), or choose spans whose blocks are built alike",
+                "position like the span's first block), or choose spans whose blocks are built alike",
             )
 
 
-def _copy_buffers(spec: ArchSpec, model: nn.Module, merged: nn.Module, addon: PruningAddon, reps: list[Any],
-                  kept: list[int]) -> None:
+def _copy_buffers(
+    spec: ArchSpec, model: nn.Module, merged: nn.Module, addon: PruningAddon, reps: list[Any], kept: list[int]
+) -> None:
     # Non-persistent buffers are not in the state dict; take them (dtype, device, values) from the base model, and
     # those of a span's kept position from its student.
     source = {k: v for k, v in model.named_buffers() if not k.startswith(f"{ADDON_ATTR}.")}
@@ -136,5 +146,9 @@ def _copy_buffers(spec: ArchSpec, model: nn.Module, merged: nn.Module, addon: Pr
             owner = merged.get_submodule(owner_name) if owner_name else merged
             owner._buffers[leaf] = renamed[name].detach().clone()
         elif buffer.is_meta:
-            raise ConfigError(f"Buffer {name} of the merged model has no source", expected="a buffer of the base",
-                              found="none", fix="report this as a ppcl bug")
+            raise ConfigError(
+                f"Buffer {name} of the merged model has no source",
+                expected="a buffer of the base",
+                found="none",
+                fix="report this as a ppcl bug",
+            )

@@ -37,8 +37,12 @@ MERGED_FORMAT = "ppcl.merged_width"
 MERGED_FORMAT_VERSION = 1
 RECORD_ATTR = "ppcl_merged_record"
 """Attribute of a width-merged model holding its substitution record (a JSON-able dict)."""
-_PART_ATTRS = {"text_in": "ppcl_text_in", "text_out": "ppcl_text_out", "image": "ppcl_ffn_image",
-               "text": "ppcl_ffn_text"}
+_PART_ATTRS = {
+    "text_in": "ppcl_text_in",
+    "text_out": "ppcl_text_out",
+    "image": "ppcl_ffn_image",
+    "text": "ppcl_ffn_text",
+}
 
 
 def substitution(spec: ArchSpec, model: nn.Module, index: int, mode: WidthMode) -> dict[str, Any]:
@@ -52,14 +56,27 @@ def substitution(spec: ArchSpec, model: nn.Module, index: int, mode: WidthMode) 
         linear = _mod_linear(block, dict(targets.modulation)[stream])
         d = linear.in_features
         cut[_mod_linear_name(block, dict(targets.modulation)[stream])] = (
-            [0, 1, 2, 6, 7, 8] if linear.out_features == 9 * d else [0, 1, 2])
+            [0, 1, 2, 6, 7, 8] if linear.out_features == 9 * d else [0, 1, 2]
+        )
     parts = [p for p, on in (("text_in", mode.text in ("pruned", "last")), ("text_out", mode.text == "last")) if on]
-    return {"block": index, "block_name": spec.block_name(model, index), "text": mode.text, "run": mode.run,
-            "ffn": sorted(mode.ffn), "drop": drop, "cut_modulation": cut, "projections": parts + sorted(mode.ffn)}
+    return {
+        "block": index,
+        "block_name": spec.block_name(model, index),
+        "text": mode.text,
+        "run": mode.run,
+        "ffn": sorted(mode.ffn),
+        "drop": drop,
+        "cut_modulation": cut,
+        "projections": parts + sorted(mode.ffn),
+    }
 
 
-def replay(model: nn.Module, record: Mapping[str, Any], projections: Mapping[tuple[int, str], nn.Module] | None = None,
-           proj_dtype: torch.dtype = torch.float32) -> nn.Module:
+def replay(
+    model: nn.Module,
+    record: Mapping[str, Any],
+    projections: Mapping[tuple[int, str], nn.Module] | None = None,
+    proj_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """Apply the substitutions of ``record`` to ``model`` in place (weights kept where the structure survives).
 
     Args:
@@ -102,8 +119,9 @@ def replay(model: nn.Module, record: Mapping[str, Any], projections: Mapping[tup
 class _MergedForward:
     """Instance ``forward`` of a width-modified block of a merged model (a callable object: deep-copyable)."""
 
-    def __init__(self, block: nn.Module, input_names: Sequence[str], mode: WidthMode, parts: WidthParts,
-                 ctx: RunContext | None) -> None:
+    def __init__(
+        self, block: nn.Module, input_names: Sequence[str], mode: WidthMode, parts: WidthParts, ctx: RunContext | None
+    ) -> None:
         self.block, self.input_names, self.mode, self.parts, self.ctx = block, tuple(input_names), mode, parts, ctx
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -135,38 +153,57 @@ def load_merged(path: str | os.PathLike[str], dtype: torch.dtype | None = None) 
     folder = Path(path)
     record_path = folder / MERGED_FILE
     if not record_path.is_file():
-        raise ArtefactError(f"No {MERGED_FILE} in {folder}", expected="a folder written by ppcl.runtime.save_merged",
-                            found="no substitution record", fix="depth-only merges load with the stock from_pretrained")
+        raise ArtefactError(
+            f"No {MERGED_FILE} in {folder}",
+            expected="a folder written by ppcl.runtime.save_merged",
+            found="no substitution record",
+            fix="depth-only merges load with the stock from_pretrained",
+        )
     record = read_json(record_path, "merged-model record")
     if record.get("format") != MERGED_FORMAT or int(record.get("format_version", 0)) > MERGED_FORMAT_VERSION:
-        raise ArtefactError(f"{record_path} is not a record this ppcl can read",
-                            expected=f"format {MERGED_FORMAT!r} version <= {MERGED_FORMAT_VERSION}",
-                            found=f"{record.get('format')!r} {record.get('format_version')!r}", fix="upgrade ppcl")
+        raise ArtefactError(
+            f"{record_path} is not a record this ppcl can read",
+            expected=f"format {MERGED_FORMAT!r} version <= {MERGED_FORMAT_VERSION}",
+            found=f"{record.get('format')!r} {record.get('format_version')!r}",
+            fix="upgrade ppcl",
+        )
     missing = [k for k, kind in (("model_class", str), ("substitutions", list)) if not isinstance(record.get(k), kind)]
     proj_dtype = getattr(torch, str(record.get("projection_dtype", "float32")), None)
     if missing or not isinstance(proj_dtype, torch.dtype):
-        raise ArtefactError(f"{record_path} is incomplete",
-                            expected="`model_class` (text), `substitutions` (list) and a torch `projection_dtype`",
-                            found=f"missing or malformed: {missing or ['projection_dtype']}",
-                            fix="re-save the merged model with ppcl.runtime.save_merged")
+        raise ArtefactError(
+            f"{record_path} is incomplete",
+            expected="`model_class` (text), `substitutions` (list) and a torch `projection_dtype`",
+            found=f"missing or malformed: {missing or ['projection_dtype']}",
+            fix="re-save the merged model with ppcl.runtime.save_merged",
+        )
     cls = resolve_model_class(record["model_class"])
     if not (folder / "config.json").is_file():
-        raise ArtefactError(f"No config.json in {folder}", expected="a folder written by ppcl.runtime.save_merged",
-                            found="no model config", fix="re-save the merged model with ppcl.runtime.save_merged")
+        raise ArtefactError(
+            f"No config.json in {folder}",
+            expected="a folder written by ppcl.runtime.save_merged",
+            found="no model config",
+            fix="re-save the merged model with ppcl.runtime.save_merged",
+        )
     config = cls.load_config(str(folder))
     try:
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config)
             replay(model, record, proj_dtype=proj_dtype)
     except (KeyError, IndexError, TypeError, ValueError) as err:
-        raise ArtefactError(f"{record_path} does not fit the model in {folder}",
-                            expected="substitutions recorded by ppcl.runtime.merge for this config",
-                            found=f"{type(err).__name__}: {err}",
-                            fix="re-save the merged model with ppcl.runtime.save_merged") from err
+        raise ArtefactError(
+            f"{record_path} does not fit the model in {folder}",
+            expected="substitutions recorded by ppcl.runtime.merge for this config",
+            found=f"{type(err).__name__}: {err}",
+            fix="re-save the merged model with ppcl.runtime.save_merged",
+        ) from err
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ArtefactError(f"No weights in {folder}", expected="*.safetensors files", found="none",
-                            fix="re-save the merged model with ppcl.runtime.save_merged")
+        raise ArtefactError(
+            f"No weights in {folder}",
+            expected="*.safetensors files",
+            found="none",
+            fix="re-save the merged model with ppcl.runtime.save_merged",
+        )
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_tensors(file, "merged model"))
@@ -175,17 +212,26 @@ def load_merged(path: str | os.PathLike[str], dtype: torch.dtype | None = None) 
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        raise ArtefactError(f"The weights in {folder} do not fit the replayed model", expected="exactly its tensors",
-                            found=str(err)[:300], fix="re-save the merged model with ppcl.runtime.save_merged") from err
+        raise ArtefactError(
+            f"The weights in {folder} do not fit the replayed model",
+            expected="exactly its tensors",
+            found=str(err)[:300],
+            fix="re-save the merged model with ppcl.runtime.save_merged",
+        ) from err
     return model.eval()
 
 
 def make_record(model_class: str, level: str, subs: list[dict[str, Any]], proj_dtype: torch.dtype) -> dict[str, Any]:
     """The JSON object written to ``ppcl_merged.json``."""
-    return {"format": MERGED_FORMAT, "format_version": MERGED_FORMAT_VERSION, "model_class": model_class,
-            "level": level, "projection_dtype": str(proj_dtype).removeprefix("torch."),
-            "index_convention": "block = flat block index of the merged model (0-based, over all stacks in order)",
-            "substitutions": subs}
+    return {
+        "format": MERGED_FORMAT,
+        "format_version": MERGED_FORMAT_VERSION,
+        "model_class": model_class,
+        "level": level,
+        "projection_dtype": str(proj_dtype).removeprefix("torch."),
+        "index_convention": "block = flat block index of the merged model (0-based, over all stacks in order)",
+        "substitutions": subs,
+    }
 
 
 def _mod_linear_name(block: nn.Module, modulation: str) -> str:

@@ -24,8 +24,19 @@ from ppcl.kinds import block_dim, kind_of, width_key
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
 from ppcl.plan import PruningPlan, Replacement, check_level_width
 
-__all__ = ["WidthAction", "block_dim", "check_width_support", "level_modes", "like_input", "parts_for",
-           "projection_keys", "width_actions", "width_key", "width_modules"]
+__all__ = [
+    "WidthAction",
+    "block_dim",
+    "check_width_support",
+    "level_modes",
+    "like_input",
+    "parts_for",
+    "projection_keys",
+    "width_actions",
+    "width_key",
+    "width_modules",
+]
+
 
 def projection_keys(rep: Replacement) -> list[str]:
     """Every projection key ``rep`` needs (empty for kinds without projections)."""
@@ -36,8 +47,11 @@ def projection_keys(rep: Replacement) -> list[str]:
 def width_modules(model: nn.Module, plan: PruningPlan, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Fresh identity projections (``W = 0, b = 0``) for every width replacement of ``plan``, on the blocks' device."""
     spec = get_spec(model)
-    return {key: module for rep in plan.replacements
-            for key, module in kind_of(rep).fresh_modules(model, spec, rep, dtype).items()}
+    return {
+        key: module
+        for rep in plan.replacements
+        for key, module in kind_of(rep).fresh_modules(model, spec, rep, dtype).items()
+    }
 
 
 def check_width_support(spec: ArchSpec, model: nn.Module, plan: PruningPlan) -> None:
@@ -54,18 +68,29 @@ class WidthAction:
         mode, parts, ctx: see :func:`ppcl.modules.width.width_forward`.
     """
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, index: int, module: nn.Module | None, mode: WidthMode,
-                 parts: WidthParts, ctx: RunContext | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ArchSpec,
+        index: int,
+        module: nn.Module | None,
+        mode: WidthMode,
+        parts: WidthParts,
+        ctx: RunContext | None,
+    ) -> None:
         self.model, self.spec, self.index, self.module = model, spec, index, module
         self.mode, self.parts, self.ctx = mode, parts, ctx
 
     def __call__(self, block: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
         bound = self.spec.bind_call(self.model, self.index, args, kwargs)
-        text, image = width_forward(self.module if self.module is not None else block, bound, self.mode, self.parts,
-                                    self.ctx)
+        text, image = width_forward(
+            self.module if self.module is not None else block, bound, self.mode, self.parts, self.ctx
+        )
         names = dict(self.spec.stack_of(self.model, self.index).stream_inputs)
-        streams = {"text": like_input(text, bound.get(names["text"])),
-                   "image": like_input(image, bound.get(names["image"]))}
+        streams = {
+            "text": like_input(text, bound.get(names["text"])),
+            "image": like_input(image, bound.get(names["image"])),
+        }
         return self.spec.join_outputs(self.model, self.index, streams)
 
     def __repr__(self) -> str:
@@ -80,8 +105,13 @@ def like_input(output: Any, given: Any) -> Any:
     its elementwise ops may promote a stream to float32; the next block must still get the base dtype, as it does at
     inference when the student is back in that dtype. A no-op whenever the dtypes match (every float32 model).
     """
-    if (isinstance(output, Tensor) and isinstance(given, Tensor) and output.is_floating_point()
-            and given.is_floating_point() and output.dtype != given.dtype):
+    if (
+        isinstance(output, Tensor)
+        and isinstance(given, Tensor)
+        and output.is_floating_point()
+        and given.is_floating_point()
+        and output.dtype != given.dtype
+    ):
         return output.to(given.dtype)
     return output
 
@@ -92,12 +122,19 @@ def level_modes(plan: PruningPlan, reps: Sequence[Replacement]) -> dict[int, Wid
     ffn: dict[int, set[str]] = {}
     for rep in reps:
         kind_of(rep).add_width_modes(rep, text, ffn)
-    return {i: WidthMode(text.get(i, ("full", None))[0], frozenset(ffn.get(i, ())),  # type: ignore[arg-type]
-                         text.get(i, ("full", None))[1]) for i in sorted(text.keys() | ffn.keys())}
+    return {
+        i: WidthMode(
+            text.get(i, ("full", None))[0],
+            frozenset(ffn.get(i, ())),  # type: ignore[arg-type]
+            text.get(i, ("full", None))[1],
+        )
+        for i in sorted(text.keys() | ffn.keys())
+    }
 
 
-def parts_for(students: Mapping[str, nn.Module], plan: PruningPlan, reps: Sequence[Replacement], index: int,
-              mode: WidthMode) -> WidthParts:
+def parts_for(
+    students: Mapping[str, nn.Module], plan: PruningPlan, reps: Sequence[Replacement], index: int, mode: WidthMode
+) -> WidthParts:
     """The projections block ``index`` uses in ``mode``, looked up in ``students`` (the add-on's ModuleDict)."""
     parts = WidthParts()
     for rep in reps:
@@ -105,8 +142,15 @@ def parts_for(students: Mapping[str, nn.Module], plan: PruningPlan, reps: Sequen
     return parts
 
 
-def width_actions(model: nn.Module, spec: ArchSpec, plan: PruningPlan, level: str, students: Mapping[str, nn.Module],
-                  depth_table: Mapping[int, Any], contexts: dict[str, RunContext]) -> dict[int, WidthAction]:
+def width_actions(
+    model: nn.Module,
+    spec: ArchSpec,
+    plan: PruningPlan,
+    level: str,
+    students: Mapping[str, nn.Module],
+    depth_table: Mapping[int, Any],
+    contexts: dict[str, RunContext],
+) -> dict[int, WidthAction]:
     """Width actions of ``level``; a position that starts an active depth span runs its student in width mode."""
     reps = plan.replacements_of(level)
     if not any(kind_of(r).is_width for r in reps):

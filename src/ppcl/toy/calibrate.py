@@ -23,9 +23,12 @@ def calibration_prompts(n: int, seed: int) -> list[str]:
 def kept_steps(n_timesteps: int, sampler_steps: int) -> list[int]:
     """``n_timesteps`` step indices spread evenly over a ``sampler_steps``-step schedule, first and last included."""
     if not 1 <= n_timesteps <= sampler_steps:
-        raise ConfigError("number of calibration timesteps out of range",
-                          expected=f"1..{sampler_steps} (the sampler's steps)", found=str(n_timesteps),
-                          fix="use fewer timesteps or more sampler steps")
+        raise ConfigError(
+            "number of calibration timesteps out of range",
+            expected=f"1..{sampler_steps} (the sampler's steps)",
+            found=str(n_timesteps),
+            fix="use fewer timesteps or more sampler steps",
+        )
     return sorted({int(round(x)) for x in np.linspace(0, sampler_steps - 1, n_timesteps)})
 
 
@@ -43,8 +46,12 @@ def calibrate_toy(
     transformer sees at inference. Returns ``num_prompts * len(seeds) * n_timesteps * 2`` samples.
     """
     if num_prompts < 1:
-        raise ConfigError("empty calibration request", expected="at least one prompt",
-                          found=f"{num_prompts} prompts", fix="pass --num-prompts >= 1")
+        raise ConfigError(
+            "empty calibration request",
+            expected="at least one prompt",
+            found=f"{num_prompts} prompts",
+            fix="pass --num-prompts >= 1",
+        )
     return calibrate_toy_prompts(teacher, calibration_prompts(num_prompts, prompt_seed), seeds, n_timesteps, sampler)
 
 
@@ -57,8 +64,12 @@ def calibrate_toy_prompts(
 ) -> CalibrationSet:
     """:func:`calibrate_toy` on given captions."""
     if not prompts or not seeds:
-        raise ConfigError("empty calibration request", expected="at least one prompt and one seed",
-                          found=f"{len(prompts)} prompts, seeds {list(seeds)}", fix="pass prompts and --seeds")
+        raise ConfigError(
+            "empty calibration request",
+            expected="at least one prompt and one seed",
+            found=f"{len(prompts)} prompts, seeds {list(seeds)}",
+            fix="pass prompts and --seeds",
+        )
     for prompt in prompts:
         teacher.tokenizer.encode_one(prompt)  # reject unknown words before sampling
     steps = set(kept_steps(n_timesteps, sampler.steps))
@@ -69,7 +80,13 @@ def calibrate_toy_prompts(
     with capture.active():
         sample(teacher, rows, noise_seeds, sampler, on_step=capture.set_step)
     grid = np.linspace(1.0, 0.0, sampler.steps + 1)
-    meta = {"source": "toy", "prompts": prompts, "seeds": list(seeds), "noise_seeds": noise_seeds,
-            "sampler": {"steps": sampler.steps, "guidance": sampler.guidance},
-            "timesteps": [round(float(grid[s]), 6) for s in sorted(steps)], "cfg_halves": ["cond", "uncond"]}
+    meta = {
+        "source": "toy",
+        "prompts": prompts,
+        "seeds": list(seeds),
+        "noise_seeds": noise_seeds,
+        "sampler": {"steps": sampler.steps, "guidance": sampler.guidance},
+        "timesteps": [round(float(grid[s]), 6) for s in sorted(steps)],
+        "cfg_halves": ["cond", "uncond"],
+    }
     return capture.to_calibration_set(meta)

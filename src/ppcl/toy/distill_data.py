@@ -81,5 +81,10 @@ class ToyDistillData:
 
     def describe(self) -> dict[str, Any]:
         """Source, sizes and sampling settings."""
-        return {"source": "toy.ShapesWorld", "batch_size": self.batch_size, "seed": self.seed,
-                "timestep_sampling": self.timestep_sampling, "caption_dropout": self.caption_dropout}
+        return {
+            "source": "toy.ShapesWorld",
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "timestep_sampling": self.timestep_sampling,
+            "caption_dropout": self.caption_dropout,
+        }

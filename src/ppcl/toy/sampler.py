@@ -75,7 +75,7 @@ def _integrate(
     dtype = next(model.parameters()).dtype
     x, emb = x.to(dtype), emb.to(dtype)
     grid = torch.linspace(1.0, 0.0, config.steps + 1)
-    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:], strict=False)):
         if on_step is not None:
             on_step(i)
         tt = torch.full((2 * x.shape[0],), float(t), dtype=dtype)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -79,7 +79,6 @@ class Detection:
     shape: str
     area: int
     center: tuple[float, float]
-
 
 
 def _check_mode(mode: str) -> None:
@@ -174,7 +173,7 @@ def _robust_classes(images: np.ndarray) -> Iterator[np.ndarray]:
         yield from despeckle(pixel_classes(images[start : start + _CHUNK]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_template(shape: str, height: int, width: int) -> np.ndarray:
     """``shape`` filling a ``height x width`` box as :func:`ppcl.toy.world.shape_mask` draws it (apex-up triangle).
 
@@ -194,7 +193,7 @@ def shape_template(shape: str, height: int, width: int) -> np.ndarray:
     return mask
 
 
-@lru_cache(maxsize=None)
+@cache
 def drawn_template(shape: str, height: int, width: int) -> np.ndarray:
     """The template whose drawn pixels span exactly ``height x width``.
 
@@ -279,8 +278,10 @@ def _component_objects(color: str, mask: np.ndarray, origin: tuple[int, int]) ->
     if iou < GOOD_FIT_IOU or _is_elongated(mask):
         parts = _better_split(mask, iou)
         if parts is not None:
-            return [_detection(color, shape_, part, (origin[0] + top, origin[1] + left))
-                    for part, (top, left), shape_ in parts]
+            return [
+                _detection(color, shape_, part, (origin[0] + top, origin[1] + left))
+                for part, (top, left), shape_ in parts
+            ]
     return [_detection(color, shape, mask, origin)]
 
 
@@ -291,11 +292,11 @@ def _better_split(mask: np.ndarray, whole_iou: float) -> list[tuple[np.ndarray, 
     if len(parts) < 2:
         return None
     fits = [fit_shape(part) for part, _ in parts]
-    if any(part.sum() < MIN_AREA or shape == "unknown" for (part, _), (shape, _) in zip(parts, fits)):
+    if any(part.sum() < MIN_AREA or shape == "unknown" for (part, _), (shape, _) in zip(parts, fits, strict=False)):
         return None
     if float(np.mean([iou for _, iou in fits])) <= whole_iou:
         return None
-    return [(part, offset, shape) for (part, offset), (shape, _) in zip(parts, fits)]
+    return [(part, offset, shape) for (part, offset), (shape, _) in zip(parts, fits, strict=False)]
 
 
 def _detection(color: str, shape: str, mask: np.ndarray, origin: tuple[int, int]) -> Detection:

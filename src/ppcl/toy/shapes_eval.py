@@ -34,9 +34,24 @@ from ppcl.toy.shapes_detect import (  # re-exported: the detectors were part of 
 )
 from ppcl.toy.world import COLORS, RELATIONS, SHAPES, Scene, render, scene_for
 
-__all__ = ["CATEGORIES", "CLUTTER", "MODES", "Detection", "Mode", "Prompt", "benchmark_prompts", "classify_shape",
-           "detect", "detect_all", "drawn_template", "evaluate", "ground_truth_images", "relation_holds", "score",
-           "shape_template"]
+__all__ = [
+    "CATEGORIES",
+    "CLUTTER",
+    "MODES",
+    "Detection",
+    "Mode",
+    "Prompt",
+    "benchmark_prompts",
+    "classify_shape",
+    "detect",
+    "detect_all",
+    "drawn_template",
+    "evaluate",
+    "ground_truth_images",
+    "relation_holds",
+    "score",
+    "shape_template",
+]
 
 CATEGORIES: tuple[str, ...] = ("single", "two_objects", "position", "color")
 
@@ -54,7 +69,6 @@ class Prompt:
         """A rendered-scene spec that satisfies this prompt, placed by ``rng``."""
         kind = {"single": "single", "color": "single", "two_objects": "and", "position": "relation"}[self.category]
         return scene_for(kind, self.objects, self.relation, rng)
-
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
@@ -125,7 +139,7 @@ def evaluate(prompts: list[Prompt], images: np.ndarray, mode: Mode = "robust") -
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
-    for prompt, detections in zip(prompts, detect_all(np.asarray(images), mode)):
+    for prompt, detections in zip(prompts, detect_all(np.asarray(images), mode), strict=False):
         hits[prompt.category].append(score(prompt, detections))
     result: dict[str, float | int] = {c: float(np.mean(h)) if h else float("nan") for c, h in hits.items()}
     present = [result[c] for c in CATEGORIES if hits[c]]

@@ -113,10 +113,16 @@ class ToyTeacher:
         """Write fp16 weights of both networks (and the JSON card) to ``folder``, atomically per file."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _save_half(self.transformer.state_dict(), folder / TRANSFORMER_FILE, {"config": json.dumps(_jsonable(
-            dict(self.transformer.config)))})
-        _save_half(self.text_encoder.state_dict(), folder / TEXT_ENCODER_FILE,
-                   {"config": json.dumps(self.text_encoder.config())})
+        _save_half(
+            self.transformer.state_dict(),
+            folder / TRANSFORMER_FILE,
+            {"config": json.dumps(_jsonable(dict(self.transformer.config)))},
+        )
+        _save_half(
+            self.text_encoder.state_dict(),
+            folder / TEXT_ENCODER_FILE,
+            {"config": json.dumps(self.text_encoder.config())},
+        )
         if card is not None:
             write_json(card, folder / CARD_FILE)
 

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ppcl.errors import ConfigError
 from ppcl.io import atomic_folder, load_state, save_state, write_text
 from ppcl.logging import get_logger, progress
-from ppcl.errors import ConfigError
 from ppcl.outputs import CHECKPOINT, OutputKind, is_kind
-
-# A folder train_teacher wrote: its loss log, its state or the finished teacher's card.
-TOY_TEACHER_RUN = OutputKind("toy-teacher run", ("loss.jsonl", "state/trainer_state.json", "trainer_state.pt",
-                                                 "toy_teacher.json"))
 from ppcl.toy.teacher import ToyTeacher, patchify
 from ppcl.toy.world import sample_batch
+
+# A folder train_teacher wrote: its loss log, its state or the finished teacher's card.
+TOY_TEACHER_RUN = OutputKind(
+    "toy-teacher run", ("loss.jsonl", "state/trainer_state.json", "trainer_state.pt", "toy_teacher.json")
+)
 
 log = get_logger("toy.train")
 
@@ -64,7 +65,7 @@ def _batch(cfg: TeacherTrainConfig, step: int) -> tuple[torch.Tensor, list[str],
     rng = np.random.default_rng([cfg.seed, step])
     images, captions = sample_batch(rng, cfg.batch_size)
     drop = rng.random(cfg.batch_size) < cfg.caption_dropout
-    captions = ["" if d else c for c, d in zip(captions, drop)]
+    captions = ["" if d else c for c, d in zip(captions, drop, strict=False)]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     # Logit-normal times concentrate training on the middle of the trajectory, where the image takes shape.
     t = torch.sigmoid(torch.randn(cfg.batch_size, generator=gen))
@@ -128,10 +129,12 @@ def train_teacher(
     """
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not is_kind(out, TOY_TEACHER_RUN):
-        raise ConfigError("the output folder holds files that are not a toy-teacher run",
-                          expected="a new, empty or toy-teacher folder (it resumes from its state/)",
-                          found=f"{out} is not empty", fix="choose another --out (ppcl does not write into a folder "
-                          "it did not create)")
+        raise ConfigError(
+            "the output folder holds files that are not a toy-teacher run",
+            expected="a new, empty or toy-teacher folder (it resumes from its state/)",
+            found=f"{out} is not empty",
+            fix="choose another --out (ppcl does not write into a folder it did not create)",
+        )
     out.mkdir(parents=True, exist_ok=True)
     teacher = ToyTeacher.build(seed=cfg.seed, config=model_config)
     params = _params(teacher)
@@ -154,19 +157,34 @@ def train_teacher(
         ema.update(params, step)
         window.append(float(loss.detach()))
         if (step + 1) % 10 == 0:
-            _append_jsonl(out / "loss.jsonl", {"step": step + 1, "loss": float(np.mean(window)),
-                                               "lr": _lr_at(cfg, step), "elapsed_s": round(time.time() - t0, 1)})
+            _append_jsonl(
+                out / "loss.jsonl",
+                {
+                    "step": step + 1,
+                    "loss": float(np.mean(window)),
+                    "lr": _lr_at(cfg, step),
+                    "elapsed_s": round(time.time() - t0, 1),
+                },
+            )
             window = []
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             _save_state(out, step + 1, time.time() - t0, params, opt, ema)
     if end < cfg.steps:
         return None
     final = _ema_teacher(teacher, ema)
-    card = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(final.transformer.config).items()
-                       if not k.startswith("_")},
-            "text_encoder": final.text_encoder.config(), "train": asdict(cfg), "command": command,
-            "train_time_s": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
-            "final_loss": _final_loss(out / "loss.jsonl")}
+    card = {
+        "config": {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dict(final.transformer.config).items()
+            if not k.startswith("_")
+        },
+        "text_encoder": final.text_encoder.config(),
+        "train": asdict(cfg),
+        "command": command,
+        "train_time_s": round(time.time() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+        "final_loss": _final_loss(out / "loss.jsonl"),
+    }
     final.save(out, card)
     log.info("toy teacher: saved to %s (%.0f s)", out, card["train_time_s"])
     return final
@@ -184,8 +202,13 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 def _save_state(out: Path, step: int, elapsed: float, params, opt, ema: _Ema) -> None:
-    state = {"step": step, "elapsed": elapsed, "params": {k: v.detach() for k, v in params.items()},
-             "opt": opt.state_dict(), "ema": ema.shadow}
+    state = {
+        "step": step,
+        "elapsed": elapsed,
+        "params": {k: v.detach() for k, v in params.items()},
+        "opt": opt.state_dict(),
+        "ema": ema.shadow,
+    }
     with atomic_folder(out / STATE_DIR, CHECKPOINT, overwrite=True) as tmp:
         save_state(state, tmp, "trainer_state")
     (out / LEGACY_STATE_FILE).unlink(missing_ok=True)
@@ -195,8 +218,9 @@ def _maybe_resume(out: Path, params, opt, ema: _Ema) -> tuple[int, float]:
     if (out / STATE_DIR / "trainer_state.json").is_file():
         state = load_state(out / STATE_DIR, "trainer_state", "toy teacher trainer state")
     elif (out / LEGACY_STATE_FILE).is_file():
-        log.warning("%s is in the old torch.save format; the next save replaces it with %s/", out / LEGACY_STATE_FILE,
-                    STATE_DIR)
+        log.warning(
+            "%s is in the old torch.save format; the next save replaces it with %s/", out / LEGACY_STATE_FILE, STATE_DIR
+        )
         state = torch.load(out / LEGACY_STATE_FILE, weights_only=True)
     else:
         (out / "loss.jsonl").unlink(missing_ok=True)

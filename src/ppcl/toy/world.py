@@ -8,7 +8,7 @@ rule-based scorer in :mod:`ppcl.toy.shapes_eval` recovers every ground-truth sce
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class Scene:
         return f"{names[0]} {joint} {names[1]}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mask(shape: str, size: int) -> np.ndarray:
     """Boolean mask ``(size, size)`` of a filled shape touching all four sides of its box."""
     r = np.arange(size)[:, None] + 0.5
