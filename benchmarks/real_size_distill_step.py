@@ -63,7 +63,8 @@ from torch import nn
 from _results import append
 from ppcl.addon import PruningAddon
 from ppcl.arch import get_spec
-from ppcl.distill.trainer import METRICS_FILE, DistillConfig, distill_depth
+from ppcl.distill.run_folder import METRICS_FILE
+from ppcl.distill.trainer import DistillConfig, distill_depth
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from real_size_latency import (
     QWEN_IMAGE_20B,

@@ -523,3 +523,16 @@ def test_config_validation_and_schedule() -> None:
     factors = [cfg.lr_factor(s) for s in range(10)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False)) and factors[-1] >= 0.1
+
+
+def test_step_modules_follow_the_declared_protocol() -> None:
+    """Issue 15: the loop's contract with a step module is a declared Protocol (StepModule), not an implicit one."""
+    from ppcl.distill.step_module import StepModule
+
+    case = build_tiny("qwenimage")
+    plan = _plan(case)
+    addon = PruningAddon.from_plan(case.model, plan)
+    step = DepthStep(case.model, addon.students, depth_replacements(plan))
+    assert isinstance(step, StepModule)
+    assert (step.measure, step.micro_index, step.data_index) == (False, 0, None)
+    assert not isinstance(torch.nn.Linear(2, 2), StepModule)

@@ -158,7 +158,7 @@ def _latent_cache(root: Path) -> Path:
 
     import ppcl
     from ppcl.data.images import scan_folder
-    from ppcl.data.latent_cache import build_image_cache
+    from ppcl.data.latent_build import build_image_cache
     from tiny_pipelines import build_flux
 
     images = root / "images"

@@ -22,7 +22,8 @@ from ppcl.data.images import (
     scan_shards,
     to_bucket,
 )
-from ppcl.data.latent_cache import LatentCache, build_image_cache, build_prompt_cache
+from ppcl.data.latent_build import build_image_cache, build_prompt_cache
+from ppcl.data.latent_cache import LatentCache
 from ppcl.distill.latent_data import LatentCacheData, shift_sigmas
 from ppcl.errors import PPCLError
 from tiny_pipelines import WORDS, build_flux, build_qwen, build_sd3

@@ -8,7 +8,12 @@ concatenated with the MLP branch), so they have no separate FFN width target.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from ppcl.arch.joint import JOINT_BLOCK_WIDTH
+from ppcl.arch.latents import Cast, LatentFormat, pack_2x2
 from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 FLUX_BLOCK_INPUTS: tuple[str, ...] = (
@@ -30,6 +35,39 @@ FLUX_DOUBLE_WIDTH = JOINT_BLOCK_WIDTH
 # One set of weights serves both streams: nothing is text-only, and the MLP (proj_mlp + act_mlp) is fused into
 # proj_out, so there is no separate FFN to replace.
 FLUX_SINGLE_WIDTH = WidthTargets(modulation=(("image", "norm"), ("text", "norm")))
+
+
+class FluxLatents(LatentFormat):
+    """FLUX.1: ``(z - shift_factor) * scaling_factor``, 2x2-packed latents with ``img_ids`` / ``txt_ids``, CLIP pooled
+    + T5 embeddings, timestep σ (``guidance`` is added by the data source when the model embeds it)."""
+
+    def encode_prompts(self, pipe: Any, prompts: list[str], kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        pe, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe._execution_device, **kwargs)
+        return [{"prompt_embeds": pe[i].cpu(), "pooled_prompt_embeds": pooled[i].cpu()} for i in range(len(pe))]
+
+    def unpack_generated(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+    def model_inputs(
+        self,
+        x_t: torch.Tensor,
+        sigma: torch.Tensor,
+        data: dict[str, torch.Tensor],
+        transformer: dict[str, Any],
+        cast: Cast,
+    ) -> dict[str, Any]:
+        from diffusers import FluxPipeline
+
+        b, _, h, w = x_t.shape
+        return {
+            "hidden_states": cast(pack_2x2(x_t)),
+            "encoder_hidden_states": cast(data["prompt_embeds"]),
+            "pooled_projections": cast(data["pooled_prompt_embeds"]),
+            "timestep": cast(sigma),
+            "img_ids": cast(FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)),
+            "txt_ids": cast(torch.zeros(data["prompt_embeds"].shape[1], 3)),
+        }
+
 
 FLUX_SPEC = ArchSpec(
     name="flux",
@@ -57,4 +95,5 @@ FLUX_SPEC = ArchSpec(
         batched=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
         shared=("img_ids", "txt_ids"),
     ),
+    latents=FluxLatents(),
 )

@@ -6,7 +6,12 @@ The model calls its blocks with keywords normally and positionally under gradien
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from ppcl.arch.joint import JOINT_ATTN_TEXT, JOINT_ATTN_TEXT_KV
+from ppcl.arch.latents import Cast, LatentFormat, pack_2x2
 from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
 
 QWENIMAGE_BLOCK_INPUTS: tuple[str, ...] = (
@@ -26,6 +31,53 @@ QWENIMAGE_WIDTH = WidthTargets(
     modulation=(("image", "img_mod"), ("text", "txt_mod")),
     ffn_input=(("image", "img_norm2"), ("text", "txt_norm2")),
 )
+
+
+class QwenImageLatents(LatentFormat):
+    """Qwen-Image: per-channel ``(z - latents_mean) / latents_std`` of a video VAE (one frame), 2x2-packed latents,
+    Qwen2.5-VL embeddings cut to their unmasked length (the reader pads them back with a mask), timestep σ."""
+
+    def normalisation(self, vae_config: Any) -> dict[str, Any]:
+        return {
+            "kind": "(z - latents_mean) / latents_std",
+            "latents_mean": list(vae_config.latents_mean),
+            "latents_std": list(vae_config.latents_std),
+        }
+
+    def encode_images(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        x = pixels.to(device=vae.device, dtype=vae.dtype)
+        with torch.no_grad():
+            z = vae.encode(x.unsqueeze(2)).latent_dist.mode()  # (B, C, 1, h, w)
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+        return ((z - mean) / std)[:, :, 0].float().cpu()
+
+    def encode_prompts(self, pipe: Any, prompts: list[str], kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        pe, mask = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device, **kwargs)
+        lengths = [pe.shape[1]] * len(pe) if mask is None else mask.sum(1).tolist()
+        return [{"prompt_embeds": pe[i, :n].cpu()} for i, n in enumerate(lengths)]
+
+    def unpack_generated(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)[:, :, 0]  # (B, C, 1, h, w) → 4-D
+
+    def model_inputs(
+        self,
+        x_t: torch.Tensor,
+        sigma: torch.Tensor,
+        data: dict[str, torch.Tensor],
+        transformer: dict[str, Any],
+        cast: Cast,
+    ) -> dict[str, Any]:
+        b, _, h, w = x_t.shape
+        return {
+            "hidden_states": cast(pack_2x2(x_t)),
+            "encoder_hidden_states": cast(data["prompt_embeds"]),
+            "encoder_hidden_states_mask": data["prompt_embeds_mask"],
+            "timestep": cast(sigma),
+            "img_shapes": [[(1, h // 2, w // 2)]] * b,
+        }
+
 
 QWENIMAGE_SPEC = ArchSpec(
     name="qwenimage",
@@ -51,4 +103,5 @@ QWENIMAGE_SPEC = ArchSpec(
         per_sample_lists=("img_shapes",),
         text_mask="encoder_hidden_states_mask",
     ),
+    latents=QwenImageLatents(),
 )

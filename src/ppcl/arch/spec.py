@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ppcl.arch import pruning
+from ppcl.arch.latents import LatentFormat
 from ppcl.errors import ConfigError, UnsupportedModelError
 
 STREAMS: tuple[str, str] = ("image", "text")
@@ -140,6 +141,7 @@ class ArchSpec:
             depth-pruned model must keep it: removing it would change which block the config builds that way.
         streams: the token streams, always ``("image", "text")``.
         model_inputs: which arguments of the model's ``forward`` are per-sample, shared or per-sample lists.
+        latents: the pipeline's latent conventions (:mod:`ppcl.arch.latents`), ``None`` when ppcl has none.
     """
 
     name: str
@@ -148,6 +150,18 @@ class ArchSpec:
     protect_last_block: bool = False
     streams: tuple[str, ...] = STREAMS
     model_inputs: ModelInputs = field(default_factory=ModelInputs)
+    latents: LatentFormat | None = None
+
+    def latent_format(self) -> LatentFormat:
+        """The family's :class:`~ppcl.arch.latents.LatentFormat`; raises when ppcl cannot cache its latents."""
+        if self.latents is None:
+            raise UnsupportedModelError(
+                f"ppcl has no latent format for {self.model_class_name}",
+                expected="a family with a latent format (FLUX.1, SD3/3.5, Qwen-Image)",
+                found=self.name,
+                fix="calibrate and distil from prompts (ppcl calibrate --prompts), or add the family's LatentFormat",
+            )
+        return self.latents
 
     # ----------------------------------------------------------------------------------------------- block access
     def stack_lists(self, model: nn.Module) -> list[nn.ModuleList]:

@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     from ppcl.cli.calibrate import _read_prompts
     from ppcl.cli.common import check_device, require_positive, require_seed
     from ppcl.data import images as image_data
-    from ppcl.data.latent_cache import build_image_cache, build_prompt_cache
+    from ppcl.data.latent_build import build_image_cache, build_prompt_cache
     from ppcl.data.loading import load_pipeline_folder, parse_dtype
     from ppcl.outputs import refuse_overlap
 

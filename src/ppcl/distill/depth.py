@@ -165,6 +165,7 @@ class DepthStep(nn.Module):
         self.timing: dict[str, float] = {}
         """Seconds of the last step's teacher pass and whole forward (set when :attr:`measure` is true)."""
         self.measure = False
+        self.micro_index, self.data_index = 0, None  # set by the loop before each call (StepModule)
 
     model: nn.Module
     echo: TeacherEcho = NO_ECHO  # the trainer sets its own (data echoing)
@@ -173,7 +174,7 @@ class DepthStep(nn.Module):
         """``{replacement id: scalar loss}`` for ``batch`` (the transformer's keyword arguments)."""
         t0 = self._clock()
         # Echoed steps (DistillConfig.teacher_reuse) meet the same data index and reuse its pass.
-        records = self.echo.get(getattr(self, "data_index", None), lambda: self.teacher_pass(batch))
+        records = self.echo.get(self.data_index, lambda: self.teacher_pass(batch))
         t1 = self._clock()
         if self.mode == "nonsequential":
             losses = self._nonsequential(records, self._chained(records))
@@ -249,7 +250,7 @@ class DepthStep(nn.Module):
             return call.args, call.kwargs
         model, spec = self.model, self.spec
         teacher = {k: v for k, v in spec.split_inputs(model, u, call.args, call.kwargs).items() if k in chained[0]}
-        mixed = mix_inputs(teacher, chained, self.chain_mix, getattr(self, "micro_index", 0))
+        mixed = mix_inputs(teacher, chained, self.chain_mix, self.micro_index)
         return (), call_with_streams(spec, model, u, call, mixed)
 
     def _nonsequential(

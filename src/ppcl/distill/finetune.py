@@ -132,6 +132,7 @@ class FinetuneStep(nn.Module):
         # Frozen originals of the trained base weights: the teacher must stay the original model.
         self.originals = [(p, p.detach().clone()) for p in self.blocks.parameters()]
         self.measure, self.timing, self.micro_index = False, {}, 0
+        self.data_index = None  # set by the loop before each call (StepModule)
 
     model: nn.Module
     echo: TeacherEcho = NO_ECHO  # the trainer sets its own (data echoing)
@@ -189,7 +190,9 @@ class FinetuneStep(nn.Module):
         rows = int(round(objective.on_policy * x.shape[0]))
         if rows == 0:
             return batch, uncond
-        index = getattr(self, "data_index", self.micro_index)  # per process: ranks draw different noise
+        index = (
+            self.micro_index if self.data_index is None else self.data_index
+        )  # per process: ranks draw different noise
         gen = torch.Generator().manual_seed(int(np.random.default_rng([objective.seed, index, 11]).integers(0, 2**62)))
         noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         set_level(model, level)

@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppcl.arch import spec_by_name
 from ppcl.data.latent_cache import TRANSFORMER_KEYS, LatentCache
 from ppcl.data.sampling import TimestepSampling, batch_generator, check_sampling
 from ppcl.errors import ArtefactError
-
-_MAX_SHIFT_DEFAULT = {"sd3": 1.16}  # the SD3 pipeline's default; FLUX.1 and Qwen-Image use 1.15
 
 
 def calculate_shift(
@@ -57,7 +56,7 @@ def shift_sigmas(
             c.get("base_image_seq_len", 256),
             c.get("max_image_seq_len", 4096),
             c.get("base_shift", 0.5),
-            c.get("max_shift", _MAX_SHIFT_DEFAULT.get(arch, 1.15)),
+            c.get("max_shift", spec_by_name(arch).latent_format().max_shift_default),
         )
         odds = 1 / u.clamp_min(1e-12) - 1  # sigma = 1.0 in the scheduler's time_shift
         scale = mu if c.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
@@ -145,7 +144,7 @@ class LatentCacheData:
     def image_tokens(self, bucket: int) -> int:
         """Transformer image tokens of a bucket (what the pipelines feed ``calculate_shift``)."""
         h, w = self.cache.manifest["latent_shapes"][str(bucket)][1:]
-        patch = 2 if self.arch in ("flux", "qwenimage") else int(self.transformer["patch_size"])
+        patch = spec_by_name(self.arch).latent_format().token_patch(self.transformer)
         return (h // patch) * (w // patch)
 
     def batch(self, step: int) -> dict[str, Any]:
@@ -170,40 +169,15 @@ class LatentCacheData:
         return self._kwargs(x_t, sigma, data)
 
     def _kwargs(self, x_t: torch.Tensor, sigma: torch.Tensor, data: dict[str, torch.Tensor]) -> dict[str, Any]:
-        b, _, h, w = x_t.shape
+        """The family's transformer inputs (:meth:`~ppcl.arch.latents.LatentFormat.model_inputs`), + ``guidance``
+        when the model embeds it."""
 
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.dtype)
 
-        if self.arch == "sd3":
-            return {
-                "hidden_states": cast(x_t),
-                "encoder_hidden_states": cast(data["prompt_embeds"]),
-                "pooled_projections": cast(data["pooled_prompt_embeds"]),
-                "timestep": sigma * 1000,
-            }  # float32, like the scheduler's timesteps the SD3 pipeline passes
-        packed = cast(_pack(x_t))
-        if self.arch == "flux":
-            from diffusers import FluxPipeline
-
-            out = {
-                "hidden_states": packed,
-                "encoder_hidden_states": cast(data["prompt_embeds"]),
-                "pooled_projections": cast(data["pooled_prompt_embeds"]),
-                "timestep": cast(sigma),
-                "img_ids": cast(FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)),
-                "txt_ids": cast(torch.zeros(data["prompt_embeds"].shape[1], 3)),
-            }
-        else:
-            out = {
-                "hidden_states": packed,
-                "encoder_hidden_states": cast(data["prompt_embeds"]),
-                "encoder_hidden_states_mask": data["prompt_embeds_mask"],
-                "timestep": cast(sigma),
-                "img_shapes": [[(1, h // 2, w // 2)]] * b,
-            }
+        out = spec_by_name(self.arch).latent_format().model_inputs(x_t, sigma, data, self.transformer, cast)
         if self.transformer.get("guidance_embeds"):
-            out["guidance"] = torch.full((b,), float(self.guidance), dtype=torch.float32)
+            out["guidance"] = torch.full((x_t.shape[0],), float(self.guidance), dtype=torch.float32)
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -234,11 +208,3 @@ class LatentCacheData:
                 )
             },
         }
-
-
-def _pack(latents: torch.Tensor) -> torch.Tensor:
-    """FLUX.1 / Qwen-Image ``_pack_latents``: ``(B, C, h, w)`` → ``(B, h/2 · w/2, 4C)`` (2x2 patches)."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)

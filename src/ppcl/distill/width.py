@@ -157,6 +157,7 @@ class WidthStep(nn.Module):
         self.students = addon.students
         self.linear_weight, self.relative = linear_weight, linear_loss == "relative"
         self.measure, self.timing = False, {}
+        self.micro_index, self.data_index = 0, None  # set by the loop before each call (StepModule)
 
     model: nn.Module
     echo: TeacherEcho = NO_ECHO  # the trainer sets its own (data echoing)
@@ -164,7 +165,7 @@ class WidthStep(nn.Module):
     def forward(self, **batch: Any) -> dict[str, Tensor]:
         """``{term: scalar loss}`` for ``batch`` (the transformer's keyword arguments)."""
         t0 = time.perf_counter()
-        key = getattr(self, "data_index", None) if self.echoable else None
+        key = self.data_index if self.echoable else None
         cap = self.echo.get(key, lambda: self.capture(batch))  # echoed steps reuse it (DistillConfig.teacher_reuse)
         t1 = time.perf_counter()
         targets = {key: (y, mask) for key, _, y, mask in self.capture.pairs(cap, self.plan, self.level)}
