@@ -12,13 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from ppcl.arch import FLUX_SPEC, QWENIMAGE_SPEC, SD3_SPEC, ArchSpec, WidthTargets, get_spec, spec_by_name
+from ppcl.arch import FLUX_SPEC, QWENIMAGE_SPEC, SD3_SPEC, WAN_SPEC, ArchSpec, WidthTargets, get_spec, spec_by_name
 from ppcl.data import ActivationRecorder
 from ppcl.errors import ConfigError, PPCLError, UnsupportedModelError
 from tiny_models import TinyCase, build_tiny
 
 # Blocks removed in the rewrite test: both Flux stacks lose one block, SD3 keeps its protected last block.
-KEPT = {"qwenimage": [0, 1, 4, 5], "flux": [0, 2, 3, 5], "sd3": [0, 1, 4, 5], "sd35": [0, 2, 3, 5]}
+KEPT = {"qwenimage": [0, 1, 4, 5], "flux": [0, 2, 3, 5], "sd3": [0, 1, 4, 5], "sd35": [0, 2, 3, 5], "wan": [0, 2, 3, 5]}
+# Blocks that return only the image stream (Wan: the text context is read, never returned), called positionally.
+IMAGE_ONLY = {"wan"}
 
 
 @contextmanager
@@ -40,7 +42,9 @@ def skipped(model: nn.Module, spec: ArchSpec, indices: Sequence[int]) -> Iterato
 
 # -------------------------------------------------------------------------------------------------- registry
 def test_get_spec_by_instance_class_and_name(tiny_case: TinyCase) -> None:
-    expected = {"qwenimage": QWENIMAGE_SPEC, "flux": FLUX_SPEC, "sd3": SD3_SPEC, "sd35": SD3_SPEC}[tiny_case.name]
+    expected = {"qwenimage": QWENIMAGE_SPEC, "flux": FLUX_SPEC, "sd3": SD3_SPEC, "sd35": SD3_SPEC, "wan": WAN_SPEC}[
+        tiny_case.name
+    ]
     assert get_spec(tiny_case.model) is expected
     assert get_spec(type(tiny_case.model)) is expected
     assert spec_by_name(expected.name) is expected
@@ -106,6 +110,9 @@ def test_flat_block_axis() -> None:
 def test_sd3_output_order_and_last_block(tiny_case: TinyCase) -> None:
     spec, model = get_spec(tiny_case.model), tiny_case.model
     for i in range(spec.num_blocks(model)):
+        if tiny_case.name in IMAGE_ONLY:
+            assert spec.output_order(model, i) == ("image",) and not spec.returns_text(model, i)
+            continue
         assert spec.output_order(model, i) == ("text", "image")
         is_sd3_last = spec is SD3_SPEC and i == spec.num_blocks(model) - 1
         assert spec.returns_text(model, i) is not is_sd3_last
@@ -117,8 +124,12 @@ def test_positional_and_keyword_calls_bind_alike(tiny_case: TinyCase) -> None:
         tiny_case.forward(tiny_case.make_inputs(0))
     for i in (0, spec.num_blocks(model) - 1):
         call = rec[i][0]
-        assert call.args == () and call.kwargs  # the normal path calls blocks with keywords
         names = spec.stack_of(model, i).input_names
+        if tiny_case.name in IMAGE_ONLY:  # Wan calls its blocks positionally on every path
+            assert call.kwargs == {} and len(call.args) == len(names)
+            call = type(call)(args=(), kwargs=dict(zip(names, call.args, strict=True)), output=call.output)
+        else:
+            assert call.args == () and call.kwargs  # the normal path calls blocks with keywords
         positional = tuple(call.kwargs.get(n) for n in names)
         by_kw = spec.split_inputs(model, i, (), call.kwargs)
         by_pos = spec.split_inputs(model, i, positional, {})
@@ -127,14 +138,15 @@ def test_positional_and_keyword_calls_bind_alike(tiny_case: TinyCase) -> None:
             assert split.keys() == by_kw.keys() == {"image", "text"}
             for stream in split:
                 assert split[stream] is by_kw[stream]
+        image_out = spec.split_outputs(model, i, call.output)["image"]
         with torch.no_grad():
-            assert torch.equal(spec.block(model, i)(*positional)[1], call.output[1])
+            assert torch.equal(spec.split_outputs(model, i, spec.block(model, i)(*positional))["image"], image_out)
         with pytest.raises(ConfigError):
             spec.bind_call(model, i, positional[:1], {names[0]: positional[0]})
         with pytest.raises(ConfigError):
             spec.bind_call(model, i, (*positional, None), {})
         with pytest.raises(ConfigError):
-            spec.split_outputs(model, i, call.output[1])
+            spec.split_outputs(model, i, [image_out] if tiny_case.name in IMAGE_ONLY else image_out)
 
 
 # ------------------------------------------------------------------------------------------------ passthrough
@@ -159,6 +171,8 @@ def test_passthrough_hands_inputs_to_next_block(tiny_case: TinyCase, position: s
     assert torch.equal(returned["image"], given["image"])
     if spec.returns_text(model, i):
         assert torch.equal(returned["text"], given["text"])
+    elif tiny_case.name in IMAGE_ONLY:
+        assert torch.equal(call.output, given["image"])  # a bare tensor, like the real block's
     else:
         assert call.output[0] is None  # SD3's last block returns (None, hidden_states), skipped or not
     if i + 1 < n:

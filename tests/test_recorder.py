@@ -41,7 +41,8 @@ def test_recall_reproduces_every_block_exactly(tiny_case: TinyCase) -> None:
         if i + 1 < n:  # block i's output is exactly what block i+1 receives
             received = spec.split_inputs(model, i + 1, rec[i + 1][0].args, rec[i + 1][0].kwargs)
             assert torch.equal(received["image"], outputs["image"])
-            assert torch.equal(received["text"], outputs["text"])
+            if outputs["text"] is not None:  # Wan's blocks only read the text context: it is their own input
+                assert torch.equal(received["text"], outputs["text"])
 
 
 def test_captures_shared_conditioning() -> None:

@@ -32,12 +32,17 @@ def make_addon(model: nn.Module) -> PruningAddon:
 
 class _Passthrough(nn.Module):
     """Reference for a skipped block, written independently of ArchSpec: every supported block takes
-    (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states, hidden_states)."""
+    (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states, hidden_states), except Wan's,
+    which return hidden_states alone."""
+
+    def __init__(self, bare: bool = False) -> None:
+        super().__init__()
+        self.bare = bare
 
     def forward(
         self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return encoder_hidden_states, hidden_states
+    ) -> Any:
+        return hidden_states if self.bare else (encoder_hidden_states, hidden_states)
 
 
 def _manual_reference(base: nn.Module, addon: PruningAddon, level: str, inputs: dict[str, Any]) -> torch.Tensor:
@@ -47,7 +52,8 @@ def _manual_reference(base: nn.Module, addon: PruningAddon, level: str, inputs: 
     for rep in addon.plan.replacements_of(level):
         for i in rep.span.blocks:
             attr, local = spec.locate(model, i)
-            replacement = addon.students[student_key(rep.id)] if i == rep.span.start else _Passthrough()
+            bare = type(model).__name__ == "WanTransformer3DModel"
+            replacement = addon.students[student_key(rep.id)] if i == rep.span.start else _Passthrough(bare)
             getattr(model, attr)[local] = replacement
     return model(**inputs, return_dict=False)[0]
 

@@ -1,4 +1,5 @@
-"""Tiny *real* diffusers transformers (Qwen-Image, FLUX.1, SD3, SD3.5) built from scratch configs, for tests.
+"""Tiny *real* diffusers transformers (Qwen-Image, FLUX.1, SD3, SD3.5; Wan for depth pruning) built from scratch
+configs, for tests.
 
 No hub access; every model has 6 flat blocks."""
 
@@ -12,6 +13,10 @@ import torch
 from torch import nn
 
 TINY_ARCH_NAMES: tuple[str, ...] = ("qwenimage", "flux", "sd3", "sd35")
+"""Families with every replacement kind (depth, text runs, FFN maps)."""
+DEPTH_ONLY_ARCH_NAMES: tuple[str, ...] = ("wan",)
+"""Families ppcl prunes in depth only (no text stream to prune, no width forward yet)."""
+ALL_ARCH_NAMES: tuple[str, ...] = TINY_ARCH_NAMES + DEPTH_ONLY_ARCH_NAMES
 
 
 @dataclass
@@ -61,6 +66,15 @@ def _sd3_inputs(seed: int, batch: int = 2, n_txt: int = 7) -> dict[str, Any]:
         "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
         "encoder_hidden_states": torch.randn(batch, n_txt, 32, generator=g),
         "pooled_projections": torch.randn(batch, 32, generator=g),
+        "timestep": torch.rand(batch, generator=g) * 1000,
+    }
+
+
+def _wan_inputs(seed: int, batch: int = 2, n_txt: int = 7) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, 2, 4, 4, generator=g),  # (B, C, F, H, W): 2 x 2 x 2 = 8 tokens
+        "encoder_hidden_states": torch.randn(batch, n_txt, 16, generator=g),
         "timestep": torch.rand(batch, generator=g) * 1000,
     }
 
@@ -116,6 +130,23 @@ def build_tiny(name: str) -> TinyCase:
             **extra,
         )
         make = _sd3_inputs
+    elif name == "wan":
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=6,
+            cross_attn_norm=True,
+            rope_max_seq_len=32,
+        )
+        make = _wan_inputs
     else:
         raise ValueError(name)
     return TinyCase(name=name, model=model.eval(), make_inputs=make)

@@ -343,3 +343,55 @@ def qwen_prompt_embeds(n_prompts: int = 2, dim: int = 16, seed: int = 0) -> list
         }
         for i in range(n_prompts)
     ]
+
+
+def build_wan(folder: str | Path, num_layers: int = 6) -> Path:
+    """A tiny ``WanPipeline`` (UMT5 text encoder, Wan VAE, ``WanTransformer3DModel``) saved to ``folder``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(WORDS) + 4,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    ).eval()
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=tiny_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe.save_pretrained(str(folder))
+    return Path(folder)

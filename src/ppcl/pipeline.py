@@ -182,13 +182,21 @@ def _load_diffusers_pipeline(folder: Path, dtype: torch.dtype, kwargs: dict[str,
         for k, v in index.items()
         if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None
     }
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **{**absent, **kwargs})
+    # The folder's own pipeline class, not DiffusionPipeline: diffusers decides which passed components replace the
+    # saved ones from the class from_pretrained is called on, and a pipeline listing its transformer as optional
+    # (WanPipeline) would otherwise load the saved transformer over a passed merged one.
+    import diffusers
+
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    if not (isinstance(pipeline_class, type) and issubclass(pipeline_class, DiffusionPipeline)):
+        pipeline_class = DiffusionPipeline
+    pipe = pipeline_class.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **{**absent, **kwargs})
     if getattr(pipe, "transformer", None) is None:
         raise ConfigError(
             "The pipeline has no transformer",
             expected="a pipeline with a `transformer` component",
             found=type(pipe).__name__,
-            fix="pass a Qwen-Image, FLUX.1 or SD3 pipeline folder",
+            fix="pass the pipeline folder of a supported family (ppcl.arch.supported_classes())",
         )
     get_spec(pipe.transformer)  # unsupported architectures fail here, before anything is applied
     return pipe

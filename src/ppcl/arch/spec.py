@@ -22,111 +22,10 @@ from torch import nn
 
 from ppcl.arch import pruning
 from ppcl.arch.latents import LatentFormat
+from ppcl.arch.parts import STREAMS, ModelInputs, StackSpec, WidthTargets
 from ppcl.errors import ConfigError, UnsupportedModelError
 
-STREAMS: tuple[str, str] = ("image", "text")
-"""The two token streams of an MMDiT block. Image tokens are ``(B, N_img, D)``, text tokens ``(B, N_txt, D)``."""
-
-
-@dataclass(frozen=True)
-class WidthTargets:
-    """Dotted submodule names (relative to one block) that width pruning replaces.
-
-    Attributes:
-        text: every module that exists only to update the text stream (modulation, norms, text FFN, the text
-            attention projections and text q/k norms). Text-stream pruning drops these.
-        text_kv: the subset of ``text`` that the *image* stream still reads through joint attention (text keys and
-            values). A text-pruned block must keep these.
-        ffn: ``(stream, name)`` pairs naming each stream's separate feed-forward network. Empty when the block has no
-            separate FFN (FLUX.1 single blocks fuse the MLP into ``proj_out``).
-        modulation: ``(stream, name)`` pairs naming the module that produces each stream's shift/scale/gate.
-        ffn_input: ``(stream, name)`` pairs naming the norm that opens each stream's second half (norm2 → modulate →
-            FFN → gate → residual): its *input* is the hidden state g after the attention residual, the point an
-            FFN-to-linear replacement starts from.
-        optional: names above that a block may legitimately lack (diffusers sets them to ``None`` depending on the
-            config, e.g. ``qk_norm=None`` or SD3's last block). Only these are filtered out when resolving; a missing
-            name not listed here is a spec bug and raises.
-    """
-
-    text: tuple[str, ...] = ()
-    text_kv: tuple[str, ...] = ()
-    ffn: tuple[tuple[str, str], ...] = ()
-    modulation: tuple[tuple[str, str], ...] = ()
-    ffn_input: tuple[tuple[str, str], ...] = ()
-    optional: frozenset[str] = frozenset()
-
-    def names(self) -> tuple[str, ...]:
-        """All distinct names, in declaration order."""
-        seen: dict[str, None] = {}
-        pairs = (*self.ffn, *self.modulation, *self.ffn_input)
-        for name in (*self.text, *self.text_kv, *(n for _, n in pairs)):
-            seen.setdefault(name, None)
-        return tuple(seen)
-
-    def ffn_of(self, stream: str) -> str | None:
-        """Name of ``stream``'s FFN, or ``None`` when there is no separate one."""
-        return dict(self.ffn).get(stream)
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """How the model's own ``forward`` arguments relate to the batch, for capturing and replaying calibration inputs.
-
-    Attributes:
-        batched: tensor arguments whose first dimension is the batch (split and concatenated per sample).
-        shared: tensor arguments shared by the whole batch (e.g. FLUX.1 ``img_ids``); equal across captured calls.
-        per_sample_lists: list arguments with one entry per sample (Qwen-Image ``img_shapes``).
-        text: the prompt-embedding argument ``(B, T, D_text)``.
-        text_mask: its padding mask ``(B, T)`` when the model takes one (Qwen-Image); then prompts of different
-            lengths can share a batch by padding with masked tokens.
-    """
-
-    batched: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "timestep")
-    shared: tuple[str, ...] = ()
-    per_sample_lists: tuple[str, ...] = ()
-    text: str = "encoder_hidden_states"
-    text_mask: str | None = None
-
-
-@dataclass(frozen=True)
-class StackSpec:
-    """One ``nn.ModuleList`` of blocks on the model.
-
-    Attributes:
-        attr: attribute of the model holding the ``nn.ModuleList`` (e.g. ``"transformer_blocks"``).
-        block_class_name: class name of its blocks, checked by :meth:`ArchSpec.validate`.
-        config_key: config entry holding the number of blocks in this stack (e.g. ``"num_layers"``).
-        input_names: parameter names of the block's ``forward``, in positional order. The model may call a block
-            with keywords (normal path) or positionally (gradient-checkpointing path); both bind through these.
-        stream_inputs: ``(stream, parameter name)`` pairs: which parameter carries which stream.
-        output_order: stream names in the order the block returns its tensors.
-        roles: ``(role, parameter name)`` pairs for shared conditioning: ``temb``, ``rotary``, ``text_mask``,
-            ``attention_kwargs``, ``modulate_index``; absent roles are not taken by this block.
-        dual_stream: whether the block has separate weights per stream. FLUX.1 single blocks are single-stream (one
-            set of weights over the concatenated ``[text, image]`` tokens) but still take and return the two streams
-            as separate tensors, so passthrough and recording treat them exactly like dual-stream blocks.
-        text_output_flag: a boolean block attribute that, when true, means the block returns ``None`` for the text
-            stream (SD3's last block, ``context_pre_only=True``).
-        index_config_keys: config entries holding lists of *local* indices into this stack that must be re-indexed
-            when blocks are removed (SD3.5 ``dual_attention_layers``).
-        width: submodules width pruning targets in these blocks.
-    """
-
-    attr: str
-    block_class_name: str
-    config_key: str
-    input_names: tuple[str, ...]
-    stream_inputs: tuple[tuple[str, str], ...] = (("image", "hidden_states"), ("text", "encoder_hidden_states"))
-    output_order: tuple[str, ...] = ("text", "image")
-    roles: tuple[tuple[str, str], ...] = ()
-    dual_stream: bool = True
-    text_output_flag: str | None = None
-    index_config_keys: tuple[str, ...] = ()
-    width: WidthTargets = field(default_factory=WidthTargets)
-
-    def input_name(self, stream_or_role: str) -> str | None:
-        """Parameter name carrying a stream (``"image"``/``"text"``) or a role (``"temb"``...), or ``None``."""
-        return dict(self.stream_inputs).get(stream_or_role) or dict(self.roles).get(stream_or_role)
+__all__ = ["STREAMS", "ArchSpec", "ModelInputs", "StackSpec", "WidthTargets"]
 
 
 @dataclass(frozen=True)
@@ -253,13 +152,26 @@ class ArchSpec:
         return self.stack_of(model, i).output_order
 
     def returns_text(self, model: nn.Module, i: int) -> bool:
-        """Whether block ``i`` returns a text tensor (``False`` for SD3's ``context_pre_only`` last block)."""
-        flag = self.stack_of(model, i).text_output_flag
+        """Whether block ``i`` returns a text tensor (``False`` for SD3's ``context_pre_only`` last block and for blocks
+        whose outputs hold no text stream, e.g. Wan's)."""
+        stack = self.stack_of(model, i)
+        if "text" not in stack.output_order:
+            return False
+        flag = stack.text_output_flag
         return not (flag is not None and bool(getattr(self.block(model, i), flag, False)))
 
     def split_outputs(self, model: nn.Module, i: int, output: Sequence[Any]) -> dict[str, torch.Tensor | None]:
         """``{"image": (B, N_img, D), "text": (B, N_txt, D) or None}`` from what block ``i`` returned."""
         order = self.output_order(model, i)
+        if self.stack_of(model, i).bare_output:
+            if not isinstance(output, torch.Tensor):
+                raise ConfigError(
+                    f"Block {i} returned an unexpected value",
+                    expected=f"one tensor (the {order[0]} stream)",
+                    found=type(output).__name__,
+                    fix="update the ArchSpec for this diffusers version",
+                )
+            return {"text": None, order[0]: output}
         if not isinstance(output, tuple | list) or len(output) != len(order):
             raise ConfigError(
                 f"Block {i} returned an unexpected value",
@@ -269,18 +181,22 @@ class ArchSpec:
             )
         return dict(zip(order, output, strict=True))
 
-    def join_outputs(self, model: nn.Module, i: int, streams: Mapping[str, torch.Tensor | None]) -> tuple[Any, ...]:
-        """Inverse of :meth:`split_outputs`: a tuple shaped like block ``i``'s own return value.
+    def join_outputs(self, model: nn.Module, i: int, streams: Mapping[str, torch.Tensor | None]) -> Any:
+        """Inverse of :meth:`split_outputs`: a tuple shaped like block ``i``'s own return value (a bare tensor for a
+        ``bare_output`` stack).
 
         The text slot is ``None`` when block ``i`` returns no text, whatever ``streams`` holds, so a replacement of
         SD3's last block hands the model exactly what the original did.
         """
+        order = self.output_order(model, i)
+        if self.stack_of(model, i).bare_output:
+            return streams[order[0]]
         has_text = self.returns_text(model, i)
         return tuple(
             None if (stream == "text" and not has_text) else streams[stream] for stream in self.output_order(model, i)
         )
 
-    def passthrough(self, model: nn.Module, i: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    def passthrough(self, model: nn.Module, i: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """What skipped block ``i`` returns: its own stream inputs, in its own output order.
 
         For SD3's last block this is ``(None, hidden_states)``, exactly like the real block.

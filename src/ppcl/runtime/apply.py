@@ -289,6 +289,8 @@ class _Dispatcher:
         :func:`~ppcl.runtime.width.like_input`); any other return value is passed on as it is."""
         spec, model, i = self.state.spec, self.model, self.index
         order = spec.output_order(model, i)
+        if spec.stack_of(model, i).bare_output and isinstance(output, torch.Tensor):
+            return like_input(output, spec.split_inputs(model, i, args, kwargs).get(order[0]))
         if not isinstance(output, tuple) or len(output) != len(order):
             return output
         given = spec.split_inputs(model, i, args, kwargs)
