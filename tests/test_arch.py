@@ -12,15 +12,35 @@ import pytest
 import torch
 from torch import nn
 
-from ppcl.arch import FLUX_SPEC, QWENIMAGE_SPEC, SD3_SPEC, WAN_SPEC, ArchSpec, WidthTargets, get_spec, spec_by_name
+from ppcl.arch import (
+    FLUX_SPEC,
+    HUNYUAN15_SPEC,
+    QWENIMAGE_SPEC,
+    SD3_SPEC,
+    WAN_SPEC,
+    ArchSpec,
+    WidthTargets,
+    get_spec,
+    spec_by_name,
+)
 from ppcl.data import ActivationRecorder
 from ppcl.errors import ConfigError, PPCLError, UnsupportedModelError
 from tiny_models import TinyCase, build_tiny
 
 # Blocks removed in the rewrite test: both Flux stacks lose one block, SD3 keeps its protected last block.
-KEPT = {"qwenimage": [0, 1, 4, 5], "flux": [0, 2, 3, 5], "sd3": [0, 1, 4, 5], "sd35": [0, 2, 3, 5], "wan": [0, 2, 3, 5]}
-# Blocks that return only the image stream (Wan: the text context is read, never returned), called positionally.
+KEPT = {
+    "qwenimage": [0, 1, 4, 5],
+    "flux": [0, 2, 3, 5],
+    "sd3": [0, 1, 4, 5],
+    "sd35": [0, 2, 3, 5],
+    "wan": [0, 2, 3, 5],
+    "hunyuanvideo15": [0, 1, 4, 5],
+}
+# Blocks that return only the image stream (Wan: the text context is read, never returned); blocks that return the
+# image stream first (HunyuanVideo-1.5); models that call their blocks positionally on every path.
 IMAGE_ONLY = {"wan"}
+IMAGE_FIRST = {"hunyuanvideo15"}
+POSITIONAL = {"wan", "hunyuanvideo15"}
 
 
 @contextmanager
@@ -42,9 +62,14 @@ def skipped(model: nn.Module, spec: ArchSpec, indices: Sequence[int]) -> Iterato
 
 # -------------------------------------------------------------------------------------------------- registry
 def test_get_spec_by_instance_class_and_name(tiny_case: TinyCase) -> None:
-    expected = {"qwenimage": QWENIMAGE_SPEC, "flux": FLUX_SPEC, "sd3": SD3_SPEC, "sd35": SD3_SPEC, "wan": WAN_SPEC}[
-        tiny_case.name
-    ]
+    expected = {
+        "qwenimage": QWENIMAGE_SPEC,
+        "flux": FLUX_SPEC,
+        "sd3": SD3_SPEC,
+        "sd35": SD3_SPEC,
+        "wan": WAN_SPEC,
+        "hunyuanvideo15": HUNYUAN15_SPEC,
+    }[tiny_case.name]
     assert get_spec(tiny_case.model) is expected
     assert get_spec(type(tiny_case.model)) is expected
     assert spec_by_name(expected.name) is expected
@@ -113,7 +138,8 @@ def test_sd3_output_order_and_last_block(tiny_case: TinyCase) -> None:
         if tiny_case.name in IMAGE_ONLY:
             assert spec.output_order(model, i) == ("image",) and not spec.returns_text(model, i)
             continue
-        assert spec.output_order(model, i) == ("text", "image")
+        order = ("image", "text") if tiny_case.name in IMAGE_FIRST else ("text", "image")
+        assert spec.output_order(model, i) == order
         is_sd3_last = spec is SD3_SPEC and i == spec.num_blocks(model) - 1
         assert spec.returns_text(model, i) is not is_sd3_last
 
@@ -125,9 +151,9 @@ def test_positional_and_keyword_calls_bind_alike(tiny_case: TinyCase) -> None:
     for i in (0, spec.num_blocks(model) - 1):
         call = rec[i][0]
         names = spec.stack_of(model, i).input_names
-        if tiny_case.name in IMAGE_ONLY:  # Wan calls its blocks positionally on every path
-            assert call.kwargs == {} and len(call.args) == len(names)
-            call = type(call)(args=(), kwargs=dict(zip(names, call.args, strict=True)), output=call.output)
+        if tiny_case.name in POSITIONAL:  # Wan and HunyuanVideo-1.5 call their blocks positionally on every path
+            assert call.kwargs == {} and 0 < len(call.args) <= len(names)
+            call = type(call)(args=(), kwargs=dict(zip(names, call.args, strict=False)), output=call.output)
         else:
             assert call.args == () and call.kwargs  # the normal path calls blocks with keywords
         positional = tuple(call.kwargs.get(n) for n in names)

@@ -1,4 +1,5 @@
-"""Families added through their ``ppcl/arch`` file alone (issue 15), checked beyond the generic ``tiny_case`` tests
+"""Families added through their ``ppcl/arch`` file alone (issue 15: Wan 2.x, HunyuanVideo-1.5), checked beyond the
+generic ``tiny_case`` tests
 (recorder re-call, passthrough, levels and level None, merge ≡ apply, stock ``from_pretrained`` of a depth merge,
 which every family in ``tiny_models.ALL_ARCH_NAMES`` runs): planted redundancy found by the analysis, a few
 distillation steps, and the published config's parameter count on the meta device for a stated plan.
@@ -27,10 +28,35 @@ WAN_14B = {
     "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
     "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
 }  # fmt: skip
+# HunyuanVideo-1.5 480p / 720p text-to-video: diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py.
+HUNYUAN15_480P = {
+    "in_channels": 65, "out_channels": 32, "num_attention_heads": 16, "attention_head_dim": 128, "num_layers": 54,
+    "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 1, "patch_size_t": 1, "qk_norm": "rms_norm",
+    "text_embed_dim": 3584, "text_embed_2_dim": 1472, "image_embed_dim": 1152, "rope_theta": 256.0,
+    "rope_axes_dim": (16, 56, 56), "target_size": 640, "task_type": "t2v",
+}  # fmt: skip
 
 
-def _wan_calibration(case, calls: int = 4):
+def _calibration(case, calls: int = 4):
     return assemble(get_spec(case.model), case.model, [case.make_inputs(s) for s in range(calls)], {"source": "t"})
+
+
+@torch.no_grad()
+def test_hunyuan15_planted_near_identity_run_is_found() -> None:
+    """Blocks 2..3 of the tiny HunyuanVideo-1.5 made almost the identity (their AdaLayerNormZero modulation scaled by
+    1e-3, so every gate is ~0): the analysis proposes exactly the span [1, 3], and text probes exist (both streams are
+    returned, image first)."""
+    case = build_tiny("hunyuanvideo15")
+    for i in (2, 3):
+        block = case.model.transformer_blocks[i]
+        for linear in (block.norm1.linear, block.norm1_context.linear):
+            linear.weight.mul_(1e-3)
+            linear.bias.mul_(1e-3)
+    report = analyze(case.model, _calibration(case), AnalysisConfig(batch_size=4, protect_first=1, protect_last=1))
+    long = [i for i in report.intervals if i.removed >= 2]
+    assert [(i.u, i.v) for i in long] == [(1, 3)], [str(i) for i in report.intervals]
+    assert long[0].cka > 0.99
+    assert not any(math.isnan(x) for x in report.probe_rel_error["text"])
 
 
 @torch.no_grad()
@@ -43,7 +69,7 @@ def test_wan_planted_near_identity_run_is_found() -> None:
         for linear in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[2]):
             linear.weight.mul_(1e-3)
             linear.bias.mul_(1e-3)
-    report = analyze(case.model, _wan_calibration(case), AnalysisConfig(batch_size=4, protect_first=1, protect_last=1))
+    report = analyze(case.model, _calibration(case), AnalysisConfig(batch_size=4, protect_first=1, protect_last=1))
     long = [i for i in report.intervals if i.removed >= 2]
     assert [(i.u, i.v) for i in long] == [(1, 3)], [str(i) for i in report.intervals]
     assert long[0].cka > 0.99
@@ -53,13 +79,14 @@ def test_wan_planted_near_identity_run_is_found() -> None:
     assert plan.removed_blocks(plan.level_names[0]) == [2, 3]
 
 
-def test_wan_depth_distillation_trains_the_students(tmp_path: Path) -> None:
-    case = build_tiny("wan")
+@pytest.mark.parametrize("name", ["wan", "hunyuanvideo15"])
+def test_depth_distillation_trains_the_students(tmp_path: Path, name: str) -> None:
+    case = build_tiny(name)
     addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
     before = {k: v.clone() for k, v in addon.students.state_dict().items()}
     base = {k: v.clone() for k, v in case.model.state_dict().items()}
     config = DistillConfig(steps=4, batch_size=2, lr=1e-3, log_every=1)
-    distill_depth(case.model, addon, CalibrationData(_wan_calibration(case), 2), config, tmp_path)
+    distill_depth(case.model, addon, CalibrationData(_calibration(case), 2), config, tmp_path)
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4 and (tmp_path / "addon" / "ppcl_addon.json").is_file()
     after = addon.students.state_dict()
@@ -124,3 +151,20 @@ def test_wan_pipeline_end_to_end(tmp_path: Path) -> None:
     merged_pipe.save_pretrained(tmp_path / "stock")
     stock = DiffusionPipeline.from_pretrained(tmp_path / "stock", local_files_only=True)  # no ppcl involved
     assert torch.equal(_wan_latents(stock), merged)
+
+
+def test_hunyuan15_parameter_count_on_the_meta_device() -> None:
+    """The published 480p config (8.3B) against diffusers' modules on the meta device, before and after three spans
+    that remove 3 + 5 + 3 = 11 blocks."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    reps = [DepthReplacement(Span(a, b)) for a, b in [(12, 16), (24, 30), (36, 40)]]
+    plan = PruningPlan(
+        "hunyuanvideo15", "HunyuanVideo15Transformer3DModel", (54,), reps, [Level("p20", tuple(r.id for r in reps))]
+    )
+    count = plan.validate().param_count(HUNYUAN15_480P, "p20")
+    with init_empty_weights():
+        full = HunyuanVideo15Transformer3DModel(**HUNYUAN15_480P)
+        small = HunyuanVideo15Transformer3DModel(**{**HUNYUAN15_480P, "num_layers": 54 - 11})
+    assert count.total == sum(p.numel() for p in full.parameters()) == 8_326_608_160
+    assert count.after == sum(p.numel() for p in small.parameters())

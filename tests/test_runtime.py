@@ -33,16 +33,20 @@ def make_addon(model: nn.Module) -> PruningAddon:
 class _Passthrough(nn.Module):
     """Reference for a skipped block, written independently of ArchSpec: every supported block takes
     (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states, hidden_states), except Wan's,
-    which return hidden_states alone."""
+    which return hidden_states alone, and HunyuanVideo-1.5's, which return (hidden_states, encoder_hidden_states)."""
 
-    def __init__(self, bare: bool = False) -> None:
+    def __init__(self, model_class: str) -> None:
         super().__init__()
-        self.bare = bare
+        self.model_class = model_class
 
     def forward(
         self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
-        return hidden_states if self.bare else (encoder_hidden_states, hidden_states)
+        if self.model_class == "WanTransformer3DModel":
+            return hidden_states
+        if self.model_class == "HunyuanVideo15Transformer3DModel":  # image first
+            return hidden_states, encoder_hidden_states
+        return encoder_hidden_states, hidden_states
 
 
 def _manual_reference(base: nn.Module, addon: PruningAddon, level: str, inputs: dict[str, Any]) -> torch.Tensor:
@@ -52,8 +56,8 @@ def _manual_reference(base: nn.Module, addon: PruningAddon, level: str, inputs: 
     for rep in addon.plan.replacements_of(level):
         for i in rep.span.blocks:
             attr, local = spec.locate(model, i)
-            bare = type(model).__name__ == "WanTransformer3DModel"
-            replacement = addon.students[student_key(rep.id)] if i == rep.span.start else _Passthrough(bare)
+            passthrough = _Passthrough(type(model).__name__)
+            replacement = addon.students[student_key(rep.id)] if i == rep.span.start else passthrough
             getattr(model, attr)[local] = replacement
     return model(**inputs, return_dict=False)[0]
 

@@ -14,7 +14,7 @@ from torch import nn
 
 TINY_ARCH_NAMES: tuple[str, ...] = ("qwenimage", "flux", "sd3", "sd35")
 """Families with every replacement kind (depth, text runs, FFN maps)."""
-DEPTH_ONLY_ARCH_NAMES: tuple[str, ...] = ("wan",)
+DEPTH_ONLY_ARCH_NAMES: tuple[str, ...] = ("wan", "hunyuanvideo15")
 """Families ppcl prunes in depth only (no text stream to prune, no width forward yet)."""
 ALL_ARCH_NAMES: tuple[str, ...] = TINY_ARCH_NAMES + DEPTH_ONLY_ARCH_NAMES
 
@@ -76,6 +76,22 @@ def _wan_inputs(seed: int, batch: int = 2, n_txt: int = 7) -> dict[str, Any]:
         "hidden_states": torch.randn(batch, 4, 2, 4, 4, generator=g),  # (B, C, F, H, W): 2 x 2 x 2 = 8 tokens
         "encoder_hidden_states": torch.randn(batch, n_txt, 16, generator=g),
         "timestep": torch.rand(batch, generator=g) * 1000,
+    }
+
+
+def _hunyuan15_inputs(seed: int, batch: int = 2, n_txt: int = 6, n_txt2: int = 4) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    mask, mask2 = torch.ones(batch, n_txt, dtype=torch.long), torch.ones(batch, n_txt2, dtype=torch.long)
+    mask[1:, n_txt - 2 :] = 0  # padded MLLM and ByT5 tokens exercise the mask path
+    mask2[0, n_txt2 - 1 :] = 0
+    return {
+        "hidden_states": torch.randn(batch, 9, 2, 2, 2, generator=g),  # [latents 4, condition 4, mask 1]: 8 tokens
+        "timestep": torch.rand(batch, generator=g) * 1000,
+        "encoder_hidden_states": torch.randn(batch, n_txt, 16, generator=g),
+        "encoder_attention_mask": mask,
+        "encoder_hidden_states_2": torch.randn(batch, n_txt2, 8, generator=g),
+        "encoder_attention_mask_2": mask2,
+        "image_embeds": torch.zeros(batch, 3, 8),  # text-to-video: the image tokens are zero and masked
     }
 
 
@@ -147,6 +163,27 @@ def build_tiny(name: str) -> TinyCase:
             rope_max_seq_len=32,
         )
         make = _wan_inputs
+    elif name == "hunyuanvideo15":
+        from diffusers import HunyuanVideo15Transformer3DModel
+
+        model = HunyuanVideo15Transformer3DModel(
+            in_channels=9,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=6,
+            num_refiner_layers=1,
+            mlp_ratio=2.0,
+            patch_size=1,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            text_embed_dim=16,
+            text_embed_2_dim=8,
+            image_embed_dim=8,
+            rope_theta=256.0,
+            rope_axes_dim=(4, 6, 6),
+        )
+        make = _hunyuan15_inputs
     else:
         raise ValueError(name)
     return TinyCase(name=name, model=model.eval(), make_inputs=make)
