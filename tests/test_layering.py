@@ -167,3 +167,65 @@ def test_modules_stay_short_after_formatting() -> None:
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
     }
     assert not long, long
+
+
+def _family_words() -> set[str]:
+    """Every registered family's spec name, model class and block class names."""
+    from ppcl.arch.registry import _REGISTRY
+
+    words = set()
+    for spec in _REGISTRY.values():
+        words |= {spec.name, spec.model_class_name, *(s.block_class_name for s in spec.stacks)}
+    return words
+
+
+def family_branches(path: Path, words: set[str]) -> list[str]:
+    """Places in ``path`` that branch on a family: a comparison with, a ``startswith`` / ``endswith`` of, or a dict
+    key equal to one of ``words`` (docstrings, messages and imports are not branches)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+
+    def named(node: ast.AST) -> list[str]:
+        nodes = node.elts if isinstance(node, ast.Tuple | ast.List | ast.Set) else [node]
+        return [n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in words]
+
+    for node in ast.walk(tree):
+        hits: list[str] = []
+        if isinstance(node, ast.Compare):
+            hits = [w for part in (node.left, *node.comparators) for w in named(part)]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("startswith", "endswith"):  # a prefix of a family's class name is a branch too
+                hits = [
+                    a.value
+                    for a in node.args
+                    if isinstance(a, ast.Constant)
+                    and isinstance(a.value, str)
+                    and len(a.value) >= 3
+                    and any(w.startswith(a.value) or w.endswith(a.value) for w in words)
+                ]
+        elif isinstance(node, ast.Dict):
+            hits = [w for key in node.keys if key is not None for w in named(key)]
+        where = path.relative_to(SRC) if path.is_relative_to(SRC) else path.name
+        found += [f"{where}:{node.lineno} {w!r}" for w in hits]
+    return found
+
+
+def test_no_family_branch_outside_arch() -> None:
+    """Issue 15: family knowledge lives in ``ppcl/arch`` (the toy world is one Qwen-Image model by design)."""
+    words = _family_words()
+    outside = [p for p in SRC.rglob("*.py") if _package(p) not in ("arch", "toy")]
+    branches = [b for p in sorted(outside) for b in family_branches(p, words)]
+    assert not branches, branches
+
+
+def test_the_family_branch_checker_sees_branches(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        '"""A docstring naming flux is not a branch."""\n'
+        'if spec.name == "flux":\n    pass\n'
+        'key = "x" if n.startswith("Flux") else "y"\n'
+        'd = {"sd3": 1}\n'
+        'log("sd3 is fine in a message")\n'
+    )
+    hits = family_branches(probe, {"flux", "sd3", "FluxTransformer2DModel"})
+    assert sorted(h.split(" ", 1)[1] for h in hits) == sorted(["'flux'", "'Flux'", "'sd3'"])

@@ -10,7 +10,14 @@ Example (FLUX.1-dev)::
 from ppcl.arch.flux import FLUX_SPEC
 from ppcl.arch.hunyuanvideo15 import HUNYUAN15_SPEC
 from ppcl.arch.qwenimage import QWENIMAGE_SPEC
-from ppcl.arch.registry import get_spec, register_spec, spec_by_name, supported_classes
+from ppcl.arch.registry import (
+    get_spec,
+    register_spec,
+    spec_by_name,
+    supported_classes,
+    width_block_classes,
+    width_forward_of,
+)
 from ppcl.arch.sd3 import SD3_SPEC
 from ppcl.arch.spec import STREAMS, ArchSpec, ModelInputs, StackSpec, WidthTargets
 from ppcl.arch.wan import WAN_SPEC
@@ -34,4 +41,6 @@ __all__ = [
     "register_spec",
     "spec_by_name",
     "supported_classes",
+    "width_block_classes",
+    "width_forward_of",
 ]

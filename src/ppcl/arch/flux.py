@@ -80,6 +80,7 @@ FLUX_SPEC = ArchSpec(
             input_names=FLUX_BLOCK_INPUTS,
             roles=_FLUX_ROLES,
             width=FLUX_DOUBLE_WIDTH,
+            width_forward="joint_rotary",
         ),
         StackSpec(
             attr="single_transformer_blocks",

@@ -94,6 +94,9 @@ class StackSpec:
         index_config_keys: config entries holding lists of *local* indices into this stack that must be re-indexed
             when blocks are removed (SD3.5 ``dual_attention_layers``).
         width: submodules width pruning targets in these blocks.
+        width_forward: the name of the forward that runs these blocks in a width mode (a key of
+            :data:`ppcl.modules.width.WIDTH_FORWARDS`: ``"qwen_mod"``, ``"joint"``, ``"joint_rotary"``); ``None``
+            when width kinds do not apply to them.
     """
 
     attr: str
@@ -108,6 +111,7 @@ class StackSpec:
     text_output_flag: str | None = None
     index_config_keys: tuple[str, ...] = ()
     width: WidthTargets = field(default_factory=WidthTargets)
+    width_forward: str | None = None
 
     def input_name(self, stream_or_role: str) -> str | None:
         """Parameter name carrying a stream (``"image"``/``"text"``) or a role (``"temb"``...), or ``None``."""

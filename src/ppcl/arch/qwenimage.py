@@ -96,6 +96,7 @@ QWENIMAGE_SPEC = ArchSpec(
                 ("modulate_index", "modulate_index"),
             ),
             width=QWENIMAGE_WIDTH,
+            width_forward="qwen_mod",
         ),
     ),
     model_inputs=ModelInputs(
@@ -104,4 +105,5 @@ QWENIMAGE_SPEC = ArchSpec(
         text_mask="encoder_hidden_states_mask",
     ),
     latents=QwenImageLatents(),
+    cfg_argument="true_cfg_scale",  # its guidance_scale only feeds guidance-distilled variants
 )

@@ -50,6 +50,20 @@ def get_spec(model_or_class: nn.Module | type) -> ArchSpec:
     )
 
 
+def width_forward_of(block_class_name: str) -> str | None:
+    """The width forward a registered stack declares for blocks of this class (``None``: no width kinds)."""
+    for spec in _REGISTRY.values():
+        for stack in spec.stacks:
+            if stack.block_class_name == block_class_name:
+                return stack.width_forward
+    return None
+
+
+def width_block_classes() -> tuple[str, ...]:
+    """Block classes of registered stacks that declare a width forward."""
+    return tuple(sorted({s.block_class_name for spec in _REGISTRY.values() for s in spec.stacks if s.width_forward}))
+
+
 def spec_by_name(name: str) -> ArchSpec:
     """The registered ArchSpec called ``name`` (``"qwenimage"``, ``"flux"``, ``"sd3"``)."""
     for spec in _REGISTRY.values():

@@ -76,6 +76,7 @@ SD3_SPEC = ArchSpec(
             text_output_flag="context_pre_only",
             index_config_keys=("dual_attention_layers",),
             width=SD3_WIDTH,
+            width_forward="joint",
         ),
     ),
     protect_last_block=True,

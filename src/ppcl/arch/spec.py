@@ -41,6 +41,7 @@ class ArchSpec:
         streams: the token streams, always ``("image", "text")``.
         model_inputs: which arguments of the model's ``forward`` are per-sample, shared or per-sample lists.
         latents: the pipeline's latent conventions (:mod:`ppcl.arch.latents`), ``None`` when ppcl has none.
+        cfg_argument: the pipeline call argument that sets the classifier-free guidance scale.
     """
 
     name: str
@@ -50,6 +51,7 @@ class ArchSpec:
     streams: tuple[str, ...] = STREAMS
     model_inputs: ModelInputs = field(default_factory=ModelInputs)
     latents: LatentFormat | None = None
+    cfg_argument: str = "guidance_scale"
 
     def latent_format(self) -> LatentFormat:
         """The family's :class:`~ppcl.arch.latents.LatentFormat`; raises when ppcl cannot cache its latents."""

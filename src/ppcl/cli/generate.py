@@ -85,9 +85,9 @@ def _pipeline_image(pipe: Any, args: argparse.Namespace) -> np.ndarray:
         pipe.set_progress_bar_config(disable=os.environ.get("PPCL_NO_PROGRESS") == "1")
     kwargs: dict[str, Any] = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     if args.guidance is not None:
-        # Qwen-Image's classifier-free guidance is true_cfg_scale; its guidance_scale only feeds guidance-distilled
-        # variants. FLUX.1 and SD3 read guidance_scale.
-        key = "true_cfg_scale" if type(pipe).__name__.startswith("QwenImage") else "guidance_scale"
+        from ppcl.arch import get_spec
+
+        key = get_spec(pipe.transformer).cfg_argument  # e.g. Qwen-Image's true CFG reads true_cfg_scale
         kwargs[key] = args.guidance
     if getattr(pipe, "text_encoder", None) is None:
         # A folder saved for calibration from prompt embeddings cannot turn --prompt into embeddings.

@@ -42,14 +42,14 @@ class ProjectionKind(Kind):
     def check_support(self, spec: ArchSpec, model: nn.Module, rep: Replacement) -> None:
         """Every block of ``rep`` must be a block class :func:`ppcl.modules.width.width_forward` runs."""
         from ppcl.errors import ConfigError
-        from ppcl.modules.width import SUPPORTED_BLOCKS
+        from ppcl.modules.width import supported_blocks
 
         for i in rep.blocks():
             name = type(spec.block(model, i)).__name__
-            if name not in SUPPORTED_BLOCKS:
+            if name not in supported_blocks():
                 raise ConfigError(
                     f"Replacement {rep.id} targets a {name}",
-                    expected=f"one of {SUPPORTED_BLOCKS}",
+                    expected=f"one of {supported_blocks()}",
                     found=f"flat block {i}",
                     fix="keep width replacements on dual-stream blocks",
                 )

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ppcl.arch import width_block_classes, width_forward_of
 from ppcl.errors import ConfigError, UnsupportedModelError
 
 TextMode = Literal["full", "anchor", "pruned", "last"]
@@ -275,12 +276,17 @@ def _joint(
     return (_clip16(e) if flux else e), h
 
 
-_FORWARDS = {
-    "QwenImageTransformerBlock": lambda b, a, m, p, c: _qwen(b, a, m, p, c),
-    "FluxTransformerBlock": lambda b, a, m, p, c: _joint(b, a, m, p, c, flux=True),
-    "JointTransformerBlock": lambda b, a, m, p, c: _joint(b, a, m, p, c, flux=False),
+WIDTH_FORWARDS = {
+    "qwen_mod": lambda b, a, m, p, c: _qwen(b, a, m, p, c),  # img_mod / txt_mod Sequential modulation
+    "joint_rotary": lambda b, a, m, p, c: _joint(b, a, m, p, c, flux=True),  # + rotary, IP-adapter, fp16 clip
+    "joint": lambda b, a, m, p, c: _joint(b, a, m, p, c, flux=False),  # AdaLayerNormZero joint block
 }
-SUPPORTED_BLOCKS: tuple[str, ...] = tuple(_FORWARDS)
+"""Width forwards by name; each family's arch file says which one runs its blocks (``StackSpec.width_forward``)."""
+
+
+def supported_blocks() -> tuple[str, ...]:
+    """Block classes width kinds can run: those whose registered stack names a width forward."""
+    return tuple(c for c in width_block_classes() if width_forward_of(c) in WIDTH_FORWARDS)
 
 
 def width_forward(
@@ -296,13 +302,13 @@ def width_forward(
         ctx: the text run's context (needed unless ``mode.text == "full"``).
 
     Raises:
-        UnsupportedModelError: ``block`` is not one of :data:`SUPPORTED_BLOCKS` (e.g. a FLUX.1 single block).
+        UnsupportedModelError: ``block`` is not one of :func:`supported_blocks` (e.g. a FLUX.1 single block).
     """
-    fn = _FORWARDS.get(type(block).__name__)
+    fn = WIDTH_FORWARDS.get(width_forward_of(type(block).__name__) or "")
     if fn is None:
         raise UnsupportedModelError(
             f"Width pruning does not support {type(block).__name__}",
-            expected=f"one of {', '.join(SUPPORTED_BLOCKS)}",
+            expected=f"one of {', '.join(supported_blocks())}",
             found=type(block).__name__,
             fix="use width replacements on dual-stream blocks only",
         )
