@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from budget_reference import blocks_removed, total_cost
 from ppcl.addon import PruningAddon
 from ppcl.analysis.baselines import (
     BlockInfluenceAccumulator,
@@ -17,7 +18,7 @@ from ppcl.analysis.baselines import (
     select_by_influence,
     spans_for_removed,
 )
-from ppcl.analysis.intervals import Interval, blocks_removed, total_cost
+from ppcl.analysis.intervals import Interval
 from ppcl.api import plan_from_removed
 from ppcl.errors import ConfigError, PPCLError
 from ppcl.runtime import apply_addon, set_level

