@@ -106,7 +106,7 @@ def test_from_plan_builds_identity_projections() -> None:
         addon.manifest()
 
 
-@pytest.mark.parametrize("name", ["qwenimage", "flux", "sd3"])
+@pytest.mark.parametrize("name", ["qwenimage", "qwenimage_edit", "flux", "sd3"])
 def test_save_load_round_trip_with_width(name: str, tmp_path: Path) -> None:
     case = build_tiny(name)
     model = case.model

@@ -95,7 +95,7 @@ def test_unstructured_model_yields_no_long_intervals():
     assert min(i.score for i in report.intervals) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["qwenimage", "flux", "sd3", "sd35"])
+@pytest.mark.parametrize("name", ["qwenimage", "qwenimage_edit", "flux", "sd3", "sd35"])
 @torch.no_grad()
 def test_analysis_runs_on_every_arch(name, tmp_path):
     case = build_tiny(name)

@@ -30,6 +30,7 @@ from tiny_models import TinyCase, build_tiny
 # Blocks removed in the rewrite test: both Flux stacks lose one block, SD3 keeps its protected last block.
 KEPT = {
     "qwenimage": [0, 1, 4, 5],
+    "qwenimage_edit": [0, 2, 3, 5],
     "flux": [0, 2, 3, 5],
     "sd3": [0, 1, 4, 5],
     "sd35": [0, 2, 3, 5],
@@ -64,6 +65,7 @@ def skipped(model: nn.Module, spec: ArchSpec, indices: Sequence[int]) -> Iterato
 def test_get_spec_by_instance_class_and_name(tiny_case: TinyCase) -> None:
     expected = {
         "qwenimage": QWENIMAGE_SPEC,
+        "qwenimage_edit": QWENIMAGE_SPEC,
         "flux": FLUX_SPEC,
         "sd3": SD3_SPEC,
         "sd35": SD3_SPEC,

@@ -262,7 +262,7 @@ def test_student_input_is_the_teachers_even_behind_an_active_student() -> None:
     remove_addon(model)
 
 
-@pytest.mark.parametrize("name", ["qwenimage", "flux"])
+@pytest.mark.parametrize("name", ["qwenimage", "qwenimage_edit", "flux"])
 def test_sequential_gradients_reach_earlier_students(name: str) -> None:
     case = build_tiny(name)
     model, inputs = case.model, case.make_inputs(0)

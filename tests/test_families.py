@@ -1,4 +1,5 @@
-"""Families added through their ``ppcl/arch`` file alone (issue 15: Wan 2.x, HunyuanVideo-1.5), checked beyond the
+"""Families added through their ``ppcl/arch`` file alone (issue 15: Wan 2.x, HunyuanVideo-1.5; Qwen-Image-Edit needs no
+new file, its ``zero_cond_t`` model runs every generic and width test as ``qwenimage_edit``), checked beyond the
 generic ``tiny_case`` tests
 (recorder re-call, passthrough, levels and level None, merge ≡ apply, stock ``from_pretrained`` of a depth merge,
 which every family in ``tiny_models.ALL_ARCH_NAMES`` runs): planted redundancy found by the analysis, a few
@@ -79,7 +80,7 @@ def test_wan_planted_near_identity_run_is_found() -> None:
     assert plan.removed_blocks(plan.level_names[0]) == [2, 3]
 
 
-@pytest.mark.parametrize("name", ["wan", "hunyuanvideo15"])
+@pytest.mark.parametrize("name", ["wan", "hunyuanvideo15", "qwenimage_edit"])
 def test_depth_distillation_trains_the_students(tmp_path: Path, name: str) -> None:
     case = build_tiny(name)
     addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
@@ -167,4 +168,20 @@ def test_hunyuan15_parameter_count_on_the_meta_device() -> None:
         full = HunyuanVideo15Transformer3DModel(**HUNYUAN15_480P)
         small = HunyuanVideo15Transformer3DModel(**{**HUNYUAN15_480P, "num_layers": 54 - 11})
     assert count.total == sum(p.numel() for p in full.parameters()) == 8_326_608_160
+    assert count.after == sum(p.numel() for p in small.parameters())
+
+
+def test_qwen_image_edit_2511_parameter_count_on_the_meta_device() -> None:
+    """Qwen-Image-Edit-2511 is the Qwen-Image 20B config with ``zero_cond_t=True`` (condition-image tokens modulated at
+    t = 0; no new parameters): the public plan's count is the same class's, checked against diffusers' modules."""
+    from diffusers import QwenImageTransformer2DModel
+
+    config = {"zero_cond_t": True}  # every other entry: the class defaults, the real 20B model
+    reps = [DepthReplacement(Span(a, b)) for a, b in [(3, 5), (5, 8), (8, 12)]]
+    plan = PruningPlan("qwenimage", "QwenImageTransformer2DModel", (60,), reps, [Level("e", tuple(r.id for r in reps))])
+    with init_empty_weights():
+        full = QwenImageTransformer2DModel(**config)
+        small = QwenImageTransformer2DModel(**config, num_layers=60 - 6)
+    count = plan.validate().param_count(dict(full.config), "e")
+    assert count.total == sum(p.numel() for p in full.parameters()) == 20_430_401_088
     assert count.after == sum(p.numel() for p in small.parameters())

@@ -18,6 +18,7 @@ from tiny_models import TinyCase, build_tiny, two_span_plan
 # Block counts per config key after level "b" (spans [1:3] and [3:5] removed one block each).
 EXPECTED_CONFIG = {
     "qwenimage": {"num_layers": 4},
+    "qwenimage_edit": {"num_layers": 4, "zero_cond_t": True},
     "flux": {"num_layers": 2, "num_single_layers": 2},  # [1:3] in the double stack, [3:5] in the single stack
     "sd3": {"num_layers": 4},
     "sd35": {"num_layers": 4, "dual_attention_layers": (0, 1)},  # (0, 1, 2) minus removed block 2

@@ -32,7 +32,7 @@ from ppcl.runtime import (
 from ppcl.runtime.width import width_key
 from tiny_models import build_tiny
 
-ARCHS = ("qwenimage", "flux", "sd3", "sd35")
+ARCHS = ("qwenimage", "qwenimage_edit", "flux", "sd3", "sd35")
 
 
 def _mod_linear(block: nn.Module, stream: str) -> nn.Linear:

@@ -69,7 +69,7 @@ def _config(steps: int, **kwargs: Any) -> DistillConfig:
     return DistillConfig(**{**base, **kwargs})
 
 
-@pytest.mark.parametrize("name", ["qwenimage", "flux", "sd3"])
+@pytest.mark.parametrize("name", ["qwenimage", "qwenimage_edit", "flux", "sd3"])
 def test_least_squares_init_recovers_planted_maps(name: str) -> None:
     case, plan, exact = _case(name)
     inputs = case.make_inputs(100)

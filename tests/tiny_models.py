@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-TINY_ARCH_NAMES: tuple[str, ...] = ("qwenimage", "flux", "sd3", "sd35")
+TINY_ARCH_NAMES: tuple[str, ...] = ("qwenimage", "qwenimage_edit", "flux", "sd3", "sd35")
 """Families with every replacement kind (depth, text runs, FFN maps)."""
 DEPTH_ONLY_ARCH_NAMES: tuple[str, ...] = ("wan", "hunyuanvideo15")
 """Families ppcl prunes in depth only (no text stream to prune, no width forward yet)."""
@@ -43,6 +43,15 @@ def _qwen_inputs(seed: int, batch: int = 2, h: int = 4, w: int = 4, n_txt: int =
         "timestep": torch.rand(batch, generator=g),
         "img_shapes": [(1, h, w)] * batch,
     }
+
+
+def _qwen_edit_inputs(seed: int, batch: int = 2, h: int = 4, w: int = 4, n_txt: int = 7) -> dict[str, Any]:
+    """Qwen-Image-Edit(-Plus) style: the noisy target's tokens, then one condition image's, in one sequence."""
+    inputs = _qwen_inputs(seed, batch, h, w, n_txt)
+    g = torch.Generator().manual_seed(seed + 1000)
+    condition = torch.randn(batch, h * w, 16, generator=g)
+    return {**inputs, "hidden_states": torch.cat([inputs["hidden_states"], condition], 1),
+            "img_shapes": [[(1, h, w), (1, h, w)]] * batch}  # fmt: skip
 
 
 def _flux_inputs(seed: int, batch: int = 2, n_img: int = 16, n_txt: int = 7) -> dict[str, Any]:
@@ -98,7 +107,7 @@ def _hunyuan15_inputs(seed: int, batch: int = 2, n_txt: int = 6, n_txt2: int = 4
 def build_tiny(name: str) -> TinyCase:
     """Build the tiny model ``name`` (one of :data:`TINY_ARCH_NAMES`) with seeded weights."""
     torch.manual_seed(0)
-    if name == "qwenimage":
+    if name in ("qwenimage", "qwenimage_edit"):
         from diffusers import QwenImageTransformer2DModel
 
         model = QwenImageTransformer2DModel(
@@ -110,8 +119,9 @@ def build_tiny(name: str) -> TinyCase:
             num_attention_heads=2,
             joint_attention_dim=16,
             axes_dims_rope=(8, 4, 4),
+            zero_cond_t=name == "qwenimage_edit",  # Edit-2511: condition tokens are modulated at t = 0
         )
-        make = _qwen_inputs
+        make = _qwen_edit_inputs if name == "qwenimage_edit" else _qwen_inputs
     elif name == "flux":
         from diffusers import FluxTransformer2DModel
 
