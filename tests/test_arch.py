@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ppcl.arch import (
+    FLUX2_SPEC,
     FLUX_SPEC,
     HUNYUAN15_SPEC,
     QWENIMAGE_SPEC,
@@ -34,14 +35,26 @@ KEPT = {
     "flux": [0, 2, 3, 5],
     "sd3": [0, 1, 4, 5],
     "sd35": [0, 2, 3, 5],
+    "flux2": [0, 2, 3, 5],
     "wan": [0, 2, 3, 5],
     "hunyuanvideo15": [0, 1, 4, 5],
 }
-# Blocks that return only the image stream (Wan: the text context is read, never returned); blocks that return the
-# image stream first (HunyuanVideo-1.5); models that call their blocks positionally on every path.
-IMAGE_ONLY = {"wan"}
+# Stacks whose blocks return only the image stream, as a bare tensor (Wan: the text context is read, never returned;
+# FLUX.2's single blocks: the joint [text; image] sequence the model passes as hidden_states); models whose blocks
+# return the image stream first (HunyuanVideo-1.5); models that call their blocks positionally on every path.
+IMAGE_ONLY_STACKS = {"wan": {"blocks"}, "flux2": {"single_transformer_blocks"}}
 IMAGE_FIRST = {"hunyuanvideo15"}
 POSITIONAL = {"wan", "hunyuanvideo15"}
+
+
+def image_only(case: TinyCase, i: int) -> bool:
+    """Whether flat block ``i`` of ``case`` returns its image stream alone, as a bare tensor."""
+    return get_spec(case.model).locate(case.model, i)[0] in IMAGE_ONLY_STACKS.get(case.name, set())
+
+
+def joins_streams(case: TinyCase, i: int) -> bool:
+    """Whether the model concatenates ``[text; image]`` between blocks ``i`` and ``i + 1`` (FLUX.2's stack switch)."""
+    return case.name == "flux2" and i == len(case.model.transformer_blocks) - 1
 
 
 @contextmanager
@@ -69,6 +82,7 @@ def test_get_spec_by_instance_class_and_name(tiny_case: TinyCase) -> None:
         "flux": FLUX_SPEC,
         "sd3": SD3_SPEC,
         "sd35": SD3_SPEC,
+        "flux2": FLUX2_SPEC,
         "wan": WAN_SPEC,
         "hunyuanvideo15": HUNYUAN15_SPEC,
     }[tiny_case.name]
@@ -137,7 +151,7 @@ def test_flat_block_axis() -> None:
 def test_sd3_output_order_and_last_block(tiny_case: TinyCase) -> None:
     spec, model = get_spec(tiny_case.model), tiny_case.model
     for i in range(spec.num_blocks(model)):
-        if tiny_case.name in IMAGE_ONLY:
+        if image_only(tiny_case, i):
             assert spec.output_order(model, i) == ("image",) and not spec.returns_text(model, i)
             continue
         order = ("image", "text") if tiny_case.name in IMAGE_FIRST else ("text", "image")
@@ -174,7 +188,7 @@ def test_positional_and_keyword_calls_bind_alike(tiny_case: TinyCase) -> None:
         with pytest.raises(ConfigError):
             spec.bind_call(model, i, (*positional, None), {})
         with pytest.raises(ConfigError):
-            spec.split_outputs(model, i, [image_out] if tiny_case.name in IMAGE_ONLY else image_out)
+            spec.split_outputs(model, i, [image_out] if image_only(tiny_case, i) else image_out)
 
 
 # ------------------------------------------------------------------------------------------------ passthrough
@@ -199,15 +213,23 @@ def test_passthrough_hands_inputs_to_next_block(tiny_case: TinyCase, position: s
     assert torch.equal(returned["image"], given["image"])
     if spec.returns_text(model, i):
         assert torch.equal(returned["text"], given["text"])
-    elif tiny_case.name in IMAGE_ONLY:
+    elif image_only(tiny_case, i):
         assert torch.equal(call.output, given["image"])  # a bare tensor, like the real block's
     else:
         assert call.output[0] is None  # SD3's last block returns (None, hidden_states), skipped or not
-    if i + 1 < n:
+    if i + 1 < n and joins_streams(tiny_case, i):
+        nxt = rec[i + 1][0]
+        received = spec.split_inputs(model, i + 1, nxt.args, nxt.kwargs)
+        assert torch.equal(received["image"], torch.cat([given["text"], given["image"]], dim=1))
+        assert received["text"] is None
+    elif i + 1 < n:
         nxt = rec[i + 1][0]
         received = spec.split_inputs(model, i + 1, nxt.args, nxt.kwargs)
         assert torch.equal(received["image"], given["image"])
-        assert torch.equal(received["text"], given["text"])
+        assert received["text"] is given["text"] or torch.equal(received["text"], given["text"])
+    elif image_only(tiny_case, i) and tiny_case.name == "flux2":  # the model keeps the image rows of the joint output
+        text_length = tiny_case.make_inputs(1)["encoder_hidden_states"].shape[1]
+        assert torch.equal(arrived[0], given["image"][:, text_length:])
     else:
         assert torch.equal(arrived[0], given["image"])
 

@@ -1,5 +1,5 @@
-"""Families added through their ``ppcl/arch`` file alone (issue 15: Wan 2.x, HunyuanVideo-1.5; Qwen-Image-Edit needs no
-new file, its ``zero_cond_t`` model runs every generic and width test as ``qwenimage_edit``), checked beyond the
+"""Families added through their ``ppcl/arch`` file alone (issue 15: FLUX.2, Wan 2.x, HunyuanVideo-1.5; Qwen-Image-Edit
+needs no new file, its ``zero_cond_t`` model runs every generic and width test as ``qwenimage_edit``), checked beyond the
 generic ``tiny_case`` tests
 (recorder re-call, passthrough, levels and level None, merge ≡ apply, stock ``from_pretrained`` of a depth merge,
 which every family in ``tiny_models.ALL_ARCH_NAMES`` runs): planted redundancy found by the analysis, a few
@@ -38,6 +38,12 @@ HUNYUAN15_480P = {
 }  # fmt: skip
 
 
+# FLUX.2-dev: the class defaults (diffusers' scripts/convert_flux2_to_diffusers.py); klein-4B from the same script.
+FLUX2_DEV: dict = {}
+FLUX2_KLEIN_4B = {"num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24, "joint_attention_dim": 7680,
+                  "guidance_embeds": False}  # fmt: skip
+
+
 def _calibration(case, calls: int = 4):
     return assemble(get_spec(case.model), case.model, [case.make_inputs(s) for s in range(calls)], {"source": "t"})
 
@@ -56,6 +62,31 @@ def test_hunyuan15_planted_near_identity_run_is_found() -> None:
     report = analyze(case.model, _calibration(case), AnalysisConfig(batch_size=4, protect_first=1, protect_last=1))
     long = [i for i in report.intervals if i.removed >= 2]
     assert [(i.u, i.v) for i in long] == [(1, 3)], [str(i) for i in report.intervals]
+    assert long[0].cka > 0.99
+    assert not any(math.isnan(x) for x in report.probe_rel_error["text"])
+
+
+@torch.no_grad()
+def test_flux2_planted_run_in_the_joint_single_stack_is_found() -> None:
+    """A tiny FLUX.2 with 3 double and 4 single blocks, single blocks 1..2 (flat 4, 5) made almost the identity (their
+    output projection scaled by 1e-3, so the gated residual is ~0): the analysis proposes exactly [3, 5] inside the
+    single stack. The joint ``[text; image]`` sequence is split at the prompt length, so the text stream has probes at
+    every block and the token rows of the single blocks line up with the double blocks' (the span's CKA compares
+    flat block 3's input, a double block's output, with single-block outputs)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=3, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+    ).eval()  # fmt: skip
+    for block in model.single_transformer_blocks[1:3]:
+        block.attn.to_out.weight.mul_(1e-3)
+    case = build_tiny("flux2")
+    calibration = assemble(get_spec(model), model, [case.make_inputs(s) for s in range(4)], {"source": "t"})
+    report = analyze(model, calibration, AnalysisConfig(batch_size=4, protect_first=1, protect_last=1))
+    long = [i for i in report.intervals if i.removed >= 2]
+    assert [(i.u, i.v) for i in long] == [(3, 5)], [str(i) for i in report.intervals]
     assert long[0].cka > 0.99
     assert not any(math.isnan(x) for x in report.probe_rel_error["text"])
 
@@ -80,7 +111,7 @@ def test_wan_planted_near_identity_run_is_found() -> None:
     assert plan.removed_blocks(plan.level_names[0]) == [2, 3]
 
 
-@pytest.mark.parametrize("name", ["wan", "hunyuanvideo15", "qwenimage_edit"])
+@pytest.mark.parametrize("name", ["flux2", "wan", "hunyuanvideo15", "qwenimage_edit"])
 def test_depth_distillation_trains_the_students(tmp_path: Path, name: str) -> None:
     case = build_tiny(name)
     addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
@@ -93,6 +124,44 @@ def test_depth_distillation_trains_the_students(tmp_path: Path, name: str) -> No
     after = addon.students.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(base[k], v) for k, v in case.model.state_dict().items())  # the teacher is frozen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["wan", "flux2"])
+def test_chained_inputs_reach_students_of_bare_output_stacks(name: str) -> None:
+    """Two adjacent spans in one bare-output stack (Wan's blocks; FLUX.2's single blocks): the second student gets the
+    first student's output as a chained image input (the text context is not chained: Wan's blocks only read it,
+    FLUX.2's is inside the joint sequence). Before, a missing text output ended every such chain silently."""
+    from ppcl.data import ActivationRecorder
+    from ppcl.distill.chain import chain_groups, chained_inputs
+    from ppcl.kinds import student_key
+
+    case = build_tiny(name)
+    model, spec = case.model, get_spec(case.model)
+    first, second = (1, 3), (3, 5)
+    if name == "flux2":  # both spans in the single stack of a 2 + 5 model
+        from diffusers import Flux2Transformer2DModel
+
+        torch.manual_seed(0)
+        model = Flux2Transformer2DModel(**{**dict(model.config), "num_layers": 2, "num_single_layers": 5}).eval()
+        first, second = (2, 4), (4, 6)
+    reps = [DepthReplacement(Span(*first)), DepthReplacement(Span(*second))]
+    sizes = tuple(spec.stack_sizes(model))
+    level = Level("b", (reps[0].id, reps[1].id))
+    plan = PruningPlan(spec.name, type(model).__name__, sizes, reps, [level], protect_first=1, protect_last=1)
+    addon = PruningAddon.from_plan(model, plan.validate())
+    with ActivationRecorder(model, [first[0], second[0]]) as rec:
+        model(**case.make_inputs(0), return_dict=False)
+    records = {i: rec[i][0] for i in (first[0], second[0])}
+
+    def student_of(rep: DepthReplacement) -> torch.nn.Module:
+        return addon.students[student_key(rep.id)]
+
+    out = chained_inputs(model, spec, chain_groups(plan, reps), records, student_of, spec.blocks(model).__getitem__)
+    (chained,) = out[reps[1].id]
+    assert set(chained) == {"image"}
+    expected = student_of(reps[0])(*records[first[0]].args, **records[first[0]].kwargs)
+    assert torch.equal(chained["image"], expected)
 
 
 @pytest.mark.parametrize(("spans", "removed"), [([(10, 14), (20, 25), (28, 32)], 10)])
@@ -152,6 +221,88 @@ def test_wan_pipeline_end_to_end(tmp_path: Path) -> None:
     merged_pipe.save_pretrained(tmp_path / "stock")
     stock = DiffusionPipeline.from_pretrained(tmp_path / "stock", local_files_only=True)  # no ppcl involved
     assert torch.equal(_wan_latents(stock), merged)
+
+
+@pytest.mark.parametrize(
+    ("config", "total", "spans"),
+    [
+        (FLUX2_DEV, 32_223_281_152, [(2, 4), (20, 26), (30, 36), (40, 46)]),
+        (FLUX2_KLEIN_4B, 3_875_544_576, [(8, 12), (14, 18)]),
+    ],
+)
+def test_flux2_parameter_count_on_the_meta_device(config: dict, total: int, spans: list[tuple[int, int]]) -> None:
+    """FLUX.2-dev (32B) and klein-4B against diffusers' modules on the meta device, before and after spans in both
+    stacks (one student each; every block of a stack has the same size, modulation is model-level)."""
+    from diffusers import Flux2Transformer2DModel
+
+    with init_empty_weights():
+        full = Flux2Transformer2DModel(**config)
+    sizes = (full.config.num_layers, full.config.num_single_layers)
+    reps = [DepthReplacement(Span(a, b)) for a, b in spans]
+    plan = PruningPlan("flux2", "Flux2Transformer2DModel", sizes, reps, [Level("l", tuple(r.id for r in reps))])
+    count = plan.validate().param_count(dict(full.config), "l")
+    removed_double = sum(b - a - 1 for a, b in spans if b <= sizes[0])
+    removed_single = sum(b - a - 1 for a, b in spans if a >= sizes[0])
+    with init_empty_weights():
+        small = Flux2Transformer2DModel(
+            **{**config, "num_layers": sizes[0] - removed_double, "num_single_layers": sizes[1] - removed_single}
+        )
+    assert count.total == sum(p.numel() for p in full.parameters()) == total
+    assert count.after == sum(p.numel() for p in small.parameters())
+
+
+KLEIN_CALL = {"height": 32, "width": 32, "max_sequence_length": 16}
+
+
+@torch.no_grad()
+def _klein_latents(pipe, seed: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt="a red circle", num_inference_steps=2, output_type="latent", generator=generator,
+        **KLEIN_CALL,
+    ).images  # fmt: skip
+
+
+def test_flux2_klein_pipeline_end_to_end(tmp_path: Path) -> None:
+    """A tiny Flux2KleinPipeline folder (true CFG: a conditional and an unconditional call per step): calibrate through
+    the pipeline, analyse, distil a span in each stack, then the add-on level and the merged transformer give the same
+    latents, and the merged pipeline is a stock diffusers folder."""
+    from diffusers import DiffusionPipeline
+
+    import ppcl
+    from ppcl.cli.main import main
+    from tiny_pipelines import build_flux2_klein
+
+    folder = build_flux2_klein(tmp_path / "klein")
+    pipe = ppcl.load_pipeline(folder)
+    calibration = ppcl.calibrate(
+        pipe, ["a red circle", "a blue square"], seeds=(0,), num_inference_steps=3, n_timesteps=2,
+        **KLEIN_CALL,
+    )  # fmt: skip
+    assert len(calibration) == 8 and calibration.batched["img_ids"].shape == (8, 64, 4)
+    report = ppcl.analyze(pipe.transformer, calibration, protect_first=1, protect_last=1, batch_size=4)
+    assert report.num_blocks == 6 and not any(math.isnan(x) for x in report.probe_rel_error["text"])
+    addon = PruningAddon.from_plan(pipe.transformer, two_span_plan(pipe.transformer))
+    distill_depth(
+        pipe.transformer, addon, CalibrationData(calibration, 2), DistillConfig(steps=2, batch_size=2), tmp_path / "d"
+    )
+    assert main(["-q", "merge", "--model", str(folder), "--addon", str(tmp_path / "d" / "addon"), "--level", "b",
+                 "--out", str(tmp_path / "merged")]) == 0  # fmt: skip
+    with_addon = _klein_latents(ppcl.load_pipeline(folder, tmp_path / "d" / "addon", level="b"))
+    merged_pipe = ppcl.load_pipeline(folder, tmp_path / "merged")
+    assert (
+        len(merged_pipe.transformer.transformer_blocks),
+        len(merged_pipe.transformer.single_transformer_blocks),
+    ) == (
+        2,
+        2,
+    )
+    merged = _klein_latents(merged_pipe)
+    assert torch.isfinite(merged).all() and not torch.allclose(merged, _klein_latents(pipe))
+    torch.testing.assert_close(merged, with_addon, rtol=0, atol=1e-5)
+    merged_pipe.save_pretrained(tmp_path / "stock")
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "stock", local_files_only=True)  # no ppcl involved
+    assert torch.equal(_klein_latents(stock), merged)
 
 
 def test_hunyuan15_parameter_count_on_the_meta_device() -> None:

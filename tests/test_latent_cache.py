@@ -26,9 +26,14 @@ from ppcl.data.latent_build import build_image_cache, build_prompt_cache
 from ppcl.data.latent_cache import LatentCache
 from ppcl.distill.latent_data import LatentCacheData, shift_sigmas
 from ppcl.errors import PPCLError
-from tiny_pipelines import WORDS, build_flux, build_qwen, build_sd3
+from tiny_pipelines import WORDS, build_flux, build_flux2_klein, build_qwen, build_sd3
 
-BUILDERS = {"flux": (build_flux, 16), "sd3": (build_sd3, 16), "qwenimage": (build_qwen, 32)}
+BUILDERS = {
+    "flux": (build_flux, 16),
+    "sd3": (build_sd3, 16),
+    "qwenimage": (build_qwen, 32),
+    "flux2": (build_flux2_klein, 16),
+}
 SIZES = [(16, 16), (30, 18), (18, 30), (20, 20)]  # (width, height): square, wide, tall, square
 
 
@@ -170,6 +175,8 @@ def test_cache_data_feeds_the_transformer(arch: str, pipes: dict[str, Path], tmp
             z = vae.encode(pixels[:, :, None]).latent_dist.mode()[:, :, 0]
             mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))
             direct = (z - mean) / std
+        elif arch == "flux2":  # the pipeline's own encoding (patchify + BatchNorm), stored unpatchified
+            direct = pipe._unpatchify_latents(pipe._encode_vae_image(pixels, None))
         else:
             direct = (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
     torch.testing.assert_close(cache.read(0, [0])["latents"], direct)
@@ -191,6 +198,12 @@ def test_cache_data_feeds_the_transformer(arch: str, pipes: dict[str, Path], tmp
         assert batch["img_shapes"][0][0][0] == 1
     if arch == "flux":
         assert batch["img_ids"].shape == (batch["hidden_states"].shape[1], 3)
+    if arch == "flux2":  # (B, N, 4) ids as the pipeline passes them; one token per 2x2 patch of the stored latents
+        n = batch["hidden_states"].shape[1]
+        assert (
+            batch["img_ids"].shape == (3, n, 4)
+            and batch["txt_ids"].shape[:2] == batch["encoder_hidden_states"].shape[:2]
+        )
     assert data.describe()["source"] == "latent_cache"
 
 
@@ -215,6 +228,22 @@ def test_sigmas_follow_the_scheduler_shift(pipes: dict[str, Path]) -> None:
         torch.testing.assert_close(shift_sigmas(u, dict(scheduler.config), 64), scheduler.sigmas[:-1])
     u = torch.rand(4000, generator=torch.Generator().manual_seed(0))
     assert shift_sigmas(u, {"shift": 3.0}, 64).mean() > shift_sigmas(u, {"shift": 1.0}, 64).mean() + 0.1
+
+
+def test_flux2_sigmas_follow_the_pipelines_empirical_shift() -> None:
+    """FLUX.2's pipelines set ``mu`` with their empirical formula (token count and 50 default steps), not the
+    scheduler's linear one: ppcl's σ equal the scheduler's for that ``mu`` at 1,024 and 4,096 image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    u = torch.linspace(1.0, 0.05, 20)
+    config = {"use_dynamic_shifting": True, "time_shift_type": "exponential"}
+    for tokens in (1024, 4096):
+        scheduler = FlowMatchEulerDiscreteScheduler(**config)
+        scheduler.set_timesteps(sigmas=u.numpy(), mu=compute_empirical_mu(tokens, 50))
+        ours = shift_sigmas(u, dict(scheduler.config), tokens, arch="flux2")
+        torch.testing.assert_close(ours, scheduler.sigmas[:-1])
+        assert not torch.allclose(ours, shift_sigmas(u, dict(scheduler.config), tokens, arch="flux"))
 
 
 def test_prompt_cache_and_cli_distill(pipes: dict[str, Path], tmp_path: Path) -> None:
@@ -392,3 +421,24 @@ def test_a_modified_shard_is_refused_on_first_read(pipes: dict[str, Path], tmp_p
     save_file(tensors, shard)
     with pytest.raises(PPCLError, match="shard does not match its manifest"):
         LatentCache(out).read(0, [0])
+
+
+def test_flux2_generated_latents_are_normalised_back(pipes: dict[str, Path]) -> None:
+    """``Flux2KleinPipeline(output_type="latent")`` returns un-normalised, unpatchified latents; ppcl's cache form
+    undoes exactly the pipeline's own decode step (``latents * bn_std + bn_mean`` on the 2x2 patches)."""
+    from ppcl.arch import get_spec
+
+    pipe = ppcl.load_pipeline(pipes["flux2"])
+    with torch.no_grad():
+        pipe.vae.bn.running_mean.normal_(generator=torch.Generator().manual_seed(0))  # non-trivial statistics
+        pipe.vae.bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+    generated = pipe(
+        prompt="a red circle", height=16, width=16, num_inference_steps=2, output_type="latent",
+        max_sequence_length=16, generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    ours = get_spec(pipe.transformer).latent_format().unpack_generated(pipe, generated, 16, 16)
+    bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
+    patches = pipe._patchify_latents(ours)
+    back = patches * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps) + bn.running_mean.view(1, -1, 1, 1)
+    assert ours.shape == generated.shape and not torch.allclose(ours, generated)
+    torch.testing.assert_close(pipe._unpatchify_latents(back), generated)

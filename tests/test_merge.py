@@ -22,6 +22,7 @@ EXPECTED_CONFIG = {
     "flux": {"num_layers": 2, "num_single_layers": 2},  # [1:3] in the double stack, [3:5] in the single stack
     "sd3": {"num_layers": 4},
     "sd35": {"num_layers": 4, "dual_attention_layers": (0, 1)},  # (0, 1, 2) minus removed block 2
+    "flux2": {"num_layers": 2, "num_single_layers": 2},
     "wan": {"num_layers": 4},
     "hunyuanvideo15": {"num_layers": 4},
 }

@@ -32,17 +32,20 @@ def make_addon(model: nn.Module) -> PruningAddon:
 
 class _Passthrough(nn.Module):
     """Reference for a skipped block, written independently of ArchSpec: every supported block takes
-    (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states, hidden_states), except Wan's,
-    which return hidden_states alone, and HunyuanVideo-1.5's, which return (hidden_states, encoder_hidden_states)."""
+    (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states, hidden_states), except Wan's and
+    FLUX.2's single blocks (the joint sequence), which return hidden_states alone, and HunyuanVideo-1.5's, which
+    return (hidden_states, encoder_hidden_states)."""
 
-    def __init__(self, model_class: str) -> None:
+    def __init__(self, model_class: str, attr: str) -> None:
         super().__init__()
-        self.model_class = model_class
+        self.model_class, self.attr = model_class, attr
 
     def forward(
         self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
-        if self.model_class == "WanTransformer3DModel":
+        if self.model_class == "WanTransformer3DModel" or (
+            self.model_class == "Flux2Transformer2DModel" and self.attr == "single_transformer_blocks"
+        ):
             return hidden_states
         if self.model_class == "HunyuanVideo15Transformer3DModel":  # image first
             return hidden_states, encoder_hidden_states
@@ -56,7 +59,7 @@ def _manual_reference(base: nn.Module, addon: PruningAddon, level: str, inputs: 
     for rep in addon.plan.replacements_of(level):
         for i in rep.span.blocks:
             attr, local = spec.locate(model, i)
-            passthrough = _Passthrough(type(model).__name__)
+            passthrough = _Passthrough(type(model).__name__, attr)
             replacement = addon.students[student_key(rep.id)] if i == rep.span.start else passthrough
             getattr(model, attr)[local] = replacement
     return model(**inputs, return_dict=False)[0]

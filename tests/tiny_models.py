@@ -1,5 +1,5 @@
-"""Tiny *real* diffusers transformers (Qwen-Image, FLUX.1, SD3, SD3.5; Wan for depth pruning) built from scratch
-configs, for tests.
+"""Tiny *real* diffusers transformers (Qwen-Image and -Edit, FLUX.1, SD3, SD3.5; FLUX.2, Wan and HunyuanVideo-1.5 for
+depth pruning) built from scratch configs, for tests.
 
 No hub access; every model has 6 flat blocks."""
 
@@ -14,7 +14,7 @@ from torch import nn
 
 TINY_ARCH_NAMES: tuple[str, ...] = ("qwenimage", "qwenimage_edit", "flux", "sd3", "sd35")
 """Families with every replacement kind (depth, text runs, FFN maps)."""
-DEPTH_ONLY_ARCH_NAMES: tuple[str, ...] = ("wan", "hunyuanvideo15")
+DEPTH_ONLY_ARCH_NAMES: tuple[str, ...] = ("flux2", "wan", "hunyuanvideo15")
 """Families ppcl prunes in depth only (no text stream to prune, no width forward yet)."""
 ALL_ARCH_NAMES: tuple[str, ...] = TINY_ARCH_NAMES + DEPTH_ONLY_ARCH_NAMES
 
@@ -76,6 +76,20 @@ def _sd3_inputs(seed: int, batch: int = 2, n_txt: int = 7) -> dict[str, Any]:
         "encoder_hidden_states": torch.randn(batch, n_txt, 32, generator=g),
         "pooled_projections": torch.randn(batch, 32, generator=g),
         "timestep": torch.rand(batch, generator=g) * 1000,
+    }
+
+
+def _flux2_inputs(seed: int, batch: int = 2, h: int = 4, w: int = 4, n_txt: int = 7) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(n_txt))
+    return {
+        "hidden_states": torch.randn(batch, h * w, 16, generator=g),
+        "encoder_hidden_states": torch.randn(batch, n_txt, 32, generator=g),
+        "timestep": torch.rand(batch, generator=g),  # the pipelines pass t / 1000
+        "guidance": torch.full((batch,), 4.0),
+        "img_ids": img_ids.unsqueeze(0).expand(batch, -1, -1),  # (B, N, 4), as the pipelines pass them
+        "txt_ids": txt_ids.unsqueeze(0).expand(batch, -1, -1),
     }
 
 
@@ -156,6 +170,21 @@ def build_tiny(name: str) -> TinyCase:
             **extra,
         )
         make = _sd3_inputs
+    elif name == "flux2":
+        from diffusers import Flux2Transformer2DModel
+
+        model = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=3,
+            num_single_layers=3,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+        )
+        make = _flux2_inputs
     elif name == "wan":
         from diffusers import WanTransformer3DModel
 

@@ -395,3 +395,63 @@ def build_wan(folder: str | Path, num_layers: int = 6) -> Path:
     )
     pipe.save_pretrained(str(folder))
     return Path(folder)
+
+
+def build_flux2_klein(folder: str | Path, num_layers: int = 3, num_single_layers: int = 3) -> Path:
+    """A tiny ``Flux2KleinPipeline`` (Qwen3 text encoder, FLUX.2 VAE with its latent BatchNorm,
+    ``Flux2Transformer2DModel`` without guidance embedding, as FLUX.2-klein) saved to ``folder``. The Qwen3 has 27
+    layers of width 16, so the pipeline's default ``text_encoder_out_layers`` (9, 18, 27) exist."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    hidden = 16
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(WORDS) + 4,
+            hidden_size=hidden,
+            intermediate_size=32,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            pad_token_id=0,
+        )
+    ).eval()
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels, 2x2-patchified
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=hidden * 3,  # three stacked layers
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ).eval()
+    tokenizer = tiny_tokenizer(16)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder))
+    return Path(folder)

@@ -58,9 +58,10 @@ class _Pass:
         self.generator = torch.Generator().manual_seed(seed)
         self.rows: dict[str, torch.Tensor | None] = {}
         self.masks: dict[str, torch.Tensor | None] = {}
+        self.text_length: int | None = None  # of the model call, to split FLUX.2's joint [text; image] sequence
 
-    def reset(self) -> None:
-        self.rows, self.masks = {}, {}
+    def reset(self, text_length: int | None = None) -> None:
+        self.rows, self.masks, self.text_length = {}, {}, text_length
 
 
 class StatsCollector:
@@ -102,7 +103,7 @@ class StatsCollector:
 
     # ----------------------------------------------------------------------------------------------- hooks
     def __enter__(self) -> StatsCollector:
-        self._handles.append(self.model.register_forward_pre_hook(lambda *_: self.state.reset()))
+        self._handles.append(self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
         for i, block in enumerate(self.spec.blocks(self.model)):
             self._handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
             for stream, name in self.spec.width_targets(self.model, i).ffn_input:
@@ -115,6 +116,9 @@ class StatsCollector:
             handle.remove()
         self._handles.clear()
 
+    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.state.reset(self.spec.text_length(module, args, kwargs))
+
     def _ffn_hook(self, i: int, stream: str):
         def hook(module: nn.Module, args: tuple) -> None:
             self.ffn_inputs[(i, stream)] = args[0].detach()
@@ -123,8 +127,9 @@ class StatsCollector:
 
     def _block_hook(self, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            inputs = self.spec.split_inputs(self.model, i, args, kwargs)
-            outputs = self.spec.split_outputs(self.model, i, output)
+            length = self.state.text_length
+            inputs = self.spec.unjoin(self.model, i, self.spec.split_inputs(self.model, i, args, kwargs), length)
+            outputs = self.spec.unjoin(self.model, i, self.spec.split_outputs(self.model, i, output), length)
             text_mask = self._text_mask(i, args, kwargs)
             for stream in STREAMS:
                 x, y = inputs[stream], outputs[stream]

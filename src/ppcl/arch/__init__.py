@@ -8,6 +8,7 @@ Example (FLUX.1-dev)::
 """
 
 from ppcl.arch.flux import FLUX_SPEC
+from ppcl.arch.flux2 import FLUX2_SPEC
 from ppcl.arch.hunyuanvideo15 import HUNYUAN15_SPEC
 from ppcl.arch.qwenimage import QWENIMAGE_SPEC
 from ppcl.arch.registry import (
@@ -22,11 +23,12 @@ from ppcl.arch.sd3 import SD3_SPEC
 from ppcl.arch.spec import STREAMS, ArchSpec, ModelInputs, StackSpec, WidthTargets
 from ppcl.arch.wan import WAN_SPEC
 
-for _spec in (QWENIMAGE_SPEC, FLUX_SPEC, SD3_SPEC, WAN_SPEC, HUNYUAN15_SPEC):
+for _spec in (QWENIMAGE_SPEC, FLUX_SPEC, FLUX2_SPEC, SD3_SPEC, WAN_SPEC, HUNYUAN15_SPEC):
     register_spec(_spec, replace=True)
 del _spec
 
 __all__ = [
+    "FLUX2_SPEC",
     "FLUX_SPEC",
     "HUNYUAN15_SPEC",
     "QWENIMAGE_SPEC",

@@ -27,6 +27,15 @@ class LatentFormat:
     max_shift_default: float = 1.15
     """The scheduler's ``max_shift`` when its config leaves it out (the family pipeline's own default)."""
 
+    def shift_mu(self, image_seq_len: int, scheduler_config: dict[str, Any]) -> float:
+        """``mu`` of the scheduler's dynamic time shift for ``image_seq_len`` image tokens: linear in the token count
+        between the config's base and max shift (FLUX.1, SD3.5, Qwen-Image pipelines' ``calculate_shift``)."""
+        c = scheduler_config
+        base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        base, top = c.get("base_shift", 0.5), c.get("max_shift", self.max_shift_default)
+        slope = (top - base) / (max_len - base_len)
+        return image_seq_len * slope + base - slope * base_len
+
     def token_patch(self, transformer_config: dict[str, Any]) -> int:
         """Latent pixels per image-token side (2 for 2x2-packed latents, else the transformer's ``patch_size``)."""
         return 2

@@ -86,6 +86,11 @@ class StackSpec:
             ``attention_kwargs``, ``modulate_index``; absent roles are not taken by this block.
         bare_output: the block returns its one output stream as a bare tensor, not a tuple (Wan: the video tokens;
             the text context is read by cross-attention and never returned). ``output_order`` then names one stream.
+        joined_text: the image-stream argument carries the ``[text; image]`` tokens concatenated along dim 1 and the
+            text argument is ``None`` (FLUX.2 single blocks: the model joins the streams before the stack and keeps
+            the image rows after it). Recording, passthrough and distillation treat the joint sequence as the image
+            stream (later blocks read every row, so a student must reproduce them all); the analysis splits it at the
+            model input's text length (:meth:`ArchSpec.unjoin`) so token rows line up with the other stacks'.
         dual_stream: whether the block has separate weights per stream. FLUX.1 single blocks are single-stream (one
             set of weights over the concatenated ``[text, image]`` tokens) but still take and return the two streams
             as separate tensors, so passthrough and recording treat them exactly like dual-stream blocks.
@@ -107,6 +112,7 @@ class StackSpec:
     output_order: tuple[str, ...] = ("text", "image")
     roles: tuple[tuple[str, str], ...] = ()
     bare_output: bool = False
+    joined_text: bool = False
     dual_stream: bool = True
     text_output_flag: str | None = None
     index_config_keys: tuple[str, ...] = ()

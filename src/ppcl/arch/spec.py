@@ -205,6 +205,36 @@ class ArchSpec:
         """
         return self.join_outputs(model, i, self.split_inputs(model, i, args, kwargs))
 
+    def text_length(self, model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
+        """Text tokens ``N_txt`` of one call of the model's own ``forward`` (the length of its ``model_inputs.text``
+        argument ``(B, N_txt, D_text)``), or ``None`` when the call has none."""
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        text = bound.get(self.model_inputs.text)
+        return int(text.shape[1]) if isinstance(text, torch.Tensor) and text.dim() >= 2 else None
+
+    def unjoin(
+        self, model: nn.Module, i: int, streams: Mapping[str, torch.Tensor | None], text_length: int | None
+    ) -> dict[str, torch.Tensor | None]:
+        """``streams`` of block ``i`` with a joint ``[text; image]`` sequence (a ``joined_text`` stack) split into
+        ``{"text": (B, N_txt, D), "image": (B, N_img, D)}``; other blocks' streams are returned unchanged.
+
+        Raises:
+            ConfigError: the block is in a ``joined_text`` stack and the text length is unknown or too long.
+        """
+        if not self.stack_of(model, i).joined_text:
+            return dict(streams)
+        joint = streams["image"]
+        if joint is None:
+            return dict(streams)
+        if text_length is None or not 0 <= text_length <= joint.shape[1]:
+            raise ConfigError(
+                f"Cannot split block {i}'s joint [text; image] sequence",
+                expected=f"the model input's text length, at most {joint.shape[1]} tokens",
+                found=repr(text_length),
+                fix=f"call the model with `{self.model_inputs.text}` (B, N_txt, D_text)",
+            )
+        return {"text": joint[:, :text_length], "image": joint[:, text_length:]}
+
     # --------------------------------------------------------------------------------------------- width targets
     def width_targets(self, model: nn.Module, i: int) -> WidthTargets:
         """The width targets that exist on block ``i`` (optional ones it lacks are removed)."""

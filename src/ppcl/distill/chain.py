@@ -134,11 +134,14 @@ def mix_inputs(teacher: Streams, chained: Sequence[Streams], ratio: float, offse
 
 def _streams(spec: ArchSpec, model: nn.Module, i: int, output: Any, dtype: torch.dtype) -> Streams | None:
     """The streams block ``i`` returned, in the stream dtype the model passes between blocks (an fp32 master student
-    under autocast may return float32), or None when one is missing (SD3's last block returns no text)."""
+    under autocast may return float32), or None when one its stack returns is missing (SD3's last block returns no
+    text). Streams a stack never returns (Wan's read-only text context) are left out: the next block reads them from
+    its own recorded call."""
     split = spec.split_outputs(model, i, output)
-    if any(v is None for v in split.values()):
+    returned = spec.output_order(model, i)
+    if any(split[s] is None for s in returned):
         return None
-    return {k: v.to(dtype) for k, v in split.items() if v is not None}
+    return {s: split[s].to(dtype) for s in returned}
 
 
 def _stream_dtype(spec: ArchSpec, model: nn.Module, i: int, call: BlockCall) -> torch.dtype:

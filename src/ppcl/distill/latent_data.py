@@ -7,7 +7,8 @@ drawn with probability proportional to its sample count, then ``batch_size`` sam
 ``x_t = (1 − σ)·x0 + σ·ε`` with ``σ = shift(u)``, ``u ~ U(0, 1)`` (or ``sigmoid(N(0, 1))``), where ``shift`` is the
 map the pipeline's ``FlowMatchEulerDiscreteScheduler`` applies to its sigmas: the fixed shift
 ``s·u / (1 + (s − 1)·u)``, or with ``use_dynamic_shifting`` the resolution-dependent time shift with
-``mu = calculate_shift(image tokens, ...)`` from the scheduler config, as the pipeline computes it for that bucket.
+``mu`` from the image token count and the scheduler config, as the family's pipeline computes it for that bucket
+(:meth:`~ppcl.arch.latents.LatentFormat.shift_mu`).
 (``shift_terminal`` stretches a discrete inference schedule and has no continuous counterpart; it is not applied.)
 
 The forward keyword arguments are built per architecture exactly as the pipelines call their transformer:
@@ -33,31 +34,13 @@ from ppcl.data.sampling import TimestepSampling, batch_generator, check_sampling
 from ppcl.errors import ArtefactError
 
 
-def calculate_shift(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """``mu`` of the dynamic time shift, linear in the number of image tokens (the pipelines' own formula)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
-
-
 def shift_sigmas(
     u: torch.Tensor, scheduler_config: dict[str, Any], image_seq_len: int, arch: str = "flux"
 ) -> torch.Tensor:
     """Map uniform times ``u`` in [0, 1] to σ the way the scheduler shifts its sigmas for ``image_seq_len`` tokens."""
     c = scheduler_config
     if c.get("use_dynamic_shifting"):
-        mu = calculate_shift(
-            image_seq_len,
-            c.get("base_image_seq_len", 256),
-            c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5),
-            c.get("max_shift", spec_by_name(arch).latent_format().max_shift_default),
-        )
+        mu = spec_by_name(arch).latent_format().shift_mu(image_seq_len, c)
         odds = 1 / u.clamp_min(1e-12) - 1  # sigma = 1.0 in the scheduler's time_shift
         scale = mu if c.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
         return scale / (scale + odds)
@@ -142,7 +125,7 @@ class LatentCacheData:
         return shift_sigmas(u, self.scheduler_config, self.image_tokens(bucket), self.arch)
 
     def image_tokens(self, bucket: int) -> int:
-        """Transformer image tokens of a bucket (what the pipelines feed ``calculate_shift``)."""
+        """Transformer image tokens of a bucket (what the pipelines compute the time shift from)."""
         h, w = self.cache.manifest["latent_shapes"][str(bucket)][1:]
         patch = spec_by_name(self.arch).latent_format().token_patch(self.transformer)
         return (h // patch) * (w // patch)
