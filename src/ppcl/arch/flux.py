@@ -34,7 +34,7 @@ FLUX_DOUBLE_WIDTH = JOINT_BLOCK_WIDTH
 
 # One set of weights serves both streams: nothing is text-only, and the MLP (proj_mlp + act_mlp) is fused into
 # proj_out, so there is no separate FFN to replace.
-FLUX_SINGLE_WIDTH = WidthTargets(modulation=(("image", "norm"), ("text", "norm")))
+FLUX_SINGLE_WIDTH = WidthTargets(modulation=(("image", "norm.linear"), ("text", "norm.linear")))
 
 
 class FluxLatents(LatentFormat):

@@ -23,6 +23,6 @@ JOINT_BLOCK_WIDTH = WidthTargets(
     text=("norm1_context", "norm2_context", "ff_context", *JOINT_ATTN_TEXT),
     text_kv=JOINT_ATTN_TEXT_KV,
     ffn=(("image", "ff"), ("text", "ff_context")),
-    modulation=(("image", "norm1"), ("text", "norm1_context")),
+    modulation=(("image", "norm1.linear"), ("text", "norm1_context.linear")),
     ffn_input=(("image", "norm2"), ("text", "norm2_context")),
 )

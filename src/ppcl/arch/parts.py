@@ -21,7 +21,10 @@ class WidthTargets:
             values). A text-pruned block must keep these.
         ffn: ``(stream, name)`` pairs naming each stream's separate feed-forward network. Empty when the block has no
             separate FFN (FLUX.1 single blocks fuse the MLP into ``proj_out``).
-        modulation: ``(stream, name)`` pairs naming the module that produces each stream's shift/scale/gate.
+        modulation: ``(stream, name)`` pairs naming the linear that produces each stream's shift/scale/gate rows.
+        attention_chunks: ``(chunks, kept)`` pairs: for a modulation linear of ``chunks x D`` output rows, the D-row
+            chunks of its attention half, all that a block whose FFN is replaced still computes (a merged model cuts
+            the linear to them). Default: 6 chunks (attention shift/scale/gate, then the MLP's) keep 0-2.
         ffn_input: ``(stream, name)`` pairs naming the norm that opens each stream's second half (norm2 → modulate →
             FFN → gate → residual): its *input* is the hidden state g after the attention residual, the point an
             FFN-to-linear replacement starts from.
@@ -35,6 +38,7 @@ class WidthTargets:
     ffn: tuple[tuple[str, str], ...] = ()
     modulation: tuple[tuple[str, str], ...] = ()
     ffn_input: tuple[tuple[str, str], ...] = ()
+    attention_chunks: tuple[tuple[int, tuple[int, ...]], ...] = ((6, (0, 1, 2)),)
     optional: frozenset[str] = frozenset()
 
     def names(self) -> tuple[str, ...]:
@@ -44,6 +48,13 @@ class WidthTargets:
         for name in (*self.text, *self.text_kv, *(n for _, n in pairs)):
             seen.setdefault(name, None)
         return tuple(seen)
+
+    def attention_rows(self, chunks: int) -> tuple[int, ...]:
+        """The attention-half chunks of a modulation linear with ``chunks`` output chunks (see ``attention_chunks``)."""
+        kept = dict(self.attention_chunks).get(chunks)
+        if kept is None:
+            raise ValueError(f"no attention-half layout for a {chunks}-chunk modulation: {self.attention_chunks}")
+        return kept
 
     def ffn_of(self, stream: str) -> str | None:
         """Name of ``stream``'s FFN, or ``None`` when there is no separate one."""

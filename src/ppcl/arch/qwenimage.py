@@ -28,7 +28,7 @@ QWENIMAGE_WIDTH = WidthTargets(
     text=("txt_mod", "txt_norm1", "txt_norm2", "txt_mlp", *JOINT_ATTN_TEXT),
     text_kv=JOINT_ATTN_TEXT_KV,
     ffn=(("image", "img_mlp"), ("text", "txt_mlp")),
-    modulation=(("image", "img_mod"), ("text", "txt_mod")),
+    modulation=(("image", "img_mod.1"), ("text", "txt_mod.1")),  # Sequential(SiLU, Linear)
     ffn_input=(("image", "img_norm2"), ("text", "txt_norm2")),
 )
 

@@ -24,6 +24,8 @@ SD3_WIDTH = replace(
     JOINT_BLOCK_WIDTH,
     # q/k norms exist only with `qk_norm` set (SD3.5); the last block has no text FFN and no text output projection.
     optional=frozenset({"attn.norm_added_q", "attn.norm_added_k", "norm2_context", "ff_context", "attn.to_add_out"}),
+    # SD3.5 dual-attention blocks: norm1 yields msa (0-2), mlp (3-5), msa2 (6-8); both attention halves stay.
+    attention_chunks=((6, (0, 1, 2)), (9, (0, 1, 2, 6, 7, 8))),
 )
 
 

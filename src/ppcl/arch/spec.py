@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -241,13 +241,13 @@ class ArchSpec:
         targets = self.stack_of(model, i).width
         block = self.block(model, i)
         present = {name for name in targets.names() if _has_submodule(block, name, optional=name in targets.optional)}
-        return WidthTargets(
+        return replace(
+            targets,
             text=tuple(n for n in targets.text if n in present),
             text_kv=tuple(n for n in targets.text_kv if n in present),
             ffn=tuple((s, n) for s, n in targets.ffn if n in present),
             modulation=tuple((s, n) for s, n in targets.modulation if n in present),
             ffn_input=tuple((s, n) for s, n in targets.ffn_input if n in present),
-            optional=targets.optional,
         )
 
     # ------------------------------------------------------------------------------------------------ validation

@@ -4,8 +4,8 @@ A merged level with width replacements is the depth-merged stock model plus, per
 *merged* flat position):
 
 * dropped submodules set to ``None`` (text-pruned: the text modules except text K/V; FFN-pruned: the stream's FFN);
-* the stream's modulation linear cut to its attention-half rows (``D → 3D``; SD3.5 dual-attention ``D → 6D``: chunks
-  0-2 and 6-8), because the second half of the modulation output is no longer computed;
+* the stream's modulation linear cut to its attention-half rows (the family's ``WidthTargets.attention_chunks``:
+  ``D → 3D``; SD3.5 dual-attention ``D → 6D``, chunks 0-2 and 6-8), because the MLP rows are no longer computed;
 * projections as block submodules ``ppcl_text_in`` / ``ppcl_text_out`` / ``ppcl_ffn_image`` / ``ppcl_ffn_text``
   (:class:`~ppcl.modules.projection.ResidualLinear`);
 * an instance ``forward`` running :func:`~ppcl.modules.width.width_forward`; blocks of one text run share a
@@ -53,11 +53,9 @@ def substitution(spec: ArchSpec, model: nn.Module, index: int, mode: WidthMode) 
     cut: dict[str, list[int]] = {}
     for stream in sorted(mode.ffn):
         drop.append(dict(targets.ffn)[stream])
-        linear = _mod_linear(block, dict(targets.modulation)[stream])
-        d = linear.in_features
-        cut[_mod_linear_name(block, dict(targets.modulation)[stream])] = (
-            [0, 1, 2, 6, 7, 8] if linear.out_features == 9 * d else [0, 1, 2]
-        )
+        name = dict(targets.modulation)[stream]
+        linear = block.get_submodule(name)
+        cut[name] = list(targets.attention_rows(linear.out_features // linear.in_features))
     parts = [p for p, on in (("text_in", mode.text in ("pruned", "last")), ("text_out", mode.text == "last")) if on]
     return {
         "block": index,
@@ -232,17 +230,6 @@ def make_record(model_class: str, level: str, subs: list[dict[str, Any]], proj_d
         "index_convention": "block = flat block index of the merged model (0-based, over all stacks in order)",
         "substitutions": subs,
     }
-
-
-def _mod_linear_name(block: nn.Module, modulation: str) -> str:
-    module = block.get_submodule(modulation)
-    if isinstance(module, nn.Sequential):  # Qwen-Image: Sequential(SiLU, Linear)
-        return f"{modulation}.1"
-    return f"{modulation}.linear"  # AdaLayerNormZero (FLUX.1, SD3)
-
-
-def _mod_linear(block: nn.Module, modulation: str) -> nn.Linear:
-    return block.get_submodule(_mod_linear_name(block, modulation))
 
 
 def _cut_rows(block: nn.Module, name: str, chunks: list[int]) -> None:
