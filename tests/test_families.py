@@ -305,6 +305,53 @@ def test_flux2_klein_pipeline_end_to_end(tmp_path: Path) -> None:
     assert torch.equal(_klein_latents(stock), merged)
 
 
+@torch.no_grad()
+def _edit_latents(pipe, per_prompt: dict, seed: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        **per_prompt, height=32, width=32, num_inference_steps=2, output_type="latent", generator=generator
+    ).images
+
+
+def test_qwen_image_edit_plus_pipeline_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny QwenImageEditPlusPipeline (Edit-2511: ``zero_cond_t``) calibrated from prompt embeddings and a condition
+    image: every captured call holds the target's and the condition image's tokens (two ``img_shapes`` entries), the
+    analysis and distillation replay them (``temb`` of batch 2B, ``modulate_index``), and the add-on level and the
+    merged transformer give the same edited latents."""
+    import numpy as np
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+    from PIL import Image
+
+    import ppcl
+    from tiny_pipelines import build_qwen_edit_plus, qwen_prompt_embeds
+
+    # The pipeline resizes condition images to about 1024² pixels for the VAE; 32² keeps the tiny test tiny.
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 32 * 32)
+    folder = build_qwen_edit_plus(tmp_path / "edit")
+    pipe = ppcl.load_pipeline(folder)
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    per_prompt = [{**e, "image": Image.fromarray(pixels)} for e in qwen_prompt_embeds(2)]
+    calibration = ppcl.calibrate(
+        pipe, prompt_embeds=per_prompt, seeds=(0,), num_inference_steps=3, n_timesteps=2, height=32, width=32
+    )
+    assert len(calibration) == 8 and calibration.batched["hidden_states"].shape[1] == 16 + 16
+    assert all(shapes == [[1, 4, 4], [1, 4, 4]] for shapes in calibration.lists["img_shapes"])
+    report = ppcl.analyze(pipe.transformer, calibration, protect_first=1, protect_last=1, batch_size=4)
+    assert report.num_blocks == 6
+    addon = PruningAddon.from_plan(pipe.transformer, two_span_plan(pipe.transformer))
+    distill_depth(
+        pipe.transformer, addon, CalibrationData(calibration, 2), DistillConfig(steps=2, batch_size=2), tmp_path / "d"
+    )
+    base = _edit_latents(pipe, per_prompt[0])
+    with_addon = _edit_latents(ppcl.load_pipeline(folder, tmp_path / "d" / "addon", level="b"), per_prompt[0])
+    merged_model = ppcl.merge(pipe.transformer, addon, "b")
+    assert merged_model.config.zero_cond_t and merged_model.config.num_layers == 4
+    pipe.transformer = merged_model
+    merged = _edit_latents(pipe, per_prompt[0])
+    assert torch.isfinite(merged).all() and not torch.allclose(merged, base)
+    torch.testing.assert_close(merged, with_addon, rtol=0, atol=1e-5)
+
+
 def test_hunyuan15_parameter_count_on_the_meta_device() -> None:
     """The published 480p config (8.3B) against diffusers' modules on the meta device, before and after three spans
     that remove 3 + 5 + 3 = 11 blocks."""

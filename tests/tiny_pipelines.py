@@ -285,18 +285,9 @@ def qwen_text_encoder(vocab_size: int, hidden: int = 16):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def build_qwen(folder: str | Path, num_layers: int = 6, text_encoder: bool = True) -> Path:
-    """A tiny ``QwenImagePipeline`` saved to ``folder``; sample at 32x32.
-
-    ``text_encoder=False`` saves it without text encoder / tokenizer (``[null, null]`` in ``model_index.json``): it
-    then takes prompt embeddings only (see :func:`qwen_prompt_embeds`).
-    """
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+def _qwen_transformer_and_vae(num_layers: int, zero_cond_t: bool = False):
+    """The tiny Qwen-Image transformer (seeded) and VAE of :func:`build_qwen`."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
     torch.manual_seed(0)
     transformer = QwenImageTransformer2DModel(
@@ -308,6 +299,7 @@ def build_qwen(folder: str | Path, num_layers: int = 6, text_encoder: bool = Tru
         num_attention_heads=2,
         joint_attention_dim=16,
         axes_dims_rope=(8, 4, 4),
+        zero_cond_t=zero_cond_t,
     )
     vae = AutoencoderKLQwenImage(
         base_dim=8,
@@ -318,6 +310,18 @@ def build_qwen(folder: str | Path, num_layers: int = 6, text_encoder: bool = Tru
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     )
+    return transformer, vae
+
+
+def build_qwen(folder: str | Path, num_layers: int = 6, text_encoder: bool = True) -> Path:
+    """A tiny ``QwenImagePipeline`` saved to ``folder``; sample at 32x32.
+
+    ``text_encoder=False`` saves it without text encoder / tokenizer (``[null, null]`` in ``model_index.json``): it
+    then takes prompt embeddings only (see :func:`qwen_prompt_embeds`).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    transformer, vae = _qwen_transformer_and_vae(num_layers)
     tokenizer = qwen_tokenizer() if text_encoder else None
     encoder = qwen_text_encoder(len(tokenizer)) if tokenizer is not None else None
     pipe = QwenImagePipeline(
@@ -325,6 +329,24 @@ def build_qwen(folder: str | Path, num_layers: int = 6, text_encoder: bool = Tru
         vae=vae,
         text_encoder=encoder,
         tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def build_qwen_edit_plus(folder: str | Path, num_layers: int = 6) -> Path:
+    """A tiny ``QwenImageEditPlusPipeline`` with the Edit-2511 transformer (``zero_cond_t=True``) and no text encoder,
+    saved to ``folder``: it takes prompt embeddings (:func:`qwen_prompt_embeds`) and condition images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+    transformer, vae = _qwen_transformer_and_vae(num_layers, zero_cond_t=True)
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        processor=None,
         transformer=transformer,
     )
     pipe.save_pretrained(str(folder))
