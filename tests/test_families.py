@@ -352,6 +352,48 @@ def test_qwen_image_edit_plus_pipeline_end_to_end(tmp_path: Path, monkeypatch: p
     torch.testing.assert_close(merged, with_addon, rtol=0, atol=1e-5)
 
 
+HUNYUAN_CALL = {"height": 16, "width": 16, "num_frames": 5}
+
+
+@torch.no_grad()
+def _hunyuan_latents(pipe, per_prompt: dict, seed: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(**per_prompt, num_inference_steps=2, output_type="latent", generator=generator, **HUNYUAN_CALL).frames
+
+
+def test_hunyuan15_pipeline_end_to_end(tmp_path: Path) -> None:
+    """A tiny HunyuanVideo15Pipeline, which has no step callback: calibration follows its scheduler's steps (the
+    captured timesteps are the scheduler's at the kept steps, a conditional and an unconditional call each), then
+    analysis, distillation, and the add-on level ≡ the merged transformer on the pipeline's video latents."""
+    import ppcl
+    from tiny_pipelines import build_hunyuan15, hunyuan15_prompt_embeds
+
+    folder = build_hunyuan15(tmp_path / "hy")
+    pipe = ppcl.load_pipeline(folder)
+    per_prompt = hunyuan15_prompt_embeds(2)
+    calibration = ppcl.calibrate(
+        pipe, prompt_embeds=per_prompt, seeds=(0,), num_inference_steps=4, n_timesteps=2, **HUNYUAN_CALL
+    )
+    kept = calibration.meta["kept_steps"]
+    assert kept == [0, 3] and len(calibration) == 2 * 2 * 2  # prompts x kept steps x (cond, uncond)
+    schedule = pipe.scheduler.timesteps  # as the last sampling run set it (every run sets the same)
+    expected = sorted(float(schedule[k]) for k in kept for _ in range(4))
+    assert expected[0] != expected[-1]
+    assert sorted(calibration.batched["timestep"].tolist()) == pytest.approx(expected)
+    report = ppcl.analyze(pipe.transformer, calibration, protect_first=1, protect_last=1, batch_size=4)
+    assert report.num_blocks == 6
+    addon = PruningAddon.from_plan(pipe.transformer, two_span_plan(pipe.transformer))
+    distill_depth(
+        pipe.transformer, addon, CalibrationData(calibration, 2), DistillConfig(steps=2, batch_size=2), tmp_path / "d"
+    )
+    base = _hunyuan_latents(pipe, per_prompt[0])
+    with_addon = _hunyuan_latents(ppcl.load_pipeline(folder, tmp_path / "d" / "addon", level="b"), per_prompt[0])
+    pipe.transformer = ppcl.merge(pipe.transformer, addon, "b")
+    merged = _hunyuan_latents(pipe, per_prompt[0])
+    assert torch.isfinite(merged).all() and not torch.allclose(merged, base)
+    torch.testing.assert_close(merged, with_addon, rtol=0, atol=1e-5)
+
+
 def test_hunyuan15_parameter_count_on_the_meta_device() -> None:
     """The published 480p config (8.3B) against diffusers' modules on the meta device, before and after three spans
     that remove 3 + 5 + 3 = 11 blocks."""
@@ -383,3 +425,22 @@ def test_qwen_image_edit_2511_parameter_count_on_the_meta_device() -> None:
     count = plan.validate().param_count(dict(full.config), "e")
     assert count.total == sum(p.numel() for p in full.parameters()) == 20_430_401_088
     assert count.after == sum(p.numel() for p in small.parameters())
+
+
+def test_calibrate_cli_num_frames_for_video_pipelines(tmp_path: Path) -> None:
+    """``ppcl calibrate --num-frames`` reaches a video pipeline (Wan: 5 frames → 2 latent frames) and is refused,
+    before any loading, for an image pipeline."""
+    from ppcl.cli.main import main
+    from ppcl.data.calibration import CalibrationSet
+    from tiny_pipelines import build_flux, build_wan
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    wan = build_wan(tmp_path / "wan")
+    argv = ["-q", "calibrate", "--prompts", str(prompts), "--steps", "2", "--timesteps", "1", "--height", "16",
+            "--width", "16", "--num-frames", "5"]  # fmt: skip
+    assert main([*argv, "--pipeline", str(wan), "--out", str(tmp_path / "cal")]) == 0
+    assert CalibrationSet.load(tmp_path / "cal").batched["hidden_states"].shape[2] == 2
+    flux = build_flux(tmp_path / "flux")
+    assert main([*argv, "--pipeline", str(flux), "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()

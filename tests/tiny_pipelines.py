@@ -477,3 +477,53 @@ def build_flux2_klein(folder: str | Path, num_layers: int = 3, num_single_layers
     )
     pipe.save_pretrained(str(folder))
     return Path(folder)
+
+
+def build_hunyuan15(folder: str | Path) -> Path:
+    """A tiny ``HunyuanVideo15Pipeline`` (text-to-video, classifier-free guider) without its text encoders, saved to
+    ``folder``: it takes both prompt embeddings (:func:`hunyuan15_prompt_embeds`). Its pipeline has no step callback."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from tiny_models import build_tiny
+
+    transformer = build_tiny("hunyuanvideo15").model  # in_channels 9 = 4 latent + 4 condition + 1 mask
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=2,
+    )
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def hunyuan15_prompt_embeds(n_prompts: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Per-prompt keyword arguments for :func:`build_hunyuan15`: MLLM (16-d) and ByT5 (8-d) embeddings, positive and
+    negative, with masks."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pair(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(1, n, dim, generator=g), torch.ones(1, n, dtype=torch.long)
+
+    out = []
+    for i in range(n_prompts):
+        (pe, pm), (pe2, pm2), (ne, nm), (ne2, nm2) = pair(5 + i, 16), pair(3, 8), pair(3, 16), pair(2, 8)
+        out.append({
+            "prompt_embeds": pe, "prompt_embeds_mask": pm, "prompt_embeds_2": pe2, "prompt_embeds_mask_2": pm2,
+            "negative_prompt_embeds": ne, "negative_prompt_embeds_mask": nm,
+            "negative_prompt_embeds_2": ne2, "negative_prompt_embeds_mask_2": nm2,
+        })  # fmt: skip
+    return out

@@ -51,5 +51,7 @@ HUNYUAN15_SPEC = ArchSpec(
             "image_embeds",
             "timestep",
         ),
+        text_mask="encoder_attention_mask",
+        more_texts=(("encoder_hidden_states_2", "encoder_attention_mask_2"),),
     ),
 )

@@ -72,6 +72,8 @@ class ModelInputs:
         text: the prompt-embedding argument ``(B, T, D_text)``.
         text_mask: its padding mask ``(B, T)`` when the model takes one (Qwen-Image); then prompts of different
             lengths can share a batch by padding with masked tokens.
+        more_texts: further ``(embedding, mask)`` argument pairs padded the same way (HunyuanVideo-1.5's ByT5
+            prompt embeddings next to its MLLM ones).
     """
 
     batched: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "timestep")
@@ -79,6 +81,11 @@ class ModelInputs:
     per_sample_lists: tuple[str, ...] = ()
     text: str = "encoder_hidden_states"
     text_mask: str | None = None
+    more_texts: tuple[tuple[str, str], ...] = ()
+
+    def text_pairs(self) -> tuple[tuple[str, str | None], ...]:
+        """Every ``(prompt embedding, padding mask or None)`` argument pair, the main one first."""
+        return ((self.text, self.text_mask), *self.more_texts)
 
 
 @dataclass(frozen=True)

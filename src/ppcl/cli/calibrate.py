@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from ppcl.cli.common import SEED_LIMIT, add_overwrite_arg, check_device, check_out, require_positive
@@ -24,6 +25,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=4.0, help="guidance scale")
     p.add_argument("--height", type=int, default=None, help="pipelines: image height")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="video pipelines (Wan, HunyuanVideo-1.5): frames per clip"
+    )
     p.add_argument("--dtype", default="float32", help="pipelines: float32 | bf16 | fp16")
     p.add_argument("--device", default="cpu")
     add_overwrite_arg(p)
@@ -79,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
 
     check_out(args, CALIBRATION, args.pipeline, args.prompts)
     check_device(args.device)
-    require_positive(args, "num_prompts", "timesteps", "steps", "height", "width")
+    require_positive(args, "num_prompts", "timesteps", "steps", "height", "width", "num_frames")
     seeds = _seeds(args.seeds)
     if args.pipeline is None:
         calib = _toy(args, seeds)
@@ -107,7 +111,7 @@ def _toy(args: argparse.Namespace, seeds: tuple[int, ...]):
 
 
 def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
-    from ppcl.data.loading import load_pipeline_folder, parse_dtype
+    from ppcl.data.loading import load_pipeline_folder, parse_dtype, pipeline_class
     from ppcl.data.pipeline_capture import calibrate_pipeline
 
     if args.prompts is None:
@@ -118,6 +122,20 @@ def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
             fix="pass --prompts prompts.txt",
         )
     prompts = _read_prompts(args.prompts)
-    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(args.device)
     extra = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    if args.num_frames is not None:  # checked on the folder's class, before minutes of loading
+        _check_takes(pipeline_class(args.pipeline), "num_frames", "--num-frames")
+        extra["num_frames"] = args.num_frames
+    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(args.device)
     return calibrate_pipeline(pipe, prompts, seeds, args.steps, args.timesteps, **extra)
+
+
+def _check_takes(pipeline_cls: type, argument: str, flag: str) -> None:
+    """Refuse a flag the pipeline's ``__call__`` has no argument for (it would be ignored or crash mid-run)."""
+    if argument not in inspect.signature(pipeline_cls.__call__).parameters:
+        raise ConfigError(
+            f"{flag} does not apply to {pipeline_cls.__name__}",
+            expected=f"a pipeline whose call takes `{argument}` (a video pipeline)",
+            found=pipeline_cls.__name__,
+            fix=f"drop {flag}",
+        )

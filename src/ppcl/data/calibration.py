@@ -302,23 +302,25 @@ def assemble(spec: ArchSpec, model: nn.Module, calls: list[dict[str, Any]], meta
 
 
 def _pad_text(inputs: ModelInputs, batched: dict[str, list[torch.Tensor]]) -> None:
-    """Pad prompt embeddings of different lengths (e.g. prompt vs negative prompt) with masked tokens, in place."""
-    texts = batched.get(inputs.text, [])
-    longest = max((t.shape[1] for t in texts), default=0)
-    if all(t.shape[1] == longest for t in texts):
-        return
-    if inputs.text_mask is None or inputs.text_mask not in batched:
-        raise ConfigError(
-            "captured prompt embeddings have different lengths",
-            expected="one text length (this model takes no text mask to pad with)",
-            found=str(sorted({t.shape[1] for t in texts})),
-            fix="use a fixed max_sequence_length for every prompt",
-        )
-    masks = batched[inputs.text_mask]
-    for n, (text, mask) in enumerate(zip(texts, masks, strict=False)):
-        extra = longest - text.shape[1]
-        texts[n] = torch.nn.functional.pad(text, (0, 0, 0, extra))
-        masks[n] = torch.nn.functional.pad(mask, (0, extra))
+    """Pad prompt embeddings of different lengths (e.g. prompt vs negative prompt) with masked tokens, in place, for
+    every ``(embedding, mask)`` pair the model takes."""
+    for text_name, mask_name in inputs.text_pairs():
+        texts = batched.get(text_name, [])
+        longest = max((t.shape[1] for t in texts), default=0)
+        if all(t.shape[1] == longest for t in texts):
+            continue
+        if mask_name is None or mask_name not in batched:
+            raise ConfigError(
+                f"captured prompt embeddings `{text_name}` have different lengths",
+                expected="one text length (this model takes no text mask to pad with)",
+                found=str(sorted({t.shape[1] for t in texts})),
+                fix="use a fixed max_sequence_length for every prompt",
+            )
+        masks = batched[mask_name]
+        for n, (text, mask) in enumerate(zip(texts, masks, strict=False)):
+            extra = longest - text.shape[1]
+            texts[n] = torch.nn.functional.pad(text, (0, 0, 0, extra))
+            masks[n] = torch.nn.functional.pad(mask, (0, extra))
 
 
 def _one_level_deeper(entries: list[Any]) -> list[Any]:

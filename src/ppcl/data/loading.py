@@ -10,6 +10,7 @@ import torch
 
 from ppcl.arch import get_spec
 from ppcl.errors import ArtefactError
+from ppcl.io import read_json
 
 _DTYPES = {
     "float32": torch.float32,
@@ -61,10 +62,34 @@ def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     return model.eval().requires_grad_(False)
 
 
+def pipeline_class(path: str | os.PathLike[str]) -> type:
+    """The diffusers pipeline class a local pipeline folder names (``model_index.json``), without loading anything."""
+    import diffusers
+
+    _require_pipeline_folder(path)
+    name = read_json(Path(path) / "model_index.json", "pipeline index").get("_class_name", "")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not isinstance(cls, type):
+        raise ArtefactError(
+            "unknown pipeline class in model_index.json",
+            expected="a diffusers pipeline class",
+            found=repr(name),
+            fix="use a pipeline this diffusers version has",
+        )
+    return cls
+
+
 def load_pipeline_folder(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
     """A diffusers pipeline from a local folder (``local_files_only``: nothing is downloaded)."""
     from diffusers import DiffusionPipeline
 
+    _require_pipeline_folder(path)
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    get_spec(pipe.transformer)
+    return pipe
+
+
+def _require_pipeline_folder(path: str | os.PathLike[str]) -> None:
     if not (Path(path) / "model_index.json").is_file():
         raise ArtefactError(
             "not a diffusers pipeline folder",
@@ -72,6 +97,3 @@ def load_pipeline_folder(path: str | os.PathLike[str], dtype: torch.dtype = torc
             found=str(path),
             fix="pass the folder written by `pipeline.save_pretrained`",
         )
-    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    get_spec(pipe.transformer)
-    return pipe

@@ -7,6 +7,9 @@ built by the caller from local folders.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -61,6 +64,11 @@ def calibrate_pipeline(
         capture.set_step(i + 1)
         return callback_kwargs
 
+    # Pipelines without a step callback (HunyuanVideo-1.5) are followed through their scheduler's steps instead.
+    with_callback = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    callback = {"callback_on_step_end": on_step_end} if with_callback else {}
+    counting = nullcontext() if with_callback else _counting_scheduler_steps(pipe.scheduler, capture)
+
     runs = [(seed, kwargs) for seed in seeds for kwargs in per_prompt]
     log.info(
         "calibrate: %d prompts x %d seeds, steps %s of %d",
@@ -71,7 +79,7 @@ def calibrate_pipeline(
     )
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # ours counts whole runs; the pipeline's would nest per step
-    with capture.active():
+    with capture.active(), counting:
         for seed, kwargs in progress(runs, desc="calibrate", total=len(runs)):
             capture.set_step(0)
             pipe(
@@ -80,7 +88,7 @@ def calibrate_pipeline(
                 num_inference_steps=num_inference_steps,
                 output_type="latent",
                 generator=torch.Generator("cpu").manual_seed(seed),
-                callback_on_step_end=on_step_end,
+                **callback,
             )
     meta = {
         "source": "pipeline",
@@ -92,3 +100,22 @@ def calibrate_pipeline(
         "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
     }
     return capture.to_calibration_set(meta)
+
+
+@contextmanager
+def _counting_scheduler_steps(scheduler: Any, capture: InputCapture) -> Iterator[None]:
+    """While active, every ``scheduler.step`` call advances ``capture`` to the next denoising step (the step the next
+    transformer calls belong to), as a pipeline's ``callback_on_step_end`` would; each run starts at step 0 by
+    ``capture.set_step(0)``. The scheduler's own ``step`` shows through again afterwards."""
+    original = scheduler.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        capture.set_step(capture.step + 1)
+        return out
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        del scheduler.step  # the instance attribute set above
