@@ -10,11 +10,16 @@ so a student is always the bare diffusers block with the teacher's base weights.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from ppcl.errors import ConfigError
+from ppcl.modules import dispatch
+
+LAYERWISE_CASTING_HOOK = "layerwise_casting"
+"""The name diffusers registers its layerwise-casting hook under (``diffusers.hooks.layerwise_casting``)."""
 
 # Attributes that hooking libraries put on a module instance to reroute its forward.
 _INSTANCE_HOOK_ATTRS: tuple[str, ...] = ("forward", "_hf_hook", "_old_forward", "_diffusers_hook")
@@ -56,7 +61,9 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
     Raises:
         ConfigError: an adapter is merged into the base weights and ``allow_merged_adapters`` is false.
     """
-    clone = copy.deepcopy(block)
+    clone = copy.deepcopy(block, _hookless_memo(block))
+    for module in clone.modules():
+        dispatch.uninstall(module)  # a copy of a dispatched block is a plain block of the diffusers class
     for name, module in list(clone.named_modules()):
         if not is_adapter_layer(module):
             continue
@@ -77,7 +84,36 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
                 table.clear()
     for param in clone.parameters():
         param.grad = None
+    _to_compute_dtypes(block, clone)
     return clone
+
+
+def _hookless_memo(block: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo that copies ``block``'s hook objects as nothing (they may hold what cannot be copied,
+    e.g. diffusers' layerwise-casting hooks) and each hook table as a fresh empty one."""
+    memo: dict[int, Any] = {}
+    for module in block.modules():
+        for attr in _INSTANCE_HOOK_ATTRS:
+            value = module.__dict__.get(attr)
+            if value is not None:
+                memo[id(value)] = None
+        for hooks in _HOOK_DICTS:
+            table = module.__dict__.get(hooks)
+            if table is not None:
+                memo[id(table)] = type(table)()
+    return memo
+
+
+def _to_compute_dtypes(block: nn.Module, clone: nn.Module) -> None:
+    """Cast submodules the teacher stores in a low-precision format and upcasts on the fly (diffusers' layerwise
+    casting: fp8 storage, bf16/fp32 compute) to their compute dtype: a student trains in full precision."""
+    copies = dict(clone.named_modules())  # adapter layers are gone from the clone: match by name
+    for name, module in block.named_modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        hook = registry.get_hook(LAYERWISE_CASTING_HOOK) if registry is not None else None
+        dtype = getattr(hook, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype) and name in copies:
+            copies[name].to(dtype)
 
 
 def averaged_block_copy(blocks: list[nn.Module]) -> nn.Module:

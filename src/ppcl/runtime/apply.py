@@ -4,8 +4,9 @@
 
 * registers the students as the submodule ``model.ppcl`` (the add-on's own ``nn.ModuleDict``, so ``model.to(...)``
   moves them and training updates land in the add-on);
-* gives every block touched by a depth replacement an instance-level ``forward`` (a dispatcher). Deleting that
-  attribute restores the class ``forward``, which is how :func:`remove_addon` undoes it;
+* makes every block touched by a replacement run a dispatcher (:mod:`ppcl.modules.dispatch`: the block's class is
+  swapped for a same-named subclass whose ``forward`` dispatches, so diffusers / accelerate hooks added or removed in
+  any order compose with it, and ``torch.compile(fullgraph=True)`` traces it); :func:`remove_addon` swaps it back;
 * registers a state-dict post hook that keeps ``ppcl.*`` out of ``model.state_dict()`` (so diffusers'
   ``save_pretrained`` writes a pure base checkpoint) and a load post hook that lets a strict load of a base checkpoint
   ignore the missing ``ppcl.*`` keys.
@@ -34,6 +35,7 @@ from ppcl.addon.fingerprint import touched_blocks
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.kinds import check_kinds, kind_of
+from ppcl.modules import dispatch
 from ppcl.modules.width import RunContext
 from ppcl.runtime.width import WidthAction, check_width_support, like_input, width_actions
 
@@ -41,7 +43,6 @@ ADDON_ATTR = "ppcl"
 """Name of the submodule holding the students while an add-on is applied."""
 STATE_ATTR = "_ppcl_state"
 """Name of the model attribute holding the :class:`RuntimeState`."""
-_DISPATCHER_FLAG = "_ppcl_dispatcher"
 
 
 class _Skip:
@@ -71,7 +72,6 @@ class RuntimeState:
         active: the active level's table (one of ``tables``' values, never a copy).
         level: the active level's name.
         blocks: flat index → dispatched block.
-        previous_forward: flat index → the instance ``forward`` the block had before (``None`` = the class one).
         handles: the state-dict hooks to remove.
         contexts: text-run id → the :class:`~ppcl.modules.width.RunContext` carrying ``z_a`` within a forward.
     """
@@ -82,7 +82,6 @@ class RuntimeState:
     active: dict[int, Action]
     level: str | None
     blocks: dict[int, nn.Module] = field(default_factory=dict)
-    previous_forward: dict[int, Callable[..., Any] | None] = field(default_factory=dict)
     handles: list[RemovableHandle] = field(default_factory=list)
     contexts: dict[str, RunContext] = field(default_factory=dict)
 
@@ -123,19 +122,16 @@ def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None)
         addon.plan.level(level)  # type: ignore[arg-type]  # raises the error listing the known levels
     _align_devices(spec, model, addon)
     state = RuntimeState(addon, spec, tables, tables[level], level, contexts=contexts)
-    for i in touched_blocks(addon.plan):
-        block = spec.block(model, i)
-        previous = block.__dict__.get("forward")
-        if getattr(previous, _DISPATCHER_FLAG, False):
-            raise ConfigError(
-                f"Block {i} already runs a ppcl dispatcher",
-                expected="a block without one",
-                found=spec.block_name(model, i),
-                fix="remove the other add-on first",
-            )
-        state.blocks[i], state.previous_forward[i] = block, previous
-    for i, block in state.blocks.items():
-        block.forward = _Dispatcher(model, state, i, block, state.previous_forward[i])
+    state.blocks = {i: spec.block(model, i) for i in touched_blocks(addon.plan)}
+    installed = []
+    try:
+        for i, block in state.blocks.items():
+            dispatch.install(block, _Dispatcher(model, state, i))
+            installed.append(block)
+    except BaseException:  # a refused block leaves the model as it was: undo only what this call installed
+        for block in installed:
+            dispatch.uninstall(block)
+        raise
     setattr(model, ADDON_ATTR, addon.students)
     state.handles.append(model.register_state_dict_post_hook(_drop_addon_keys))
     state.handles.append(model.register_load_state_dict_post_hook(_ignore_missing_addon_keys))
@@ -144,7 +140,8 @@ def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None)
 
 
 def set_level(model: nn.Module, name: str | None) -> None:
-    """Activate level ``name`` of the applied add-on; ``None`` runs the original model. O(1), allocates nothing.
+    """Activate level ``name`` of the applied add-on; ``None`` runs the original model. O(1), allocates nothing;
+    a switch resets diffusers' stateful caches (what they kept belongs to the previous level).
 
     Raises:
         ConfigError: no add-on is applied, or ``name`` is not a level of it (the message lists the levels).
@@ -158,8 +155,18 @@ def set_level(model: nn.Module, name: str | None) -> None:
             found=repr(name),
             fix="pick an existing level name",
         )
+    if name != state.level:
+        _reset_caches(model)
     state.active = table
     state.level = name
+
+
+def _reset_caches(model: nn.Module) -> None:
+    """Forget what diffusers' stateful hooks (FirstBlockCache, TaylorSeer, PAB...) cached: residuals of one level
+    are wrong for another, and a cache would otherwise serve them after a switch."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None:
+        registry.reset_stateful_hooks(recurse=True)
 
 
 def active_level(model: nn.Module) -> str | None:
@@ -187,25 +194,14 @@ def remove_addon(model: nn.Module) -> PruningAddon:
     Returns:
         the add-on that was applied (its students keep their weights, e.g. after training).
 
+    Hooks and wrappers added while the add-on was applied stay, and run the original block after this.
+
     Raises:
-        ConfigError: no add-on is applied, or a block's ``forward`` was wrapped again after applying (undo that
-            wrapper first, or it would be lost).
+        ConfigError: no add-on is applied.
     """
     state = runtime_state(model)
-    for i, block in state.blocks.items():
-        if not getattr(block.__dict__.get("forward"), _DISPATCHER_FLAG, False):
-            raise ConfigError(
-                f"Block {i}'s forward was replaced after the add-on was applied",
-                expected="the ppcl dispatcher as the block's forward",
-                found=repr(block.__dict__.get("forward")),
-                fix="remove the later hook/wrapper (e.g. accelerate hooks) before remove_addon",
-            )
-    for i, block in state.blocks.items():
-        previous = state.previous_forward[i]
-        if previous is None:
-            del block.forward
-        else:
-            block.forward = previous
+    for block in state.blocks.values():
+        dispatch.uninstall(block)
     for handle in state.handles:
         handle.remove()
     delattr(model, ADDON_ATTR)
@@ -259,29 +255,23 @@ def _align_devices(spec: ArchSpec, model: nn.Module, addon: PruningAddon) -> Non
 
 
 class _Dispatcher:
-    """The instance-level ``forward`` of a dispatched block.
+    """What a dispatched block runs (:func:`ppcl.modules.dispatch.install`): the active level's action for it.
 
     A callable object rather than a closure so that ``copy.deepcopy`` of a model with an add-on applied yields a copy
-    whose dispatchers point at the copy's own blocks, state and students.
+    whose dispatchers point at the copy's own model, state and students.
     """
 
-    _ppcl_dispatcher = True
+    def __init__(self, model: nn.Module, state: RuntimeState, index: int) -> None:
+        self.model, self.state, self.index = model, state, index
 
-    def __init__(
-        self, model: nn.Module, state: RuntimeState, index: int, block: nn.Module, previous: Callable[..., Any] | None
-    ) -> None:
-        self.model, self.state, self.index, self.block, self.previous = model, state, index, block, previous
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, block: nn.Module, original: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         action = self.state.active.get(self.index)
         if action is None:
-            if self.previous is not None:
-                return self.previous(*args, **kwargs)
-            return type(self.block).forward(self.block, *args, **kwargs)
+            return original(block, *args, **kwargs)
         if action is SKIP:
             return self.state.spec.passthrough(self.model, self.index, args, kwargs)
         if isinstance(action, WidthAction):
-            return action(self.block, args, kwargs)
+            return action(block, args, kwargs)
         return self._like_inputs(action(*args, **kwargs), args, kwargs)
 
     def _like_inputs(self, output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

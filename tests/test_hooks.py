@@ -1,0 +1,159 @@
+"""The add-on composes with diffusers' hook system (issue 16, item 1): caches, group offload and layerwise casting in
+either order with ``apply_addon``, ``torch.compile(fullgraph=True)`` at every level, wrappers added after applying.
+
+Each case compares against a reference computed without the hook (or without ppcl), so a hook that silently erases
+the dispatch (the measured failure: ``enable_cache`` → ``apply_addon`` → ``disable_cache`` left ``p40`` active but ran
+the base model) fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ppcl.addon import PruningAddon
+from ppcl.runtime import active_level, apply_addon, remove_addon, set_level
+from tiny_models import build_tiny, two_span_plan
+
+
+def _case(name: str = "flux"):
+    case = build_tiny(name)
+    plain = copy.deepcopy(case.model)
+    addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in addon.parameters():  # trained students differ from the blocks they were copied from
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return case, plain, addon
+
+
+@torch.no_grad()
+def _levels(model, addon, inputs) -> dict:
+    """Outputs of level None, "a" and "b" of ``addon`` on a private copy of ``model`` (no hooks involved)."""
+    model, addon = copy.deepcopy(model), copy.deepcopy(addon)
+    apply_addon(model, addon)
+    out = {}
+    for level in (None, "a", "b"):
+        set_level(model, level)
+        out[level] = model(**inputs, return_dict=False)[0]
+    return out
+
+
+def _run(model, inputs, context: str | None = None):
+    with torch.no_grad():
+        if context is None:
+            return model(**inputs, return_dict=False)[0]
+        with model.cache_context(context):
+            return model(**inputs, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("order", ["cache_first", "addon_first"])
+def test_first_block_cache_in_either_order(order: str) -> None:
+    """FirstBlockCache with threshold 0 on the tiny FLUX.1 (it computes whenever the first block's residual changes,
+    and serves its cache on a repeated call): every level gives its own output while the cache is on, within one
+    cache context (a level switch resets what the cache kept), and after ``disable_cache``, in both orders."""
+    from diffusers import FirstBlockCacheConfig
+
+    case, plain, addon = _case()
+    inputs = case.make_inputs(0)
+    expected = _levels(plain, addon, inputs)
+    model = case.model
+    if order == "cache_first":
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+        apply_addon(model, addon, "b")
+    else:
+        apply_addon(model, addon, "b")
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    for level in ("b", "a", None, "b"):
+        set_level(model, level)
+        torch.testing.assert_close(_run(model, inputs, "cond"), expected[level], rtol=0, atol=1e-6)
+        torch.testing.assert_close(_run(model, inputs, "cond"), expected[level], rtol=0, atol=1e-5)  # a cache hit
+    set_level(model, "b")
+    model.disable_cache()
+    assert active_level(model) == "b"
+    torch.testing.assert_close(_run(model, inputs), expected["b"], rtol=0, atol=1e-6)
+    remove_addon(model)
+    torch.testing.assert_close(_run(model, inputs), expected[None], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["offload_first", "addon_first"])
+def test_group_offload_in_either_order(order: str) -> None:
+    """Block-level group offload (onload and offload on the CPU, the only device here) with the add-on applied
+    before or after: the levels still switch and match the unhooked model."""
+    case, plain, addon = _case()
+    inputs = case.make_inputs(0)
+    expected = _levels(plain, addon, inputs)
+    model = case.model
+    offload = {"onload_device": torch.device("cpu"), "offload_type": "block_level", "num_blocks_per_group": 1}
+    if order == "offload_first":
+        model.enable_group_offload(**offload)
+        apply_addon(model, addon, "a")
+    else:
+        apply_addon(model, addon, "a")
+        model.enable_group_offload(**offload)
+    for level in ("a", "b", None):
+        set_level(model, level)
+        torch.testing.assert_close(_run(model, inputs), expected[level], rtol=0, atol=1e-6)
+
+
+def test_layerwise_casting_before_the_addon_is_built() -> None:
+    """fp8 layerwise casting enabled on the base *before* the add-on is made: students are built from the hooked
+    blocks (this crashed: ``cannot pickle 'module'``), hold no casting hooks and stay in full precision, equal to the
+    teacher block's weights as the hooks compute with them; the levels run."""
+    case = build_tiny("flux")
+    model, inputs = case.model, case.make_inputs(0)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    addon = PruningAddon.from_plan(model, two_span_plan(model))
+    student = addon.students["depth_1_3"]
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert not any(hasattr(m, "_diffusers_hook") for m in student.modules())
+    teacher = model.transformer_blocks[1]
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p, teacher.get_parameter(name).to(torch.float32), rtol=0, atol=0)
+    base = _run(model, inputs)
+    apply_addon(model, addon, "b")
+    out = _run(model, inputs)
+    assert torch.isfinite(out).all() and not torch.allclose(out, base)
+    set_level(model, None)
+    assert torch.equal(_run(model, inputs), base)
+
+
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3", "wan"])
+def test_fullgraph_compile_at_every_level(name: str) -> None:
+    """``torch.compile(fullgraph=True)`` (the eager backend: it fails on any graph break) at level None, a partial
+    level and the full level gives the eager outputs. Level None failed before (``type(block).forward``)."""
+    case, plain, addon = _case(name)
+    inputs = case.make_inputs(0)
+    expected = _levels(plain, addon, inputs)
+    model = case.model
+    apply_addon(model, addon)
+    for level in (None, "a", "b"):
+        set_level(model, level)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(_run(compiled, inputs), expected[level], rtol=0, atol=1e-6)
+
+
+def test_a_wrapper_added_after_applying_survives_and_removal_is_exact() -> None:
+    """A later instance-level wrapper of a dispatched block (what accelerate and other libraries add) keeps the
+    dispatch under it; ``remove_addon`` then restores the original model exactly, wrapper and all."""
+    case, plain, addon = _case()
+    inputs = case.make_inputs(0)
+    expected = _levels(plain, addon, inputs)
+    model = case.model
+    apply_addon(model, addon, "b")
+    block = model.transformer_blocks[1]
+    inner = block.forward
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    block.forward = wrapper
+    torch.testing.assert_close(_run(model, inputs), expected["b"], rtol=0, atol=1e-6)
+    remove_addon(model)
+    torch.testing.assert_close(_run(model, inputs), expected[None], rtol=0, atol=1e-6)
+    assert len(calls) == 2 and type(block).__name__ == "FluxTransformerBlock"
