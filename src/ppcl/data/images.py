@@ -2,9 +2,12 @@
 
 Two sources, both read with the standard library and PIL only:
 
-* a folder of ``key.png`` / ``key.jpg`` (``.jpeg``) images, each with a ``key.txt`` caption next to it;
-* webdataset tar shards (``--shards 'data-*.tar'``): members ``key.png|jpg|jpeg`` + ``key.txt``, read with
-  :mod:`tarfile` (no webdataset dependency). The key is the member path up to the first dot of its file name.
+* a folder of ``key.png`` / ``key.jpg`` (``.jpeg``) / ``key.webp`` images, each with a ``key.txt`` caption next to it;
+* webdataset tar shards (``--shards 'data-*.tar'``, ``.tar.gz`` too): members ``key.png|jpg|jpeg|webp`` + ``key.txt``,
+  read with :mod:`tarfile` (no webdataset dependency), each shard opened once and read in order
+  (:func:`read_images`). The key is the member path up to the first dot of its file name.
+
+Photos are decoded upright: their EXIF orientation is applied (to the size that picks the bucket, too).
 
 Every image is assigned the resolution bucket with the closest aspect ratio (in log space), resized to cover it and
 centre-cropped. Buckets are a small fixed set of ``(H, W)`` with about the pixel count of ``resolution²``, both sides
@@ -19,15 +22,17 @@ import math
 import os
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ppcl.errors import ConfigError
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 ASPECT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 """Width:height ratios the buckets are made from (duplicates after rounding are dropped)."""
 
@@ -42,27 +47,57 @@ class ImageRecord:
     member: str | None = None
     size: tuple[int, int] = (0, 0)  # (width, height)
 
-    def open(self):
-        """The image as an RGB ``PIL.Image`` (decoded now; an unreadable file raises :class:`ConfigError`)."""
-        from PIL import Image
+    def open(self, tar: tarfile.TarFile | None = None):
+        """The image as an upright RGB ``PIL.Image`` (decoded now; an unreadable file raises :class:`ConfigError`).
 
+        ``tar``: this record's shard, already open (:func:`read_images` passes it so a shard is opened once).
+        """
         try:
             if self.member is None:
-                with Image.open(self.path) as img:
-                    return img.convert("RGB")
-            with tarfile.open(self.path) as tar:
-                data = tar.extractfile(self.member).read()  # type: ignore[union-attr]
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB")
+                return _decode(self.path)
+            if tar is not None:
+                return _decode(io.BytesIO(tar.extractfile(self.member).read()))  # type: ignore[union-attr]
+            with tarfile.open(self.path) as shard:
+                return _decode(io.BytesIO(shard.extractfile(self.member).read()))  # type: ignore[union-attr]
         except (OSError, ValueError, tarfile.TarError, AttributeError) as exc:
             raise _unreadable(self, exc) from exc
+
+
+def read_images(records: list[ImageRecord]) -> Iterator[tuple[ImageRecord, Any]]:
+    """``(record, upright RGB image)`` for every record, in order; consecutive records of one tar shard share one
+    open tar file (opening it re-reads every member header; a gzipped shard would be decompressed again)."""
+    tar: tarfile.TarFile | None = None
+    try:
+        for record in records:
+            if record.member is not None and (tar is None or tar.name != os.path.abspath(record.path)):
+                if tar is not None:
+                    tar.close()
+                try:
+                    tar = tarfile.open(record.path)
+                except (OSError, tarfile.TarError) as exc:
+                    raise _unreadable(record, exc) from exc
+            yield record, record.open(tar if record.member is not None else None)
+    finally:
+        if tar is not None:
+            tar.close()
+
+
+def _decode(source: Any):
+    from PIL import Image, ImageOps
+
+    with Image.open(source) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+_ROTATED = frozenset({5, 6, 7, 8})
+"""EXIF orientations that display the stored image transposed (width and height swap)."""
 
 
 def _unreadable(record: ImageRecord, exc: BaseException) -> ConfigError:
     where = record.path if record.member is None else f"{record.path}:{record.member}"
     return ConfigError(
         "an image cannot be read",
-        expected="a PNG or JPEG image",
+        expected="a PNG, JPEG or WebP image",
         found=f"{where}: {exc}",
         fix="remove or replace the file",
     )
@@ -110,7 +145,7 @@ def to_bucket(image, bucket: tuple[int, int]) -> torch.Tensor:
 
 
 def scan_folder(folder: str | os.PathLike[str]) -> list[ImageRecord]:
-    """Records of every ``key.png|jpg|jpeg`` + ``key.txt`` pair in ``folder`` (not recursive), sorted by key."""
+    """Records of every ``key.png|jpg|jpeg|webp`` + ``key.txt`` pair in ``folder`` (not recursive), sorted by key."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(
@@ -188,7 +223,8 @@ def _with_size(record: ImageRecord, data: bytes | None) -> ImageRecord:
     try:
         with Image.open(record.path if data is None else io.BytesIO(data)) as img:
             img.verify()
-            size = img.size
+        with Image.open(record.path if data is None else io.BytesIO(data)) as img:  # verify() spends the image
+            size = img.size[::-1] if img.getexif().get(0x0112) in _ROTATED else img.size  # EXIF orientation
     except (OSError, ValueError, SyntaxError) as exc:
         raise _unreadable(record, exc) from exc
     if min(size) < 1:

@@ -10,7 +10,7 @@ import hashlib
 import inspect
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ppcl.arch import get_spec
-from ppcl.data.images import ImageRecord, assign_bucket, make_buckets, to_bucket
+from ppcl.data.images import ImageRecord, assign_bucket, make_buckets, read_images, to_bucket
 from ppcl.data.latent_cache import (
     EMPTY,
     ENCODERS,
@@ -162,6 +162,34 @@ class _Writer:
         )
 
 
+@dataclass
+class _Chunk:
+    """Images of one bucket on their way into one cache shard: encoded ones, and pixels waiting for a full batch."""
+
+    keys: list[str] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    texts: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    waiting: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (caption, (3, H, W) pixels)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, record: ImageRecord, pixels: torch.Tensor) -> None:
+        self.keys.append(record.key)
+        self.waiting.append((record.caption, pixels))
+
+    def encode(self, pipe: Any, max_sequence_length: int | None) -> None:
+        """Encode the waiting images and captions as one batch."""
+        if self.waiting:
+            self.latents.extend(encode_images(pipe, torch.stack([p for _, p in self.waiting])))
+            self.texts.extend(encode_prompts(pipe, [c for c, _ in self.waiting], max_sequence_length))
+            self.waiting = []
+
+    def write(self, pipe: Any, max_sequence_length: int | None, writer: _Writer, bucket: int) -> None:
+        self.encode(pipe, max_sequence_length)
+        writer.write(bucket, self.keys, self.latents, self.texts)
+
+
 def _check_out(out: str | os.PathLike[str]) -> None:
     if Path(out).exists():
         raise ArtefactError(
@@ -203,20 +231,23 @@ def build_image_cache(
         {f"{buckets[b][0]}x{buckets[b][1]}": len(r) for b, r in sorted(per_bucket.items())},
     )
     pipe.set_progress_bar_config(disable=True)
+    bucket_of = {r.key: b for b, rs in per_bucket.items() for r in rs}
     with atomic_folder(out, LATENT_CACHE) as tmp:
         writer = _Writer(tmp, [])
-        chunks = [
-            (b, rs[i : i + shard_size]) for b, rs in sorted(per_bucket.items()) for i in range(0, len(rs), shard_size)
-        ]
-        for bucket, chunk in progress(chunks, desc="cache", total=len(chunks)):
-            latents: list[torch.Tensor] = []
-            texts: list[dict[str, torch.Tensor]] = []
-            for i in range(0, len(chunk), encode_batch):
-                part = chunk[i : i + encode_batch]
-                pixels = torch.stack([to_bucket(r.open(), buckets[bucket]) for r in part])
-                latents.extend(encode_images(pipe, pixels))
-                texts.extend(encode_prompts(pipe, [r.caption for r in part], max_sequence_length))
-            writer.write(bucket, [r.key for r in chunk], latents, texts)
+        pending: dict[int, _Chunk] = {}
+        # Records are read in their order (each tar shard once) and encoded per bucket; a bucket's chunk is written
+        # when it holds shard_size images, or, to keep about one shard in memory, when all pending ones together do.
+        for record, image in progress(read_images(records), desc="cache", total=len(records)):
+            bucket = bucket_of[record.key]
+            chunk = pending.setdefault(bucket, _Chunk())
+            chunk.add(record, to_bucket(image, buckets[bucket]))
+            if len(chunk.waiting) >= encode_batch:
+                chunk.encode(pipe, max_sequence_length)
+            if len(chunk) >= shard_size or sum(len(c) for c in pending.values()) >= shard_size:
+                fullest = max(pending, key=lambda b: (len(pending[b]), -b))
+                pending.pop(fullest).write(pipe, max_sequence_length, writer, fullest)
+        for bucket in sorted(pending):
+            pending[bucket].write(pipe, max_sequence_length, writer, bucket)
         _finish(
             pipe,
             tmp,
