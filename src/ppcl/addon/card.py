@@ -1,19 +1,55 @@
-"""The ``README.md`` model card written next to a saved add-on, generated from its manifest only."""
+"""The ``README.md`` model card written next to a saved add-on, generated from its manifest only: Hub YAML metadata
+(``huggingface_hub.ModelCardData``) and a Markdown body."""
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from huggingface_hub import ModelCardData
+
+from ppcl.arch import spec_by_name
+from ppcl.errors import UnsupportedModelError
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
 
 def model_card(manifest: Mapping[str, Any]) -> str:
-    """Markdown describing the add-on: base model, levels (depth spans, width replacements, blocks, parameters), its
-    width projections, how to load it, metrics."""
+    """A Hub model card: YAML metadata (``huggingface_hub.ModelCardData``: ``base_model`` when the base is a Hub id,
+    ``library_name: ppcl``, tags, ``pipeline_tag``) and Markdown describing the add-on: base model, levels (depth
+    spans, width replacements, blocks, parameters), its width projections, how to load it, metrics. A local base
+    path is never written (the card is made to be shared)."""
+    body = _body(manifest)
+    return f"---\n{_card_data(manifest).to_yaml()}\n---\n\n{body}"
+
+
+def _card_data(manifest: Mapping[str, Any]) -> ModelCardData:
+    fp = manifest.get("fingerprint", {})
+    arch = fp.get("arch")
+    try:
+        task = spec_by_name(arch).pipeline_tag if isinstance(arch, str) else None
+    except UnsupportedModelError:  # an add-on of a family this ppcl does not know: no task claimed
+        task = None
+    hub_id = hub_id_of(fp.get("name_or_path"))
+    tags = ["ppcl", "pruning", "diffusers", *([arch] if isinstance(arch, str) else [])]
+    return ModelCardData(base_model=hub_id, library_name="ppcl", tags=tags, pipeline_tag=task)
+
+
+def hub_id_of(name_or_path: Any) -> str | None:
+    """``name_or_path`` when it names a Hub repository (``owner/name``, not a folder here), else ``None``."""
+    if not isinstance(name_or_path, str) or not _HUB_ID.fullmatch(name_or_path) or os.path.exists(name_or_path):
+        return None
+    return name_or_path
+
+
+def _body(manifest: Mapping[str, Any]) -> str:
     fp = manifest.get("fingerprint", {})
     levels = manifest.get("levels", [])
     projections = manifest.get("projections") or {}
     has_width = bool(projections) or any(lvl.get("width") for lvl in levels)
-    base = fp.get("name_or_path") or fp.get("class", "?")
+    base = hub_id_of(fp.get("name_or_path")) or fp.get("class", "?")
     first_level = levels[0]["name"] if levels else None
     what = (
         "one student block per replaced span of blocks and residual linear projections for its width "
@@ -100,7 +136,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     ]
     metrics = manifest.get("metrics") or {}
     if metrics:
-        lines += ["", "## Metrics", "", *_metrics_table(metrics)]
+        lines += ["", "## Metrics", "", *_metrics_table(metrics, {lvl["name"] for lvl in levels})]
     provenance = manifest.get("provenance") or {}
     if provenance:
         lines += ["", "## Provenance", ""]
@@ -108,13 +144,15 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
-    # {level: {metric: value}} renders as one row per level; anything else as a two-column table.
+def _metrics_table(metrics: Mapping[str, Any], level_names: set[str]) -> list[str]:
+    # {row: {column: value}} renders as one row per key, headed "level" when the rows are levels, "metric" otherwise
+    # (e.g. depth_loss: {replacement id: loss}); anything else as a two-column table.
     if all(isinstance(v, Mapping) for v in metrics.values()):
         columns: list[str] = []
         for row in metrics.values():
             columns += [c for c in row if c not in columns]
-        out = ["| level | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        label = "level" if set(metrics) <= level_names else "metric"
+        out = [f"| {label} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         for name, row in metrics.items():
             out.append(f"| {name} | " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
         return out

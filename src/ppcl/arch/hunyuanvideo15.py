@@ -41,6 +41,7 @@ HUNYUAN15_SPEC = ArchSpec(
             dual_stream=False,  # see the module docstring: no width kinds yet
         ),
     ),
+    pipeline_tag="text-to-video",
     model_inputs=ModelInputs(
         batched=(
             "hidden_states",

@@ -106,4 +106,5 @@ QWENIMAGE_SPEC = ArchSpec(
     ),
     latents=QwenImageLatents(),
     cfg_argument="true_cfg_scale",  # its guidance_scale only feeds guidance-distilled variants
+    negative_prompt_default=" ",  # true CFG is off without a negative prompt; diffusers' docs suggest " "
 )

@@ -42,6 +42,9 @@ class ArchSpec:
         model_inputs: which arguments of the model's ``forward`` are per-sample, shared or per-sample lists.
         latents: the pipeline's latent conventions (:mod:`ppcl.arch.latents`), ``None`` when ppcl has none.
         cfg_argument: the pipeline call argument that sets the classifier-free guidance scale.
+        pipeline_tag: the Hub task of the family's pipelines (model cards).
+        negative_prompt_default: the negative prompt to pass when guidance is asked for and none is given, for a
+            pipeline whose CFG runs only with one (Qwen-Image's true CFG); ``None``: the pipeline's own default.
     """
 
     name: str
@@ -52,6 +55,8 @@ class ArchSpec:
     model_inputs: ModelInputs = field(default_factory=ModelInputs)
     latents: LatentFormat | None = None
     cfg_argument: str = "guidance_scale"
+    negative_prompt_default: str | None = None
+    pipeline_tag: str = "text-to-image"
 
     def latent_format(self) -> LatentFormat:
         """The family's :class:`~ppcl.arch.latents.LatentFormat`; raises when ppcl cannot cache its latents."""

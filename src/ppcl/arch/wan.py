@@ -32,6 +32,7 @@ WAN_SPEC = ArchSpec(
             dual_stream=False,
         ),
     ),
+    pipeline_tag="text-to-video",
     model_inputs=ModelInputs(
         batched=("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"),
     ),

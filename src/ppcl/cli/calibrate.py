@@ -22,7 +22,18 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds")
     p.add_argument("--timesteps", type=int, default=6, help="denoising steps kept per run, spread over the schedule")
     p.add_argument("--steps", type=int, default=20, help="sampling steps per run")
-    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (toy: default 4; pipelines: guidance_scale, Qwen-Image: true_cfg_scale, default the "
+        "pipeline's own)",
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="pipelines: negative prompt of the unconditional calls (Qwen-Image: ' ' when --guidance > 1 and none)",
+    )
     p.add_argument("--height", type=int, default=None, help="pipelines: image height")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
     p.add_argument(
@@ -100,9 +111,16 @@ def _toy(args: argparse.Namespace, seeds: tuple[int, ...]):
     from ppcl.toy.sampler import SamplerConfig
     from ppcl.toy.teacher import ToyTeacher
 
+    if args.negative_prompt is not None or args.num_frames is not None:
+        raise ConfigError(
+            "--negative-prompt and --num-frames do not apply to the toy world",
+            expected="--pipeline with a diffusers pipeline",
+            found="the toy",
+            fix="drop them (the toy's unconditional branch is the empty prompt)",
+        )
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None  # fail before loading anything
     teacher = ToyTeacher.load()
-    sampler = SamplerConfig(steps=args.steps, guidance=args.guidance)
+    sampler = SamplerConfig(steps=args.steps, guidance=4.0 if args.guidance is None else args.guidance)
     if prompts is not None:
         from ppcl.toy.calibrate import calibrate_toy_prompts
 
@@ -112,7 +130,7 @@ def _toy(args: argparse.Namespace, seeds: tuple[int, ...]):
 
 def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
     from ppcl.data.loading import load_pipeline_folder, parse_dtype, pipeline_class
-    from ppcl.data.pipeline_capture import calibrate_pipeline
+    from ppcl.data.pipeline_capture import calibrate_pipeline, guidance_kwargs
 
     if args.prompts is None:
         raise ConfigError(
@@ -127,6 +145,7 @@ def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
         _check_takes(pipeline_class(args.pipeline), "num_frames", "--num-frames")
         extra["num_frames"] = args.num_frames
     pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(args.device)
+    extra.update(guidance_kwargs(pipe, args.guidance, args.negative_prompt))
     return calibrate_pipeline(pipe, prompts, seeds, args.steps, args.timesteps, **extra)
 
 

@@ -36,6 +36,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
         default=None,
         help="guidance scale (pipelines: guidance_scale, Qwen-Image: true_cfg_scale; default: the pipeline's own)",
     )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="pipelines: negative prompt (Qwen-Image: ' ' when --guidance > 1 and none, so its true CFG runs)",
+    )
     p.add_argument("--height", type=int, default=None, help="pipelines: image height")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
     p.add_argument("--dtype", default="float32", help="float32 | bf16 | fp16")
@@ -71,6 +76,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _toy_image(pipe: Any, args: argparse.Namespace) -> np.ndarray:
     """uint8 ``(H, W, 3)`` from the toy pipeline (its guidance default applies unless ``--guidance``)."""
+    if args.negative_prompt is not None:
+        raise ConfigError(
+            "--negative-prompt does not apply to the toy world",
+            expected="--pipeline with a diffusers pipeline",
+            found="the toy",
+            fix="drop --negative-prompt (the toy's unconditional branch is the empty prompt)",
+        )
     kwargs = {"guidance": args.guidance} if args.guidance is not None else {}
     pipe.transformer.to(args.device)
     return pipe([args.prompt], seeds=args.seed, steps=args.steps, **kwargs)[0]
@@ -84,11 +96,9 @@ def _pipeline_image(pipe: Any, args: argparse.Namespace) -> np.ndarray:
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=os.environ.get("PPCL_NO_PROGRESS") == "1")
     kwargs: dict[str, Any] = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
-    if args.guidance is not None:
-        from ppcl.arch import get_spec
+    from ppcl.data.pipeline_capture import guidance_kwargs
 
-        key = get_spec(pipe.transformer).cfg_argument  # e.g. Qwen-Image's true CFG reads true_cfg_scale
-        kwargs[key] = args.guidance
+    kwargs.update(guidance_kwargs(pipe, args.guidance, args.negative_prompt))  # Qwen-Image: true_cfg_scale
     if getattr(pipe, "text_encoder", None) is None:
         # A folder saved for calibration from prompt embeddings cannot turn --prompt into embeddings.
         raise ConfigError(

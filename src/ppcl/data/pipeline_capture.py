@@ -102,6 +102,35 @@ def calibrate_pipeline(
     return capture.to_calibration_set(meta)
 
 
+def guidance_kwargs(pipe: Any, guidance: float | None, negative_prompt: str | None) -> dict[str, Any]:
+    """Pipeline call arguments for a guidance scale and a negative prompt, the family's way: the scale under its
+    ``cfg_argument`` (Qwen-Image: ``true_cfg_scale``), and, when guidance > 1 is asked for without a negative
+    prompt, the family's default one where its CFG needs it (Qwen-Image: ``" "``). ``None`` keeps the pipeline's.
+
+    Raises:
+        ConfigError: a negative prompt for a pipeline whose call takes none.
+    """
+    from ppcl.arch import get_spec
+
+    spec = get_spec(pipe.transformer)
+    out: dict[str, Any] = {} if guidance is None else {spec.cfg_argument: guidance}
+    if negative_prompt is None and guidance is not None and guidance > 1:
+        negative_prompt = spec.negative_prompt_default
+        if negative_prompt is not None:
+            log.info("guidance %s: negative prompt %r (the family's default; --negative-prompt sets another)",
+                     guidance, negative_prompt)  # fmt: skip
+    if negative_prompt is not None:
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise ConfigError(
+                f"{type(pipe).__name__} takes no negative prompt",
+                expected="a pipeline whose call has `negative_prompt`",
+                found=type(pipe).__name__,
+                fix="drop --negative-prompt",
+            )
+        out["negative_prompt"] = negative_prompt
+    return out
+
+
 @contextmanager
 def _counting_scheduler_steps(scheduler: Any, capture: InputCapture) -> Iterator[None]:
     """While active, every ``scheduler.step`` call advances ``capture`` to the next denoising step (the step the next

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import nn
 
 from ppcl.data.calibration import CalibrationSet
 from ppcl.errors import ConfigError
@@ -25,7 +26,10 @@ from ppcl.errors import ConfigError
 
 @runtime_checkable
 class DistillData(Protocol):
-    """A deterministic source of transformer inputs."""
+    """A deterministic source of transformer inputs.
+
+    A source may also have ``match_model(model)``: the trainer calls it once before training (e.g. to cast captured
+    inputs to the model's dtype)."""
 
     def batch(self, step: int) -> dict[str, Any]:
         """Keyword arguments of ``transformer(**batch)`` for micro-batch ``step`` (same ``step`` → same batch)."""
@@ -46,9 +50,15 @@ class CalibrationData:
         calibration: captured transformer inputs.
         batch_size: samples per batch (at most the number of samples).
         seed: shuffle seed.
+        dtype: the model's parameter dtype. Captured tensors in the calibration's stream dtype (that of
+            ``hidden_states``, e.g. bf16 from a bf16 pipeline) are cast to it, as a pipeline casts its inputs to its
+            transformer's dtype; tensors the pipeline kept in another dtype (float32 timesteps) stay. ``None``: as
+            captured (the trainer sets it through :meth:`match_model`).
     """
 
-    def __init__(self, calibration: CalibrationSet, batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, calibration: CalibrationSet, batch_size: int, seed: int = 0, dtype: torch.dtype | None = None
+    ) -> None:
         if not 1 <= batch_size <= len(calibration):
             raise ConfigError(
                 "batch size does not fit the calibration set",
@@ -60,6 +70,13 @@ class CalibrationData:
         self.batch_size = batch_size
         self.seed = seed
         self.batches_per_epoch = len(calibration) // batch_size
+        self.dtype = dtype
+        stream = calibration.batched.get("hidden_states")
+        self.stream_dtype = stream.dtype if stream is not None else None
+
+    def match_model(self, model: nn.Module) -> None:
+        """Cast batches to ``model``'s parameter dtype from now on (see ``dtype``)."""
+        self.dtype = next(model.parameters()).dtype
 
     def indices(self, step: int) -> np.ndarray:
         """Sample indices of batch ``step``, shape ``(batch_size,)``."""
@@ -75,6 +92,8 @@ class CalibrationData:
         out: dict[str, Any] = {k: v.index_select(0, index) for k, v in cal.batched.items()}
         out.update(cal.shared)
         out.update({k: [v[i] for i in idx] for k, v in cal.lists.items()})
+        if self.dtype is not None and self.stream_dtype not in (None, self.dtype):
+            out = {k: v.to(self.dtype) if _in_dtype(v, self.stream_dtype) else v for k, v in out.items()}
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -86,3 +105,7 @@ class CalibrationData:
             "batch_size": self.batch_size,
             "seed": self.seed,
         }
+
+
+def _in_dtype(value: Any, dtype: torch.dtype | None) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == dtype

@@ -94,6 +94,9 @@ class TrainingSession:
         check_lock(self.out)
         self.clear = check_run_folder(self.out, resume, overwrite)
         self.model, self.addon, self.data, self.config, self.resume = model, addon, data, config, resume
+        match = getattr(data, "match_model", None)
+        if callable(match):
+            match(model)
         self.extra = dict(extra or {})
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise ConfigError(
