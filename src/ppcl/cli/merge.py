@@ -21,6 +21,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--addon", required=True, help="PruningAddon folder")
     p.add_argument("--level", required=True, help="level name")
     p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument(
+        "--projection-dtype",
+        choices=("model", "float32"),
+        default="model",
+        help="dtype of a width level's linear maps: the model's (default; bf16 models run them in bf16) or float32",
+    )
     add_model_args(p)
     add_overwrite_arg(p)
     p.set_defaults(func=_run)
@@ -39,7 +45,9 @@ def _run(args: argparse.Namespace) -> int:
     check_out(args, MERGED, args.addon, args.model)
     model = load_model(args)
     addon = PruningAddon.from_pretrained(args.addon, model)
-    merged = merge(model, addon, args.level)
+    merged = merge(
+        model, addon, args.level, projection_dtype=torch.float32 if args.projection_dtype == "float32" else None
+    )
     bad = [name for name, p in merged.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:  # a standalone model with NaN weights would only fail later, far from its cause
         raise ArtefactError(

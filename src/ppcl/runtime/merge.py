@@ -25,11 +25,13 @@ from ppcl.runtime.merge_width import make_record, replay, substitution
 from ppcl.runtime.width import check_width_support, level_modes, parts_for
 
 
-def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
+def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: torch.dtype | None = None) -> nn.Module:
     """A new model equal to ``model`` with ``addon`` at ``level``, with the replaced blocks physically removed.
 
     Works whether or not ``addon`` is applied to ``model``; ``model`` is not modified and shares no storage with the
-    result. The result has ``model``'s dtype/device per tensor and its train/eval mode.
+    result. The result has ``model``'s dtype/device per tensor and its train/eval mode. Width maps (a level's
+    projections) are cast to ``projection_dtype``, by default the model's own parameter dtype, so a bf16 model runs
+    them in bf16 (pass ``torch.float32`` to keep trained float32 masters exact).
 
     Raises:
         AddonMismatchError: ``addon`` was made for another base model.
@@ -79,13 +81,20 @@ def merge(model: nn.Module, addon: PruningAddon, level: str) -> nn.Module:
     merged.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     _copy_buffers(spec, model, merged, addon, reps, kept)
     if any(kind_of(r).is_width for r in all_reps):
-        _apply_width(spec, merged, addon, level, all_reps, kept)
+        dtype = projection_dtype or next(model.parameters()).dtype
+        _apply_width(spec, merged, addon, level, all_reps, kept, dtype)
     merged.train(model.training)
     return merged
 
 
 def _apply_width(
-    spec: ArchSpec, merged: nn.Module, addon: PruningAddon, level: str, reps: list[Any], kept: list[int]
+    spec: ArchSpec,
+    merged: nn.Module,
+    addon: PruningAddon,
+    level: str,
+    reps: list[Any],
+    kept: list[int],
+    dtype: torch.dtype,
 ) -> None:
     # Substitutions are recorded at merged positions; a span start's position holds its student, already loaded.
     from ppcl.plan import check_level_width
@@ -100,9 +109,8 @@ def _apply_width(
         for name, module in (("text_in", parts.text_in), ("text_out", parts.text_out), *parts.ffn.items()):
             if module is not None:
                 projections[(new, name)] = module
-    dtypes = {p.dtype for m in projections.values() for p in m.parameters()}
-    record = make_record(type(merged).__name__, level, subs, dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    replay(merged, record, projections)
+    record = make_record(type(merged).__name__, level, subs, dtype)
+    replay(merged, record, projections, proj_dtype=dtype)
 
 
 def _has_base_adapters(model: nn.Module) -> bool:

@@ -81,7 +81,7 @@ def replay(
         model: a stock model built from the merged config (real weights, or the meta device before loading).
         record: the record written by :func:`ppcl.runtime.merge` (``ppcl_merged.json``).
         projections: ``(merged flat index, part) → module`` to install (cloned); missing ones are fresh identities.
-        proj_dtype: dtype of fresh projections.
+        proj_dtype: dtype of every installed projection (given ones are cast to it).
     """
     spec = get_spec(model)
     contexts: dict[str, RunContext] = {}
@@ -98,7 +98,7 @@ def replay(
         for part in sub["projections"]:
             given = None if projections is None else projections.get((i, part))
             if given is not None:
-                module = _clone(given)
+                module = _clone(given).to(proj_dtype)
             else:
                 module = ResidualLinear(int(block.attn.to_q.in_features), dtype=proj_dtype, device=device)
             setattr(block, _PART_ATTRS[part], module)
