@@ -28,14 +28,19 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report folder; the proposed plan goes to OUT/plan")
     add_model_args(p)
     p.add_argument("--max-len", type=int, default=10, help="Δ rule length bound, blocks per interval")
-    p.add_argument("--protect-first", type=int, default=2)
-    p.add_argument("--protect-last", type=int, default=2)
-    p.add_argument("--cka-streams", choices=("image", "both"), default="image")
+    p.add_argument("--protect-first", type=int, default=2, help="first flat blocks no span may touch")
+    p.add_argument("--protect-last", type=int, default=2, help="last flat blocks no span may touch")
+    p.add_argument(
+        "--cka-streams",
+        choices=("image", "both"),
+        default="image",
+        help="CKA trajectory of the image stream, or the mean of image and text",
+    )
     p.add_argument("--refine-steps", type=int, default=0, help="Adam refinement steps per probe (0 = closed form)")
     p.add_argument("--ridge", type=float, default=1e-4, help="probe ridge, relative to trace/d")
     p.add_argument("--cache-tokens", type=int, default=8192, help="tokens cached per depth for CKA")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="calibration samples per analysis forward")
+    p.add_argument("--seed", type=int, default=0, help="seeds the cached-token choice for CKA")
     p.add_argument("--delta-tol", type=float, default=1e-6, help="float-noise tolerance of the Δ boundary rule")
     add_budget_args(p)
     add_width_args(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ppcl.data.loading import DTYPE_CHOICES
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -34,8 +35,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=28, help="--prompts: sampling steps per image")
     p.add_argument("--guidance", type=float, default=None, help="--prompts: guidance scale (default: pipeline's)")
     p.add_argument("--seed", type=int, default=0, help="--prompts: noise seed")
-    p.add_argument("--dtype", default="float32", help="float32 | bf16 | fp16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="torch dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.set_defaults(func=_run)
 
 

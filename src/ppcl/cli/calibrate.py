@@ -7,6 +7,7 @@ import inspect
 from pathlib import Path
 
 from ppcl.cli.common import SEED_LIMIT, add_overwrite_arg, check_device, check_out, require_positive
+from ppcl.data.loading import DTYPE_CHOICES
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -39,8 +40,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--num-frames", type=int, default=None, help="video pipelines (Wan, HunyuanVideo-1.5): frames per clip"
     )
-    p.add_argument("--dtype", default="float32", help="pipelines: float32 | bf16 | fp16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="pipelines: torch dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     add_overwrite_arg(p)
     p.set_defaults(func=_run)
 

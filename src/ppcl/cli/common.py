@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ppcl.data.loading import DTYPE_CHOICES
 from ppcl.errors import ConfigError
 
 
@@ -12,7 +13,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="local transformer or pipeline folder (default: the embedded toy teacher)"
     )
-    parser.add_argument("--dtype", default="float32", help="model dtype: float32 | bf16 | fp16")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
 
 

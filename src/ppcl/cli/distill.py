@@ -77,9 +77,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="depth, nonsequential: share of each batch a student trains on its chained input (the "
         "upstream students' output in its levels); 0 = the paper's pure non-sequential",
     )
-    p.add_argument("--steps", type=int, default=_DEFAULTS.steps)
-    p.add_argument("--lr", type=float, default=_DEFAULTS.lr)
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimiser steps")
+    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="AdamW learning rate (peak)")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="samples per micro-batch and process")
     p.add_argument(
         "--warmup", type=int, default=None, help=f"warm-up steps (default: {round(_WARMUP_SHARE * 100)}%% of --steps)"
     )
@@ -90,8 +90,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="accelerate's autocast; a bf16/fp16 --dtype base autocasts to its own dtype without it (the "
         "trained weights are float32 masters either way; OUT/addon is saved in the base dtype)",
     )
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--gradient-accumulation", type=int, default=1)
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
+    p.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step")
     p.add_argument(
         "--shard",
         action="store_true",
@@ -105,7 +107,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="data echoing: each batch and its frozen teacher pass serve this many consecutive steps "
         "(README 'Recipes beyond the paper')",
     )
-    p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=_DEFAULTS.checkpoint_every,
+        help="steps between resumable checkpoints (0: only the final add-on)",
+    )
     p.add_argument(
         "--init", choices=("first", "middle", "last", "average"), default=None, help="override the plan's init"
     )
@@ -120,8 +127,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="finetune: also train the surviving base blocks (result is standalone: OUT/merged)",
     )
     _objective_args(p)
-    p.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default="uniform")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--timestep-sampling",
+        choices=("uniform", "logit_normal"),
+        default="uniform",
+        help="how --data / toy batches draw their noise times",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds batch order, noise and students")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint")
     add_overwrite_arg(p)
     p.set_defaults(func=_run)
@@ -166,7 +178,12 @@ def _objective_args(p: argparse.ArgumentParser) -> None:
         default=_OBJECTIVE.on_policy,
         help="finetune with --guidance: share of each batch noised by the pruned model's own sampler",
     )
-    p.add_argument("--on-policy-steps", type=int, default=_OBJECTIVE.on_policy_steps)
+    p.add_argument(
+        "--on-policy-steps",
+        type=int,
+        default=_OBJECTIVE.on_policy_steps,
+        help="finetune with --on-policy: sampler steps of the pruned model's own trajectories",
+    )
 
 
 def _objective(args: argparse.Namespace, addon: Any) -> FinetuneObjective:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ppcl.cli.common import add_overwrite_arg, check_device, check_out, require_positive, require_seed
+from ppcl.data.loading import DTYPE_CHOICES
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
 
@@ -29,7 +30,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--out", required=True, help="output image file (.png)")
     p.add_argument("--steps", type=int, default=28, help="sampling steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument(
         "--guidance",
         type=float,
@@ -43,7 +44,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--height", type=int, default=None, help="pipelines: image height")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
-    p.add_argument("--dtype", default="float32", help="float32 | bf16 | fp16")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="torch dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     add_overwrite_arg(p)
     p.set_defaults(func=_run)

@@ -15,6 +15,22 @@ from ppcl.errors import PPCLError
 from ppcl.logging import configure_logging
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already says what its default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The CLI's parsers (every verb's too: subparsers are made with the parent's class): defaults shown in --help."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ppcl.cli import (
         analyze,
@@ -30,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         toy,
     )
 
-    parser = argparse.ArgumentParser(prog="ppcl", description="Pluggable Pruning with Contiguous Layer Distillation")
+    parser = _Parser(prog="ppcl", description="Pluggable Pruning with Contiguous Layer Distillation")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -15,10 +15,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
     train = sub.add_parser("train-teacher", help="train the toy teacher from scratch (deterministic)")
     train.add_argument("--out", required=True, help="output folder (resumes if it holds a trainer state)")
-    train.add_argument("--steps", type=int, default=6000)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=6000, help="optimiser steps")
+    train.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (peak)")
+    train.add_argument("--seed", type=int, default=0, help="seeds data and weights")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     train.add_argument(
         "--layers", type=int, default=None, help="dual-stream blocks (default: the committed teacher's 16)"

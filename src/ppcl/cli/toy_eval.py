@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sa.add_argument("--prompt", action="append", required=True, help="caption (repeat for several rows)")
     sa.add_argument("--out", required=True, help="PNG file")
     sa.add_argument("--n", type=int, default=8, help="images per prompt (one row each)")
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--seed", type=int, default=0, help="noise seed")
     sa.add_argument("--teacher", default=None, help="teacher folder (default: the committed teacher)")
     _sampler_args(sa)
     add_overwrite_arg(sa)

@@ -22,6 +22,10 @@ _DTYPES = {
 }
 
 
+DTYPE_CHOICES: tuple[str, ...] = tuple(_DTYPES)
+"""The names ``--dtype`` accepts."""
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``"bf16"`` → ``torch.bfloat16`` etc.; unknown names raise :class:`ArtefactError`-style errors."""
     from ppcl.errors import ConfigError

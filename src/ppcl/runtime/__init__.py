@@ -16,13 +16,14 @@ from ppcl.runtime.apply import (
     STATE_ATTR,
     RuntimeState,
     active_level,
+    addon_keys_visible,
     apply_addon,
     disabled,
     remove_addon,
     runtime_state,
     set_level,
 )
-from ppcl.runtime.lora import remap_lora_state_dict
+from ppcl.runtime.lora import load_lora, lora_state_dict, remap_lora_state_dict
 from ppcl.runtime.merge import merge
 from ppcl.runtime.merge_width import MERGED_FILE, load_merged, save_merged
 from ppcl.runtime.width import width_modules
@@ -34,9 +35,12 @@ __all__ = [
     "STATE_ATTR",
     "RuntimeState",
     "active_level",
+    "addon_keys_visible",
     "apply_addon",
     "disabled",
+    "load_lora",
     "load_merged",
+    "lora_state_dict",
     "merge",
     "remap_lora_state_dict",
     "remove_addon",

@@ -74,6 +74,7 @@ class RuntimeState:
         blocks: flat index → dispatched block.
         handles: the state-dict hooks to remove.
         contexts: text-run id → the :class:`~ppcl.modules.width.RunContext` carrying ``z_a`` within a forward.
+        show_keys: ``state_dict()`` includes ``ppcl.*`` while positive (:func:`addon_keys_visible`).
     """
 
     addon: PruningAddon
@@ -84,6 +85,7 @@ class RuntimeState:
     blocks: dict[int, nn.Module] = field(default_factory=dict)
     handles: list[RemovableHandle] = field(default_factory=list)
     contexts: dict[str, RunContext] = field(default_factory=dict)
+    show_keys: int = 0
 
 
 def apply_addon(model: nn.Module, addon: PruningAddon, level: str | None = None) -> nn.Module:
@@ -290,9 +292,25 @@ class _Dispatcher:
         return f"<ppcl dispatcher of flat block {self.index}>"
 
 
+@contextmanager
+def addon_keys_visible(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, ``model.state_dict()`` includes the add-on's ``ppcl.*`` entries (hidden otherwise, so base
+    checkpoints stay pure): for libraries that find adapter weights through ``state_dict()``, e.g. peft's LoRA saving
+    and loading when a LoRA also targets the students (:func:`ppcl.runtime.lora_state_dict`)."""
+    state = runtime_state(model)
+    state.show_keys += 1
+    try:
+        yield model
+    finally:
+        state.show_keys -= 1
+
+
 def _drop_addon_keys(
     module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata: dict[str, Any]
 ) -> None:
+    state = getattr(module, STATE_ATTR, None)
+    if state is not None and state.show_keys > 0:
+        return
     head = f"{prefix}{ADDON_ATTR}."
     for key in [k for k in state_dict if k.startswith(head)]:
         del state_dict[key]

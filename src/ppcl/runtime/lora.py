@@ -1,4 +1,10 @@
-"""Renumber a base model's LoRA for a merged (depth-pruned) model.
+"""LoRAs and pruned models: save and load a LoRA trained with a level active, and renumber a base LoRA for a merged
+(depth-pruned) model.
+
+A LoRA added while an add-on is applied (``transformer.add_adapter``, peft) also wraps the students' layers under
+``ppcl.<student>.``; ppcl hides ``ppcl.*`` from ``state_dict()``, so use :func:`lora_state_dict` to save it (e.g.
+``FluxPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(pipe.transformer))``) and
+:func:`load_lora` to load it onto a base with the same add-on applied.
 
 A LoRA trained on the base model names blocks by their base index (``transformer_blocks.7.attn.to_q.lora_A.weight``).
 In the merged model of a level, the survivors of each stack are renumbered consecutively, so block 7 may now be
@@ -13,15 +19,55 @@ convert other formats (e.g. kohya ``lora_unet_...``) with diffusers' loaders fir
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
+from torch import nn
+
 from ppcl.errors import ConfigError
+from ppcl.io import load_tensors
 from ppcl.logging import get_logger
 from ppcl.plan import PruningPlan
+from ppcl.runtime.apply import addon_keys_visible
 
 _log = get_logger(__name__)
 V = TypeVar("V")
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, Any]:
+    """peft's ``get_peft_model_state_dict`` of ``model`` with the students' LoRA layers (``ppcl.<student>.…``) kept;
+    ``model`` has an add-on applied."""
+    from peft.utils import get_peft_model_state_dict
+
+    with addon_keys_visible(model):
+        return get_peft_model_state_dict(model, adapter_name=adapter_name or "default")
+
+
+def load_lora(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    adapter_name: str | None = None,
+    prefix: str = "transformer",
+    **kwargs: Any,
+) -> None:
+    """diffusers' ``model.load_lora_adapter(state_dict, prefix=...)`` onto a model with the same add-on applied as
+    when the LoRA was saved, the students' layers included. ``source``: a state dict, a ``.safetensors`` file, or a
+    folder written by a pipeline's ``save_lora_weights`` (``weight_name`` defaults to diffusers'
+    ``pytorch_lora_weights.safetensors``); other ``kwargs`` go to ``load_lora_adapter``.
+
+    Raises:
+        ConfigError: no add-on is applied to ``model``.
+        ArtefactError: the weights file is missing or unreadable.
+    """
+    if not isinstance(source, Mapping):
+        path = Path(source)
+        if path.is_dir():
+            path = path / kwargs.pop("weight_name", "pytorch_lora_weights.safetensors")
+        source = load_tensors(path, "LoRA")
+    with addon_keys_visible(model):
+        model.load_lora_adapter(dict(source), prefix=prefix, adapter_name=adapter_name, **kwargs)
 
 
 def remap_lora_state_dict(
