@@ -145,20 +145,55 @@ def test_remap_lora_state_dict() -> None:
     }
     dropped: list[str] = []
     out = remap_lora_state_dict(lora, plan, "b", dropped=dropped)
+    # Span starts (double 1, single 0) hold students, which run without the base LoRA in add-on mode too.
     assert list(out) == [
         "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
-        "transformer.transformer_blocks.1.attn.to_q.lora_A.weight",
         "transformer.single_transformer_blocks.1.proj_out.lora_B.weight",
         "transformer.proj_out.lora_A.weight",
     ]
     assert torch.equal(out["transformer.single_transformer_blocks.1.proj_out.lora_B.weight"], torch.full((1,), 2.0))
     assert dropped == [
+        "transformer.transformer_blocks.1.attn.to_q.lora_A.weight",
         "transformer.transformer_blocks.2.attn.to_q.lora_A.weight",
         "transformer.single_transformer_blocks.1.proj_out.lora_B.weight",
     ]
+    kept = remap_lora_state_dict(lora, plan, "b", keep_students=True)  # the former behaviour, on request
+    assert "transformer.transformer_blocks.1.attn.to_q.lora_A.weight" in kept and len(kept) == 4
     qwen_plan = make_plan(build_tiny("qwenimage").model)
     assert remap_lora_state_dict({"transformer_blocks.5.img_mlp.lora_A.weight": 1}, qwen_plan, "b") == {
         "transformer_blocks.3.img_mlp.lora_A.weight": 1
     }
     with pytest.raises(ConfigError, match="names block 9"):
         remap_lora_state_dict({"transformer_blocks.9.attn.to_q.lora_A.weight": 1}, qwen_plan, "b")
+
+
+@torch.no_grad()
+# peft notes that the remapped LoRA has no weights for the student position's layers: that is the policy.
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
+def test_a_base_lora_gives_the_same_images_in_addon_and_merged_modes() -> None:
+    """One LoRA policy (issue 16): a base LoRA loaded on the base with the add-on applied, and the same LoRA
+    remapped onto the merged model, give the same output (they differed by 0.025-0.056: the merged model put the
+    span-start LoRA on the student, which the add-on runs without it)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    case = build_tiny("flux")
+    base, inputs = case.model, case.make_inputs(0)
+    addon = make_addon(base)
+    donor = copy.deepcopy(base)
+    donor.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "proj_out"]))
+    g = torch.Generator().manual_seed(3)
+    for name, p in donor.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(donor).items()}
+    merged = merge(base, addon, "b")
+    merged.load_lora_adapter(remap_lora_state_dict(lora, addon.plan, "b"), prefix="transformer")
+    with_addon = copy.deepcopy(base)
+    with_addon.load_lora_adapter(lora, prefix="transformer")
+    apply_addon(with_addon, addon, "b")
+    expected = with_addon(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(merged(**inputs, return_dict=False)[0], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected, case.forward(inputs))  # the LoRA matters

@@ -8,10 +8,10 @@ A LoRA added while an add-on is applied (``transformer.add_adapter``, peft) also
 
 A LoRA trained on the base model names blocks by their base index (``transformer_blocks.7.attn.to_q.lora_A.weight``).
 In the merged model of a level, the survivors of each stack are renumbered consecutively, so block 7 may now be
-``transformer_blocks.3``. Keys of removed blocks are dropped. Keys of a span's first block are kept and now apply to
-the student sitting at that position: the student was trained to stand in for the whole span, so a base LoRA on a
-replaced block is only an approximation there (exact everywhere else). While the add-on is *applied* (not merged) no
-remapping is needed: the base keeps every block and its indices.
+``transformer_blocks.3``. Keys of removed blocks are dropped, and so are those of a span's first block, where the
+student sits: with the add-on applied a student runs without the base LoRA (peft wraps only the base's layers), so
+both modes give the same images (``keep_students=True`` puts them on the student instead, an approximation). While the
+add-on is *applied* no remapping is needed: the base keeps every block and its indices.
 
 Keys are expected in diffusers / PEFT naming (with or without a ``transformer.`` or ``base_model.model.`` prefix);
 convert other formats (e.g. kohya ``lora_unet_...``) with diffusers' loaders first.
@@ -28,6 +28,7 @@ from torch import nn
 
 from ppcl.errors import ConfigError
 from ppcl.io import load_tensors
+from ppcl.kinds import kind_of
 from ppcl.logging import get_logger
 from ppcl.plan import PruningPlan
 from ppcl.runtime.apply import addon_keys_visible
@@ -71,15 +72,24 @@ def load_lora(
 
 
 def remap_lora_state_dict(
-    lora_state_dict: Mapping[str, V], plan: PruningPlan, level: str, *, dropped: list[str] | None = None
+    lora_state_dict: Mapping[str, V],
+    plan: PruningPlan,
+    level: str,
+    *,
+    dropped: list[str] | None = None,
+    keep_students: bool = False,
 ) -> dict[str, V]:
-    """The LoRA state dict renumbered for the merged model of ``level``; keys of removed blocks are left out.
+    """The LoRA state dict renumbered for the merged model of ``level``; keys of removed blocks are left out, and so
+    are those of the blocks a student replaces (a span's first block): in add-on mode a student runs without the base
+    LoRA, so the merged model then gives the add-on's images (one policy for both modes).
 
     Args:
         lora_state_dict: LoRA tensors of the base model (any value type is passed through untouched).
         plan: the add-on's plan.
         level: the merged level.
         dropped: if given, the keys left out are appended to it (they are also logged).
+        keep_students: keep a span's first-block keys on its student instead (the merged model then differs from
+            the add-on; a base LoRA on a student is an approximation either way).
 
     Returns:
         a new dict, same order, with ``<stack>.<old index>.`` rewritten to ``<stack>.<new index>.``.
@@ -95,6 +105,12 @@ def remap_lora_state_dict(
         for stack, local in zip(spec.stacks, per_stack, strict=True)
     }
     sizes = {stack.attr: size for stack, size in zip(spec.stacks, plan.stack_sizes, strict=True)}
+    if not keep_students:  # a student sits at its span's first position: no base LoRA goes there
+        layout = plan.layout(spec)
+        for rep in plan.replacements_of(level):
+            if kind_of(rep).owns_student:
+                stack, local = layout.locate(rep.blocks()[0])
+                renames[spec.stacks[stack].attr].pop(local, None)
     out: dict[str, V] = {}
     gone: list[str] = []
     matched = 0
@@ -121,7 +137,7 @@ def remap_lora_state_dict(
         out[".".join(parts)] = value
     if gone:
         _log.info(
-            "remap_lora_state_dict: %d LoRA tensors of blocks removed by level %s dropped: %s",
+            "remap_lora_state_dict: %d LoRA tensors of blocks removed or replaced by students at level %s dropped: %s",
             len(gone),
             level,
             _preview(gone),
