@@ -26,7 +26,8 @@ from torch import nn
 from ppcl.errors import ConfigError
 
 DISPATCH_ATTR = "_ppcl_dispatch"
-"""Instance attribute of a dispatched block: the callable ``(block, args, kwargs) -> output`` it runs."""
+"""Instance attribute of a dispatched block: the callable ``(block, original_forward, args, kwargs) -> output`` it
+runs."""
 _REPOINTED_ATTR = "_ppcl_repointed"
 _BASE_ATTR = "_ppcl_base_class"
 _CLASSES: dict[type, type] = {}
