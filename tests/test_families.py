@@ -21,7 +21,7 @@ from ppcl.arch import get_spec
 from ppcl.data.calibration import assemble
 from ppcl.distill import CalibrationData, DistillConfig, distill_depth
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span, plan_from_report
-from tiny_models import build_tiny, two_span_plan
+from tiny_models import FLUX2_TINY, build_tiny, two_span_plan
 
 # Wan2.1-T2V-14B (and each Wan2.2-A14B expert): diffusers' scripts/convert_wan_to_diffusers.py, the official configs.
 WAN_14B = {
@@ -76,10 +76,7 @@ def test_flux2_planted_run_in_the_joint_single_stack_is_found() -> None:
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(0)
-    model = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=3, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-    ).eval()  # fmt: skip
+    model = Flux2Transformer2DModel(**{**FLUX2_TINY, "num_single_layers": 4}).eval()
     for block in model.single_transformer_blocks[1:3]:
         block.attn.to_out.weight.mul_(1e-3)
     case = build_tiny("flux2")

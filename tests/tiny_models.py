@@ -18,6 +18,18 @@ DEPTH_ONLY_ARCH_NAMES: tuple[str, ...] = ("flux2", "wan", "hunyuanvideo15")
 """Families ppcl prunes in depth only (no text stream to prune, no width forward yet)."""
 ALL_ARCH_NAMES: tuple[str, ...] = TINY_ARCH_NAMES + DEPTH_ONLY_ARCH_NAMES
 
+FLUX2_TINY: dict[str, Any] = {
+    "patch_size": 1, "in_channels": 16, "num_layers": 3, "num_single_layers": 3, "attention_head_dim": 16,
+    "num_attention_heads": 2, "joint_attention_dim": 32, "timestep_guidance_channels": 32,
+    "axes_dims_rope": (4, 4, 4, 4),
+}  # fmt: skip
+"""The tiny ``Flux2Transformer2DModel`` config (3 double + 3 single blocks); pipelines and tests vary it."""
+WAN_TINY: dict[str, Any] = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4, "out_channels": 4,
+    "text_dim": 16, "freq_dim": 32, "ffn_dim": 32, "num_layers": 6, "cross_attn_norm": True, "rope_max_seq_len": 32,
+}  # fmt: skip
+"""The tiny ``WanTransformer3DModel`` config (6 blocks)."""
+
 
 @dataclass
 class TinyCase:
@@ -173,34 +185,12 @@ def build_tiny(name: str) -> TinyCase:
     elif name == "flux2":
         from diffusers import Flux2Transformer2DModel
 
-        model = Flux2Transformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=3,
-            num_single_layers=3,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4),
-        )
+        model = Flux2Transformer2DModel(**FLUX2_TINY)
         make = _flux2_inputs
     elif name == "wan":
         from diffusers import WanTransformer3DModel
 
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=4,
-            out_channels=4,
-            text_dim=16,
-            freq_dim=32,
-            ffn_dim=32,
-            num_layers=6,
-            cross_attn_norm=True,
-            rope_max_seq_len=32,
-        )
+        model = WanTransformer3DModel(**WAN_TINY)
         make = _wan_inputs
     elif name == "hunyuanvideo15":
         from diffusers import HunyuanVideo15Transformer3DModel

@@ -395,19 +395,9 @@ def build_wan(folder: str | Path, num_layers: int = 6) -> Path:
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     ).eval()
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        rope_max_seq_len=32,
-    ).eval()
+    from tiny_models import WAN_TINY
+
+    transformer = WanTransformer3DModel(**{**WAN_TINY, "num_layers": num_layers}).eval()
     pipe = WanPipeline(
         tokenizer=tiny_tokenizer(16),
         text_encoder=text_encoder,
@@ -454,18 +444,11 @@ def build_flux2_klein(folder: str | Path, num_layers: int = 3, num_single_layers
         norm_num_groups=4,
         sample_size=16,
     ).eval()
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels, 2x2-patchified
-        num_layers=num_layers,
-        num_single_layers=num_single_layers,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=hidden * 3,  # three stacked layers
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    ).eval()
+    from tiny_models import FLUX2_TINY
+
+    # in_channels 16: 4 latent channels, 2x2-patchified; the prompt embedding stacks three encoder layers.
+    config = {"num_layers": num_layers, "num_single_layers": num_single_layers, "joint_attention_dim": hidden * 3}
+    transformer = Flux2Transformer2DModel(**{**FLUX2_TINY, **config, "guidance_embeds": False}).eval()
     tokenizer = tiny_tokenizer(16)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     pipe = Flux2KleinPipeline(

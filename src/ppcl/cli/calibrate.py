@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
 from ppcl.cli.common import SEED_LIMIT, add_overwrite_arg, check_device, check_out, require_positive
@@ -152,7 +151,9 @@ def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
 
 def _check_takes(pipeline_cls: type, argument: str, flag: str) -> None:
     """Refuse a flag the pipeline's ``__call__`` has no argument for (it would be ignored or crash mid-run)."""
-    if argument not in inspect.signature(pipeline_cls.__call__).parameters:
+    from ppcl.data.pipeline_capture import call_takes
+
+    if not call_takes(pipeline_cls, argument):
         raise ConfigError(
             f"{flag} does not apply to {pipeline_cls.__name__}",
             expected=f"a pipeline whose call takes `{argument}` (a video pipeline)",

@@ -65,7 +65,7 @@ def calibrate_pipeline(
         return callback_kwargs
 
     # Pipelines without a step callback (HunyuanVideo-1.5) are followed through their scheduler's steps instead.
-    with_callback = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    with_callback = call_takes(pipe, "callback_on_step_end")
     callback = {"callback_on_step_end": on_step_end} if with_callback else {}
     counting = nullcontext() if with_callback else _counting_scheduler_steps(pipe.scheduler, capture)
 
@@ -102,6 +102,11 @@ def calibrate_pipeline(
     return capture.to_calibration_set(meta)
 
 
+def call_takes(pipeline: Any, argument: str) -> bool:
+    """Whether a pipeline (instance or class) has ``argument`` in its ``__call__``."""
+    return argument in inspect.signature(pipeline.__call__).parameters
+
+
 def guidance_kwargs(pipe: Any, guidance: float | None, negative_prompt: str | None) -> dict[str, Any]:
     """Pipeline call arguments for a guidance scale and a negative prompt, the family's way: the scale under its
     ``cfg_argument`` (Qwen-Image: ``true_cfg_scale``), and, when guidance > 1 is asked for without a negative
@@ -120,7 +125,7 @@ def guidance_kwargs(pipe: Any, guidance: float | None, negative_prompt: str | No
             log.info("guidance %s: negative prompt %r (the family's default; --negative-prompt sets another)",
                      guidance, negative_prompt)  # fmt: skip
     if negative_prompt is not None:
-        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+        if not call_takes(pipe, "negative_prompt"):
             raise ConfigError(
                 f"{type(pipe).__name__} takes no negative prompt",
                 expected="a pipeline whose call has `negative_prompt`",
