@@ -484,13 +484,17 @@ def merged_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_load_merged_without_record(merged_folder: Path) -> None:
+def test_load_merged_without_record(merged_folder: Path, tmp_path: Path) -> None:
+    """Without ppcl_merged.json the folder is a depth-only merge: it loads as the stock model; no model at all is
+    refused with the file it looked for."""
     from ppcl.runtime.merge_width import MERGED_FILE
 
     (merged_folder / MERGED_FILE).unlink()
+    assert len(load_merged(merged_folder).transformer_blocks) == 5
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ArtefactError) as err:
-        load_merged(merged_folder)
-    check_error(err, ArtefactError, MERGED_FILE)
+        load_merged(tmp_path / "empty")
+    check_error(err, ArtefactError, "config.json")
 
 
 def test_load_merged_corrupt_record(merged_folder: Path) -> None:

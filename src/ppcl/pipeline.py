@@ -224,13 +224,8 @@ def _plug(
 
 
 def _load_merged(folder: str | os.PathLike[str], kind: str, dtype: torch.dtype) -> nn.Module:
-    """A merged model folder: width merges replay their record, depth-only ones are stock diffusers folders."""
-    if kind == "merged":
-        from ppcl.runtime import load_merged
+    """A merged model folder (width merges replay their record, depth-only ones are stock diffusers folders), with
+    its ControlNet mapping attached when the folder has one (``ppcl_blocks.json``)."""
+    from ppcl.runtime import load_merged
 
-        merged = load_merged(folder, dtype=dtype)
-    else:
-        from ppcl.data.loading import load_transformer
-
-        merged = load_transformer(folder, dtype)
-    return merged.eval().requires_grad_(False)
+    return load_merged(folder, dtype=dtype).eval().requires_grad_(False)

@@ -20,7 +20,7 @@ from ppcl.arch.registry import (
     width_forward_of,
 )
 from ppcl.arch.sd3 import SD3_SPEC
-from ppcl.arch.spec import STREAMS, ArchSpec, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.spec import STREAMS, ArchSpec, ControlNetInput, ModelInputs, StackSpec, WidthTargets
 from ppcl.arch.wan import WAN_SPEC
 
 for _spec in (QWENIMAGE_SPEC, FLUX_SPEC, FLUX2_SPEC, SD3_SPEC, WAN_SPEC, HUNYUAN15_SPEC):
@@ -36,6 +36,7 @@ __all__ = [
     "WAN_SPEC",
     "STREAMS",
     "ArchSpec",
+    "ControlNetInput",
     "ModelInputs",
     "StackSpec",
     "WidthTargets",

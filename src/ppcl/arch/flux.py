@@ -14,7 +14,7 @@ import torch
 
 from ppcl.arch.joint import JOINT_BLOCK_WIDTH
 from ppcl.arch.latents import Cast, LatentFormat, pack_2x2
-from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.spec import ArchSpec, ControlNetInput, ModelInputs, StackSpec, WidthTargets
 
 FLUX_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",
@@ -81,6 +81,7 @@ FLUX_SPEC = ArchSpec(
             roles=_FLUX_ROLES,
             width=FLUX_DOUBLE_WIDTH,
             width_forward="joint_rotary",
+            controlnet=ControlNetInput("controlnet_block_samples", repeat_argument="controlnet_blocks_repeat"),
         ),
         StackSpec(
             attr="single_transformer_blocks",
@@ -90,6 +91,7 @@ FLUX_SPEC = ArchSpec(
             roles=_FLUX_ROLES,
             dual_stream=False,
             width=FLUX_SINGLE_WIDTH,
+            controlnet=ControlNetInput("controlnet_single_block_samples"),
         ),
     ),
     model_inputs=ModelInputs(

@@ -4,6 +4,7 @@ pruning targets in its blocks (:class:`WidthTargets`) and how the model's own ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 STREAMS: tuple[str, str] = ("image", "text")
@@ -89,6 +90,33 @@ class ModelInputs:
 
 
 @dataclass(frozen=True)
+class ControlNetInput:
+    """How the model adds a ControlNet's residuals to one stack: after block ``i`` of ``N``, residual ``k(i)`` of the
+    ``L`` passed in ``argument`` is added to the image stream.
+
+    Attributes:
+        argument: the model ``forward`` keyword holding the list of ``L`` residuals, each ``(B, N_img, D)``.
+        spacing: ``"ceil"``: ``k = i // ceil(N / L)`` (FLUX.1, Qwen-Image); ``"ratio"``: ``k = int(i / (N / L))``
+            (SD3).
+        repeat_argument: a boolean ``forward`` keyword that switches to ``k = i % L`` (FLUX.1's XLabs ControlNets).
+        skip_flag: a boolean block attribute; a block where it is true gets no residual (SD3: ``context_pre_only``).
+    """
+
+    argument: str
+    spacing: str = "ceil"
+    repeat_argument: str | None = None
+    skip_flag: str | None = None
+
+    def residual_index(self, i: int, size: int, count: int, repeat: bool = False) -> int:
+        """``k(i)`` for block ``i`` of a stack of ``size`` blocks given ``count`` residuals, as the model computes it."""
+        if repeat:
+            return i % count
+        if self.spacing == "ratio":
+            return int(i / (size / count))  # float division, exactly as the model does it
+        return i // math.ceil(size / count)
+
+
+@dataclass(frozen=True)
 class StackSpec:
     """One ``nn.ModuleList`` of blocks on the model.
 
@@ -120,6 +148,7 @@ class StackSpec:
         width_forward: the name of the forward that runs these blocks in a width mode (a key of
             :data:`ppcl.modules.width.WIDTH_FORWARDS`: ``"qwen_mod"``, ``"joint"``, ``"joint_rotary"``); ``None``
             when width kinds do not apply to them.
+        controlnet: how the model adds ControlNet residuals after this stack's blocks; ``None``: it takes none.
     """
 
     attr: str
@@ -136,6 +165,7 @@ class StackSpec:
     index_config_keys: tuple[str, ...] = ()
     width: WidthTargets = field(default_factory=WidthTargets)
     width_forward: str | None = None
+    controlnet: ControlNetInput | None = None
 
     def input_name(self, stream_or_role: str) -> str | None:
         """Parameter name carrying a stream (``"image"``/``"text"``) or a role (``"temb"``...), or ``None``."""

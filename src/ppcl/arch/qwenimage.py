@@ -12,7 +12,7 @@ import torch
 
 from ppcl.arch.joint import JOINT_ATTN_TEXT, JOINT_ATTN_TEXT_KV
 from ppcl.arch.latents import Cast, LatentFormat, pack_2x2
-from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.spec import ArchSpec, ControlNetInput, ModelInputs, StackSpec, WidthTargets
 
 QWENIMAGE_BLOCK_INPUTS: tuple[str, ...] = (
     "hidden_states",
@@ -97,6 +97,7 @@ QWENIMAGE_SPEC = ArchSpec(
             ),
             width=QWENIMAGE_WIDTH,
             width_forward="qwen_mod",
+            controlnet=ControlNetInput("controlnet_block_samples"),
         ),
     ),
     model_inputs=ModelInputs(

@@ -16,7 +16,7 @@ import torch
 
 from ppcl.arch.joint import JOINT_BLOCK_WIDTH
 from ppcl.arch.latents import Cast, LatentFormat
-from ppcl.arch.spec import ArchSpec, ModelInputs, StackSpec
+from ppcl.arch.spec import ArchSpec, ControlNetInput, ModelInputs, StackSpec
 
 SD3_BLOCK_INPUTS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "temb", "joint_attention_kwargs")
 
@@ -79,6 +79,7 @@ SD3_SPEC = ArchSpec(
             index_config_keys=("dual_attention_layers",),
             width=SD3_WIDTH,
             width_forward="joint",
+            controlnet=ControlNetInput("block_controlnet_hidden_states", spacing="ratio", skip_flag="context_pre_only"),
         ),
     ),
     protect_last_block=True,

@@ -22,10 +22,10 @@ from torch import nn
 
 from ppcl.arch import pruning
 from ppcl.arch.latents import LatentFormat
-from ppcl.arch.parts import STREAMS, ModelInputs, StackSpec, WidthTargets
+from ppcl.arch.parts import STREAMS, ControlNetInput, ModelInputs, StackSpec, WidthTargets
 from ppcl.errors import ConfigError, UnsupportedModelError
 
-__all__ = ["STREAMS", "ArchSpec", "ModelInputs", "StackSpec", "WidthTargets"]
+__all__ = ["STREAMS", "ArchSpec", "ControlNetInput", "ModelInputs", "StackSpec", "WidthTargets"]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 A depth-only level becomes a stock diffusers folder (loads with ``Class.from_pretrained``, without ppcl). A level with
 width replacements also gets ``ppcl_merged.json``, the record of its substitutions (written by
-:func:`ppcl.runtime.save_merged`); load it with :func:`ppcl.load_merged`.
+:func:`ppcl.runtime.save_merged`); load it with :func:`ppcl.load_merged`. Every merged folder also gets
+``ppcl_blocks.json`` (the base blocks behind each block), which ``ppcl.load_merged`` uses to map ControlNet residuals
+and ``ppcl.runtime.remap_lora_state_dict`` to renumber a base LoRA.
 """
 
 from __future__ import annotations
@@ -58,11 +60,16 @@ def _run(args: argparse.Namespace) -> int:
         )
     with atomic_folder(args.out, MERGED, args.overwrite) as tmp:
         # save_merged writes the substitution record only for width levels: depth-only folders stay stock diffusers
-        # (the marker is one small JSON file diffusers ignores; it lets a later merge --overwrite recognise the folder).
+        # (the marker and ppcl_blocks.json are small JSON files diffusers ignores; the marker lets a later
+        # merge --overwrite recognise the folder).
         save_merged(merged, tmp)
         write_marker(tmp, MERGED)
         width = (tmp / MERGED_FILE).is_file()
     n = sum(p.numel() for p in merged.parameters())
-    how = "load with ppcl.load_merged" if width else "stock diffusers checkpoint"
+    how = (
+        "load with ppcl.load_merged"
+        if width
+        else "stock diffusers checkpoint; ppcl.load_merged adds the ControlNet map"
+    )
     print(f"{args.out}: {type(merged).__name__}, {n / 1e6:.2f}M parameters ({how})")
     return 0

@@ -35,8 +35,9 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
-    """A supported diffusers transformer from a local folder: a transformer folder or a pipeline folder."""
+def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype | None = torch.float32) -> Any:
+    """A supported diffusers transformer from a local folder: a transformer folder or a pipeline folder (``dtype``
+    ``None``: diffusers' default)."""
     folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
@@ -62,7 +63,8 @@ def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype = torch.fl
             fix="point to the transformer of a supported pipeline",
         )
     get_spec(cls)  # fail early for unsupported classes
-    model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    dtype_kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    model = cls.from_pretrained(str(folder), local_files_only=True, **dtype_kwargs)
     return model.eval().requires_grad_(False)
 
 

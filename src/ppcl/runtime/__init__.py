@@ -23,6 +23,8 @@ from ppcl.runtime.apply import (
     runtime_state,
     set_level,
 )
+from ppcl.runtime.block_map import BLOCKS_FILE, BlockMap, StackMap
+from ppcl.runtime.controlnet import ControlNetRemap, attach_block_map, map_residuals
 from ppcl.runtime.lora import load_lora, lora_state_dict, remap_lora_state_dict
 from ppcl.runtime.merge import merge
 from ppcl.runtime.merge_width import MERGED_FILE, load_merged, save_merged
@@ -30,6 +32,12 @@ from ppcl.runtime.width import width_modules
 
 __all__ = [
     "ADDON_ATTR",
+    "BLOCKS_FILE",
+    "BlockMap",
+    "ControlNetRemap",
+    "StackMap",
+    "attach_block_map",
+    "map_residuals",
     "MERGED_FILE",
     "SKIP",
     "STATE_ATTR",

@@ -28,10 +28,10 @@ from torch import nn
 
 from ppcl.errors import ConfigError
 from ppcl.io import load_tensors
-from ppcl.kinds import kind_of
 from ppcl.logging import get_logger
 from ppcl.plan import PruningPlan
 from ppcl.runtime.apply import addon_keys_visible
+from ppcl.runtime.block_map import BLOCK_MAP_ATTR, BlockMap
 
 _log = get_logger(__name__)
 V = TypeVar("V")
@@ -73,20 +73,22 @@ def load_lora(
 
 def remap_lora_state_dict(
     lora_state_dict: Mapping[str, V],
-    plan: PruningPlan,
-    level: str,
+    merged: PruningPlan | BlockMap | nn.Module | str | os.PathLike[str],
+    level: str | None = None,
     *,
     dropped: list[str] | None = None,
     keep_students: bool = False,
 ) -> dict[str, V]:
-    """The LoRA state dict renumbered for the merged model of ``level``; keys of removed blocks are left out, and so
-    are those of the blocks a student replaces (a span's first block): in add-on mode a student runs without the base
-    LoRA, so the merged model then gives the add-on's images (one policy for both modes).
+    """The LoRA state dict renumbered for a merged model; keys of removed blocks are left out, and so are those of
+    the blocks a student replaces (a span's first block): in add-on mode a student runs without the base LoRA, so the
+    merged model then gives the add-on's images (one policy for both modes).
 
     Args:
         lora_state_dict: LoRA tensors of the base model (any value type is passed through untouched).
-        plan: the add-on's plan.
-        level: the merged level.
+        merged: what describes the merged model: the add-on's plan (with ``level``), a merged-model folder written
+            by ``ppcl merge`` (its ``ppcl_blocks.json``), a merged model from :func:`~ppcl.runtime.merge` /
+            :func:`~ppcl.runtime.load_merged`, or its :class:`~ppcl.runtime.block_map.BlockMap`.
+        level: the merged level; required with a plan, ignored otherwise (the folder or model fixes it).
         dropped: if given, the keys left out are appended to it (they are also logged).
         keep_students: keep a span's first-block keys on its student instead (the merged model then differs from
             the add-on; a base LoRA on a student is an approximation either way).
@@ -95,22 +97,18 @@ def remap_lora_state_dict(
         a new dict, same order, with ``<stack>.<old index>.`` rewritten to ``<stack>.<new index>.``.
 
     Raises:
-        ConfigError: a key names a block index the plan's base model does not have (the LoRA is for another model).
+        ConfigError: a key names a block index the base model does not have (the LoRA is for another model), a plan
+            without a level, or a model without a block map.
+        ArtefactError: a folder without (or with a malformed) ``ppcl_blocks.json``.
     """
-    spec = plan.spec()
-    kept = plan.kept_blocks(level)
-    per_stack = spec.check_kept(plan.stack_sizes, kept)
+    block_map = _block_map(merged, level)
     renames = {
-        stack.attr: {old: new for new, old in enumerate(local)}
-        for stack, local in zip(spec.stacks, per_stack, strict=True)
+        stack.attr: {
+            old: new for new, old in enumerate(stack.starts) if keep_students or new not in stack.students
+        }  # a student sits at its span's first position: no base LoRA goes there
+        for stack in block_map.stacks
     }
-    sizes = {stack.attr: size for stack, size in zip(spec.stacks, plan.stack_sizes, strict=True)}
-    if not keep_students:  # a student sits at its span's first position: no base LoRA goes there
-        layout = plan.layout(spec)
-        for rep in plan.replacements_of(level):
-            if kind_of(rep).owns_student:
-                stack, local = layout.locate(rep.blocks()[0])
-                renames[spec.stacks[stack].attr].pop(local, None)
+    sizes = {stack.attr: stack.base_size for stack in block_map.stacks}
     out: dict[str, V] = {}
     gone: list[str] = []
     matched = 0
@@ -139,7 +137,7 @@ def remap_lora_state_dict(
         _log.info(
             "remap_lora_state_dict: %d LoRA tensors of blocks removed or replaced by students at level %s dropped: %s",
             len(gone),
-            level,
+            block_map.level,
             _preview(gone),
         )
     if lora_state_dict and not matched:
@@ -150,6 +148,31 @@ def remap_lora_state_dict(
     if dropped is not None:
         dropped.extend(gone)
     return out
+
+
+def _block_map(merged: Any, level: str | None) -> BlockMap:
+    if isinstance(merged, BlockMap):
+        return merged
+    if isinstance(merged, PruningPlan):
+        if level is None:
+            raise ConfigError(
+                "remap_lora_state_dict needs the level with a plan",
+                expected=f"level= one of {[lv.name for lv in merged.levels]}",
+                found="None",
+                fix="pass the merged level, or the merged folder / model instead of the plan",
+            )
+        return BlockMap.from_plan(merged, level)
+    if isinstance(merged, nn.Module):
+        found = getattr(merged, BLOCK_MAP_ATTR, None)
+        if found is None:
+            raise ConfigError(
+                "The model carries no block map",
+                expected="a model from ppcl.runtime.merge or ppcl.load_merged",
+                found=type(merged).__name__,
+                fix="load the merged folder with ppcl.load_merged, or pass the folder or the add-on's plan and level",
+            )
+        return found
+    return BlockMap.load(merged)
 
 
 def _block_position(parts: list[str], stacks: Mapping[str, Any]) -> int | None:

@@ -3,7 +3,9 @@
 For depth-only levels the result is a plain instance of the base's diffusers class built from
 ``spec.rewrite_config(config, kept)``: each span keeps one block, at the span's first position, holding the student's
 weights; all other blocks of the span are gone. It saves with diffusers ``save_pretrained`` and loads back with the
-stock ``Class.from_pretrained``, without ppcl. Levels with width replacements additionally get the substitutions of
+stock ``Class.from_pretrained``, without ppcl. The result carries its :class:`~ppcl.runtime.block_map.BlockMap` (the
+base blocks behind each block; :func:`~ppcl.runtime.merge_width.save_merged` writes it as ``ppcl_blocks.json``) and a
+pre-hook that maps ControlNet residuals given for the base's blocks onto its own (:mod:`ppcl.runtime.controlnet`). Levels with width replacements additionally get the substitutions of
 :mod:`ppcl.runtime.merge_width` (dropped modules, cut modulation rows, projections); save them with
 :func:`~ppcl.runtime.merge_width.save_merged` and load with :func:`~ppcl.runtime.merge_width.load_merged`.
 """
@@ -21,6 +23,8 @@ from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.kinds import check_kinds, kind_of
 from ppcl.runtime.apply import ADDON_ATTR
+from ppcl.runtime.block_map import BlockMap
+from ppcl.runtime.controlnet import attach_block_map
 from ppcl.runtime.merge_width import make_record, replay, substitution
 from ppcl.runtime.width import check_width_support, level_modes, parts_for
 
@@ -83,6 +87,7 @@ def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: t
     if any(kind_of(r).is_width for r in all_reps):
         dtype = projection_dtype or next(model.parameters()).dtype
         _apply_width(spec, merged, addon, level, all_reps, kept, dtype)
+    attach_block_map(merged, BlockMap.from_plan(addon.plan, level))
     merged.train(model.training)
     return merged
 

@@ -31,6 +31,8 @@ from ppcl.errors import ArtefactError
 from ppcl.io import load_tensors, read_json, write_json
 from ppcl.modules.projection import ResidualLinear
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
+from ppcl.runtime.block_map import BLOCK_MAP_ATTR, BlockMap, saved_path
+from ppcl.runtime.controlnet import attach_block_map
 
 MERGED_FILE = "ppcl_merged.json"
 MERGED_FORMAT = "ppcl.merged_width"
@@ -129,9 +131,13 @@ class _MergedForward:
 
 
 def save_merged(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
-    """``model.save_pretrained(folder)`` plus ``ppcl_merged.json`` when ``model`` has width substitutions."""
+    """``model.save_pretrained(folder)`` plus ``ppcl_blocks.json`` (the base blocks behind each block, when ``model``
+    came from :func:`~ppcl.runtime.merge`) and ``ppcl_merged.json`` (when it has width substitutions)."""
     folder = Path(folder)
     model.save_pretrained(str(folder))
+    block_map = getattr(model, BLOCK_MAP_ATTR, None)
+    if block_map is not None:
+        block_map.save(folder)
     record = getattr(model, RECORD_ATTR, None)
     if record is not None:
         write_json(record, folder / MERGED_FILE)
@@ -139,24 +145,31 @@ def save_merged(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
 
 
 def load_merged(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a merged model saved by :func:`save_merged`: config → meta-device model → replay → load weights.
+    """A merged model saved by :func:`save_merged`, with its ControlNet mapping (``ppcl_blocks.json``) attached.
 
-    Depth-only folders (no ``ppcl_merged.json``) load with the stock ``from_pretrained``.
+    Width merges: config → meta-device model → replay the substitutions of ``ppcl_merged.json`` → load weights.
+    Depth-only merges are stock diffusers folders and load with their class's ``from_pretrained``. ``dtype``: the
+    weights' dtype (``None``: as saved for width merges, diffusers' default for depth-only ones).
 
     Raises:
-        ArtefactError: a malformed record, or weights that do not match the replayed structure.
+        ArtefactError: no model there, a malformed record, or weights that do not match the replayed structure.
     """
-    from ppcl.plan.count import resolve_model_class
+    from ppcl.data.loading import load_transformer
 
     folder = Path(path)
+    if (folder / MERGED_FILE).is_file():
+        model = _load_width_merged(folder, dtype)
+    else:
+        model = load_transformer(folder, dtype)
+    if saved_path(folder) is not None:
+        attach_block_map(model, BlockMap.load(folder))
+    return model
+
+
+def _load_width_merged(folder: Path, dtype: torch.dtype | None) -> nn.Module:
+    from ppcl.plan.count import resolve_model_class
+
     record_path = folder / MERGED_FILE
-    if not record_path.is_file():
-        raise ArtefactError(
-            f"No {MERGED_FILE} in {folder}",
-            expected="a folder written by ppcl.runtime.save_merged",
-            found="no substitution record",
-            fix="depth-only merges load with the stock from_pretrained",
-        )
     record = read_json(record_path, "merged-model record")
     if record.get("format") != MERGED_FORMAT or int(record.get("format_version", 0)) > MERGED_FORMAT_VERSION:
         raise ArtefactError(
