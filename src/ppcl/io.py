@@ -43,10 +43,15 @@ def atomic_folder(path: str | os.PathLike[str], kind: OutputKind, overwrite: boo
     _check_writable(parent)
     remove_debris(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    follow_umask(tmp)
     try:
         try:
             yield tmp
             fault_point("write", path.name)
+            for item in tmp.rglob(
+                "*"
+            ):  # safetensors writes its files 0600 whatever the umask: so do not rely on writers
+                follow_umask(item)
             _fsync_tree(tmp)
             if path.exists():
                 # Swap through a second name so a reader never sees a missing folder for long.
@@ -63,6 +68,15 @@ def atomic_folder(path: str | os.PathLike[str], kind: OutputKind, overwrite: boo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file or folder made by ``tempfile`` (always private: ``0600`` / ``0700``) the mode a plain ``open`` /
+    ``mkdir`` would have given it under the process umask, so artefacts are as shared as the user's other files."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it; restored at once
+    os.umask(mask)
+    if not path.is_symlink():
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def remove_debris(path: Path) -> list[Path]:
@@ -127,6 +141,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
         os.close(fd)
+        follow_umask(Path(name))
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
@@ -226,6 +241,7 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict
         seen.add(value.data_ptr())
         out[key] = value
     save_file(out, str(path), metadata=metadata)
+    follow_umask(Path(path))  # safetensors makes the file 0600
 
 
 def load_tensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:

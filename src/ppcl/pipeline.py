@@ -7,6 +7,7 @@ Example::
     images = pipe(["a red circle left of a blue square"], seeds=0)        # uint8 (1, 32, 32, 3)
     pipe = ppcl.load_pipeline("toy", "runs/merged-p40")                   # toy text encoder + merged transformer
     pipe = ppcl.load_pipeline("/models/Qwen-Image", "runs/addon", level="p40")   # a diffusers pipeline, no network
+    pipe = ppcl.load_pipeline("Qwen/Qwen-Image", "me/qwen-ppcl", level="p40")    # Hub ids, from the local cache
 
 What the second argument is, is read from the folder: ``ppcl_addon.json`` → an add-on (applied in place at ``level``
 on the base transformer, reversible with :func:`ppcl.remove_addon`); ``ppcl_merged.json`` → a width-merged model
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ppcl.errors import ArtefactError, ConfigError
+from ppcl.hub import resolve_folder
 
 _TOY_NAMES = (None, "toy")
 ADDON_MANIFEST = "ppcl_addon.json"
@@ -95,17 +97,28 @@ def load_pipeline(
     addon_or_merged: str | os.PathLike[str] | None = None,
     level: str | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    revision: str | None = None,
+    addon_revision: str | None = None,
+    local_files_only: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
     **pipeline_kwargs: Any,
 ) -> Any:
     """A pipeline for ``base`` with an add-on (at ``level``) or a merged model plugged in.
 
     Args:
-        base: ``None`` or ``"toy"`` (the committed toy teacher: returns a :class:`ToyPipeline`), or a local diffusers
-            pipeline folder (with ``model_index.json``; loaded with ``local_files_only``, nothing is downloaded).
-        addon_or_merged: an add-on folder, a merged-model folder, or ``None`` (the base pipeline as is).
+        base: ``None`` or ``"toy"`` (the committed toy teacher: returns a :class:`ToyPipeline`), a local diffusers
+            pipeline folder (with ``model_index.json``), or a Hub id resolved through the local Hugging Face cache.
+        addon_or_merged: an add-on folder, a merged-model folder, a Hub id of either (from the cache), or ``None``
+            (the base pipeline as is).
         level: the add-on level to activate (required with an add-on; refused with a merged model, whose level was
             fixed by ``ppcl merge``).
         dtype: weights dtype of the base pipeline and of a merged model.
+        revision: the Hub revision of ``base``; ``addon_revision``: that of ``addon_or_merged``.
+        local_files_only: never reach the network (default): Hub ids must already be in the cache (``hf download``);
+            ``False`` lets ``huggingface_hub`` download them.
+        cache_dir: the Hugging Face cache (default ``HF_HUB_CACHE``); token: for private Hub repos.
         pipeline_kwargs: passed to ``DiffusionPipeline.from_pretrained`` (e.g. a component object to use instead of
             the saved one). Components the folder records as absent (``[null, null]`` in ``model_index.json``, as
             ``save_pretrained`` writes for a pipeline built with ``text_encoder=None``) load as ``None``.
@@ -114,6 +127,9 @@ def load_pipeline(
         ConfigError: a wrong combination (level without add-on, add-on without level, unknown base).
         ArtefactError: unreadable folders; AddonMismatchError: an add-on made for another base.
     """
+    hub = {"local_files_only": local_files_only, "cache_dir": cache_dir, "token": token}
+    if addon_or_merged is not None:
+        addon_or_merged = resolve_folder(addon_or_merged, "add-on or merged model", revision=addon_revision, **hub)
     kind = artefact_kind(addon_or_merged) if addon_or_merged is not None else None
     if kind == "addon" and level is None:
         from ppcl.io import read_json
@@ -150,13 +166,13 @@ def load_pipeline(
         teacher = ToyTeacher.load(dtype=dtype)
         transformer = _plug(teacher.transformer, addon_or_merged, kind, level, dtype)
         return ToyPipeline(teacher, transformer)
-    folder = Path(base)
+    folder = resolve_folder(base, "pipeline", revision=revision, **hub)
     if not (folder / "model_index.json").is_file():
         raise ConfigError(
             "The base is not a toy name or a local diffusers pipeline folder",
             expected="None, 'toy' or a folder with model_index.json",
             found=str(base),
-            fix="pass the folder written by `pipeline.save_pretrained` (hub ids are not fetched)",
+            fix="pass the folder written by `pipeline.save_pretrained`, or the Hub id of a diffusers pipeline",
         )
     if kind in ("merged", "model"):
         # Handing the merged model to from_pretrained means the base transformer (20B for Qwen-Image) is never loaded.

@@ -49,8 +49,10 @@ from ppcl.addon.projections import (
     load_projections,
     projection_entries,
 )
+from ppcl.addon.sharing import push_addon
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError, ConfigError
+from ppcl.hub import resolve_folder
 from ppcl.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
 from ppcl.kinds import kind_of, student_key
 from ppcl.outputs import ADDON as ADDON_KIND
@@ -213,20 +215,65 @@ class PruningAddon:
             (tmp / CARD_FILE).write_text(model_card(manifest), encoding="utf-8")
         return Path(folder)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload PPCL pruning add-on",
+        create_pr: bool = False,
+        license: str | None = None,
+    ) -> str:
+        """Upload this add-on to the Hub model repo ``repo_id`` (created if needed) with a card that loads it by id;
+        returns the commit URL. See :func:`ppcl.addon.sharing.push_addon` for the arguments."""
+        return push_addon(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            license=license,
+        )
+
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str], model: nn.Module) -> PruningAddon:
-        """Load an add-on saved by :meth:`save_pretrained` for the base transformer ``model``.
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        revision: str | None = None,
+        local_files_only: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
+    ) -> PruningAddon:
+        """Load an add-on saved by :meth:`save_pretrained` (or pushed with :meth:`push_to_hub`) for the base
+        transformer ``model``.
 
         Students are rebuilt by copying ``model``'s init blocks (so they get its dtype and device), projections from
         the shapes the manifest records (on their block's device, in their saved dtype); then the saved weights load
         strictly. ``model`` is not changed; call :func:`ppcl.runtime.apply_addon` to use it.
 
+        Args:
+            folder: a local add-on folder, or a Hub repo id (``owner/name``) resolved through the local Hugging Face
+                cache (:func:`ppcl.hub.resolve_folder`; a local folder of the same name wins).
+            model: the base transformer.
+            revision: the Hub revision (branch, tag or commit; default ``main``).
+            local_files_only: never reach the network (default); ``False`` lets ``huggingface_hub`` download.
+            cache_dir: the Hugging Face cache (default ``HF_HUB_CACHE``).
+            token: for private Hub repos.
+
         Raises:
             ArtefactError: missing/malformed/truncated files, a newer format version, projections recorded for other
-                keys than the plan needs, missing or extra weights (the keys are named).
+                keys than the plan needs, missing or extra weights (the keys are named); a Hub id not in the cache.
             AddonMismatchError: ``model`` is not the base the add-on was made for (checked before any weight loads).
         """
-        folder = Path(folder)
+        folder = resolve_folder(
+            folder, "add-on", revision=revision, local_files_only=local_files_only, cache_dir=cache_dir, token=token
+        )
         manifest = read_json(folder / ADDON_FILE, "add-on manifest")
         check_format(manifest, str(folder / ADDON_FILE))
         plan = PruningPlan.from_json(manifest["plan"])

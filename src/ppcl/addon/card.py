@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,39 +11,45 @@ from huggingface_hub import ModelCardData
 
 from ppcl.arch import spec_by_name
 from ppcl.errors import UnsupportedModelError
+from ppcl.hub import is_hub_id, repo_id_of_path
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-
-def model_card(manifest: Mapping[str, Any]) -> str:
+def model_card(manifest: Mapping[str, Any], repo_id: str | None = None, license: str | None = None) -> str:
     """A Hub model card: YAML metadata (``huggingface_hub.ModelCardData``: ``base_model`` when the base is a Hub id,
-    ``library_name: ppcl``, tags, ``pipeline_tag``) and Markdown describing the add-on: base model, levels (depth
-    spans, width replacements, blocks, parameters), its width projections, how to load it, metrics. A local base
-    path is never written (the card is made to be shared)."""
-    body = _body(manifest)
-    return f"---\n{_card_data(manifest).to_yaml()}\n---\n\n{body}"
+    ``library_name: ppcl``, tags, ``pipeline_tag``, ``license`` when given) and Markdown describing the add-on: base
+    model, levels (depth spans, width replacements, blocks, parameters), its width projections, a runnable snippet
+    (loading the add-on by ``repo_id`` when it is pushed there), metrics. A local base path is never written (the card
+    is made to be shared)."""
+    body = _body(manifest, repo_id)
+    return f"---\n{card_data(manifest.get('fingerprint', {}), 'ppcl', license).to_yaml()}\n---\n\n{body}"
 
 
-def _card_data(manifest: Mapping[str, Any]) -> ModelCardData:
-    fp = manifest.get("fingerprint", {})
-    arch = fp.get("arch")
+def card_data(fingerprint: Mapping[str, Any], library: str, license: str | None = None) -> ModelCardData:
+    """The YAML metadata of a card for an artefact of the base ``fingerprint`` (``arch``, ``name_or_path``)."""
+    arch = fingerprint.get("arch")
     try:
         task = spec_by_name(arch).pipeline_tag if isinstance(arch, str) else None
     except UnsupportedModelError:  # an add-on of a family this ppcl does not know: no task claimed
         task = None
-    hub_id = hub_id_of(fp.get("name_or_path"))
+    hub_id = hub_id_of(fingerprint.get("name_or_path"))
     tags = ["ppcl", "pruning", "diffusers", *([arch] if isinstance(arch, str) else [])]
-    return ModelCardData(base_model=hub_id, library_name="ppcl", tags=tags, pipeline_tag=task)
+    return ModelCardData(base_model=hub_id, library_name=library, tags=tags, pipeline_tag=task, license=license)
 
 
 def hub_id_of(name_or_path: Any) -> str | None:
-    """``name_or_path`` when it names a Hub repository (``owner/name``, not a folder here), else ``None``."""
-    if not isinstance(name_or_path, str) or not _HUB_ID.fullmatch(name_or_path) or os.path.exists(name_or_path):
+    """The Hub repository ``name_or_path`` names: itself when spelled ``owner/name`` and not a folder here, the repo of
+    a Hugging Face cache snapshot path, else ``None`` (a local path is never written into a card)."""
+    if not isinstance(name_or_path, str):
         return None
-    return name_or_path
+    cached = repo_id_of_path(name_or_path)
+    if cached is not None:
+        return cached
+    if "/" not in name_or_path or not is_hub_id(name_or_path):
+        return None
+    return None if os.path.exists(name_or_path) else name_or_path
 
 
-def _body(manifest: Mapping[str, Any]) -> str:
+def _body(manifest: Mapping[str, Any], repo_id: str | None) -> str:
     fp = manifest.get("fingerprint", {})
     levels = manifest.get("levels", [])
     projections = manifest.get("projections") or {}
@@ -122,18 +127,7 @@ def _body(manifest: Mapping[str, Any]) -> str:
         else "`ppcl.runtime.merge(transformer, addon, level)` bakes one level into a stock diffusers checkpoint "
         "with fewer blocks, loadable without ppcl."
     )
-    lines += [
-        "",
-        "## How to load",
-        "",
-        "```python",
-        "from ppcl.addon import PruningAddon; from ppcl.runtime import apply_addon, set_level",
-        'addon = PruningAddon.from_pretrained("path/to/this/folder", pipe.transformer)',
-        f"apply_addon(pipe.transformer, addon, level={level_arg})  # set_level(pipe.transformer, None) = original",
-        "```",
-        "",
-        merge_note,
-    ]
+    lines += ["", "## How to load", "", *load_snippet(fp, repo_id, level_arg), "", merge_note]
     metrics = manifest.get("metrics") or {}
     if metrics:
         lines += ["", "## Metrics", "", *_metrics_table(metrics, {lvl["name"] for lvl in levels})]
@@ -142,6 +136,85 @@ def _body(manifest: Mapping[str, Any]) -> str:
         lines += ["", "## Provenance", ""]
         lines += [f"- {key}: `{_short(value)}`" for key, value in sorted(provenance.items())]
     return "\n".join(lines) + "\n"
+
+
+def load_snippet(fingerprint: Mapping[str, Any], repo_id: str | None, level_arg: str) -> list[str]:
+    """The card's runnable Python: the base pipeline, this add-on (by ``repo_id`` or a folder), one level, an image."""
+    base = hub_id_of(fingerprint.get("name_or_path")) or "path/to/the/base/pipeline"
+    source = (
+        f"{repo_id!r}, pipe.transformer, local_files_only=False"
+        if repo_id
+        else '"path/to/this/folder", pipe.transformer'
+    )
+    return [
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "",
+        "import ppcl",
+        "",
+        f"pipe = DiffusionPipeline.from_pretrained({base!r}, dtype=torch.bfloat16)",
+        f"addon = ppcl.PruningAddon.from_pretrained({source})",
+        f"ppcl.apply_addon(pipe.transformer, addon, level={level_arg})  # ppcl.set_level(pipe.transformer, None): the original",
+        'image = pipe("a red fox in the snow").images[0]',
+        "```",
+    ]
+
+
+def merged_card(
+    arch: str,
+    model_class: str,
+    level: str,
+    base_model: str | None,
+    blocks: Mapping[str, tuple[int, int]],
+    num_params: int,
+    width: bool,
+) -> str:
+    """The ``README.md`` of a merged-model folder: YAML metadata (``base_model`` when a Hub id, ``library_name``
+    ``diffusers`` for a depth-only merge (a stock checkpoint) or ``ppcl``, tags, ``pipeline_tag``) and Markdown: what
+    was removed (``blocks``: per stack, base → merged count), the parameter count, a runnable snippet."""
+    data = card_data({"arch": arch, "name_or_path": base_model}, "ppcl" if width else "diffusers")
+    base = base_model or model_class
+    load = (
+        'transformer = ppcl.load_merged("path/to/this/folder", dtype=torch.bfloat16)'
+        if width
+        else 'transformer = ppcl.load_merged("path/to/this/folder", dtype=torch.bfloat16)  # or the stock '
+        f"{model_class}.from_pretrained"
+    )
+    rows = [f"| `{attr}` | {before} | {after} |" for attr, (before, after) in blocks.items()]
+    lines = [
+        f"# {base}, pruned with PPCL (level {level})",
+        "",
+        f"Level `{level}` of a PPCL pruning add-on merged into a standalone `{model_class}` with fewer blocks "
+        f"({_human(num_params)} parameters): each replaced span of blocks is one trained student block"
+        + (", and width-pruned blocks run residual linear maps instead of their text stream or FFN." if width else ".")
+        + (
+            " Load it with `ppcl.load_merged` (the width substitutions are recorded in `ppcl_merged.json`)."
+            if width
+            else " It is a stock diffusers checkpoint."
+        ),
+        "",
+        "| stack | base blocks | blocks here |",
+        "|---|---|---|",
+        *rows,
+        "",
+        "`ppcl_blocks.json` records which base blocks each block stands for: `ppcl.load_merged` uses it to give "
+        "ControlNet residuals (indexed by the base's blocks) to the right blocks, and "
+        '`ppcl.runtime.remap_lora_state_dict(lora, "path/to/this/folder")` renumbers a LoRA of the base model.',
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "",
+        "import ppcl",
+        "",
+        load,
+        f"pipe = DiffusionPipeline.from_pretrained({(base_model or 'path/to/the/base/pipeline')!r}, "
+        "transformer=transformer, dtype=torch.bfloat16)",
+        'image = pipe("a red fox in the snow").images[0]',
+        "```",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 
 def _metrics_table(metrics: Mapping[str, Any], level_names: set[str]) -> list[str]:

@@ -18,7 +18,11 @@ log = get_logger("cli.cache")
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("cache", help="encode images+captions or teacher generations into a latent cache")
-    p.add_argument("--pipeline", required=True, help="local diffusers pipeline folder (FLUX.1, SD3, Qwen-Image)")
+    p.add_argument(
+        "--pipeline",
+        required=True,
+        help="diffusers pipeline folder, or a Hub id in the local cache (FLUX.1, SD3, Qwen-Image)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", default=None, help="folder of key.png|jpg images with key.txt captions")
     src.add_argument(

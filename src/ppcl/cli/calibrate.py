@@ -16,7 +16,11 @@ log = get_logger("cli.calibrate")
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("calibrate", help="capture calibration inputs (toy teacher or a local pipeline)")
     p.add_argument("--out", required=True, help="output folder (CalibrationSet)")
-    p.add_argument("--pipeline", default=None, help="local diffusers pipeline folder (default: the toy world)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="diffusers pipeline folder or a Hub id in the local cache (default: the toy world)",
+    )
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (pipelines; toy: optional)")
     p.add_argument("--num-prompts", type=int, default=32, help="toy: ShapesWorld prompts to draw")
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds")

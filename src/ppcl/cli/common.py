@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ppcl.data.loading import DTYPE_CHOICES
@@ -11,10 +12,28 @@ from ppcl.errors import ConfigError
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None, help="local transformer or pipeline folder (default: the embedded toy teacher)"
+        "--model",
+        default=None,
+        help="transformer or pipeline folder, or a Hub id in the local cache (default: the embedded toy teacher)",
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+
+
+HUB_ARGS = ("pipeline", "model", "addon")
+"""Input-folder arguments that may also name a Hub repo already in the local Hugging Face cache."""
+
+
+def resolve_hub_args(args: argparse.Namespace) -> None:
+    """Replace each of :data:`HUB_ARGS` that is a Hub id (not a folder here) by its cached snapshot folder; the CLI
+    never downloads (``hf download ID`` first)."""
+    from ppcl.hub import is_hub_id, resolve_folder
+
+    for name in HUB_ARGS:
+        value = getattr(args, name, None)
+        # Only Hub-spelled values: a missing local path is left to the verb, whose own checks come first.
+        if isinstance(value, str) and is_hub_id(value) and not Path(value).expanduser().exists():
+            setattr(args, name, str(resolve_folder(value, f"--{name}", local_files_only=True)))
 
 
 def load_model(args: argparse.Namespace) -> Any:

@@ -42,7 +42,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pipeline",
         default=None,
-        help="local diffusers pipeline folder: distil its transformer on --calibration (captured with "
+        help="diffusers pipeline folder (or a Hub id in the local cache): distil its transformer on --calibration (captured with "
         "`ppcl calibrate --pipeline`) or --data (a latent cache from `ppcl cache --pipeline`)",
     )
     p.add_argument(

@@ -12,7 +12,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
         "eval", help="per level: params, latency ratio, raw and guided velocity agreement, PSNR, ShapesEval + R (toy)"
     )
-    p.add_argument("--addon", required=True, help="PruningAddon folder")
+    p.add_argument("--addon", required=True, help="PruningAddon folder (or a Hub id in the local cache)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     p.add_argument("--levels", default=None, help="comma-separated level names (default: all)")
     add_model_args(p)

@@ -24,8 +24,16 @@ log = get_logger("cli.generate")
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("generate", help="sample one image with an add-on level or a merged model")
-    p.add_argument("--pipeline", default=None, help="local diffusers pipeline folder (default: the toy world)")
-    p.add_argument("--addon", default=None, help="add-on folder (with --level) or merged-model folder (ppcl merge)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="diffusers pipeline folder or a Hub id in the local cache (default: the toy world)",
+    )
+    p.add_argument(
+        "--addon",
+        default=None,
+        help="add-on folder (with --level) or merged-model folder (ppcl merge); or a Hub id in the local cache",
+    )
     p.add_argument("--level", default=None, help="add-on level to activate")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--out", required=True, help="output image file (.png)")

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ppcl.cli.common import resolve_hub_args
 from ppcl.errors import PPCLError
 from ppcl.logging import configure_logging
 
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(-1 if args.quiet else args.verbose)
     try:
+        resolve_hub_args(args)
         return int(args.func(args) or 0)
     except PPCLError as exc:
         print(f"ppcl: error: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="one level → a standalone smaller model (diffusers folder; width levels add "
         "ppcl_merged.json, load with ppcl.load_merged)",
     )
-    p.add_argument("--addon", required=True, help="PruningAddon folder")
+    p.add_argument("--addon", required=True, help="PruningAddon folder (or a Hub id in the local cache)")
     p.add_argument("--level", required=True, help="level name")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument(

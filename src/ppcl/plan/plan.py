@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppcl.errors import ArtefactError, ConfigError, PPCLError
+from ppcl.io import follow_umask
 from ppcl.outputs import PLAN as PLAN_KIND
 from ppcl.outputs import check_output
 from ppcl.plan import _json
@@ -298,6 +299,7 @@ class PruningPlan:
         # A crash mid-write leaves the old plan.json untouched: readers only ever see a complete file.
         try:
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{PLAN_FILE}.", suffix=".tmp")
+            follow_umask(Path(tmp))
         except OSError as exc:
             raise ArtefactError(
                 "cannot write into the plan folder",

@@ -69,15 +69,18 @@ class StackMap:
 
 @dataclass(frozen=True)
 class BlockMap:
-    """The base blocks behind every block of a merged model (one :class:`StackMap` per stack, execution order)."""
+    """The base blocks behind every block of a merged model (one :class:`StackMap` per stack, execution order), and
+    the base's Hub id when it has one."""
 
     model_class: str
     level: str
     stacks: tuple[StackMap, ...]
+    base_model: str | None = None
 
     @classmethod
-    def from_plan(cls, plan: PruningPlan, level: str) -> BlockMap:
-        """The map of the model :func:`~ppcl.runtime.merge` builds for ``level`` of ``plan``."""
+    def from_plan(cls, plan: PruningPlan, level: str, base_model: str | None = None) -> BlockMap:
+        """The map of the model :func:`~ppcl.runtime.merge` builds for ``level`` of ``plan`` (``base_model``: the
+        base's Hub id, if it has one; never a local path)."""
         spec = plan.spec()
         per_stack = spec.check_kept(plan.stack_sizes, plan.kept_blocks(level))
         layout = plan.layout(spec)
@@ -88,7 +91,7 @@ class BlockMap:
         for number, (stack, size, local) in enumerate(zip(spec.stacks, plan.stack_sizes, per_stack, strict=True)):
             students = frozenset(j for j, old in enumerate(local) if (number, old) in student_starts)
             stacks.append(StackMap(stack.attr, size, tuple(local), students))
-        return cls(plan.model_class, level, tuple(stacks))
+        return cls(plan.model_class, level, tuple(stacks), base_model)
 
     @property
     def is_identity(self) -> bool:
@@ -110,6 +113,7 @@ class BlockMap:
             "format_version": BLOCKS_FORMAT_VERSION,
             "model_class": self.model_class,
             "level": self.level,
+            "base_model": self.base_model,
             "index_convention": "starts[j] = 0-based index, within the same stack of the base model, of the block "
             "merged position j holds; j stands for base blocks starts[j] .. starts[j+1]-1 (half-open)",
             "stacks": [
@@ -130,7 +134,8 @@ class BlockMap:
             )
         try:
             stacks = tuple(_stack_from_json(entry) for entry in data["stacks"])
-            return cls(str(data["model_class"]), str(data["level"]), stacks)
+            base = data.get("base_model")
+            return cls(str(data["model_class"]), str(data["level"]), stacks, None if base is None else str(base))
         except (KeyError, TypeError, ValueError) as err:
             raise ArtefactError(
                 f"{where} is malformed",

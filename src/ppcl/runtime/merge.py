@@ -19,6 +19,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from ppcl.addon import PruningAddon, has_adapter_layers, student_key
+from ppcl.addon.card import hub_id_of
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.kinds import check_kinds, kind_of
@@ -87,7 +88,8 @@ def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: t
     if any(kind_of(r).is_width for r in all_reps):
         dtype = projection_dtype or next(model.parameters()).dtype
         _apply_width(spec, merged, addon, level, all_reps, kept, dtype)
-    attach_block_map(merged, BlockMap.from_plan(addon.plan, level))
+    base_model = hub_id_of(dict(model.config).get("_name_or_path"))
+    attach_block_map(merged, BlockMap.from_plan(addon.plan, level, base_model))
     merged.train(model.training)
     return merged
 

@@ -26,9 +26,12 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
+from ppcl.addon.card import merged_card
+from ppcl.addon.manifest import CARD_FILE
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ArtefactError
-from ppcl.io import load_tensors, read_json, write_json
+from ppcl.hub import resolve_folder
+from ppcl.io import load_tensors, read_json, write_json, write_text
 from ppcl.modules.projection import ResidualLinear
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
 from ppcl.runtime.block_map import BLOCK_MAP_ATTR, BlockMap, saved_path
@@ -131,32 +134,53 @@ class _MergedForward:
 
 
 def save_merged(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
-    """``model.save_pretrained(folder)`` plus ``ppcl_blocks.json`` (the base blocks behind each block, when ``model``
-    came from :func:`~ppcl.runtime.merge`) and ``ppcl_merged.json`` (when it has width substitutions)."""
+    """``model.save_pretrained(folder)`` plus ``ppcl_merged.json`` (when it has width substitutions) and, when
+    ``model`` came from :func:`~ppcl.runtime.merge`, ``ppcl_blocks.json`` (the base blocks behind each block) and a
+    ``README.md`` model card."""
     folder = Path(folder)
     model.save_pretrained(str(folder))
     block_map = getattr(model, BLOCK_MAP_ATTR, None)
-    if block_map is not None:
-        block_map.save(folder)
     record = getattr(model, RECORD_ATTR, None)
     if record is not None:
         write_json(record, folder / MERGED_FILE)
+    if block_map is not None:
+        block_map.save(folder)
+        write_text(_card(model, block_map, record is not None), folder / CARD_FILE)
     return folder
 
 
-def load_merged(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> nn.Module:
+def _card(model: nn.Module, block_map: BlockMap, width: bool) -> str:
+    spec = get_spec(model)
+    blocks = {s.attr: (s.base_size, len(s.starts)) for s in block_map.stacks}
+    count = sum(p.numel() for p in model.parameters())
+    return merged_card(spec.name, block_map.model_class, block_map.level, block_map.base_model, blocks, count, width)
+
+
+def load_merged(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    *,
+    revision: str | None = None,
+    local_files_only: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+) -> nn.Module:
     """A merged model saved by :func:`save_merged`, with its ControlNet mapping (``ppcl_blocks.json``) attached.
 
     Width merges: config → meta-device model → replay the substitutions of ``ppcl_merged.json`` → load weights.
     Depth-only merges are stock diffusers folders and load with their class's ``from_pretrained``. ``dtype``: the
-    weights' dtype (``None``: as saved for width merges, diffusers' default for depth-only ones).
+    weights' dtype (``None``: as saved for width merges, diffusers' default for depth-only ones). ``path`` may be a Hub
+    id, resolved through the local Hugging Face cache like :meth:`ppcl.PruningAddon.from_pretrained` (``revision``,
+    ``local_files_only`` (default ``True``: never download), ``cache_dir``, ``token``).
 
     Raises:
         ArtefactError: no model there, a malformed record, or weights that do not match the replayed structure.
     """
     from ppcl.data.loading import load_transformer
 
-    folder = Path(path)
+    folder = resolve_folder(
+        path, "merged model", revision=revision, local_files_only=local_files_only, cache_dir=cache_dir, token=token
+    )
     if (folder / MERGED_FILE).is_file():
         model = _load_width_merged(folder, dtype)
     else:
