@@ -3,6 +3,9 @@
 #   1. benchmarks/real_size_latency.py      one denoising step of the real-size Qwen-Image 20B, teacher vs merged levels
 #   2. benchmarks/real_size_distill_step.py peak memory and time of the real trainer's depth step at real size
 #   3. benchmarks/sharded_check.py          the FSDP2-sharded trainer vs the plain one on CUDA (NCCL), fp32 and bf16
+#   4. (issue 16) latency with the width maps in float32 (before) against step 1's bf16 maps (merge's default now),
+#      and the distillation step with a quantised teacher: torchao int8 weight-only and bitsandbytes NF4
+# ONLY=issue16 runs step 4 alone (~5 min of GPU time; all four: ~10 min).
 # Each appends its section (command, machine, date) to benchmarks/RESULTS.md; a failing step does not stop the others.
 # Results land in $OUT (default runs/gpu): the JSON of each step, the whole log, and the updated RESULTS.md.
 #
@@ -26,7 +29,15 @@ step() {  # name, then the command; logs its wall time and exit code
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 step latency "$PY" benchmarks/real_size_latency.py --device cuda --repeats 10 --warmup 3 --json "$OUT/real_size_latency.json"
-step distill_step "$PY" benchmarks/real_size_distill_step.py --device cuda --json "$OUT/real_size_distill_step.json"
-step sharded "$PY" benchmarks/sharded_check.py --device cuda --json "$OUT/sharded_check.json"
+if [ "${ONLY:-}" != issue16 ]; then
+  step distill_step "$PY" benchmarks/real_size_distill_step.py --device cuda --json "$OUT/real_size_distill_step.json"
+  step sharded "$PY" benchmarks/sharded_check.py --device cuda --json "$OUT/sharded_check.json"
+fi
+step latency_fp32_maps "$PY" benchmarks/real_size_latency.py --device cuda --repeats 10 --warmup 3 \
+  --projection-dtype float32 --json "$OUT/real_size_latency_fp32_maps.json"
+for q in int8 nf4; do
+  step "distill_step_$q" "$PY" benchmarks/real_size_distill_step.py --device cuda --quantize "$q" --checkpointing on \
+    --json "$OUT/real_size_distill_step_$q.json"
+done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

@@ -34,6 +34,10 @@ GPU run (one command, a few minutes on one H100/H200 including start-up; appends
 
     .venv/bin/python benchmarks/real_size_distill_step.py --device cuda --json $OUT/distill_step.json
 
+With a quantised teacher (torchao int8 / fp8 weight-only, bitsandbytes NF4; the students stay fp32)::
+
+    .venv/bin/python benchmarks/real_size_distill_step.py --device cuda --quantize int8 --checkpointing on
+
 The final checkpoint of each run (students + AdamW state, 4 GB for one span) goes to a temporary folder
 (``--tmp-root``, default the system's) and is deleted.
 
@@ -168,6 +172,36 @@ def _step_seconds(metrics: Path) -> list[float]:
     return [b - a for a, b in zip([0.0, *cumulative[:-1]], cumulative, strict=True)]
 
 
+def quantize_teacher(model: nn.Module, kind: str) -> None:
+    """Quantise every linear layer of the teacher's blocks in place, as a quantised base would be loaded: torchao
+    int8 / fp8 weight-only (``quantize_``), or bitsandbytes NF4 (``Linear4bit``, quantised when moved to the GPU)."""
+    if kind == "none":
+        return
+    blocks = get_spec(model).blocks(model)
+    if kind in ("int8", "fp8"):
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+        for block in blocks:
+            quantize_(block, config)
+        return
+    import bitsandbytes as bnb
+
+    for block in blocks:
+        for name, linear in [(n, m) for n, m in block.named_modules() if type(m) is nn.Linear]:
+            device, dtype = linear.weight.device, linear.weight.dtype
+            layer = bnb.nn.Linear4bit(
+                linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=dtype,
+                quant_type="nf4", device="meta",
+            )  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            if linear.bias is not None:
+                layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, layer.to(device).eval())
+        _free(next(block.parameters()).device)
+
+
 def make_students(model: nn.Module, plan: PruningPlan) -> tuple[PruningAddon, str]:
     """``PruningAddon.from_plan`` and the students cast to float32; also returns from_plan's own student dtype."""
     addon = PruningAddon.from_plan(model, plan)
@@ -248,6 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     materialize(model, device, dtype, seed=0)
     teacher_params = sum(p.numel() for p in model.parameters())
     teacher_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantize_teacher(model, args.quantize)  # teacher_* above count the unquantised model; memory_teacher measures
+    _free(device)
     memory_teacher = _allocated(device)
     addon, plan_dtype = make_students(model, plan)  # counted once here; each run makes its own fresh copy
     student_params = sum(p.numel() for p in addon.students.parameters())
@@ -265,6 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": _device_name(device),
         "torch": torch.__version__,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "height": args.height,
         "width": args.width,
         "image_tokens": (args.height // scale) * (args.width // scale),
@@ -344,7 +381,8 @@ def _body(result: Mapping[str, Any]) -> str:
             (
                 f"- teacher: Qwen-Image{' at tiny widths (--tiny)' if result['tiny'] else ''}, config "
                 f"`{json.dumps(result['config'])}`; {_params(result['teacher_params'])} parameters, {result['dtype']}, "
-                f"random weights, {result['teacher_gb']:.3g} GB{loaded}, frozen"
+                f"random weights, {result['teacher_gb']:.3g} GB unquantised{loaded}, frozen; blocks' linear layers "
+                f"quantised: {result.get('quantize', 'none')}"
             ),
             f"- spans {spans} (inclusive): students {_params(result['student_params'])} parameters; {cast}",
             (
@@ -385,6 +423,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None, help="pixels (default 1328; 128 with --tiny)")
     parser.add_argument("--text-len", type=int, default=None, help="text tokens (default 256; 16 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="60 blocks, tiny widths (CPU, seconds)")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "fp8", "nf4"],
+        help="quantise the teacher's block linears: torchao int8 / fp8 weight-only, bitsandbytes NF4 (default none)",
+    )
     parser.add_argument("--tmp-root", default=None, help="where the temporary run folders go (default: the system's)")
     parser.add_argument("--json", default=None, help="also write the result here")
     group = parser.add_mutually_exclusive_group()

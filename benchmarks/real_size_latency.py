@@ -15,7 +15,7 @@ allocated); the add-on (``PruningAddon.from_plan``) and both merges (``ppcl.runt
 is the teacher materialised on the GPU with random weights (20.43B bf16 parameters = 40.9 GB), and the two merged
 models *borrow* the teacher's tensors: merged block ``i`` takes the storage of teacher block ``kept[i]`` (a student
 starts as a copy of its span's first block, so the shapes match), cut modulation weights are row views of the
-teacher's, and only the width projections (15 float32 ``3072 x 3072`` maps, as ``merge`` ships them, 0.57 GB) are
+teacher's, and only the width projections (15 ``3072 x 3072`` maps, in the timed dtype as ``merge`` ships them, 0.28 GB in bf16) are
 allocated. All three models therefore live at once in ~41.5 GB plus activations, and are timed *interleaved*
 (``ppcl.eval.latency.interleaved_latency``), so slow drifts of the GPU spread evenly over the variants. Borrowing
 gives no cache advantage: a block's weights (680 MB) are far larger than the GPU's L2 cache, and within one forward
@@ -150,14 +150,19 @@ def build_plan(model: nn.Module, spec: PlanSpec) -> PruningPlan:
     return with_width_level(plan, WIDTH, spec.text_runs, spec.ffn_blocks, base_level=DEPTH)
 
 
-def merged_on_meta(teacher: nn.Module, plan: PruningPlan) -> dict[str, tuple[nn.Module, list[int]]]:
+def merged_on_meta(
+    teacher: nn.Module, plan: PruningPlan, projection_dtype: torch.dtype | None = None
+) -> dict[str, tuple[nn.Module, list[int]]]:
     """Both levels merged while the teacher is still on the meta device: ``{level: (merged model, kept blocks)}``.
 
     Students are copies of their span's first block (``init="first"``), so merged block ``i`` has exactly the shapes
-    of teacher block ``kept[i]``.
+    of teacher block ``kept[i]``. ``projection_dtype``: of the width maps (``merge``'s default: the teacher's dtype).
     """
     addon = PruningAddon.from_plan(teacher, plan)
-    return {level: (merge(teacher, addon, level).eval(), plan.kept_blocks(level)) for level in (DEPTH, WIDTH)}
+    return {
+        level: (merge(teacher, addon, level, projection_dtype=projection_dtype).eval(), plan.kept_blocks(level))
+        for level in (DEPTH, WIDTH)
+    }
 
 
 def _random_tensor(
@@ -196,7 +201,7 @@ def materialize(
     Args:
         model: a model whose parameters are (partly) on the meta device.
         device, dtype: where and in which dtype parameters live; width projections (:class:`ResidualLinear`) keep
-            their own dtype (float32, as ``merge`` ships them).
+            their own dtype (as ``merge`` made them: ``--projection-dtype``).
         seed: seed of the random values.
         donor: ``{name: tensor}`` of a materialised teacher; a parameter whose (renamed) name, shape and dtype match
             shares the donor's storage instead of allocating.
@@ -305,7 +310,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     teacher = build_meta_teacher(config)
     plan = build_plan(teacher, PUBLIC)
-    merged = merged_on_meta(teacher, plan)
+    # The meta teacher is float32: the maps take the timed dtype unless --projection-dtype float32 asks otherwise.
+    projection_dtype = torch.float32 if args.projection_dtype == "float32" else dtype
+    merged = merged_on_meta(teacher, plan, projection_dtype)
     models = {"teacher": teacher, **{level: model for level, (model, _) in merged.items()}}
     flops = _flops_on_meta(models, config, args)
     extra: dict[str, int] = {}
@@ -339,6 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "flops_only": args.flops_only,
         "device": "meta (no timing)" if args.flops_only else _device_name(device),
         "dtype": args.dtype,
+        "projection_dtype": "float32" if args.projection_dtype == "float32" else args.dtype,
         "height": args.height,
         "width": args.width,
         "image_tokens": (args.height // scale) * (args.width // scale),
@@ -409,7 +417,7 @@ def _body(result: Mapping[str, Any]) -> str:
             ("Tiny widths (--tiny), 60 blocks, " if result["tiny"] else "")
             + "the authors' public plan: "
             + result["plan_description"]
-            + " (width projections in float32, as merge ships them). FLOPs: torch FlopCounterMode on the meta device "
+            + f" (width projections in {result.get('projection_dtype', 'float32')}). FLOPs: torch FlopCounterMode on the meta device "
             "(a multiply-add counts 2). Paper figures (H20, real 20B model): teacher, PPCL 12B (public depth), "
             "PPCL 10B+FT (depth + width); compare ratios, not ms (other GPU; the paper's per-step time may include "
             "both classifier-free-guidance forwards).",
@@ -437,6 +445,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--flops-only",
         action="store_true",
         help="count FLOPs on the meta device only (no memory, no timing; works without a GPU)",
+    )
+    parser.add_argument(
+        "--projection-dtype",
+        default="model",
+        choices=["model", "float32"],
+        help="width maps in the timed dtype (merge's default since issue 16) or float32 (before) (default model)",
     )
     parser.add_argument("--json", default=None, help="also write the result here")
     group = parser.add_mutually_exclusive_group()

@@ -278,9 +278,17 @@ def content_hash(tensors: Mapping[str, torch.Tensor], meta: Any = None) -> str:
     return digest.hexdigest()
 
 
+STORAGE_CONFIG_KEYS = frozenset({"quantization_config"})
+"""Config entries that say how the weights are stored, not which model it is: a quantised base is the same base."""
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
-    """Short stable hash of a model config (keys starting with ``_`` ignored)."""
-    clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+    """Short stable hash of a model config (keys starting with ``_`` and :data:`STORAGE_CONFIG_KEYS` ignored)."""
+    clean = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in config.items()
+        if not k.startswith("_") and k not in STORAGE_CONFIG_KEYS
+    }
     return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -30,8 +30,14 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logger
 
 
+_IMPORT_NOISE = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+"""Loggers of the optional quantisation libraries, which warn at import about GPU kernels a CPU has no use for
+(torchao, bitsandbytes, and diffusers and torch about them): errors only, unless asked for with ``verbosity`` ≥ 1."""
+
+
 def configure_logging(verbosity: int = 0) -> None:
-    """Send ppcl logs to stderr; ``verbosity`` 0 → INFO, ≥1 → DEBUG, <0 → WARNING. Non-main ranks log warnings only."""
+    """Send ppcl logs to stderr; ``verbosity`` 0 → INFO, ≥1 → DEBUG, <0 → WARNING. Non-main ranks log warnings only.
+    Below ``verbosity`` 1, the import-time warnings of :data:`_IMPORT_NOISE` are silenced."""
     level = logging.INFO if verbosity == 0 else (logging.DEBUG if verbosity > 0 else logging.WARNING)
     if not _is_main_process():
         level = logging.WARNING
@@ -43,6 +49,9 @@ def configure_logging(verbosity: int = 0) -> None:
         handler._ppcl = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.propagate = False
+    if verbosity <= 0:
+        for name in _IMPORT_NOISE:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, disable: bool | None = None) -> Iterator[T]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ppcl.errors import ArtefactError, ConfigError
 from ppcl.hub import resolve_folder
+from ppcl.runtime.block_map import saved_path
 
 _TOY_NAMES = (None, "toy")
 ADDON_MANIFEST = "ppcl_addon.json"
@@ -174,6 +175,9 @@ def load_pipeline(
             found=str(base),
             fix="pass the folder written by `pipeline.save_pretrained`, or the Hub id of a diffusers pipeline",
         )
+    if kind is None and "transformer" not in pipeline_kwargs and saved_path(folder / "transformer") is not None:
+        # A pipeline saved with a merged transformer (pipe.save_pretrained): diffusers cannot rebuild a width merge.
+        pipeline_kwargs["transformer"] = _load_merged(folder / "transformer", "merged", dtype)
     if kind in ("merged", "model"):
         # Handing the merged model to from_pretrained means the base transformer (20B for Qwen-Image) is never loaded.
         merged = _load_merged(addon_or_merged, kind, dtype)

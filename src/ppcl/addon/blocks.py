@@ -17,6 +17,7 @@ from torch import nn
 
 from ppcl.errors import ConfigError
 from ppcl.modules import dispatch
+from ppcl.modules.quantized import dequantize_, logical_shape
 
 LAYERWISE_CASTING_HOOK = "layerwise_casting"
 """The name diffusers registers its layerwise-casting hook under (``diffusers.hooks.layerwise_casting``)."""
@@ -51,7 +52,8 @@ def has_adapter_layers(module: nn.Module) -> bool:
 
 
 def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -> nn.Module:
-    """A detached deep copy of ``block`` without hooks, dispatchers or adapter layers; same dtype and device.
+    """A detached deep copy of ``block`` without hooks, dispatchers or adapter layers; same dtype and device, with
+    quantised weights (torchao, bitsandbytes) dequantised (:func:`ppcl.modules.quantized.dequantize_`).
 
     Args:
         block: a teacher block, possibly wrapped by ppcl, accelerate, diffusers hooks or PEFT.
@@ -85,7 +87,8 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
     for param in clone.parameters():
         param.grad = None
     _to_compute_dtypes(block, clone)
-    return clone
+    # A quantised teacher (torchao / bitsandbytes weights) runs as it is; the copy is trained, so it holds plain floats.
+    return dequantize_(clone)
 
 
 def _hookless_memo(block: nn.Module) -> dict[int, Any]:
@@ -159,7 +162,7 @@ def base_named_shapes(block: nn.Module) -> dict[str, list[int]]:
     for name, param in block.named_parameters():
         plain = _plain_name(name, prefixes)
         if plain is not None:
-            shapes[plain] = list(param.shape)
+            shapes[plain] = logical_shape(param)  # 4-bit weights are stored packed: their own shape says nothing
     return dict(sorted(shapes.items()))
 
 

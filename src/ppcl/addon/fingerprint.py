@@ -16,7 +16,7 @@ from torch import nn
 from ppcl.addon.blocks import base_named_shapes
 from ppcl.arch import get_spec
 from ppcl.errors import AddonMismatchError, ArtefactError
-from ppcl.io import config_hash
+from ppcl.io import STORAGE_CONFIG_KEYS, config_hash
 from ppcl.logging import get_logger
 
 if TYPE_CHECKING:
@@ -31,8 +31,9 @@ def touched_blocks(plan: PruningPlan) -> list[int]:
 
 
 def clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The model config as plain JSON values, without private (``_``-prefixed) entries."""
-    public = {k: v for k, v in config.items() if not k.startswith("_")}
+    """The model config as plain JSON values, without private (``_``-prefixed) or storage entries
+    (:data:`ppcl.io.STORAGE_CONFIG_KEYS`: a quantised base is the same base)."""
+    public = {k: v for k, v in config.items() if not k.startswith("_") and k not in STORAGE_CONFIG_KEYS}
     return json.loads(json.dumps(public, sort_keys=True, default=str))
 
 

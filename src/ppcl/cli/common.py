@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ppcl.data.loading import DTYPE_CHOICES
+from ppcl.data.loading import DTYPE_CHOICES, QUANTIZE_CHOICES
 from ppcl.errors import ConfigError
 
 
@@ -17,6 +17,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="transformer or pipeline folder, or a Hub id in the local cache (default: the embedded toy teacher)",
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_CHOICES,
+        help="load the frozen base quantised: torchao int8 / fp8 weight-only (CPU or GPU), bitsandbytes nf4 / bnb8 "
+        "(GPU); students stay full precision; merge refuses a quantised base",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
 
 
@@ -42,13 +49,25 @@ def load_model(args: argparse.Namespace) -> Any:
 
     device = check_device(args.device)  # before the (possibly large) model loads
     dtype = parse_dtype(args.dtype)
+    quantize = getattr(args, "quantize", "none")
     if args.model is None:
+        if quantize != "none":
+            raise ConfigError(
+                "--quantize needs a real model",
+                expected="--model (or --pipeline) with --quantize",
+                found=f"--quantize {quantize} on the toy teacher",
+                fix="drop --quantize for the toy world",
+            )
         from ppcl.toy.teacher import ToyTeacher
 
         model = ToyTeacher.load(dtype=dtype).transformer
     else:
-        model = load_transformer(args.model, dtype)
-    return model.to(device)
+        model = load_transformer(args.model, dtype, quantize=quantize)
+    import torch
+
+    if any(p.device != torch.device(device) for p in model.parameters()):  # quantised models may refuse a no-op .to()
+        model = model.to(device)
+    return model
 
 
 def parse_floats(text: str, what: str) -> list[float]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ppcl.arch import get_spec
-from ppcl.errors import ArtefactError
+from ppcl.errors import ArtefactError, ConfigError
 from ppcl.io import read_json
 
 _DTYPES = {
@@ -27,17 +27,56 @@ DTYPE_CHOICES: tuple[str, ...] = tuple(_DTYPES)
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """``"bf16"`` → ``torch.bfloat16`` etc.; unknown names raise :class:`ArtefactError`-style errors."""
-    from ppcl.errors import ConfigError
-
+    """``"bf16"`` → ``torch.bfloat16`` etc.; unknown names raise :class:`ConfigError`."""
     if name not in _DTYPES:
         raise ConfigError("unknown dtype", expected=" | ".join(_DTYPES), found=name, fix="pass e.g. --dtype bf16")
     return _DTYPES[name]
 
 
-def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype | None = torch.float32) -> Any:
+QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8", "fp8", "nf4", "bnb8")
+"""The names ``--quantize`` accepts: torchao int8 / fp8 weight-only, bitsandbytes NF4 (4-bit) / LLM.int8 (8-bit)."""
+
+
+def quantization_config(name: str, dtype: torch.dtype | None) -> Any:
+    """The diffusers ``quantization_config`` that loads a frozen teacher as ``name`` (:data:`QUANTIZE_CHOICES`), or
+    ``None`` for ``"none"``. torchao runs on CPU and GPU; diffusers' bitsandbytes loader needs a GPU.
+
+    Raises:
+        ConfigError: an unknown name, or the library it needs is not installed.
+    """
+    if name == "none":
+        return None
+    if name not in QUANTIZE_CHOICES:
+        raise ConfigError("unknown quantisation", expected=" | ".join(QUANTIZE_CHOICES), found=name, fix="e.g. int8")
+    library = "torchao" if name in ("int8", "fp8") else "bitsandbytes"
+    try:
+        __import__(library)
+    except ImportError as err:
+        raise ConfigError(
+            f"--quantize {name} needs {library}",
+            expected=f"{library} installed",
+            found=f"ImportError: {err}",
+            fix=f'pip install "ppcl[quant]" (or {library})',
+        ) from err
+    import diffusers
+
+    if name in ("int8", "fp8"):
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+        return diffusers.TorchAoConfig(Int8WeightOnlyConfig() if name == "int8" else Float8WeightOnlyConfig())
+    if name == "nf4":
+        return diffusers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype or torch.bfloat16
+        )
+    return diffusers.BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_transformer(
+    path: str | os.PathLike[str], dtype: torch.dtype | None = torch.float32, quantize: str = "none"
+) -> Any:
     """A supported diffusers transformer from a local folder: a transformer folder or a pipeline folder (``dtype``
-    ``None``: diffusers' default)."""
+    ``None``: diffusers' default), optionally loaded quantised (``quantize``, see :func:`quantization_config`): a
+    frozen teacher for add-ons and distillation, never a model to merge."""
     folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
@@ -63,8 +102,21 @@ def load_transformer(path: str | os.PathLike[str], dtype: torch.dtype | None = t
             fix="point to the transformer of a supported pipeline",
         )
     get_spec(cls)  # fail early for unsupported classes
-    dtype_kwargs = {} if dtype is None else {"torch_dtype": dtype}
-    model = cls.from_pretrained(str(folder), local_files_only=True, **dtype_kwargs)
+    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    config = quantization_config(quantize, dtype)
+    if config is not None:
+        kwargs["quantization_config"] = config
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except RuntimeError as err:
+        if config is None or "GPU" not in str(err):
+            raise
+        raise ConfigError(  # diffusers' bitsandbytes loader refuses to run without CUDA
+            f"--quantize {quantize} needs a GPU",
+            expected="a CUDA device for bitsandbytes",
+            found=str(err).splitlines()[0],
+            fix="use --quantize int8 or fp8 (torchao, also on CPU), or run on a GPU",
+        ) from err
     return model.eval().requires_grad_(False)
 
 

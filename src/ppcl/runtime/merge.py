@@ -23,10 +23,11 @@ from ppcl.addon.card import hub_id_of
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.kinds import check_kinds, kind_of
+from ppcl.modules.quantized import has_quantized_weights
 from ppcl.runtime.apply import ADDON_ATTR
 from ppcl.runtime.block_map import BlockMap
 from ppcl.runtime.controlnet import attach_block_map
-from ppcl.runtime.merge_width import make_record, replay, substitution
+from ppcl.runtime.merge_width import install_merged_save, make_record, replay, substitution
 from ppcl.runtime.width import check_width_support, level_modes, parts_for
 
 
@@ -40,9 +41,9 @@ def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: t
 
     Raises:
         AddonMismatchError: ``addon`` was made for another base model.
-        ConfigError: ``level`` is unknown; the base has (unfused) adapter layers; or a student does not fit its new
-            position (e.g. SD3.5: a student copied from a block without the second attention placed where the
-            rewritten ``dual_attention_layers`` expects one).
+        ConfigError: ``level`` is unknown; the base has (unfused) adapter layers or quantised weights; or a student
+            does not fit its new position (e.g. SD3.5: a student copied from a block without the second attention
+            placed where the rewritten ``dual_attention_layers`` expects one).
     """
     if not isinstance(level, str):
         raise ConfigError(
@@ -64,6 +65,14 @@ def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: t
             found="PEFT tuner layers in the transformer",
             fix="fuse and unload the adapter (or remove it) before merging; re-apply a LoRA to the "
             "merged model with remap_lora_state_dict",
+        )
+    if has_quantized_weights(model):
+        raise ConfigError(
+            "The base model holds quantised weights",
+            expected="a full-precision (or bf16/fp16) base to merge from",
+            found="torchao / bitsandbytes quantised parameters in the transformer",
+            fix="merge from the unquantised base, then quantise the merged model (it is a diffusers model); "
+            "an add-on applies to a quantised base as it is",
         )
     kept = addon.plan.kept_blocks(level)
     config = spec.rewrite_config(dict(model.config), kept)
@@ -90,6 +99,7 @@ def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: t
         _apply_width(spec, merged, addon, level, all_reps, kept, dtype)
     base_model = hub_id_of(dict(model.config).get("_name_or_path"))
     attach_block_map(merged, BlockMap.from_plan(addon.plan, level, base_model))
+    install_merged_save(merged)  # its save_pretrained (a pipeline's too) keeps the records
     merged.train(model.training)
     return merged
 

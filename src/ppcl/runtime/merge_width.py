@@ -17,6 +17,8 @@ The record (``ppcl_merged.json`` next to diffusers' ``config.json`` and weights)
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +32,7 @@ from ppcl.addon.card import merged_card
 from ppcl.addon.manifest import CARD_FILE
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ArtefactError
-from ppcl.hub import resolve_folder
+from ppcl.hub import resolve_folder, upload_folder
 from ppcl.io import load_tensors, read_json, write_json, write_text
 from ppcl.modules.projection import ResidualLinear
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
@@ -134,11 +136,17 @@ class _MergedForward:
 
 
 def save_merged(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
-    """``model.save_pretrained(folder)`` plus ``ppcl_merged.json`` (when it has width substitutions) and, when
-    ``model`` came from :func:`~ppcl.runtime.merge`, ``ppcl_blocks.json`` (the base blocks behind each block) and a
-    ``README.md`` model card."""
+    """diffusers' ``save_pretrained(folder)`` plus :func:`write_records`. A merged model's own ``save_pretrained``
+    (and so a pipeline's) does the same (:func:`install_merged_save`)."""
     folder = Path(folder)
-    model.save_pretrained(str(folder))
+    type(model).save_pretrained(model, str(folder))
+    write_records(model, folder)
+    return folder
+
+
+def write_records(model: nn.Module, folder: Path) -> None:
+    """Write next to a saved merged model what makes it loadable as one: ``ppcl_merged.json`` (width substitutions),
+    ``ppcl_blocks.json`` (the base blocks behind each block) and the ``README.md`` card, as far as ``model`` has them."""
     block_map = getattr(model, BLOCK_MAP_ATTR, None)
     record = getattr(model, RECORD_ATTR, None)
     if record is not None:
@@ -146,7 +154,32 @@ def save_merged(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
     if block_map is not None:
         block_map.save(folder)
         write_text(_card(model, block_map, record is not None), folder / CARD_FILE)
-    return folder
+
+
+def install_merged_save(model: nn.Module) -> nn.Module:
+    """Give a merged ``model`` an instance ``save_pretrained`` that also writes its records, so saving it the diffusers
+    way — ``model.save_pretrained`` or a pipeline's ``save_pretrained``, which calls each component's — gives a folder
+    :func:`load_merged` and :func:`ppcl.load_pipeline` load back. Returns ``model``."""
+    model.save_pretrained = _MergedSave(model)
+    return model
+
+
+class _MergedSave:
+    """The instance ``save_pretrained`` of a merged model (a callable object: merged models stay deep-copyable)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__signature__ = inspect.signature(functools.partial(type(model).save_pretrained, model))
+
+    def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        # diffusers would upload before the records exist: upload after them instead.
+        push = kwargs.pop("push_to_hub", False)
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
+        type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        write_records(self.model, Path(save_directory))
+        if push:
+            repo_id = hub.pop("repo_id", Path(save_directory).name)
+            upload_folder(save_directory, repo_id, **{k: v for k, v in hub.items() if v is not None})
 
 
 def _card(model: nn.Module, block_map: BlockMap, width: bool) -> str:
@@ -187,6 +220,7 @@ def load_merged(
         model = load_transformer(folder, dtype)
     if saved_path(folder) is not None:
         attach_block_map(model, BlockMap.load(folder))
+        install_merged_save(model)
     return model
 
 

@@ -1,0 +1,156 @@
+"""Quantised teachers (issue 16): add-ons build from, distil from, apply to and load onto a base whose blocks hold
+torchao int8 / fp8 weight-only or bitsandbytes 8-bit / 4-bit (NF4) weights, on CPU; students stay full precision.
+
+Before: a student was a quantised copy of its teacher block (torchao), so ``save_pretrained`` failed ("invalid python
+storage") and training would have updated quantised values; 4-bit weights are stored packed, so an add-on made on the
+full-precision base did not fit a 4-bit one (other ``block_shapes``). diffusers' bitsandbytes loader needs a GPU, so the
+bitsandbytes bases here are built the way it builds them: each block ``nn.Linear`` swapped for the bitsandbytes layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ppcl.addon import PruningAddon
+from ppcl.arch import get_spec
+from ppcl.data.calibration import assemble
+from ppcl.distill import CalibrationData, DistillConfig, distill_depth
+from ppcl.errors import ConfigError
+from ppcl.modules.quantized import has_quantized_weights, is_quantized_tensor
+from ppcl.runtime import apply_addon, merge, set_level
+from tiny_models import build_tiny, two_span_plan
+
+KINDS = ("torchao-int8", "torchao-fp8", "bnb-int8", "bnb-nf4")
+
+
+def quantize(model: nn.Module, kind: str) -> nn.Module:
+    """``model`` with every linear layer of its blocks quantised (in place), as a quantised teacher is loaded."""
+    blocks = get_spec(model).blocks(model)
+    if kind.startswith("torchao"):
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        config = Int8WeightOnlyConfig() if kind == "torchao-int8" else Float8WeightOnlyConfig()
+        for block in blocks:
+            quantize_(block, config)
+        return model
+    import bitsandbytes as bnb
+
+    for block in blocks:
+        for name, linear in [(n, m) for n, m in block.named_modules() if type(m) is nn.Linear]:
+            if kind == "bnb-int8":
+                layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
+                                            has_fp16_weights=False)  # fmt: skip
+                layer.weight = bnb.nn.Int8Params(
+                    linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False
+                )
+            else:
+                layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+                # blocksize 32: the tiny blocks are 32 wide, and bitsandbytes' CPU path needs one block per row.
+                layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                                 blocksize=32)  # fmt: skip
+            if linear.bias is not None:
+                layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, layer.to("cpu").eval())
+    return model
+
+
+def _quantized_case(kind: str):
+    case = build_tiny("flux")
+    full = copy.deepcopy(case.model)
+    quantize(case.model, kind)
+    case.model.requires_grad_(False)
+    assert has_quantized_weights(case.model)
+    return case, full
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_students_of_a_quantized_teacher_are_full_precision_and_round_trip(kind: str, tmp_path: Path) -> None:
+    case, full = _quantized_case(kind)
+    addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
+    for student in addon.students.values():
+        assert not has_quantized_weights(student)
+        assert all(p.dtype == torch.float32 and type(p.data) is torch.Tensor for p in student.parameters())
+        assert not any("bitsandbytes" in type(m).__module__ for m in student.modules())
+    # A student starts as the teacher block it stands in for, dequantised: close to the full-precision weights.
+    start = addon.students["depth_1_3"].attn.to_q.weight
+    assert torch.allclose(start, full.transformer_blocks[1].attn.to_q.weight, atol=0.2)
+    folder = addon.save_pretrained(tmp_path / "addon")
+    loaded = PruningAddon.from_pretrained(folder, case.model)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in addon.state_dict().items())
+    # Made on the full-precision base, the same add-on fits the quantised one (logical shapes in the fingerprint).
+    PruningAddon.from_plan(full, two_span_plan(full)).save_pretrained(tmp_path / "from-full")
+    PruningAddon.from_pretrained(tmp_path / "from-full", case.model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_levels_apply_to_a_quantized_base(kind: str) -> None:
+    case, full = _quantized_case(kind)
+    inputs = case.make_inputs(0)
+    base_out = case.forward(inputs)
+    addon = PruningAddon.from_plan(full, two_span_plan(full))
+    apply_addon(case.model, addon, "b")
+    pruned = case.forward(inputs)
+    apply_addon(full, addon, "b")
+    # The kept blocks run quantised, the students in full precision: close to the full-precision model's level.
+    assert torch.allclose(pruned, full(**inputs, return_dict=False)[0], atol=0.3)
+    assert not torch.allclose(pruned, base_out, atol=1e-4)
+    set_level(case.model, None)
+    assert torch.equal(case.forward(inputs), base_out)
+    base_q = [p for n, p in case.model.named_parameters() if n.endswith("to_q.weight") and not n.startswith("ppcl.")]
+    assert base_q and all(is_quantized_tensor(p) for p in base_q)  # the base stays quantised under the add-on
+
+
+@pytest.mark.parametrize("kind", ["torchao-int8", "bnb-nf4"])
+def test_distilling_from_a_quantized_teacher_trains_full_precision_students(kind: str, tmp_path: Path) -> None:
+    case, _ = _quantized_case(kind)
+    inputs = case.make_inputs(7)
+    with torch.no_grad():
+        teacher_out = case.forward(inputs)
+    addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
+    calibration = assemble(get_spec(case.model), case.model, [case.make_inputs(s) for s in range(4)], {"source": "t"})
+    before = {k: v.clone() for k, v in addon.students.state_dict().items()}
+    distill_depth(case.model, addon, CalibrationData(calibration, 2), DistillConfig(steps=3, batch_size=2, lr=1e-3),
+                  tmp_path / "run", level="b")  # fmt: skip
+    after = addon.students.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+    with (
+        torch.no_grad()
+    ):  # the teacher is frozen (bitsandbytes repacks its stored bytes for CPU kernels: compare outputs)
+        assert torch.equal(case.forward(inputs), teacher_out)
+
+
+def test_merging_a_quantized_base_is_refused() -> None:
+    case, _ = _quantized_case("torchao-int8")
+    addon = PruningAddon.from_plan(case.model, two_span_plan(case.model))
+    with pytest.raises(ConfigError, match="quantised"):
+        merge(case.model, addon, "b")
+
+
+def test_the_cli_distils_and_plans_from_a_torchao_teacher_and_merge_refuses_it(tmp_path: Path) -> None:
+    """``--quantize int8`` loads the teacher with diffusers' TorchAoConfig (CPU); bitsandbytes asks for a GPU."""
+    from ppcl.cli.main import main
+
+    case = build_tiny("flux")
+    case.model.save_pretrained(tmp_path / "flux")
+    two_span_plan(case.model).save(tmp_path / "plan")
+    calibration = assemble(get_spec(case.model), case.model, [case.make_inputs(s) for s in range(4)], {"source": "t"})
+    calibration.save(tmp_path / "cal")
+    common = ["--model", str(tmp_path / "flux"), "--quantize", "int8", "--dtype", "bf16"]
+    assert main(["distill", *common, "--plan", str(tmp_path / "plan"), "--calibration", str(tmp_path / "cal"),
+                 "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    addon = PruningAddon.from_pretrained(tmp_path / "run" / "addon", case.model)
+    assert all(not has_quantized_weights(s) for s in addon.students.values())
+    assert main(["merge", *common, "--addon", str(tmp_path / "run" / "addon"), "--level", "b",
+                 "--out", str(tmp_path / "merged")]) == 2  # fmt: skip
+    assert not (tmp_path / "merged").exists()
+    assert main(["merge", "--model", str(tmp_path / "flux"), "--quantize", "nf4", "--addon",
+                 str(tmp_path / "run" / "addon"), "--level", "b", "--out", str(tmp_path / "m2")]) == 2  # fmt: skip
