@@ -1,6 +1,6 @@
 """The package layering of DESIGN.md, checked on the source: which package may import which.
 
-Order (a package imports only packages before it): errors/logging/faults/version → arch, outputs → io, hub → plan → data → toy →
+Order (a package imports only packages before it): errors/logging/faults/version/storage → arch, outputs → io, hub → plan → data → toy →
 analysis → modules → kinds → addon → runtime → distill, eval → pipeline, api, demo → cli and the top-level ``ppcl``.
 On top of the order: addon never imports runtime, analysis never imports plan, distill never imports toy, and the maths
 modules import no model code. Imports under ``if TYPE_CHECKING:`` are annotations only and do not count; imports
@@ -25,6 +25,7 @@ RANKS = {
     "outputs": 1,
     "io": 1.5,
     "hub": 1.5,
+    "storage": 0,
     "plan": 2,
     "data": 3,
     "toy": 4,

@@ -21,8 +21,8 @@ from ppcl.arch import get_spec
 from ppcl.data.calibration import assemble
 from ppcl.distill import CalibrationData, DistillConfig, distill_depth
 from ppcl.errors import ConfigError
-from ppcl.modules.quantized import has_quantized_weights, is_quantized_tensor
 from ppcl.runtime import apply_addon, merge, set_level
+from ppcl.storage import has_quantized_weights, is_quantized_tensor
 from tiny_models import build_tiny, two_span_plan
 
 KINDS = ("torchao-int8", "torchao-fp8", "bnb-int8", "bnb-nf4")

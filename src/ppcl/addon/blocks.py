@@ -17,7 +17,8 @@ from torch import nn
 
 from ppcl.errors import ConfigError
 from ppcl.modules import dispatch
-from ppcl.modules.quantized import dequantize_, logical_shape
+from ppcl.modules.quantized import dequantize_
+from ppcl.storage import logical_shape
 
 LAYERWISE_CASTING_HOOK = "layerwise_casting"
 """The name diffusers registers its layerwise-casting hook under (``diffusers.hooks.layerwise_casting``)."""

@@ -21,6 +21,7 @@ from ppcl.analysis.probes import ProbeAccumulator
 from ppcl.arch import get_spec
 from ppcl.data.calibration import CalibrationSet
 from ppcl.logging import progress
+from ppcl.storage import compute_dtype
 
 STREAMS = ("image", "text")
 
@@ -195,7 +196,7 @@ def collect(
 ) -> Collected:
     """Run ``model`` over every calibration batch once and return the accumulated statistics."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)  # not the storage dtype of an fp8 layerwise-cast or quantised model
     n_forwards = math.ceil(len(calibration) / batch_size)
     with StatsCollector(model, cache_tokens, n_forwards, seed, cache_dtype) as collector:
         for batch in progress(calibration.batches(batch_size, device, dtype), desc="analysis pass", total=n_forwards):

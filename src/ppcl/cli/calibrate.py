@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppcl.cli.common import SEED_LIMIT, add_overwrite_arg, check_device, check_out, require_positive
+from ppcl.cli.common import (
+    SEED_LIMIT,
+    add_overwrite_arg,
+    add_quantize_arg,
+    check_device,
+    check_out,
+    require_positive,
+)
 from ppcl.data.loading import DTYPE_CHOICES
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
@@ -44,6 +51,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--num-frames", type=int, default=None, help="video pipelines (Wan, HunyuanVideo-1.5): frames per clip"
     )
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="pipelines: torch dtype")
+    add_quantize_arg(p)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     add_overwrite_arg(p)
     p.set_defaults(func=_run)
@@ -115,9 +123,9 @@ def _toy(args: argparse.Namespace, seeds: tuple[int, ...]):
     from ppcl.toy.sampler import SamplerConfig
     from ppcl.toy.teacher import ToyTeacher
 
-    if args.negative_prompt is not None or args.num_frames is not None:
+    if args.negative_prompt is not None or args.num_frames is not None or args.quantize != "none":
         raise ConfigError(
-            "--negative-prompt and --num-frames do not apply to the toy world",
+            "--negative-prompt, --num-frames and --quantize do not apply to the toy world",
             expected="--pipeline with a diffusers pipeline",
             found="the toy",
             fix="drop them (the toy's unconditional branch is the empty prompt)",
@@ -148,7 +156,7 @@ def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
     if args.num_frames is not None:  # checked on the folder's class, before minutes of loading
         _check_takes(pipeline_class(args.pipeline), "num_frames", "--num-frames")
         extra["num_frames"] = args.num_frames
-    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype)).to(args.device)
+    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype), quantize=args.quantize).to(args.device)
     extra.update(guidance_kwargs(pipe, args.guidance, args.negative_prompt))
     return calibrate_pipeline(pipe, prompts, seeds, args.steps, args.timesteps, **extra)
 

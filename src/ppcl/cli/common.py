@@ -17,14 +17,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="transformer or pipeline folder, or a Hub id in the local cache (default: the embedded toy teacher)",
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="model dtype")
+    add_quantize_arg(parser)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+
+
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    """``--quantize``: load the base transformer quantised (a frozen teacher or a base to sample from)."""
     parser.add_argument(
         "--quantize",
         default="none",
         choices=QUANTIZE_CHOICES,
-        help="load the frozen base quantised: torchao int8 / fp8 weight-only (CPU or GPU), bitsandbytes nf4 / bnb8 "
-        "(GPU); students stay full precision; merge refuses a quantised base",
+        help="load the base transformer quantised: torchao int8 / fp8 weight-only (CPU or GPU), bitsandbytes nf4 / "
+        "bnb8 (GPU); students stay full precision; merge refuses a quantised base",
     )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
 
 
 HUB_ARGS = ("pipeline", "model", "addon")

@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from ppcl.cli.common import add_overwrite_arg, check_device, check_out, require_positive, require_seed
+from ppcl.cli.common import (
+    add_overwrite_arg,
+    add_quantize_arg,
+    check_device,
+    check_out,
+    require_positive,
+    require_seed,
+)
 from ppcl.data.loading import DTYPE_CHOICES
 from ppcl.errors import ConfigError
 from ppcl.logging import get_logger
@@ -53,14 +60,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None, help="pipelines: image height")
     p.add_argument("--width", type=int, default=None, help="pipelines: image width")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="torch dtype")
+    add_quantize_arg(p)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     add_overwrite_arg(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import ppcl
-    from ppcl.data.loading import parse_dtype
 
     require_positive(args, "steps", "height", "width")
     require_seed(args, "seed")
@@ -75,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
 
     check_out(args, IMAGE, args.pipeline, args.addon)
     check_device(args.device)
-    pipe = ppcl.load_pipeline(args.pipeline, args.addon, level=args.level, dtype=parse_dtype(args.dtype))
+    pipe = _load(args)
     image = _toy_image(pipe, args) if args.pipeline is None else _pipeline_image(pipe, args)
     _save_image(image, Path(args.out))
     log.info("generate: %r → %s", args.prompt, args.out)
@@ -135,3 +141,24 @@ def _save_image(image: np.ndarray, path: Path) -> None:
 
     with atomic_file(path) as tmp:
         Image.fromarray(image).save(tmp)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The pipeline to sample from; ``--quantize`` loads the base transformer quantised (an add-on applies to it)."""
+    import ppcl
+    from ppcl.data.loading import parse_dtype, pipeline_quantization
+    from ppcl.pipeline import artefact_kind
+
+    dtype = parse_dtype(args.dtype)
+    if args.quantize == "none":
+        return ppcl.load_pipeline(args.pipeline, args.addon, level=args.level, dtype=dtype)
+    if args.pipeline is None or (args.addon is not None and artefact_kind(args.addon) != "addon"):
+        raise ConfigError(
+            "--quantize loads a base pipeline's transformer quantised",
+            expected="--pipeline, with an add-on (--addon ADDON --level NAME) or none",
+            found="the toy world" if args.pipeline is None else f"the merged model {args.addon}",
+            fix="drop --quantize (a merged model is loaded as saved)",
+        )
+    return ppcl.load_pipeline(
+        args.pipeline, args.addon, level=args.level, dtype=dtype, **pipeline_quantization(args.quantize, dtype)
+    )

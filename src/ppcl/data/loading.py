@@ -106,18 +106,23 @@ def load_transformer(
     config = quantization_config(quantize, dtype)
     if config is not None:
         kwargs["quantization_config"] = config
+    model = _gpu_needed(quantize, lambda: cls.from_pretrained(str(folder), local_files_only=True, **kwargs))
+    return model.eval().requires_grad_(False)
+
+
+def _gpu_needed(quantize: str, load: Any) -> Any:
+    """``load()``, with diffusers' refusal to run bitsandbytes without CUDA turned into a :class:`ConfigError`."""
     try:
-        model = cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        return load()
     except RuntimeError as err:
-        if config is None or "GPU" not in str(err):
+        if quantize == "none" or "GPU" not in str(err):
             raise
-        raise ConfigError(  # diffusers' bitsandbytes loader refuses to run without CUDA
+        raise ConfigError(
             f"--quantize {quantize} needs a GPU",
             expected="a CUDA device for bitsandbytes",
-            found=str(err).splitlines()[0],
+            found=str(err).splitlines()[0].rstrip("."),
             fix="use --quantize int8 or fp8 (torchao, also on CPU), or run on a GPU",
         ) from err
-    return model.eval().requires_grad_(False)
 
 
 def pipeline_class(path: str | os.PathLike[str]) -> type:
@@ -137,12 +142,31 @@ def pipeline_class(path: str | os.PathLike[str]) -> type:
     return cls
 
 
-def load_pipeline_folder(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
-    """A diffusers pipeline from a local folder (``local_files_only``: nothing is downloaded)."""
+def pipeline_quantization(quantize: str, dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` keywords that load a pipeline's transformer quantised (:func:`quantization_config`), the
+    other components as they are; ``{}`` for ``"none"``."""
+    config = quantization_config(quantize, dtype)
+    if config is None:
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    return {"quantization_config": PipelineQuantizationConfig(quant_mapping={"transformer": config})}
+
+
+def load_pipeline_folder(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, quantize: str = "none"
+) -> Any:
+    """A diffusers pipeline from a local folder (``local_files_only``: nothing is downloaded), its transformer
+    optionally quantised (``quantize``: :data:`QUANTIZE_CHOICES`)."""
     from diffusers import DiffusionPipeline
 
     _require_pipeline_folder(path)
-    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    pipe = _gpu_needed(
+        quantize,
+        lambda: DiffusionPipeline.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, **pipeline_quantization(quantize, dtype)
+        ),
+    )
     get_spec(pipe.transformer)
     return pipe
 

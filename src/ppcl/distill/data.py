@@ -22,6 +22,7 @@ from torch import nn
 
 from ppcl.data.calibration import CalibrationSet
 from ppcl.errors import ConfigError
+from ppcl.storage import compute_dtype
 
 
 @runtime_checkable
@@ -76,7 +77,7 @@ class CalibrationData:
 
     def match_model(self, model: nn.Module) -> None:
         """Cast batches to ``model``'s parameter dtype from now on (see ``dtype``)."""
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = compute_dtype(model)
 
     def indices(self, step: int) -> np.ndarray:
         """Sample indices of batch ``step``, shape ``(batch_size,)``."""

@@ -1,4 +1,4 @@
-"""Quantised teacher weights: recognise them, read their logical shapes, and make full-precision copies for students.
+"""Quantised teacher weights made full precision again, for students (recognising them: :mod:`ppcl.storage`).
 
 A frozen teacher may be loaded with torchao (int8 / fp8 weight-only: each ``nn.Linear.weight`` becomes a
 ``TorchAOBaseTensor`` subclass) or bitsandbytes (``Linear8bitLt`` / ``Linear4bit`` modules with ``Int8Params`` /
@@ -13,27 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ppcl.storage import is_quantized_tensor
+
 _BNB_LINEARS = ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")
-
-
-def is_quantized_tensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` holds quantised values: a torchao tensor subclass, or bitsandbytes int8 / 4-bit params."""
-    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
-    kind = type(data).__module__ + "." + type(data).__name__
-    return kind.startswith("torchao.") or _is_bnb_param(tensor)
-
-
-def has_quantized_weights(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` is quantised (see :func:`is_quantized_tensor`)."""
-    return any(is_quantized_tensor(p) for p in module.parameters())
-
-
-def logical_shape(param: torch.Tensor) -> list[int]:
-    """The shape the unquantised weight has (4-bit bitsandbytes weights are stored packed)."""
-    state = getattr(param, "quant_state", None)
-    if state is not None and getattr(state, "shape", None) is not None:
-        return list(state.shape)
-    return list(param.shape)
 
 
 def dequantize_(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -57,10 +39,6 @@ def dequantize_(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
                 plain = param.data.dequantize()
                 child._parameters[key] = nn.Parameter(plain.to(dtype or plain.dtype), requires_grad=param.requires_grad)
     return module
-
-
-def _is_bnb_param(tensor: torch.Tensor) -> bool:
-    return type(tensor).__module__.startswith("bitsandbytes") and type(tensor).__name__ in ("Int8Params", "Params4bit")
 
 
 def _plain_float_dtype(module: nn.Module) -> torch.dtype:

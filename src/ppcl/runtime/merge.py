@@ -23,12 +23,12 @@ from ppcl.addon.card import hub_id_of
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.kinds import check_kinds, kind_of
-from ppcl.modules.quantized import has_quantized_weights
 from ppcl.runtime.apply import ADDON_ATTR
 from ppcl.runtime.block_map import BlockMap
 from ppcl.runtime.controlnet import attach_block_map
 from ppcl.runtime.merge_width import install_merged_save, make_record, replay, substitution
 from ppcl.runtime.width import check_width_support, level_modes, parts_for
+from ppcl.storage import compute_dtype, has_quantized_weights
 
 
 def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: torch.dtype | None = None) -> nn.Module:
@@ -36,7 +36,7 @@ def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: t
 
     Works whether or not ``addon`` is applied to ``model``; ``model`` is not modified and shares no storage with the
     result. The result has ``model``'s dtype/device per tensor and its train/eval mode. Width maps (a level's
-    projections) are cast to ``projection_dtype``, by default the model's own parameter dtype, so a bf16 model runs
+    projections) are cast to ``projection_dtype``, by default the model's compute dtype, so a bf16 model runs
     them in bf16 (pass ``torch.float32`` to keep trained float32 masters exact).
 
     Raises:
@@ -95,7 +95,7 @@ def merge(model: nn.Module, addon: PruningAddon, level: str, projection_dtype: t
     merged.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     _copy_buffers(spec, model, merged, addon, reps, kept)
     if any(kind_of(r).is_width for r in all_reps):
-        dtype = projection_dtype or next(model.parameters()).dtype
+        dtype = projection_dtype or compute_dtype(model)
         _apply_width(spec, merged, addon, level, all_reps, kept, dtype)
     base_model = hub_id_of(dict(model.config).get("_name_or_path"))
     attach_block_map(merged, BlockMap.from_plan(addon.plan, level, base_model))
