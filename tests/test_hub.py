@@ -178,3 +178,41 @@ def test_merged_folders_get_a_card(tmp_path: Path) -> None:
     assert card.data.library_name == "diffusers" and card.data.base_model is None  # built from scratch: no Hub id
     assert card.data.pipeline_tag == "text-to-image" and "ppcl" in card.data.tags
     assert "| `transformer_blocks` | 6 | 4 |" in card.content and str(tmp_path) not in card.content
+
+
+def test_ppcl_push_uploads_an_addon_or_merged_folder_with_a_card_for_the_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ppcl push``: one commit holding every file of the folder (as it is, not copied) and a regenerated card whose
+    snippet loads the repo; the folder itself is unchanged; a folder ppcl did not write is refused."""
+    commits: list[dict[str, Any]] = []
+
+    def create_repo(self: Any, repo_id: str, **kwargs: Any) -> str:
+        return repo_id
+
+    def create_commit(self: Any, **kwargs: Any) -> Any:
+        ops = {op.path_in_repo: op.path_or_fileobj for op in kwargs["operations"]}
+        commits.append({"repo_id": kwargs["repo_id"], "ops": ops})
+        return type("Info", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/2"})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    model = build_tiny("sd3").model
+    addon, folder = _addon_folder(tmp_path, model)
+    save_merged(merge(model, addon, "b"), tmp_path / "merged")
+    for source, repo, loader in ((folder, "me/sd3-ppcl", "PruningAddon.from_pretrained"),
+                                 (tmp_path / "merged", "me/sd3-b", "ppcl.load_merged")):  # fmt: skip
+        before = {p.name: p.read_bytes() for p in source.iterdir()}
+        assert main(["push", str(source), "--repo", repo, "--license", "apache-2.0"]) == 0
+        ops = commits[-1]["ops"]
+        assert commits[-1]["repo_id"] == repo and set(ops) == {n for n in before if not n.startswith(".")}
+        card = ModelCard(ops["README.md"].decode("utf-8"))
+        assert card.data.license == "apache-2.0" and f"{repo!r}" in card.text and loader in card.text
+        assert str(tmp_path) not in card.text
+        assert all(ops[n] == str(source / n) for n in ops if n != "README.md")  # uploaded from the folder itself
+        assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    assert main(["push", str(tmp_path / "other"), "--repo", "me/x"]) == 2
+    assert main(["push", str(folder), "--repo", "not a repo"]) == 2
+    assert len(commits) == 2

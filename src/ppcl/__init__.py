@@ -10,7 +10,7 @@ Data flows through artefacts: CalibrationSet → RedundancyReport → PruningPla
     addon = ppcl.PruningAddon.from_plan(pipeline.transformer, plan)   # then train it (ppcl.distill)
     ppcl.apply_addon(pipeline.transformer, addon, level="p40")      # in place, reversible
     small = ppcl.merge(pipeline.transformer, addon, "p40")          # a new, smaller stock diffusers model
-    small = ppcl.load_merged("merged/")                             # a width-merged folder written by `ppcl merge`
+    small = ppcl.load_merged("merged/")                             # a folder written by `ppcl merge` (any level)
     pipe = ppcl.load_pipeline(None, "runs/distill/addon", level="p40")   # toy (or a local pipeline folder) + add-on
 """
 

@@ -130,3 +130,40 @@ def upload_folder(
     )
     _log.info("uploaded %s to %s: %s", folder, repo_id, info.commit_url)
     return str(info.commit_url)
+
+
+def upload_with_card(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    card: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload with ppcl",
+    create_pr: bool = False,
+) -> str:
+    """Upload every file of ``folder`` (hidden ones left out) with ``card`` as its ``README.md``, in one commit, without
+    copying or changing the folder (add-ons of 20B models hold gigabytes); returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd
+
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.relative_to(root).as_posix().startswith("."))
+    operations = [
+        CommitOperationAdd(path_in_repo=p.relative_to(root).as_posix(), path_or_fileobj=str(p))
+        for p in files
+        if p.relative_to(root).as_posix() != "README.md"
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.create_commit(
+        repo_id=repo_id,
+        operations=operations,
+        commit_message=commit_message,
+        repo_type="model",
+        revision=revision,
+        create_pr=create_pr,
+    )
+    _log.info("uploaded %s (%d files) to %s: %s", root, len(operations), repo_id, info.commit_url)
+    return str(info.commit_url)

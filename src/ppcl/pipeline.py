@@ -10,9 +10,10 @@ Example::
     pipe = ppcl.load_pipeline("Qwen/Qwen-Image", "me/qwen-ppcl", level="p40")    # Hub ids, from the local cache
 
 What the second argument is, is read from the folder: ``ppcl_addon.json`` → an add-on (applied in place at ``level``
-on the base transformer, reversible with :func:`ppcl.remove_addon`); ``ppcl_merged.json`` → a width-merged model
-(:func:`ppcl.load_merged`); a plain diffusers ``config.json`` → a depth-merged stock model (``from_pretrained``).
-A merged model replaces the pipeline's transformer; a diffusers pipeline then never loads its base transformer.
+on the base transformer, reversible with :func:`ppcl.remove_addon`); ``ppcl_merged.json`` → a width-merged model; a
+plain diffusers ``config.json`` → a depth-merged stock model; both load with :func:`ppcl.load_merged`, which attaches
+the ControlNet mapping of ``ppcl_blocks.json``. A merged model replaces the pipeline's transformer; a diffusers
+pipeline then never loads its base transformer. Either argument may be a Hub id, read from the local cache.
 """
 
 from __future__ import annotations

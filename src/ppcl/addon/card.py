@@ -138,6 +138,10 @@ def _body(manifest: Mapping[str, Any], repo_id: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SNIPPET_HEAD = ("```python", "import torch", "from diffusers import DiffusionPipeline", "", "import ppcl", "")
+"""The opening lines of every card's Python snippet."""
+
+
 def load_snippet(fingerprint: Mapping[str, Any], repo_id: str | None, level_arg: str) -> list[str]:
     """The card's runnable Python: the base pipeline, this add-on (by ``repo_id`` or a folder), one level, an image."""
     base = hub_id_of(fingerprint.get("name_or_path")) or "path/to/the/base/pipeline"
@@ -147,12 +151,7 @@ def load_snippet(fingerprint: Mapping[str, Any], repo_id: str | None, level_arg:
         else '"path/to/this/folder", pipe.transformer'
     )
     return [
-        "```python",
-        "import torch",
-        "from diffusers import DiffusionPipeline",
-        "",
-        "import ppcl",
-        "",
+        *_SNIPPET_HEAD,
         f"pipe = DiffusionPipeline.from_pretrained({base!r}, dtype=torch.bfloat16)",
         f"addon = ppcl.PruningAddon.from_pretrained({source})",
         f"ppcl.apply_addon(pipe.transformer, addon, level={level_arg})  # ppcl.set_level(pipe.transformer, None): the original",
@@ -169,17 +168,18 @@ def merged_card(
     blocks: Mapping[str, tuple[int, int]],
     num_params: int,
     width: bool,
+    repo_id: str | None = None,
+    license: str | None = None,
 ) -> str:
     """The ``README.md`` of a merged-model folder: YAML metadata (``base_model`` when a Hub id, ``library_name``
-    ``diffusers`` for a depth-only merge (a stock checkpoint) or ``ppcl``, tags, ``pipeline_tag``) and Markdown: what
-    was removed (``blocks``: per stack, base → merged count), the parameter count, a runnable snippet."""
-    data = card_data({"arch": arch, "name_or_path": base_model}, "ppcl" if width else "diffusers")
+    ``diffusers`` for a depth-only merge (a stock checkpoint) or ``ppcl``, tags, ``pipeline_tag``, ``license`` when
+    given) and Markdown: what was removed (``blocks``: per stack, base → merged count), the parameter count, a runnable
+    snippet (loading the folder by ``repo_id`` when it is pushed there)."""
+    data = card_data({"arch": arch, "name_or_path": base_model}, "ppcl" if width else "diffusers", license)
     base = base_model or model_class
-    load = (
-        'transformer = ppcl.load_merged("path/to/this/folder", dtype=torch.bfloat16)'
-        if width
-        else 'transformer = ppcl.load_merged("path/to/this/folder", dtype=torch.bfloat16)  # or the stock '
-        f"{model_class}.from_pretrained"
+    source = f"{repo_id!r}, local_files_only=False" if repo_id else '"path/to/this/folder"'
+    load = f"transformer = ppcl.load_merged({source}, dtype=torch.bfloat16)" + (
+        "" if width else f"  # or the stock {model_class}.from_pretrained"
     )
     rows = [f"| `{attr}` | {before} | {after} |" for attr, (before, after) in blocks.items()]
     lines = [
@@ -202,12 +202,7 @@ def merged_card(
         "ControlNet residuals (indexed by the base's blocks) to the right blocks, and "
         '`ppcl.runtime.remap_lora_state_dict(lora, "path/to/this/folder")` renumbers a LoRA of the base model.',
         "",
-        "```python",
-        "import torch",
-        "from diffusers import DiffusionPipeline",
-        "",
-        "import ppcl",
-        "",
+        *_SNIPPET_HEAD,
         load,
         f"pipe = DiffusionPipeline.from_pretrained({(base_model or 'path/to/the/base/pipeline')!r}, "
         "transformer=transformer, dtype=torch.bfloat16)",

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         inspect_,
         merge,
         plan,
+        push,
         toy,
     )
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for module in (demo, calibrate, cache, analyze, plan, distill, merge, generate, eval_, inspect_, toy):
+    for module in (demo, calibrate, cache, analyze, plan, distill, merge, generate, eval_, inspect_, push, toy):
         module.register(verbs)
     return parser
 

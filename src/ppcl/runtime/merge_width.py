@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -180,6 +181,31 @@ class _MergedSave:
         if push:
             repo_id = hub.pop("repo_id", Path(save_directory).name)
             upload_folder(save_directory, repo_id, **{k: v for k, v in hub.items() if v is not None})
+
+
+def folder_card(folder: str | os.PathLike[str], repo_id: str | None = None, license: str | None = None) -> str:
+    """The card of a merged folder written by ``ppcl merge``, from its files alone (``ppcl_blocks.json``, the weights'
+    safetensors headers), e.g. to push it with its snippet loading ``repo_id``.
+
+    Raises:
+        ArtefactError: no ``ppcl_blocks.json`` (not a ppcl merge), an unknown model class, unreadable weights.
+    """
+    from safetensors import safe_open
+
+    from ppcl.plan.count import resolve_model_class
+
+    folder = Path(folder)
+    block_map = BlockMap.load(folder)
+    spec = get_spec(resolve_model_class(block_map.model_class))
+    count = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as weights:
+            count += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())  # noqa: SIM118
+    blocks = {s.attr: (s.base_size, len(s.starts)) for s in block_map.stacks}
+    width = (folder / MERGED_FILE).is_file()
+    return merged_card(
+        spec.name, block_map.model_class, block_map.level, block_map.base_model, blocks, count, width, repo_id, license
+    )
 
 
 def _card(model: nn.Module, block_map: BlockMap, width: bool) -> str:
