@@ -216,3 +216,20 @@ def test_a_bad_block_map_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtefactError, match="not a block map"):
         BlockMap.load(folder)
     assert get_spec(merged).stack_sizes(merged) == [4]
+
+
+@torch.no_grad()
+def test_the_mapping_compiles_with_fullgraph() -> None:
+    """``torch.compile(fullgraph=True)`` (eager backend: it fails on any graph break) of a merged model takes its
+    ControlNet pre-hook in the graph, and of the applied base the residuals of skipped blocks."""
+    case = build_tiny("qwenimage")
+    base, inputs = case.model, case.make_inputs(0)
+    addon = _addon(base, two_span_plan(base))
+    residuals = _residuals(case, 3)
+    merged = merge(base, addon, "b")
+    expected = _run(merged, inputs, residuals)
+    compiled = torch.compile(merged, backend="eager", fullgraph=True)
+    torch.testing.assert_close(_run(compiled, inputs, residuals), expected, rtol=0, atol=1e-6)
+    apply_addon(base, addon, "b")
+    compiled_addon = torch.compile(base, backend="eager", fullgraph=True)
+    torch.testing.assert_close(_run(compiled_addon, inputs, residuals), expected, rtol=0, atol=1e-5)
