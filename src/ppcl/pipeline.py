@@ -178,10 +178,10 @@ def load_pipeline(
         )
     if kind is None and "transformer" not in pipeline_kwargs and saved_path(folder / "transformer") is not None:
         # A pipeline saved with a merged transformer (pipe.save_pretrained): diffusers cannot rebuild a width merge.
-        pipeline_kwargs["transformer"] = _load_merged(folder / "transformer", "merged", dtype)
+        pipeline_kwargs["transformer"] = _load_merged(folder / "transformer", dtype)
     if kind in ("merged", "model"):
         # Handing the merged model to from_pretrained means the base transformer (20B for Qwen-Image) is never loaded.
-        merged = _load_merged(addon_or_merged, kind, dtype)
+        merged = _load_merged(addon_or_merged, dtype)
         return _load_diffusers_pipeline(folder, dtype, {**pipeline_kwargs, "transformer": merged})
     pipe = _load_diffusers_pipeline(folder, dtype, pipeline_kwargs)
     _plug(pipe.transformer, addon_or_merged, kind, level, dtype)
@@ -241,10 +241,10 @@ def _plug(
         apply_addon(transformer, addon, level=level)
         return transformer
     device = next(transformer.parameters()).device
-    return _load_merged(folder, kind, dtype).to(device)
+    return _load_merged(folder, dtype).to(device)
 
 
-def _load_merged(folder: str | os.PathLike[str], kind: str, dtype: torch.dtype) -> nn.Module:
+def _load_merged(folder: str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
     """A merged model folder (width merges replay their record, depth-only ones are stock diffusers folders), with
     its ControlNet mapping attached when the folder has one (``ppcl_blocks.json``)."""
     from ppcl.runtime import load_merged
