@@ -118,9 +118,7 @@ def upload_folder(
     create_pr: bool = False,
 ) -> str:
     """Create the Hub model repo ``repo_id`` if needed and upload ``folder`` to it; returns the commit URL."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(
+    info = _model_repo(repo_id, token, private).upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
         repo_type="model",
@@ -155,9 +153,7 @@ def upload_with_card(
         if p.relative_to(root).as_posix() != "README.md"
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.create_commit(
+    info = _model_repo(repo_id, token, private).create_commit(
         repo_id=repo_id,
         operations=operations,
         commit_message=commit_message,
@@ -167,3 +163,10 @@ def upload_with_card(
     )
     _log.info("uploaded %s (%d files) to %s: %s", root, len(operations), repo_id, info.commit_url)
     return str(info.commit_url)
+
+
+def _model_repo(repo_id: str, token: str | bool | None, private: bool | None) -> HfApi:
+    """A Hub client, after creating the model repo ``repo_id`` if it does not exist yet."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    return api

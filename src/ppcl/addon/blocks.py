@@ -17,7 +17,7 @@ from torch import nn
 
 from ppcl.errors import ConfigError
 from ppcl.modules import dispatch
-from ppcl.modules.quantized import dequantize_
+from ppcl.modules.quantized import dequantize_, replace_submodule
 from ppcl.storage import logical_shape
 
 LAYERWISE_CASTING_HOOK = "layerwise_casting"
@@ -77,7 +77,7 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
                 found=f"{type(module).__name__} with merged=True",
                 fix="unmerge the adapter (model.unmerge_adapter / unfuse_lora) before creating the add-on",
             )
-        _replace_submodule(clone, name, module.get_base_layer())
+        replace_submodule(clone, name, module.get_base_layer())
     for module in clone.modules():
         for attr in _INSTANCE_HOOK_ATTRS:
             module.__dict__.pop(attr, None)
@@ -183,9 +183,3 @@ def _plain_name(name: str, adapter_prefixes: list[str]) -> str | None:
             return head + rest[len("base_layer.") :]
         return None
     return name
-
-
-def _replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

@@ -32,7 +32,9 @@ def dequantize_(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
     fallback = dtype or _plain_float_dtype(module)
     for name, child in list(module.named_modules()):
         if type(child).__name__ in _BNB_LINEARS and type(child).__module__.startswith("bitsandbytes"):
-            _replace(module, name, _bnb_to_linear(child, dtype or getattr(child, "compute_dtype", None) or fallback))
+            replace_submodule(
+                module, name, _bnb_to_linear(child, dtype or getattr(child, "compute_dtype", None) or fallback)
+            )
     for child in module.modules():
         for key, param in list(child._parameters.items()):
             if param is not None and is_quantized_tensor(param):
@@ -72,7 +74,8 @@ def _bnb_to_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
     return linear.train(layer.training)
 
 
-def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
+def replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Set ``root``'s submodule at the dotted path ``dotted`` (non-empty) to ``new``."""
     parent_name, _, child = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
