@@ -3,6 +3,7 @@ once in order, and the caption dropout a ``--data`` run trains the unconditional
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from ppcl.cli.main import main
 from ppcl.data import images as images_module
 from ppcl.data.images import scan_folder, scan_shards
 from ppcl.data.latent_build import build_image_cache
+from ppcl.errors import PPCLError
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from tiny_pipelines import WORDS, build_sd3
 
@@ -123,3 +125,52 @@ def test_distill_on_data_drops_10_percent_of_captions_by_default(sd3: Path, tmp_
         addon = json.loads(next((out / "addon").glob("*.json")).read_text())
         assert set(_values(addon, "caption_dropout")) == {expected}, extra
     torch.manual_seed(0)  # nothing random left behind for later tests
+
+
+class _CountingFile(io.FileIO):
+    """A file that adds the bytes read from it to ``counter[0]``."""
+
+    def __init__(self, path: str, counter: list[int]) -> None:
+        super().__init__(path, "rb")
+        self.counter = counter
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.counter[0] += len(data)
+        return data
+
+
+def test_scans_read_headers_only(sd3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scanning decodes no image and reads a small part of an uncompressed shard, so the data is read once, while
+    encoding (the scan decoded every PNG and copied every member); an image's bucket comes from its decoded size."""
+    from PIL import Image, ImageFile
+
+    folder = tmp_path / "imgs"
+    for i, (h, w) in enumerate([(256, 256), (192, 320), (320, 192)]):
+        _pair(folder, f"k{i}", Image.fromarray(_pixels(h, w, i)), ".png")  # noise: ~190 kB each
+    with tarfile.open(tmp_path / "d-0.tar", "w") as tar:
+        for file in sorted(folder.iterdir()):
+            tar.add(file, arcname=file.name)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda img: decoded.append(img) or real_load(img))
+    read = [0]
+    real_open = tarfile.open
+    monkeypatch.setattr(
+        images_module.tarfile, "open", lambda path, *a, **k: real_open(fileobj=_CountingFile(path, read), mode="r")
+    )
+    records = scan_shards(str(tmp_path / "d-*.tar"))
+    assert scan_folder(folder)[1].size == records[1].size == (320, 192) and not decoded
+    size = (tmp_path / "d-0.tar").stat().st_size
+    assert 0 < read[0] < 0.15 * size, (read[0], size)
+    read[0] = 0
+    build_image_cache(ppcl.load_pipeline(sd3), records, tmp_path / "cache", 16, free_encoders=False)
+    assert decoded and 0.5 * size < read[0] < 1.25 * size, (read[0], size)
+    buckets = json.loads((tmp_path / "cache" / "manifest.json").read_text())["counts"]
+    assert sorted(buckets, reverse=True)[:3] == [1, 1, 1]
+    # Damaged pixel data passes the header scan and stops the encoding: no cache, no temporary folder.
+    damaged = folder / "k2.png"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(PPCLError, match="cannot be read"):
+        build_image_cache(ppcl.load_pipeline(sd3), scan_folder(folder), tmp_path / "bad", 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "d-0.tar", "imgs"]

@@ -6,16 +6,21 @@ mapping."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 import ppcl
 from ppcl.addon import PruningAddon
-from ppcl.runtime import BLOCKS_FILE, MERGED_FILE, load_merged, merge, save_merged
+from ppcl.errors import PPCLError
+from ppcl.runtime import BLOCKS_FILE, COMPONENT_MODULE, MERGED_FILE, load_merged, merge, save_merged
+from ppcl.runtime.merge_width import RECORD_ATTR
 from test_addon_width import _perturb, width_plan
 from tiny_models import build_tiny, two_span_plan
-from tiny_pipelines import build_qwen, qwen_prompt_embeds
+from tiny_pipelines import build_qwen, build_sd3, qwen_prompt_embeds
 
 
 @torch.no_grad()
@@ -65,3 +70,48 @@ def test_a_pipeline_with_a_merged_transformer_saves_and_loads_back(tmp_path: Pat
             for p in (pipe, again)
         ]
         torch.testing.assert_close(torch.from_numpy(images[1]), torch.from_numpy(images[0]), rtol=0, atol=0)
+
+
+def _sample(pipe: Any, family: str) -> torch.Tensor:
+    prompt = qwen_prompt_embeds(1, seed=0)[0] if family == "qwen" else {"prompt": "a red circle"}
+    size = 32 if family == "qwen" else 16
+    out = pipe(**prompt, num_inference_steps=2, height=size, width=size, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("family", ["qwen", "sd3"])
+@torch.no_grad()
+def test_stock_diffusers_loads_a_width_merged_pipeline_as_a_ppcl_component(family: str, tmp_path: Path) -> None:
+    """``DiffusionPipeline.from_pretrained`` of a saved width-merged pipeline (it failed: a stock class with the
+    wrong weights): ``model_index.json`` names ppcl's component, which replays the merge; the images are exactly
+    ppcl's, saving the diffusers-loaded pipeline again round-trips, and depth-only merges stay stock diffusers."""
+    from diffusers import DiffusionPipeline
+
+    folder = build_qwen(tmp_path / "base", text_encoder=False) if family == "qwen" else build_sd3(tmp_path / "base")
+    base = ppcl.load_pipeline(folder).transformer
+    addon = PruningAddon.from_plan(base, width_plan(base))
+    _perturb(addon)
+    # The tiny Qwen-Image pipeline is saved without its text encoder: diffusers wants the absent parts passed.
+    kw = {"text_encoder": None, "tokenizer": None} if family == "qwen" else {}
+    for level, library in (("dw", COMPONENT_MODULE), ("d", "diffusers")):
+        save_merged(merge(base, addon, level), tmp_path / f"{level}-merged")
+        pipe = DiffusionPipeline.from_pretrained(folder, transformer=load_merged(tmp_path / f"{level}-merged"), **kw)
+        pipe.save_pretrained(tmp_path / f"{level}-pipe")
+        entry = json.loads((tmp_path / f"{level}-pipe" / "model_index.json").read_text())["transformer"]
+        assert entry == [library, type(base).__name__]
+        loaded = DiffusionPipeline.from_pretrained(tmp_path / f"{level}-pipe", **kw)
+        assert type(loaded.transformer) is type(base)
+        torch.testing.assert_close(_sample(loaded, family), _sample(pipe, family), rtol=0, atol=0)
+        loaded.save_pretrained(tmp_path / f"{level}-again")  # saving what diffusers loaded round-trips
+        again = json.loads((tmp_path / f"{level}-again" / "model_index.json").read_text())["transformer"]
+        assert again == entry
+        # Only ppcl's component keeps the ControlNet mapping: diffusers loads a depth-only merge as the stock model.
+        assert (tmp_path / f"{level}-again" / "transformer" / BLOCKS_FILE).is_file() == (level == "dw")
+        torch.testing.assert_close(
+            _sample(ppcl.load_pipeline(tmp_path / f"{level}-again"), family), _sample(pipe, family), rtol=0, atol=0
+        )
+    width = DiffusionPipeline.from_pretrained(tmp_path / "dw-pipe", torch_dtype=torch.bfloat16, **kw)
+    assert width.transformer.dtype == torch.bfloat16 and hasattr(width.transformer, RECORD_ATTR)
+    with pytest.raises(PPCLError, match="cannot be loaded with device_map"):
+        DiffusionPipeline.from_pretrained(tmp_path / "dw-pipe", device_map="cpu", **kw)

@@ -7,6 +7,10 @@ Two sources, both read with the standard library and PIL only:
   read with :mod:`tarfile` (no webdataset dependency), each shard opened once and read in order
   (:func:`read_images`). The key is the member path up to the first dot of its file name.
 
+The scan (:func:`scan_folder`, :func:`scan_shards`) reads captions and image headers only: the pixels are read once,
+while encoding, so a large shard set is not read twice (a gzipped shard is still decompressed by both passes, since
+its members can only be found by reading through it: keep large shard sets uncompressed, as images are already).
+
 Photos are decoded upright: their EXIF orientation is applied (to the size that picks the bucket, too).
 
 Every image is assigned the resolution bucket with the closest aspect ratio (in log space), resized to cover it and
@@ -205,7 +209,7 @@ def scan_shards(pattern: str) -> list[ImageRecord]:
                         )
                     caption = tar.extractfile(parts[".txt"]).read().decode("utf-8").strip()  # type: ignore[union-attr]
                     record = ImageRecord(key, caption, path, image.name)
-                    records.append(_with_size(record, tar.extractfile(image).read()))  # type: ignore[union-attr]
+                    records.append(_with_size(record, tar.extractfile(image)))
         except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 "a tar shard cannot be read",
@@ -216,20 +220,35 @@ def scan_shards(pattern: str) -> list[ImageRecord]:
     return _check(records, pattern)
 
 
-def _with_size(record: ImageRecord, data: bytes | None) -> ImageRecord:
-    """The record with its image size, read from the header (an unreadable image raises here)."""
+def _with_size(record: ImageRecord, source: Any | None) -> ImageRecord:
+    """The record with its upright image size, from the image's header alone.
+
+    ``source``: an open file object of a tar member (``None``: the record's own file). Only the header is read — no
+    pixels are decoded or copied, so a shard set is read once, while encoding; a file that is not an image raises
+    here, one whose pixel data is damaged raises while encoding (the cache is then not written).
+    """
     from PIL import Image
 
     try:
-        with Image.open(record.path if data is None else io.BytesIO(data)) as img:
-            img.verify()
-        with Image.open(record.path if data is None else io.BytesIO(data)) as img:  # verify() spends the image
-            size = img.size[::-1] if img.getexif().get(0x0112) in _ROTATED else img.size  # EXIF orientation
+        with Image.open(record.path if source is None else source) as img:
+            size = img.size[::-1] if _orientation(img) in _ROTATED else img.size
     except (OSError, ValueError, SyntaxError) as exc:
         raise _unreadable(record, exc) from exc
     if min(size) < 1:
         raise _unreadable(record, ValueError(f"size {size}"))
     return ImageRecord(record.key, record.caption, record.path, record.member, size)
+
+
+def _orientation(img: Any) -> int | None:
+    """The EXIF orientation found in the header metadata (``img.info``), without decoding the image.
+
+    PIL's PNG ``getexif`` decodes the whole image to look for an EXIF chunk after the pixel data; the base-class
+    method reads only what the header gave. A PNG whose EXIF chunk follows the pixels is then bucketed by its stored
+    size: the encoder picks each image's bucket from the decoded (upright) image, so the cache is right either way.
+    """
+    from PIL import Image
+
+    return Image.Image.getexif(img).get(0x0112)
 
 
 def _check(records: list[ImageRecord], where: str) -> list[ImageRecord]:

@@ -231,14 +231,14 @@ def build_image_cache(
         {f"{buckets[b][0]}x{buckets[b][1]}": len(r) for b, r in sorted(per_bucket.items())},
     )
     pipe.set_progress_bar_config(disable=True)
-    bucket_of = {r.key: b for b, rs in per_bucket.items() for r in rs}
     with atomic_folder(out, LATENT_CACHE) as tmp:
         writer = _Writer(tmp, [])
         pending: dict[int, _Chunk] = {}
         # Records are read in their order (each tar shard once) and encoded per bucket; a bucket's chunk is written
         # when it holds shard_size images, or, to keep about one shard in memory, when all pending ones together do.
         for record, image in progress(read_images(records), desc="cache", total=len(records)):
-            bucket = bucket_of[record.key]
+            # The decoded image's size is authoritative (the scan read headers only): see images._orientation.
+            bucket = assign_bucket(image.size, buckets)
             chunk = pending.setdefault(bucket, _Chunk())
             chunk.add(record, to_bucket(image, buckets[bucket]))
             if len(chunk.waiting) >= encode_batch:

@@ -28,12 +28,14 @@ from ppcl.runtime.controlnet import ControlNetRemap, attach_block_map, map_resid
 from ppcl.runtime.lora import load_lora, lora_state_dict, remap_lora_state_dict
 from ppcl.runtime.merge import merge
 from ppcl.runtime.merge_width import MERGED_FILE, load_merged, save_merged
+from ppcl.runtime.merged_component import COMPONENT_MODULE, register_component
 from ppcl.runtime.width import width_modules
 
 __all__ = [
     "ADDON_ATTR",
     "BLOCKS_FILE",
     "BlockMap",
+    "COMPONENT_MODULE",
     "ControlNetRemap",
     "StackMap",
     "attach_block_map",
@@ -51,6 +53,7 @@ __all__ = [
     "lora_state_dict",
     "merge",
     "remap_lora_state_dict",
+    "register_component",
     "remove_addon",
     "runtime_state",
     "save_merged",

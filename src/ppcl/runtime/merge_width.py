@@ -39,6 +39,7 @@ from ppcl.modules.projection import ResidualLinear
 from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
 from ppcl.runtime.block_map import BLOCK_MAP_ATTR, BlockMap, saved_path
 from ppcl.runtime.controlnet import attach_block_map
+from ppcl.runtime.merged_component import register_component
 
 MERGED_FILE = "ppcl_merged.json"
 MERGED_FORMAT = "ppcl.merged_width"
@@ -119,7 +120,8 @@ def replay(
         mode = WidthMode(sub["text"], frozenset(sub["ffn"]), run)
         block.forward = _MergedForward(block, spec.stack_of(model, i).input_names, mode, parts, ctx)
     setattr(model, RECORD_ATTR, dict(record))
-    return model
+    # Not a stock model any more: pipelines save it as ppcl's diffusers component, which loads it back.
+    return register_component(model)
 
 
 class _MergedForward:
