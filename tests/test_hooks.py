@@ -9,13 +9,17 @@ the base model) fails here.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
+import ppcl
 from ppcl.addon import PruningAddon
+from ppcl.errors import PPCLError
 from ppcl.runtime import active_level, apply_addon, remove_addon, set_level
 from tiny_models import build_tiny, two_span_plan
+from tiny_pipelines import build_flux
 
 
 def _case(name: str = "flux"):
@@ -157,3 +161,65 @@ def test_a_wrapper_added_after_applying_survives_and_removal_is_exact() -> None:
     remove_addon(model)
     torch.testing.assert_close(_run(model, inputs), expected[None], rtol=0, atol=1e-6)
     assert len(calls) == 2 and type(block).__name__ == "FluxTransformerBlock"
+
+
+def _flux_pipeline_and_addon(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny FLUX.1 pipeline folder and a saved add-on for it (level ``b``: spans [1:3], [3:5]; perturbed)."""
+    folder = build_flux(tmp_path / "flux")
+    base = ppcl.load_pipeline(folder).transformer
+    addon = PruningAddon.from_plan(base, two_span_plan(base))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in addon.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    addon.save_pretrained(tmp_path / "addon")
+    return folder, tmp_path / "addon"
+
+
+def _image(pipe) -> torch.Tensor:
+    out = pipe(prompt="a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    return torch.from_numpy(out)
+
+
+def _offload(pipe, kind: str) -> None:
+    if kind == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        # What enable_sequential_cpu_offload does to each component. The pipeline method itself fails on a CPU
+        # execution device (diffusers 0.42.1 + accelerate 1.16, without ppcl: "new() received an invalid
+        # combination of arguments"), and the CPU is the only device here.
+        import accelerate
+
+        accelerate.cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offload_with_the_addon(offload: str, tmp_path: Path) -> None:
+    """``enable_model_cpu_offload`` / sequential offload (accelerate's ``cpu_offload``, as
+    ``enable_sequential_cpu_offload`` applies it; the execution device is the CPU here, the only one) with an add-on:
+    the images of the unhooked pipeline. Sequential offload keeps the
+    weights on ``meta`` inside its hooks: an add-on built or loaded from such a base reads them back (students were
+    all ``meta``), and applying moved the students to ``meta`` too (their weights lost). Offloading sequentially
+    *after* applying is refused clearly at the first call (accelerate failed with a bare ``KeyError``); model
+    offload works in either order."""
+    folder, addon_folder = _flux_pipeline_and_addon(tmp_path)
+    expected = _image(ppcl.load_pipeline(folder, addon_folder, level="b"))
+    pipe = ppcl.load_pipeline(folder)
+    _offload(pipe, offload)
+    addon = PruningAddon.from_pretrained(addon_folder, pipe.transformer)
+    assert not any(p.is_meta for p in addon.parameters())
+    if offload == "sequential":  # an add-on made from the offloaded base starts from the real teacher weights
+        made = PruningAddon.from_plan(pipe.transformer, two_span_plan(pipe.transformer))
+        plain = PruningAddon.from_plan(ppcl.load_pipeline(folder).transformer, two_span_plan(pipe.transformer))
+        for (name, p), q in zip(made.state_dict().items(), plain.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    apply_addon(pipe.transformer, addon, "b")
+    torch.testing.assert_close(_image(pipe), expected, rtol=0, atol=1e-6)
+    later = ppcl.load_pipeline(folder, addon_folder, level="b")
+    _offload(later, offload)
+    if offload == "model":
+        torch.testing.assert_close(_image(later), expected, rtol=0, atol=1e-6)
+    else:
+        with pytest.raises(PPCLError, match="offloaded after it was applied"):
+            _image(later)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ppcl.errors import ConfigError
 from ppcl.modules import dispatch
+from ppcl.modules.offload import materialise_
 from ppcl.modules.quantized import dequantize_, replace_submodule
 from ppcl.storage import logical_shape
 
@@ -54,7 +55,8 @@ def has_adapter_layers(module: nn.Module) -> bool:
 
 def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -> nn.Module:
     """A detached deep copy of ``block`` without hooks, dispatchers or adapter layers; same dtype and device, with
-    quantised weights (torchao, bitsandbytes) dequantised (:func:`ppcl.modules.quantized.dequantize_`).
+    quantised weights (torchao, bitsandbytes) dequantised (:func:`ppcl.modules.quantized.dequantize_`) and weights
+    offloaded by accelerate's sequential offload read back from its hooks (on the CPU).
 
     Args:
         block: a teacher block, possibly wrapped by ppcl, accelerate, diffusers hooks or PEFT.
@@ -65,6 +67,7 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
         ConfigError: an adapter is merged into the base weights and ``allow_merged_adapters`` is false.
     """
     clone = copy.deepcopy(block, _hookless_memo(block))
+    materialise_(clone, block)  # weights accelerate's sequential offload keeps in its hooks, not on the block
     for module in clone.modules():
         dispatch.uninstall(module)  # a copy of a dispatched block is a plain block of the diffusers class
     for name, module in list(clone.named_modules()):

@@ -36,6 +36,7 @@ from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ConfigError
 from ppcl.kinds import check_kinds, kind_of
 from ppcl.modules import dispatch
+from ppcl.modules.offload import execution_device
 from ppcl.modules.width import RunContext
 from ppcl.runtime.width import WidthAction, check_width_support, like_input, width_actions
 
@@ -246,14 +247,20 @@ def _dispatch_tables(
 def _align_devices(spec: ArchSpec, model: nn.Module, addon: PruningAddon) -> None:
     # In-place .to keeps the Parameter objects, so an optimiser built on addon.parameters() stays valid.
     for rep in addon.plan.replacements:
-        target = next(spec.block(model, rep.blocks()[0]).parameters(), None)
+        block = spec.block(model, rep.blocks()[0])
+        target = next(block.parameters(), None)
+        device = None if target is None else target.device
+        if device is not None and device.type == "meta":
+            # Sequentially offloaded (accelerate): the block's weights come to its execution device for each call;
+            # the students are not offloaded, so they stay there.
+            device = execution_device(block)
         for key in kind_of(rep).module_keys(rep):
             if key not in addon.students:
                 continue  # a missing student/projection is reported when the dispatch tables are built
             module = addon.students[key]
             current = next(module.parameters(), None)
-            if target is not None and current is not None and current.device != target.device:
-                module.to(target.device)
+            if device is not None and current is not None and current.device != device:
+                module.to(device)
 
 
 class _Dispatcher:
@@ -272,6 +279,8 @@ class _Dispatcher:
             return original(block, *args, **kwargs)
         if action is SKIP:
             return self.state.spec.passthrough(self.model, self.index, args, kwargs)
+        if not torch.compiler.is_compiling():
+            _check_not_offloaded(action, self.index)
         if isinstance(action, WidthAction):
             return action(block, args, kwargs)
         return self._like_inputs(action(*args, **kwargs), args, kwargs)
@@ -290,6 +299,29 @@ class _Dispatcher:
 
     def __repr__(self) -> str:
         return f"<ppcl dispatcher of flat block {self.index}>"
+
+
+def _check_not_offloaded(action: nn.Module | WidthAction, index: int) -> None:
+    """Refuse an action whose add-on weights accelerate's sequential offload took away (``meta``, no copy kept).
+
+    ``enable_sequential_cpu_offload`` after :func:`apply_addon` keeps the weights ``state_dict()`` lists, and it
+    leaves out ``ppcl.*`` (base checkpoints stay pure): the students' and projections' weights are gone, and
+    accelerate would fail with a bare ``KeyError``.
+    """
+    if isinstance(action, WidthAction):
+        parts = action.parts
+        modules = [action.module, parts.text_in, parts.text_out, *parts.ffn.values()]
+    else:
+        modules = [action]
+    firsts = [next(m.parameters(), None) for m in modules if m is not None]
+    if any(p is not None and p.is_meta for p in firsts):
+        raise ConfigError(
+            f"The add-on's modules for flat block {index} have no weights: they were offloaded after it was applied",
+            expected="enable_sequential_cpu_offload() (accelerate's cpu_offload) before apply_addon / load_pipeline",
+            found="add-on weights on the meta device, not kept by the offload hooks",
+            fix="load the add-on again and apply it after enabling sequential offload (or use "
+            "enable_model_cpu_offload / enable_group_offload, which work in either order)",
+        )
 
 
 @contextmanager
