@@ -5,7 +5,8 @@
 #   3. benchmarks/sharded_check.py          the FSDP2-sharded trainer vs the plain one on CUDA (NCCL), fp32 and bf16
 #   4. (issue 16) latency with the width maps in float32 (before) against step 1's bf16 maps (merge's default now),
 #      the distillation step with a quantised teacher (torchao int8 weight-only, bitsandbytes NF4), and
-#      benchmarks/offload_check.py: model / sequential CPU offload with an add-on on the GPU (tiny pipeline, ~30 s)
+#      benchmarks/runtime_check.py: model / sequential CPU offload and inductor regional compilation with an add-on
+#      on the GPU (tiny models, ~1 min)
 # ONLY=issue16 runs step 4 alone (~5 min of GPU time; all four: ~10 min).
 # Each appends its section (command, machine, date) to benchmarks/RESULTS.md; a failing step does not stop the others.
 # Results land in $OUT (default runs/gpu): the JSON of each step, the whole log, and the updated RESULTS.md.
@@ -40,6 +41,6 @@ for q in int8 nf4; do
   step "distill_step_$q" "$PY" benchmarks/real_size_distill_step.py --device cuda --quantize "$q" --checkpointing on \
     --json "$OUT/real_size_distill_step_$q.json"
 done
-step offload "$PY" benchmarks/offload_check.py --device cuda --json "$OUT/offload_check.json"
+step runtime "$PY" benchmarks/runtime_check.py --device cuda --json "$OUT/runtime_check.json"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

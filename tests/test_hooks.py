@@ -223,3 +223,68 @@ def test_cpu_offload_with_the_addon(offload: str, tmp_path: Path) -> None:
     else:
         with pytest.raises(PPCLError, match="offloaded after it was applied"):
             _image(later)
+
+
+@pytest.mark.parametrize("name", ["flux", "qwenimage"])
+def test_regional_compile_at_every_level(name: str) -> None:
+    """diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``, the eager backend) after
+    ``apply_addon`` gives the eager outputs at every depth and width level; ``remove_addon`` leaves plain blocks
+    compiled the plain way. Before, the whole call of each dispatched block at each level was its own graph, all on
+    one code object: the tiny FLUX.1 hit torch's recompile limit at its third level (``FailOnRecompileLimitHit``).
+    Width-modified blocks run eagerly (their forward does not trace as one region)."""
+    from test_addon_width import _perturb, width_plan
+
+    case = build_tiny(name)
+    model, inputs = case.model, case.make_inputs(0)
+    addon = PruningAddon.from_plan(model, width_plan(model))
+    _perturb(addon)
+    reference = copy.deepcopy(model)
+    apply_addon(reference, copy.deepcopy(addon))
+    levels = (None, "d", "w", "dw", None)
+    expected = {}
+    for level in levels:
+        set_level(reference, level)
+        expected[level] = _run(reference, inputs)
+    apply_addon(model, addon)
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(fullgraph=True, backend="eager")
+    for level in levels:
+        set_level(model, level)
+        torch.testing.assert_close(_run(model, inputs), expected[level], rtol=0, atol=1e-6)
+    remove_addon(model)
+    assert all(b._compiled_call_impl is not None for b in model.transformer_blocks)
+    torch.testing.assert_close(_run(model, inputs), expected[None], rtol=0, atol=1e-6)
+
+
+def test_regional_compile_makes_few_graphs_whatever_the_blocks() -> None:
+    """A 16-block Qwen-Image with 4 spans (8 blocks skipped): every level runs on at most 3 graphs, so the recompile
+    limit is never near (each dispatched block was its own graph at each level), and compiling a block on its own
+    before applying is refused clearly (the dispatch would then sit inside its graph)."""
+    from diffusers import QwenImageTransformer2DModel
+    from torch._dynamo.utils import counters
+
+    from ppcl.errors import ConfigError
+    from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
+    from tiny_models import _qwen_inputs
+
+    torch.manual_seed(0)
+    config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=16, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))  # fmt: skip
+    model, inputs = QwenImageTransformer2DModel(**config), _qwen_inputs(0)
+    spans = [DepthReplacement(Span(a, b)) for a, b in ((1, 4), (4, 7), (8, 11), (11, 14))]
+    plan = PruningPlan("qwenimage", type(model).__name__, (16,), spans,
+                       [Level("a", (spans[0].id, spans[2].id)), Level("b", tuple(s.id for s in spans))],
+                       protect_first=1, protect_last=1).validate()  # fmt: skip
+    addon = PruningAddon.from_plan(model, plan)
+    expected = _levels(model, addon, inputs)
+    apply_addon(model, addon)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_repeated_blocks(fullgraph=True, backend="eager")
+    for level in ("a", "b", None):
+        set_level(model, level)
+        torch.testing.assert_close(_run(model, inputs), expected[level], rtol=0, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    remove_addon(model)  # its blocks are compiled the plain way now
+    with pytest.raises(ConfigError, match="compiled on its own"):
+        apply_addon(model, addon)

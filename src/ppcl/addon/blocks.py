@@ -24,8 +24,16 @@ from ppcl.storage import logical_shape
 LAYERWISE_CASTING_HOOK = "layerwise_casting"
 """The name diffusers registers its layerwise-casting hook under (``diffusers.hooks.layerwise_casting``)."""
 
-# Attributes that hooking libraries put on a module instance to reroute its forward.
-_INSTANCE_HOOK_ATTRS: tuple[str, ...] = ("forward", "_hf_hook", "_old_forward", "_diffusers_hook")
+# Attributes that hooking libraries put on a module instance to reroute its forward, and regional compilation's
+# (a compiled call is bound to the original block: a copy keeping it would run the teacher).
+_INSTANCE_HOOK_ATTRS: tuple[str, ...] = (
+    "forward",
+    "_hf_hook",
+    "_old_forward",
+    "_diffusers_hook",
+    "_compiled_call_impl",
+    dispatch.COMPILE_ATTR,
+)
 _HOOK_DICTS: tuple[str, ...] = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -69,6 +77,7 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
     clone = copy.deepcopy(block, _hookless_memo(block))
     materialise_(clone, block)  # weights accelerate's sequential offload keeps in its hooks, not on the block
     for module in clone.modules():
+        module.__dict__.pop(dispatch.COMPILE_ATTR, None)  # a copy is not compiled (uninstall would compile it)
         dispatch.uninstall(module)  # a copy of a dispatched block is a plain block of the diffusers class
     for name, module in list(clone.named_modules()):
         if not is_adapter_layer(module):

@@ -28,6 +28,8 @@ from ppcl.errors import ConfigError
 DISPATCH_ATTR = "_ppcl_dispatch"
 """Instance attribute of a dispatched block: the callable ``(block, original_forward, args, kwargs) -> output`` it
 runs."""
+COMPILE_ATTR = "_ppcl_compile_options"
+"""Instance attribute of a dispatched block compiled regionally: the ``(args, kwargs)`` of its ``compile`` call."""
 _REPOINTED_ATTR = "_ppcl_repointed"
 _BASE_ATTR = "_ppcl_base_class"
 _CLASSES: dict[type, type] = {}
@@ -46,16 +48,49 @@ def dispatching_class(cls: type[nn.Module]) -> type[nn.Module]:
 
     @functools.wraps(original)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        options = self.__dict__.get(COMPILE_ATTR)
+        run = original if options is None else compiled_function(original, options)
         dispatch = self.__dict__.get(DISPATCH_ATTR)
         if dispatch is None:  # removed while a wrapper still holds this forward: the block is plain again
-            return original(self, *args, **kwargs)
-        return dispatch(self, original, args, kwargs)
+            return run(self, *args, **kwargs)
+        return dispatch(self, run, args, kwargs)
 
-    sub = type(cls.__name__, (cls,), {"forward": forward, _BASE_ATTR: cls, "__module__": cls.__module__})
+    def compile(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """Regional compilation (``model.compile_repeated_blocks``, ``block.compile``) of a dispatched block.
+
+        ``nn.Module.compile`` would compile the whole call, dispatch included: every dispatched block at every level
+        would then be its own graph, all counted against one code object, so torch's recompile limit (8) is hit
+        (``fullgraph=True`` fails, otherwise the rest runs eagerly). Instead the dispatch stays eager and what it
+        runs is compiled: the block's own ``forward`` (one graph for all blocks of the class) here, students by their
+        own ``compile`` (they are plain blocks), width-modified forwards by the dispatcher.
+        """
+        self.__dict__[COMPILE_ATTR] = (args, kwargs)
+
+    attrs = {"forward": forward, "compile": compile, _BASE_ATTR: cls, "__module__": cls.__module__}
+    sub = type(cls.__name__, (cls,), attrs)
     sub.__qualname__ = cls.__qualname__
     _share_block_metadata(cls, sub)
     _CLASSES[cls] = sub
     return sub
+
+
+@functools.cache
+def _compiled(function: Callable[..., Any], args: tuple[Any, ...], kwargs: tuple[tuple[str, Any], ...]) -> Any:
+    import torch
+
+    return torch.compile(function, *args, **dict(kwargs))
+
+
+def compiled_function(function: Callable[..., Any], options: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    """``torch.compile(function, *args, **kwargs)`` for ``options = (args, kwargs)``, made once per function and
+    options (a compiled function keeps its graphs: one per distinct input structure, shared by every caller)."""
+    args, kwargs = options
+    try:
+        return _compiled(function, tuple(args), tuple(sorted(kwargs.items())))
+    except TypeError:  # unhashable options (e.g. an options dict): compile per call site, still correct
+        import torch
+
+        return torch.compile(function, *args, **kwargs)
 
 
 def _share_block_metadata(cls: type, sub: type) -> None:
@@ -87,6 +122,13 @@ def install(block: nn.Module, dispatch: Callable[[nn.Module, Callable[..., Any],
             fix="remove the other add-on first",
         )
     cls = type(block)
+    if block.__dict__.get("_compiled_call_impl") is not None:
+        raise ConfigError(
+            f"This {cls.__name__} was compiled on its own (regional compilation) before the add-on was applied",
+            expected="apply_addon first, then model.compile_repeated_blocks(...) (or torch.compile the whole model)",
+            found="a block with a compiled call (block.compile / compile_repeated_blocks)",
+            fix="load the model again, apply the add-on, then compile; the dispatch then stays out of the graphs",
+        )
     repoint = _saved_forwards(block, cls)
     block.__class__ = dispatching_class(cls)
     new = types.MethodType(block.__class__.forward, block)
@@ -105,6 +147,9 @@ def uninstall(block: nn.Module) -> None:
         setattr(owner, attr, old)
     block.__dict__.pop(DISPATCH_ATTR, None)
     block.__class__ = base
+    options = block.__dict__.pop(COMPILE_ATTR, None)
+    if options is not None:  # compiled while dispatched: a plain block now, compiled the plain way
+        block.compile(*options[0], **options[1])
 
 
 def is_dispatched(block: nn.Module) -> bool:

@@ -1,13 +1,18 @@
-"""CPU offload with an add-on on a real accelerator (issue 16): the check ``tests/test_hooks.py`` can only make with
-the CPU as execution device.
+"""The add-on runtime with diffusers' offload and regional compilation on a real accelerator (issue 16): the checks
+``tests/test_hooks.py`` can only make with the CPU as execution device and the eager compile backend.
 
-On the tiny FLUX.1 pipeline of the tests (``tests/tiny_pipelines.py``) with a perturbed two-span add-on at level
-``b``: the images of the pipeline on the device without offload, against ``enable_model_cpu_offload`` (add-on applied
-before and after) and ``enable_sequential_cpu_offload`` enabled before the add-on is loaded and applied (students
-then live on the device, the base's weights in the hooks). Reports the largest pixel difference of each and whether
-enabling sequential offload after applying is refused clearly. Appends to RESULTS.md unless ``--no-append``::
+1. CPU offload, on the tiny FLUX.1 pipeline of the tests (``tests/tiny_pipelines.py``) with a perturbed two-span
+   add-on at level ``b``: the images of the pipeline on the device without offload, against
+   ``enable_model_cpu_offload`` (add-on applied before and after) and ``enable_sequential_cpu_offload`` enabled
+   before the add-on is loaded and applied (students then live on the device, the base's weights in the hooks); and
+   whether enabling sequential offload after applying is refused clearly.
+2. Regional compilation with the default (inductor) backend: ``compile_repeated_blocks(fullgraph=True)`` of the tiny
+   FLUX.1 transformer (``tests/tiny_models.py``) with the add-on applied, at levels None, ``a``, ``b``: the largest
+   difference from eager, and the number of graphs compiled.
 
-    .venv/bin/python benchmarks/offload_check.py --device cuda
+Appends to RESULTS.md unless ``--no-append``::
+
+    .venv/bin/python benchmarks/runtime_check.py --device cuda
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import ppcl  # noqa: E402
 from _results import append  # noqa: E402
 from ppcl.addon import PruningAddon  # noqa: E402
 from ppcl.errors import PPCLError  # noqa: E402
-from ppcl.runtime import apply_addon  # noqa: E402
-from tiny_models import two_span_plan  # noqa: E402
+from ppcl.runtime import apply_addon, set_level  # noqa: E402
+from tiny_models import build_tiny, two_span_plan  # noqa: E402
 from tiny_pipelines import build_flux  # noqa: E402
 
 
@@ -50,7 +55,7 @@ def _addon(root: Path) -> tuple[Path, Path]:
     return folder, root / "addon"
 
 
-def measure(device: str) -> dict[str, Any]:
+def measure_offload(device: str) -> dict[str, Any]:
     """Max |difference| of each offload mode's image against the plain one on ``device``."""
     with tempfile.TemporaryDirectory() as tmp:
         folder, addon = _addon(Path(tmp))
@@ -77,21 +82,51 @@ def measure(device: str) -> dict[str, Any]:
     return results
 
 
+@torch.no_grad()
+def measure_regional_compile(device: str) -> dict[str, Any]:
+    """Max |compiled − eager| output of the tiny FLUX.1 with the add-on at each level, and the graphs compiled."""
+    from torch._dynamo.utils import counters
+
+    case = build_tiny("flux")
+    model, inputs = case.model.to(device), {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                             for k, v in case.make_inputs(0).items()}  # fmt: skip
+    addon = PruningAddon.from_plan(model, two_span_plan(model))
+    apply_addon(model, addon)
+    levels = (None, "a", "b")
+    eager = {}
+    for level in levels:
+        set_level(model, level)
+        eager[level] = model(**inputs, return_dict=False)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_repeated_blocks(fullgraph=True)
+    results: dict[str, Any] = {}
+    for level in levels:
+        set_level(model, level)
+        out = model(**inputs, return_dict=False)[0]
+        results[f"regional compile (inductor), level {level}"] = (out - eager[level]).abs().max().item()
+    results["graphs compiled"] = f"{counters['stats']['unique_graphs']} graphs"
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="the accelerator (default cuda)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-append", action="store_true", help="print only")
     args = parser.parse_args()
-    results = measure(args.device)
-    rows = ["| mode | max abs pixel difference vs no offload |", "|---|---|"]
+    results = {**measure_offload(args.device), **measure_regional_compile(args.device)}
+    rows = ["| mode | max abs difference (pixels vs no offload; outputs vs eager) |", "|---|---|"]
     rows += [f"| {k} | {v if isinstance(v, str) else f'{v:.2g}'} |" for k, v in results.items()]
-    body = "Tiny FLUX.1 pipeline, two-span add-on at level b, 2 steps at 16x16.\n\n" + "\n".join(rows)
+    body = (
+        "Tiny FLUX.1 pipeline / transformer, two-span add-on (level b for offload: 2 steps at 16x16).\n\n"
+        + "\n".join(rows)
+    )
     print(body)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if not args.no_append:
-        append(f"CPU offload with an add-on on {args.device} (issue 16)", body)
+        append(f"Add-on runtime with CPU offload and regional compilation on {args.device} (issue 16)", body)
 
 
 if __name__ == "__main__":
