@@ -16,9 +16,11 @@ import torch
 
 import ppcl
 from ppcl.addon import PruningAddon
-from ppcl.errors import PPCLError
-from ppcl.runtime import active_level, apply_addon, remove_addon, set_level
-from tiny_models import build_tiny, two_span_plan
+from ppcl.errors import ConfigError, PPCLError
+from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
+from ppcl.runtime import active_level, apply_addon, merge, remove_addon, set_level
+from test_addon_width import _perturb, width_plan
+from tiny_models import _qwen_inputs, build_tiny, two_span_plan
 from tiny_pipelines import build_flux
 
 
@@ -232,8 +234,6 @@ def test_regional_compile_at_every_level(name: str) -> None:
     compiled the plain way. Before, the whole call of each dispatched block at each level was its own graph, all on
     one code object: the tiny FLUX.1 hit torch's recompile limit at its third level (``FailOnRecompileLimitHit``).
     Width-modified blocks run eagerly (their forward does not trace as one region)."""
-    from test_addon_width import _perturb, width_plan
-
     case = build_tiny(name)
     model, inputs = case.model, case.make_inputs(0)
     addon = PruningAddon.from_plan(model, width_plan(model))
@@ -263,10 +263,6 @@ def test_regional_compile_makes_few_graphs_whatever_the_blocks() -> None:
     from diffusers import QwenImageTransformer2DModel
     from torch._dynamo.utils import counters
 
-    from ppcl.errors import ConfigError
-    from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
-    from tiny_models import _qwen_inputs
-
     torch.manual_seed(0)
     config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=16, attention_head_dim=16,
                   num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))  # fmt: skip
@@ -288,3 +284,24 @@ def test_regional_compile_makes_few_graphs_whatever_the_blocks() -> None:
     remove_addon(model)  # its blocks are compiled the plain way now
     with pytest.raises(ConfigError, match="compiled on its own"):
         apply_addon(model, addon)
+
+
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3"])
+def test_fullgraph_compile_at_width_levels_and_of_width_merges(name: str) -> None:
+    """``torch.compile(fullgraph=True)`` (eager backend) at the width levels of an add-on and of the width-merged
+    model gives the eager outputs. Text-pruned blocks of Qwen-Image and SD3 failed to trace ("Unsupported method
+    call": their attention view was passed as ``self`` to the attention class's ``forward``)."""
+    case = build_tiny(name)
+    model, inputs = case.model, case.make_inputs(0)
+    addon = PruningAddon.from_plan(model, width_plan(model))
+    _perturb(addon)
+    merged = merge(model, addon, "dw")
+    apply_addon(model, addon)
+    for level in ("w", "dw"):
+        set_level(model, level)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(_run(compiled, inputs), _run(model, inputs), rtol=0, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(merged, fullgraph=True, backend="eager")
+    torch.testing.assert_close(_run(compiled, inputs), _run(merged, inputs), rtol=0, atol=1e-6)

@@ -19,6 +19,7 @@ merged model may delete them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -103,7 +104,13 @@ class TextQueryFreeAttention:
         return overrides[name] if name in overrides else getattr(self.__dict__["_attn"], name)
 
     def __call__(self, **kwargs: Any) -> Any:
-        return type(self._attn).forward(self, **kwargs)
+        # The processor directly, with the arguments it takes (what the attention's own forward does): calling
+        # ``type(attn).forward(view)`` with this view as ``self`` cannot be traced by torch.compile (fullgraph).
+        processor = self._attn.processor
+        params = inspect.signature(processor.__call__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+        return processor(self, **kwargs)
 
 
 def _rows(linear: nn.Linear, x: Tensor, first: int, stop: int, d: int) -> Tensor:
