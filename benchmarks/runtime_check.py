@@ -7,8 +7,8 @@
    before the add-on is loaded and applied (students then live on the device, the base's weights in the hooks); and
    whether enabling sequential offload after applying is refused clearly.
 2. Regional compilation with the default (inductor) backend: ``compile_repeated_blocks(fullgraph=True)`` of the tiny
-   FLUX.1 transformer (``tests/tiny_models.py``) with the add-on applied, at levels None, ``a``, ``b``: the largest
-   difference from eager, and the number of graphs compiled.
+   FLUX.1 transformer (``tests/tiny_models.py``) with the add-on applied, at levels None, ``a``, ``b``, and of a tiny
+   width-merged Qwen-Image: the largest difference from eager, and the number of graphs compiled.
 
 Appends to RESULTS.md unless ``--no-append``::
 
@@ -32,7 +32,8 @@ import ppcl  # noqa: E402
 from _results import append  # noqa: E402
 from ppcl.addon import PruningAddon  # noqa: E402
 from ppcl.errors import PPCLError  # noqa: E402
-from ppcl.runtime import apply_addon, set_level  # noqa: E402
+from ppcl.runtime import apply_addon, merge, set_level  # noqa: E402
+from test_addon_width import _perturb, width_plan  # noqa: E402
 from tiny_models import build_tiny, two_span_plan  # noqa: E402
 from tiny_pipelines import build_flux  # noqa: E402
 
@@ -106,6 +107,16 @@ def measure_regional_compile(device: str) -> dict[str, Any]:
         out = model(**inputs, return_dict=False)[0]
         results[f"regional compile (inductor), level {level}"] = (out - eager[level]).abs().max().item()
     results["graphs compiled"] = f"{counters['stats']['unique_graphs']} graphs"
+    case = build_tiny("qwenimage")  # width: a text run and FFN maps, merged
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.make_inputs(0).items()}
+    addon = PruningAddon.from_plan(case.model, width_plan(case.model))
+    _perturb(addon)
+    merged = merge(case.model, addon, "dw").to(device)
+    eager_out = merged(**inputs, return_dict=False)[0]
+    torch._dynamo.reset()
+    merged.compile_repeated_blocks(fullgraph=True)
+    out = merged(**inputs, return_dict=False)[0]
+    results["regional compile (inductor), width-merged Qwen-Image"] = (out - eager_out).abs().max().item()
     return results
 
 

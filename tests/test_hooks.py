@@ -36,12 +36,12 @@ def _case(name: str = "flux"):
 
 
 @torch.no_grad()
-def _levels(model, addon, inputs) -> dict:
-    """Outputs of level None, "a" and "b" of ``addon`` on a private copy of ``model`` (no hooks involved)."""
+def _levels(model, addon, inputs, levels: tuple[str | None, ...] = (None, "a", "b")) -> dict:
+    """Outputs of ``levels`` of ``addon`` on a private copy of ``model`` (no hooks involved)."""
     model, addon = copy.deepcopy(model), copy.deepcopy(addon)
     apply_addon(model, addon)
     out = {}
-    for level in (None, "a", "b"):
+    for level in levels:
         set_level(model, level)
         out[level] = model(**inputs, return_dict=False)[0]
     return out
@@ -233,7 +233,7 @@ def test_regional_compile_at_every_level(name: str) -> None:
     ``apply_addon`` gives the eager outputs at every depth and width level; ``remove_addon`` leaves plain blocks
     compiled the plain way. Before, the whole call of each dispatched block at each level was its own graph, all on
     one code object: the tiny FLUX.1 hit torch's recompile limit at its third level (``FailOnRecompileLimitHit``).
-    Width-modified blocks run eagerly (their forward does not trace as one region)."""
+    Width-modified blocks run a compiled copy of their mode's computation."""
     case = build_tiny(name)
     model, inputs = case.model, case.make_inputs(0)
     addon = PruningAddon.from_plan(model, width_plan(model))
@@ -305,3 +305,44 @@ def test_fullgraph_compile_at_width_levels_and_of_width_merges(name: str) -> Non
     torch._dynamo.reset()
     compiled = torch.compile(merged, fullgraph=True, backend="eager")
     torch.testing.assert_close(_run(compiled, inputs), _run(merged, inputs), rtol=0, atol=1e-6)
+
+
+def _many_modes_plan(model: torch.nn.Module) -> PruningPlan:
+    """20-block Qwen-Image: four text runs and FFN maps on anchors, pruned, last and full blocks (11 width modes)."""
+    from ppcl.plan.width import FFNLinear
+    from ppcl.plan.width_select import with_width_level
+
+    span = DepthReplacement(Span(17, 19))
+    plan = PruningPlan("qwenimage", type(model).__name__, (20,), [span], [Level("d", (span.id,))],
+                       protect_first=1, protect_last=1)  # fmt: skip
+    image = ("image",)
+    ffn = [1, FFNLinear(2, image), FFNLinear(6, image), FFNLinear(7, image), FFNLinear(8, image),
+           FFNLinear(11, image), 12, FFNLinear(13, image), 16]  # fmt: skip
+    return with_width_level(plan, "w", [(1, 3), (4, 7), (8, 11), (12, 15)], ffn, base_level="d")
+
+
+def test_regional_compile_of_width_levels_and_merges_stays_under_the_recompile_limit() -> None:
+    """Width-modified blocks under regional compilation run compiled, one copy of the computation per mode (each its
+    own code object), so a plan with many modes stays far under torch's recompile limit, here lowered to 4: in add-on
+    mode they ran eagerly; a width-merged model compiled each block's whole call, one graph per mode on one code object
+    (9 entries for this plan: over the lowered limit, and near the real one, 8)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=20, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))  # fmt: skip
+    model, inputs = QwenImageTransformer2DModel(**config), _qwen_inputs(0)
+    addon = PruningAddon.from_plan(model, _many_modes_plan(model))
+    _perturb(addon)
+    merged = merge(model, addon, "w")
+    expected = _levels(model, addon, inputs, (None, "d", "w"))
+    torch.testing.assert_close(_run(merged, inputs), expected["w"], rtol=0, atol=1e-5)
+    apply_addon(model, addon)
+    with torch._dynamo.config.patch(recompile_limit=4):
+        torch._dynamo.reset()
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        merged.compile_repeated_blocks(fullgraph=True, backend="eager")
+        for level in ("w", "d", None):
+            set_level(model, level)
+            torch.testing.assert_close(_run(model, inputs), expected[level], rtol=0, atol=1e-6)
+        torch.testing.assert_close(_run(merged, inputs), expected["w"], rtol=0, atol=1e-5)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from torch import nn
@@ -74,23 +74,43 @@ def dispatching_class(cls: type[nn.Module]) -> type[nn.Module]:
     return sub
 
 
-@functools.cache
-def _compiled(function: Callable[..., Any], args: tuple[Any, ...], kwargs: tuple[tuple[str, Any], ...]) -> Any:
-    import torch
-
-    return torch.compile(function, *args, **dict(kwargs))
+_COMPILED: dict[tuple[Any, ...], Any] = {}
 
 
-def compiled_function(function: Callable[..., Any], options: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-    """``torch.compile(function, *args, **kwargs)`` for ``options = (args, kwargs)``, made once per function and
-    options (a compiled function keeps its graphs: one per distinct input structure, shared by every caller)."""
+def compiled_function(
+    function: Callable[..., Any], options: tuple[tuple[Any, ...], dict[str, Any]], variant: Hashable = None
+) -> Any:
+    """``torch.compile(function, *args, **kwargs)`` for ``options = (args, kwargs)``, made once per function, options
+    and ``variant``.
+
+    torch keeps a function's graphs, and counts its recompiles (limit 8), per code object. Callers that know their
+    calls fall into a few kinds that each need their own graph (a width-modified block's mode) pass the kind as
+    ``variant``: each variant compiles a copy of ``function`` with its own code object, so many kinds never add up
+    to the limit.
+    """
     args, kwargs = options
-    try:
-        return _compiled(function, tuple(args), tuple(sorted(kwargs.items())))
-    except TypeError:  # unhashable options (e.g. an options dict): compile per call site, still correct
+    key = (function, variant, repr(args), repr(sorted(kwargs.items())))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
         import torch
 
-        return torch.compile(function, *args, **kwargs)
+        target = function if variant is None else _own_code(function)
+        compiled = _COMPILED[key] = torch.compile(target, *args, **kwargs)
+    return compiled
+
+
+def _own_code(function: Any) -> Any:
+    """A copy of plain function ``function`` with a code object of its own (equal, not identical)."""
+    clone = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    clone.__kwdefaults__ = function.__kwdefaults__
+    clone.__qualname__, clone.__doc__, clone.__module__ = function.__qualname__, function.__doc__, function.__module__
+    return clone
 
 
 def _share_block_metadata(cls: type, sub: type) -> None:

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from ppcl.arch import width_block_classes, width_forward_of
 from ppcl.errors import ConfigError, UnsupportedModelError
+from ppcl.modules.dispatch import compiled_function
 
 TextMode = Literal["full", "anchor", "pruned", "last"]
 TEXT_MODES: tuple[str, ...] = ("full", "anchor", "pruned", "last")
@@ -320,3 +321,38 @@ def width_forward(
             fix="use width replacements on dual-stream blocks only",
         )
     return fn(block, bound, mode, parts, ctx)
+
+
+def width_forward_carried(
+    block: nn.Module, bound: Mapping[str, Any], mode: WidthMode, parts: WidthParts, z: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`width_forward` with the run's ``z_a`` ``(B, N_txt, D)`` given and returned: ``(text, image, z_a after
+    the block)`` (``z_a``: ``None`` outside a run). What regional compilation compiles: no shared context object is
+    an input, so blocks of any run with the same mode share one graph."""
+    ctx = None if mode.run is None else RunContext()
+    if ctx is not None:
+        ctx.z = z
+    text, image = width_forward(block, bound, mode, parts, ctx)
+    return text, image, None if ctx is None else ctx.z
+
+
+def run_width(
+    block: nn.Module,
+    bound: Mapping[str, Any],
+    mode: WidthMode,
+    parts: WidthParts,
+    ctx: RunContext | None,
+    compile_options: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`width_forward`, or, for a block compiled regionally (``compile_options``: the ``(args, kwargs)`` of
+    its ``compile`` call), the compiled :func:`width_forward_carried` of its mode, with the run's ``z_a`` read from
+    and written back to ``ctx`` around the call (one compiled copy per mode: see
+    :func:`ppcl.modules.dispatch.compiled_function`)."""
+    if compile_options is None:
+        return width_forward(block, bound, mode, parts, ctx)
+    carried = compiled_function(width_forward_carried, compile_options, variant=mode)
+    reads = ctx is not None and not mode.text_full  # only pruned / last blocks read z_a
+    text, image, z = carried(block, bound, mode, parts, ctx.z if reads else None)
+    if ctx is not None:
+        ctx.z = z
+    return text, image

@@ -282,7 +282,7 @@ class _Dispatcher:
         if not torch.compiler.is_compiling():
             _check_not_offloaded(action, self.index)
         if isinstance(action, WidthAction):
-            return action(block, args, kwargs)
+            return action(block, args, kwargs, block.__dict__.get(dispatch.COMPILE_ATTR))
         return self._like_inputs(action(*args, **kwargs), args, kwargs)
 
     def _like_inputs(self, output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

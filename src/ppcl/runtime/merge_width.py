@@ -35,8 +35,9 @@ from ppcl.arch import ArchSpec, get_spec
 from ppcl.errors import ArtefactError
 from ppcl.hub import resolve_folder, upload_folder
 from ppcl.io import load_tensors, read_json, write_json, write_text
+from ppcl.modules.dispatch import COMPILE_ATTR
 from ppcl.modules.projection import ResidualLinear
-from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
+from ppcl.modules.width import RunContext, WidthMode, WidthParts, run_width
 from ppcl.runtime.block_map import BLOCK_MAP_ATTR, BlockMap, saved_path
 from ppcl.runtime.controlnet import attach_block_map
 from ppcl.runtime.merged_component import register_component
@@ -119,6 +120,7 @@ def replay(
         ctx = contexts.setdefault(run, RunContext()) if run is not None else None
         mode = WidthMode(sub["text"], frozenset(sub["ffn"]), run)
         block.forward = _MergedForward(block, spec.stack_of(model, i).input_names, mode, parts, ctx)
+        block.compile = _RegionalCompile(block)
     setattr(model, RECORD_ATTR, dict(record))
     # Not a stock model any more: pipelines save it as ppcl's diffusers component, which loads it back.
     return register_component(model)
@@ -135,7 +137,23 @@ class _MergedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         bound = dict(zip(self.input_names, args, strict=False))
         bound.update(kwargs)
-        return width_forward(self.block, bound, self.mode, self.parts, self.ctx)
+        options = self.block.__dict__.get(COMPILE_ATTR)
+        return run_width(self.block, bound, self.mode, self.parts, self.ctx, options)
+
+
+class _RegionalCompile:
+    """Instance ``compile`` of a width-modified block of a merged model (``compile_repeated_blocks`` calls it).
+
+    ``nn.Module.compile`` would compile the block's whole call: one graph per block of each mode and run, all on one
+    code object, past torch's recompile limit on a real plan. The options are recorded instead, and the block's
+    forward runs the compiled copy of its mode (:func:`~ppcl.modules.width.run_width`).
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.block.__dict__[COMPILE_ATTR] = (args, kwargs)
 
 
 def save_merged(model: nn.Module, folder: str | os.PathLike[str]) -> Path:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ppcl.arch import ArchSpec, get_spec
 from ppcl.kinds import block_dim, kind_of, width_key
-from ppcl.modules.width import RunContext, WidthMode, WidthParts, width_forward
+from ppcl.modules.width import RunContext, WidthMode, WidthParts, run_width
 from ppcl.plan import PruningPlan, Replacement, check_level_width
 
 __all__ = [
@@ -81,11 +81,18 @@ class WidthAction:
         self.model, self.spec, self.index, self.module = model, spec, index, module
         self.mode, self.parts, self.ctx = mode, parts, ctx
 
-    def __call__(self, block: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    def __call__(
+        self,
+        block: nn.Module,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        compile_options: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    ) -> tuple[Any, ...]:
+        """The position's output; ``compile_options``: those of the dispatched block's regional compilation
+        (:func:`~ppcl.modules.width.run_width`)."""
         bound = self.spec.bind_call(self.model, self.index, args, kwargs)
-        text, image = width_forward(
-            self.module if self.module is not None else block, bound, self.mode, self.parts, self.ctx
-        )
+        module = self.module if self.module is not None else block
+        text, image = run_width(module, bound, self.mode, self.parts, self.ctx, compile_options)
         names = dict(self.spec.stack_of(self.model, self.index).stream_inputs)
         streams = {
             "text": like_input(text, bound.get(names["text"])),
