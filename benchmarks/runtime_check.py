@@ -3,8 +3,8 @@
 
 1. CPU offload, on the tiny FLUX.1 pipeline of the tests (``tests/tiny_pipelines.py``) with a perturbed two-span
    add-on at level ``b``: the images of the pipeline on the device without offload, against
-   ``enable_model_cpu_offload`` (add-on applied before and after) and ``enable_sequential_cpu_offload`` enabled
-   before the add-on is loaded and applied (students then live on the device, the base's weights in the hooks); and
+   ``enable_model_cpu_offload`` and the transformer's block-level group offload (add-on applied before and after),
+   and ``enable_sequential_cpu_offload`` enabled before the add-on is loaded and applied (students then live on the device, the base's weights in the hooks); and
    whether enabling sequential offload after applying is refused clearly.
 2. Regional compilation with the default (inductor) backend: ``compile_repeated_blocks(fullgraph=True)`` of the tiny
    FLUX.1 transformer (``tests/tiny_models.py``) with the add-on applied, at levels None, ``a``, ``b``, and of a tiny
@@ -34,49 +34,42 @@ from ppcl.addon import PruningAddon  # noqa: E402
 from ppcl.errors import PPCLError  # noqa: E402
 from ppcl.runtime import apply_addon, merge, set_level  # noqa: E402
 from test_addon_width import _perturb, width_plan  # noqa: E402
+from test_hooks import flux_image, flux_pipeline_and_addon  # noqa: E402
 from tiny_models import build_tiny, two_span_plan  # noqa: E402
-from tiny_pipelines import build_flux  # noqa: E402
-
-
-def _image(pipe: Any) -> torch.Tensor:
-    out = pipe(prompt="a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-    return torch.from_numpy(out)
-
-
-def _addon(root: Path) -> tuple[Path, Path]:
-    folder = build_flux(root / "flux")
-    base = ppcl.load_pipeline(folder).transformer
-    addon = PruningAddon.from_plan(base, two_span_plan(base))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in addon.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    addon.save_pretrained(root / "addon")
-    return folder, root / "addon"
 
 
 def measure_offload(device: str) -> dict[str, Any]:
     """Max |difference| of each offload mode's image against the plain one on ``device``."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder, addon = _addon(Path(tmp))
-        expected = _image(ppcl.load_pipeline(folder, addon, level="b").to(device))
+        folder, addon = flux_pipeline_and_addon(Path(tmp))
+        expected = flux_image(ppcl.load_pipeline(folder, addon, level="b").to(device))
         results: dict[str, Any] = {}
         pipe = ppcl.load_pipeline(folder, addon, level="b")
         pipe.enable_model_cpu_offload(device=device)
-        results["model offload, add-on applied first"] = (_image(pipe) - expected).abs().max().item()
+        results["model offload, add-on applied first"] = (flux_image(pipe) - expected).abs().max().item()
         pipe = ppcl.load_pipeline(folder)
         pipe.enable_model_cpu_offload(device=device)
         apply_addon(pipe.transformer, PruningAddon.from_pretrained(addon, pipe.transformer), "b")
-        results["model offload, add-on applied after"] = (_image(pipe) - expected).abs().max().item()
+        results["model offload, add-on applied after"] = (flux_image(pipe) - expected).abs().max().item()
+        for order in ("before", "after"):
+            pipe = ppcl.load_pipeline(folder).to(device)
+            offload = {"onload_device": torch.device(device), "offload_type": "block_level", "num_blocks_per_group": 1}
+            if order == "after":
+                pipe.transformer.enable_group_offload(**offload)
+            apply_addon(pipe.transformer, PruningAddon.from_pretrained(addon, pipe.transformer), "b")
+            if order == "before":
+                pipe.transformer.enable_group_offload(**offload)
+            results[f"group offload (block level), add-on applied {order}"] = (
+                (flux_image(pipe) - expected).abs().max().item()
+            )
         pipe = ppcl.load_pipeline(folder)
         pipe.enable_sequential_cpu_offload(device=device)
         apply_addon(pipe.transformer, PruningAddon.from_pretrained(addon, pipe.transformer), "b")
-        results["sequential offload, add-on applied after"] = (_image(pipe) - expected).abs().max().item()
+        results["sequential offload, add-on applied after"] = (flux_image(pipe) - expected).abs().max().item()
         pipe = ppcl.load_pipeline(folder, addon, level="b")
         pipe.enable_sequential_cpu_offload(device=device)
         try:
-            _image(pipe)
+            flux_image(pipe)
             results["sequential offload enabled after applying"] = "ran (unexpected)"
         except PPCLError as err:
             results["sequential offload enabled after applying"] = f"refused: {str(err).split('.')[0]}"

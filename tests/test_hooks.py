@@ -17,6 +17,7 @@ import torch
 import ppcl
 from ppcl.addon import PruningAddon
 from ppcl.errors import ConfigError, PPCLError
+from ppcl.modules.offload import execution_device
 from ppcl.plan import DepthReplacement, Level, PruningPlan, Span
 from ppcl.runtime import active_level, apply_addon, merge, remove_addon, set_level
 from test_addon_width import _perturb, width_plan
@@ -84,21 +85,28 @@ def test_first_block_cache_in_either_order(order: str) -> None:
     torch.testing.assert_close(_run(model, inputs), expected[None], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["block_level", "leaf_level"])
 @pytest.mark.parametrize("order", ["offload_first", "addon_first"])
-def test_group_offload_in_either_order(order: str) -> None:
-    """Block-level group offload (onload and offload on the CPU, the only device here) with the add-on applied
-    before or after: the levels still switch and match the unhooked model."""
+def test_group_offload_in_either_order(order: str, kind: str) -> None:
+    """Block- and leaf-level group offload (onload and offload on the CPU, the only device here) with the add-on
+    applied before or after: the levels still switch and match the unhooked model. An offloaded block is seen to
+    compute on the onload device, where students applied after offloading are put (they stayed wherever the block's
+    weights were stored between calls: the CPU, while an accelerator computes)."""
     case, plain, addon = _case()
     inputs = case.make_inputs(0)
     expected = _levels(plain, addon, inputs)
     model = case.model
-    offload = {"onload_device": torch.device("cpu"), "offload_type": "block_level", "num_blocks_per_group": 1}
+    offload: dict = {"onload_device": torch.device("cpu"), "offload_type": kind}
+    if kind == "block_level":
+        offload["num_blocks_per_group"] = 1
+    assert execution_device(model.transformer_blocks[1]) is None
     if order == "offload_first":
         model.enable_group_offload(**offload)
         apply_addon(model, addon, "a")
     else:
         apply_addon(model, addon, "a")
         model.enable_group_offload(**offload)
+    assert execution_device(model.transformer_blocks[1]) == torch.device("cpu")
     for level in ("a", "b", None):
         set_level(model, level)
         torch.testing.assert_close(_run(model, inputs), expected[level], rtol=0, atol=1e-6)
@@ -165,7 +173,7 @@ def test_a_wrapper_added_after_applying_survives_and_removal_is_exact() -> None:
     assert len(calls) == 2 and type(block).__name__ == "FluxTransformerBlock"
 
 
-def _flux_pipeline_and_addon(tmp_path: Path) -> tuple[Path, Path]:
+def flux_pipeline_and_addon(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny FLUX.1 pipeline folder and a saved add-on for it (level ``b``: spans [1:3], [3:5]; perturbed)."""
     folder = build_flux(tmp_path / "flux")
     base = ppcl.load_pipeline(folder).transformer
@@ -178,7 +186,8 @@ def _flux_pipeline_and_addon(tmp_path: Path) -> tuple[Path, Path]:
     return folder, tmp_path / "addon"
 
 
-def _image(pipe) -> torch.Tensor:
+def flux_image(pipe) -> torch.Tensor:
+    """A 16x16 image of the tiny FLUX.1 pipeline, 2 steps, seeded: ``(1, 16, 16, 3)`` in ``[0, 1]``."""
     out = pipe(prompt="a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
                generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     return torch.from_numpy(out)
@@ -205,8 +214,8 @@ def test_cpu_offload_with_the_addon(offload: str, tmp_path: Path) -> None:
     all ``meta``), and applying moved the students to ``meta`` too (their weights lost). Offloading sequentially
     *after* applying is refused clearly at the first call (accelerate failed with a bare ``KeyError``); model
     offload works in either order."""
-    folder, addon_folder = _flux_pipeline_and_addon(tmp_path)
-    expected = _image(ppcl.load_pipeline(folder, addon_folder, level="b"))
+    folder, addon_folder = flux_pipeline_and_addon(tmp_path)
+    expected = flux_image(ppcl.load_pipeline(folder, addon_folder, level="b"))
     pipe = ppcl.load_pipeline(folder)
     _offload(pipe, offload)
     addon = PruningAddon.from_pretrained(addon_folder, pipe.transformer)
@@ -217,14 +226,14 @@ def test_cpu_offload_with_the_addon(offload: str, tmp_path: Path) -> None:
         for (name, p), q in zip(made.state_dict().items(), plain.state_dict().values(), strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     apply_addon(pipe.transformer, addon, "b")
-    torch.testing.assert_close(_image(pipe), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(flux_image(pipe), expected, rtol=0, atol=1e-6)
     later = ppcl.load_pipeline(folder, addon_folder, level="b")
     _offload(later, offload)
     if offload == "model":
-        torch.testing.assert_close(_image(later), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(flux_image(later), expected, rtol=0, atol=1e-6)
     else:
         with pytest.raises(PPCLError, match="offloaded after it was applied"):
-            _image(later)
+            flux_image(later)
 
 
 @pytest.mark.parametrize("name", ["flux", "qwenimage"])

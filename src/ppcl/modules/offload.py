@@ -1,9 +1,11 @@
-"""Blocks offloaded by accelerate's hooks (``pipe.enable_sequential_cpu_offload()``, ``accelerate.cpu_offload``).
+"""Blocks offloaded by accelerate's hooks (``pipe.enable_sequential_cpu_offload()``, ``accelerate.cpu_offload``) or
+diffusers' group offloading (``enable_group_offload``).
 
 Sequential offload moves every parameter of a hooked module to the ``meta`` device and keeps the real values in the
 hook's ``weights_map`` (on the CPU); the hook puts them on its ``execution_device`` for each forward and takes them
 away after. A copy of such a block (a student's starting point) would be all ``meta``: :func:`materialise_` fills it
-from the hooks' maps instead, and :func:`execution_device` says where a student standing in for such a block runs.
+from the hooks' maps instead. Group offloading keeps real weights on its offload device (the CPU) between calls.
+:func:`execution_device` says where a student standing in for either kind of block runs: students are not offloaded.
 """
 
 from __future__ import annotations
@@ -23,12 +25,21 @@ def _offload_hooks(module: nn.Module) -> Iterator[Any]:
             yield h
 
 
+GROUP_OFFLOAD_HOOK = "group_offloading"
+"""The name diffusers registers its group-offloading hook under (``diffusers.hooks.group_offloading``)."""
+
+
 def execution_device(module: nn.Module) -> torch.device | None:
-    """The device an offloaded ``module`` computes on (its hooks' ``execution_device``); ``None`` if not offloaded."""
+    """The device an offloaded ``module`` computes on: accelerate's hooks' ``execution_device`` or diffusers' group
+    offloading's ``onload_device`` (its weights sit elsewhere between calls); ``None`` if not offloaded."""
     for sub in module.modules():
         for hook in _offload_hooks(sub):
             if hook.execution_device is not None:
                 return torch.device(hook.execution_device)
+        registry = sub.__dict__.get("_diffusers_hook")
+        group = getattr(registry.get_hook(GROUP_OFFLOAD_HOOK) if registry is not None else None, "group", None)
+        if getattr(group, "onload_device", None) is not None:
+            return torch.device(group.onload_device)
     return None
 
 

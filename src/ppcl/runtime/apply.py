@@ -249,11 +249,9 @@ def _align_devices(spec: ArchSpec, model: nn.Module, addon: PruningAddon) -> Non
     for rep in addon.plan.replacements:
         block = spec.block(model, rep.blocks()[0])
         target = next(block.parameters(), None)
-        device = None if target is None else target.device
-        if device is not None and device.type == "meta":
-            # Sequentially offloaded (accelerate): the block's weights come to its execution device for each call;
-            # the students are not offloaded, so they stay there.
-            device = execution_device(block)
+        # An offloaded block (accelerate's sequential offload: weights on meta; diffusers' group offloading: on the
+        # CPU) computes on its execution device; the students are not offloaded, so they stay there.
+        device = execution_device(block) or (None if target is None else target.device)
         for key in kind_of(rep).module_keys(rep):
             if key not in addon.students:
                 continue  # a missing student/projection is reported when the dispatch tables are built
