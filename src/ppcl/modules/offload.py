@@ -43,13 +43,13 @@ def execution_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def materialise_(copy: nn.Module, original: nn.Module) -> nn.Module:
-    """Give ``copy`` (a deep copy of ``original``, same structure) the real values of the tensors accelerate
-    offloaded from ``original`` (``meta`` in both), on the CPU where the hooks keep them. In place; returns ``copy``.
+def materialise_(clone: nn.Module, original: nn.Module) -> nn.Module:
+    """Give ``clone`` (a deep copy of ``original``, same structure) the real values of the tensors accelerate
+    offloaded from ``original`` (``meta`` in both), on the CPU where the hooks keep them. In place; returns ``clone``.
 
     Tensors that are not offloaded, and modules without offloading hooks, are left as they are.
     """
-    copies = dict(copy.named_modules())
+    copies = dict(clone.named_modules())
     for name, module in original.named_modules():
         target = copies.get(name)
         if target is None:
@@ -64,4 +64,4 @@ def materialise_(copy: nn.Module, original: nn.Module) -> nn.Module:
                         target._parameters[key] = nn.Parameter(value, requires_grad=tensor.requires_grad)
                     else:
                         target._buffers[key] = value
-    return copy
+    return clone
