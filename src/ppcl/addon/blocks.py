@@ -32,7 +32,6 @@ _INSTANCE_HOOK_ATTRS: tuple[str, ...] = (
     "_old_forward",
     "_diffusers_hook",
     "_compiled_call_impl",
-    dispatch.COMPILE_ATTR,
 )
 _HOOK_DICTS: tuple[str, ...] = (
     "_forward_hooks",
