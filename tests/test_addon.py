@@ -66,6 +66,26 @@ def test_from_plan_copies_the_init_block(init: str, source: int) -> None:
     assert names[0].startswith("depth_1_3.") and len(names) == len(list(addon.parameters()))
 
 
+def test_from_plan_on_a_model_with_an_addon_applied_copies_blocks_not_the_model(monkeypatch) -> None:
+    """Students made while another add-on is applied are copies of their blocks alone. A dispatched block refers to
+    its dispatcher, which reaches the model, its state and every student: deep-copying a block copied all of it (a
+    whole 20B model per student at real size)."""
+    from ppcl.runtime import apply as runtime_apply
+
+    def refuse(self, memo):
+        raise AssertionError("the dispatcher (and with it the whole model) was copied")
+
+    case = build_tiny("flux")
+    model = case.model.requires_grad_(False)
+    apply_addon(model, PruningAddon.from_plan(model, make_plan(model)), "b")  # blocks 1-4 are dispatched
+    monkeypatch.setattr(runtime_apply._Dispatcher, "__deepcopy__", refuse, raising=False)
+    again = PruningAddon.from_plan(model, make_plan(model))
+    student = again.students[student_key("depth:1-3")]
+    assert type(student).__name__ == "FluxTransformerBlock" and "_ppcl_dispatch" not in student.__dict__
+    for p, t in zip(student.parameters(), get_spec(model).block(model, 1).parameters(), strict=True):
+        assert torch.equal(p, t) and p.data_ptr() != t.data_ptr()
+
+
 def test_from_plan_rejects_a_plan_for_another_model() -> None:
     model = build_tiny("qwenimage").model
     plan = make_plan(model)

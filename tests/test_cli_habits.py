@@ -95,3 +95,24 @@ def test_calibrate_and_generate_with_a_quantised_transformer(
             "--height", "16", "--width", "16", "--quantize", "int8", "--out", str(tmp_path / "q.png")]  # fmt: skip
     assert main(argv) == 0 and np.asarray(Image.open(tmp_path / "q.png")).std() > 0
     assert main(["-q", "calibrate", "--out", str(tmp_path / "toy"), "--quantize", "int8"]) == 2
+
+
+def test_calibrate_and_generate_with_a_gguf_transformer(pipes: dict[str, Path], prompts: Path, tmp_path: Path) -> None:
+    """``--gguf FILE``: calibration captures the GGUF-quantised transformer (the same model to the fingerprint, other
+    values) and generate samples from it; ``--gguf`` with a merged model or the toy world is refused."""
+    from diffusers import SD3Transformer2DModel
+    from PIL import Image
+
+    from test_quantized import write_gguf
+
+    transformer = SD3Transformer2DModel.from_pretrained(pipes["sd3"], subfolder="transformer")
+    gguf = str(write_gguf(transformer, tmp_path / "sd3-Q4_0.gguf", "Q4_0"))
+    plain = _calibrate(pipes["sd3"], prompts, tmp_path / "plain", 16, "--timesteps", "2")
+    quantised = _calibrate(pipes["sd3"], prompts, tmp_path / "q4", 16, "--timesteps", "2", "--gguf", gguf)
+    assert len(quantised) == len(plain) and quantised.content_hash != plain.content_hash
+    assert quantised.config_hash == plain.config_hash
+    argv = ["-q", "generate", "--pipeline", str(pipes["sd3"]), "--prompt", "a red circle", "--steps", "2",
+            "--height", "16", "--width", "16", "--gguf", gguf, "--out", str(tmp_path / "q.png")]  # fmt: skip
+    assert main(argv) == 0 and np.asarray(Image.open(tmp_path / "q.png")).std() > 0
+    assert main(["-q", "calibrate", "--out", str(tmp_path / "toy"), "--gguf", gguf]) == 2
+    assert main(["-q", "generate", "--prompt", "x", "--gguf", gguf, "--out", str(tmp_path / "toy.png")]) == 2

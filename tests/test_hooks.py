@@ -134,6 +134,32 @@ def test_layerwise_casting_before_the_addon_is_built() -> None:
     assert torch.equal(_run(model, inputs), base)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3"])
+def test_layerwise_casting_at_width_levels(name: str) -> None:
+    """fp8 layerwise casting on a base with a depth + width add-on: the width levels run (FFN-mapped blocks of
+    Qwen-Image read modulation rows straight from the fp8-stored ``img_mod.1`` weight: a dtype error; diffusers never
+    casts FLUX.1's and SD3's ``norm1.linear``) and equal a plain copy whose cast layers hold the fp8-rounded weights
+    the hooks compute with."""
+    case = build_tiny(name)
+    model, inputs = case.model, case.make_inputs(0)
+    addon = PruningAddon.from_plan(model, width_plan(model))
+    _perturb(addon)
+    rounded = copy.deepcopy(model)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    cast = [n for n, m in model.named_modules() if "_diffusers_hook" in m.__dict__]
+    assert any(n.endswith("img_mod.1") for n in cast) == (name == "qwenimage")  # modulation layers cast
+    for module_name in cast:
+        for p in rounded.get_submodule(module_name).parameters(recurse=False):
+            p.copy_(p.to(torch.float8_e4m3fn).to(torch.float32))
+    apply_addon(model, addon)
+    apply_addon(rounded, addon)
+    for level in ("w", "dw"):
+        set_level(model, level)
+        set_level(rounded, level)
+        torch.testing.assert_close(_run(model, inputs), _run(rounded, inputs), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3", "wan"])
 def test_fullgraph_compile_at_every_level(name: str) -> None:
     """``torch.compile(fullgraph=True)`` (the eager backend: it fails on any graph break) at level None, a partial

@@ -4,12 +4,15 @@ diffusers read adapters through ``state_dict()``, so they saved 0 of the student
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from ppcl.addon import PruningAddon
 from ppcl.runtime import apply_addon, load_lora, lora_state_dict, set_level
+from test_addon_width import _perturb, width_plan
 from tiny_models import build_tiny, two_span_plan
 
 
@@ -46,3 +49,31 @@ def test_a_level_lora_round_trips_with_its_student_layers(tmp_path: Path) -> Non
         set_level(model, None)
         torch.testing.assert_close(fresh(**inputs, return_dict=False)[0], case.forward(inputs), rtol=0, atol=1e-6)
     assert not any(k.startswith("ppcl.") for k in fresh.state_dict())  # base checkpoints stay pure
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3"])
+def test_a_lora_on_the_modulation_layers_counts_at_width_levels(name: str) -> None:
+    """A base LoRA on the blocks' modulation linears (``img_mod.1`` / ``norm1.linear``: "all linear layers" LoRAs hit
+    them) counts at width levels as on the base: the same outputs as the base with the LoRA fused into its weights.
+    FFN-mapped blocks compute only some modulation rows; that read the base weight directly, skipping the LoRA."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    case = build_tiny(name)
+    model, inputs = case.model.requires_grad_(False), case.make_inputs(0)
+    addon = PruningAddon.from_plan(model, width_plan(model))
+    _perturb(addon)
+    fused = copy.deepcopy(model)
+    targets = ["img_mod.1", "txt_mod.1", "norm1.linear", "norm1_context.linear"]
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert layers
+    for name_, layer in layers.items():  # the reference: the same deltas added to a plain copy's weights
+        fused.get_submodule(name_).weight.add_(layer.get_delta_weight("default"))
+    apply_addon(model, addon)
+    apply_addon(fused, addon)
+    for level in ("w", "dw"):
+        set_level(model, level)
+        set_level(fused, level)
+        torch.testing.assert_close(case.forward(inputs), fused(**inputs, return_dict=False)[0], rtol=0, atol=1e-5)

@@ -1,15 +1,21 @@
 """Quantised teachers (issue 16): add-ons build from, distil from, apply to and load onto a base whose blocks hold
-torchao int8 / fp8 weight-only or bitsandbytes 8-bit / 4-bit (NF4) weights, on CPU; students stay full precision.
+torchao int8 / fp8 weight-only, bitsandbytes 8-bit / 4-bit (NF4) or GGUF (Q8_0 / Q4_0) weights, on CPU; students stay
+full precision; depth and width levels run.
 
 Before: a student was a quantised copy of its teacher block (torchao), so ``save_pretrained`` failed ("invalid python
 storage") and training would have updated quantised values; 4-bit weights are stored packed, so an add-on made on the
 full-precision base did not fit a 4-bit one (other ``block_shapes``). diffusers' bitsandbytes loader needs a GPU, so the
 bitsandbytes bases here are built the way it builds them: each block ``nn.Linear`` swapped for the bitsandbytes layer.
+GGUF bases are real: the tiny model written to a ``.gguf`` file with the ``gguf`` package and read back by diffusers'
+``from_single_file`` with ``GGUFQuantizationConfig``. Before GGUF support an add-on made on the full-precision base was
+refused by the GGUF one (packed shapes), and ``from_plan`` on it failed (``KeyError: None``, copying a GGUF weight).
+Width levels crashed on bitsandbytes and GGUF bases (a raw weight read in the modulation rows).
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,13 +29,17 @@ from ppcl.distill import CalibrationData, DistillConfig, distill_depth
 from ppcl.errors import ConfigError
 from ppcl.runtime import apply_addon, merge, set_level
 from ppcl.storage import has_quantized_weights, is_quantized_tensor
+from test_addon_width import _perturb, width_plan
 from tiny_models import build_tiny, two_span_plan
 
-KINDS = ("torchao-int8", "torchao-fp8", "bnb-int8", "bnb-nf4")
+KINDS = ("torchao-int8", "torchao-fp8", "bnb-int8", "bnb-nf4", "gguf-q8_0", "gguf-q4_0")
 
 
 def quantize(model: nn.Module, kind: str) -> nn.Module:
-    """``model`` with every linear layer of its blocks quantised (in place), as a quantised teacher is loaded."""
+    """``model`` with every linear layer of its blocks quantised (in place), as a quantised teacher is loaded; GGUF
+    kinds return a new model read from a GGUF file of ``model``."""
+    if kind.startswith("gguf"):
+        return gguf_model(model, kind.removeprefix("gguf-").upper())
     blocks = get_spec(model).blocks(model)
     if kind.startswith("torchao"):
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -61,10 +71,45 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-def _quantized_case(kind: str):
-    case = build_tiny("flux")
+def write_gguf(model: nn.Module, path: Path, quant_type: str) -> Path:
+    """``model``'s state dict as a GGUF file at ``path``: 2-D weights whose rows are whole 32-value blocks quantised as
+    ``quant_type`` (``"Q8_0"``, ``"Q4_0"``), the rest float32, as GGUF converters do; diffusers' tensor names."""
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, quant_type)
+    writer = gguf.GGUFWriter(str(path), arch="tiny")
+    for key, value in model.state_dict().items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            packed = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_model(model: nn.Module, quant_type: str) -> nn.Module:
+    """``model`` written to a GGUF file (:func:`write_gguf`) and loaded back with diffusers' ``from_single_file``."""
+    from diffusers import GGUFQuantizationConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_config(folder)
+        path = write_gguf(model, Path(folder) / "model.gguf", quant_type)
+        config = GGUFQuantizationConfig(compute_dtype=torch.float32)
+        loaded = type(model).from_single_file(
+            str(path), config=folder, quantization_config=config, torch_dtype=torch.float32
+        )
+    return loaded.eval()
+
+
+def _quantized_case(kind: str, name: str = "flux"):
+    case = build_tiny(name)
     full = copy.deepcopy(case.model)
-    quantize(case.model, kind)
+    case.model = quantize(case.model, kind)
     case.model.requires_grad_(False)
     assert has_quantized_weights(case.model)
     return case, full
@@ -77,7 +122,9 @@ def test_students_of_a_quantized_teacher_are_full_precision_and_round_trip(kind:
     for student in addon.students.values():
         assert not has_quantized_weights(student)
         assert all(p.dtype == torch.float32 and type(p.data) is torch.Tensor for p in student.parameters())
-        assert not any("bitsandbytes" in type(m).__module__ for m in student.modules())
+        assert not any(
+            type(m).__module__.startswith(("bitsandbytes", "diffusers.quantizers")) for m in student.modules()
+        )
     # A student starts as the teacher block it stands in for, dequantised: close to the full-precision weights.
     start = addon.students["depth_1_3"].attn.to_q.weight
     assert torch.allclose(start, full.transformer_blocks[1].attn.to_q.weight, atol=0.2)
@@ -108,7 +155,7 @@ def test_levels_apply_to_a_quantized_base(kind: str) -> None:
     assert base_q and all(is_quantized_tensor(p) for p in base_q)  # the base stays quantised under the add-on
 
 
-@pytest.mark.parametrize("kind", ["torchao-int8", "bnb-nf4"])
+@pytest.mark.parametrize("kind", ["torchao-int8", "bnb-nf4", "gguf-q4_0"])
 def test_distilling_from_a_quantized_teacher_trains_full_precision_students(kind: str, tmp_path: Path) -> None:
     case, _ = _quantized_case(kind)
     inputs = case.make_inputs(7)
@@ -126,6 +173,29 @@ def test_distilling_from_a_quantized_teacher_trains_full_precision_students(kind
         torch.no_grad()
     ):  # the teacher is frozen (bitsandbytes repacks its stored bytes for CPU kernels: compare outputs)
         assert torch.equal(case.forward(inputs), teacher_out)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_width_levels_apply_to_a_quantized_base(kind: str, name: str) -> None:
+    """A depth + width add-on made on the full-precision base runs on the quantised one at every level (the
+    modulation layers of FFN-mapped blocks are quantised too), close to the full-precision model at the same level:
+    no further from it than the quantised base is from the full one, with a margin."""
+    case, full = _quantized_case(kind, name)
+    inputs = case.make_inputs(0)
+    addon = PruningAddon.from_plan(full, width_plan(full))
+    _perturb(addon)
+    base_error = (case.forward(inputs) - full(**inputs, return_dict=False)[0]).abs().max()
+    apply_addon(case.model, addon)
+    apply_addon(full, addon)
+    for level in ("w", "dw"):
+        set_level(case.model, level)
+        set_level(full, level)
+        out = case.forward(inputs)
+        error = (out - full(**inputs, return_dict=False)[0]).abs().max()
+        assert torch.isfinite(out).all() and error <= 2 * base_error + 1e-3, (level, float(error), float(base_error))
+    PruningAddon.from_plan(case.model, width_plan(case.model))  # and one made on the quantised base, applied
 
 
 def test_merging_a_quantized_base_is_refused() -> None:
@@ -154,3 +224,39 @@ def test_the_cli_distils_and_plans_from_a_torchao_teacher_and_merge_refuses_it(t
     assert not (tmp_path / "merged").exists()
     assert main(["merge", "--model", str(tmp_path / "flux"), "--quantize", "nf4", "--addon",
                  str(tmp_path / "run" / "addon"), "--level", "b", "--out", str(tmp_path / "m2")]) == 2  # fmt: skip
+
+
+def test_the_cli_distils_from_a_gguf_transformer_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    """``--gguf FILE`` reads the base transformer's weights from a GGUF file (config from ``--model``): distillation
+    trains full-precision students that load onto the GGUF base; merge refuses it; a GGUF without a real model, with
+    ``--quantize``, a file that is not GGUF and the GGUF of another model are refused with exit 2."""
+    from ppcl.cli.main import main
+
+    case = build_tiny("flux")
+    case.model.save_pretrained(tmp_path / "flux")
+    gguf = write_gguf(case.model, tmp_path / "flux-Q8_0.gguf", "Q8_0")
+    two_span_plan(case.model).save(tmp_path / "plan")
+    calibration = assemble(get_spec(case.model), case.model, [case.make_inputs(s) for s in range(4)], {"source": "t"})
+    calibration.save(tmp_path / "cal")
+    model = ["--model", str(tmp_path / "flux")]
+    distill = ["distill", "--plan", str(tmp_path / "plan"), "--calibration", str(tmp_path / "cal"), "--steps", "2",
+               "--batch-size", "2"]  # fmt: skip
+    assert main([*distill, *model, "--gguf", str(gguf), "--out", str(tmp_path / "run")]) == 0
+    base = gguf_model(case.model, "Q8_0").requires_grad_(False)
+    addon = PruningAddon.from_pretrained(tmp_path / "run" / "addon", base)
+    assert all(not has_quantized_weights(s) for s in addon.students.values())
+    assert main(["merge", *model, "--gguf", str(gguf), "--addon", str(tmp_path / "run" / "addon"), "--level", "b",
+                 "--out", str(tmp_path / "merged")]) == 2  # fmt: skip
+    assert not (tmp_path / "merged").exists()
+    (tmp_path / "notes.gguf").write_text("not a GGUF file")
+    build_tiny("sd3").model.save_pretrained(tmp_path / "sd3")
+    refused = {
+        "toy": [*distill, "--gguf", str(gguf)],
+        "both": [*distill, *model, "--gguf", str(gguf), "--quantize", "int8"],
+        "missing": [*distill, *model, "--gguf", str(tmp_path / "none.gguf")],
+        "not gguf": [*distill, *model, "--gguf", str(tmp_path / "notes.gguf")],
+        "other model": [*distill, "--model", str(tmp_path / "sd3"), "--gguf", str(gguf)],
+    }
+    for what, argv in refused.items():
+        assert main([*argv, "--out", str(tmp_path / what)]) == 2, what
+        assert not (tmp_path / what).exists(), what

@@ -1,7 +1,7 @@
-"""How a model's weights are stored, read without changing anything: quantised tensors (torchao, bitsandbytes), their
-logical shapes, and the dtype a model computes in (diffusers' layerwise casting stores weights in fp8).
+"""How a model's weights are stored, read without changing anything: quantised tensors (torchao, bitsandbytes, GGUF),
+their logical shapes, and the dtype a model computes in (diffusers' layerwise casting stores weights in fp8).
 
-Neither quantisation library is imported here: their tensors are recognised by their types' module names.
+No quantisation library is imported here: their tensors are recognised by their types' module names.
 """
 
 from __future__ import annotations
@@ -14,10 +14,19 @@ _FP8 = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if 
 
 
 def is_quantized_tensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` holds quantised values: a torchao tensor subclass, or bitsandbytes int8 / 4-bit params."""
+    """Whether ``tensor`` holds quantised values: a torchao tensor subclass, bitsandbytes int8 / 4-bit params, or
+    diffusers' GGUF parameters."""
+    if is_gguf_param(tensor):
+        return True
     data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
     kind = type(data).__module__ + "." + type(data).__name__
     return kind.startswith("torchao.") or is_bnb_param(tensor)
+
+
+def is_gguf_param(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is diffusers' ``GGUFParameter``: the raw bytes of GGUF blocks (``Q8_0``, ``Q4_K``, ...),
+    ``(out, in / block · bytes per block)`` uint8, dequantised by ``GGUFLinear`` in every forward."""
+    return type(tensor).__name__ == "GGUFParameter" and type(tensor).__module__.startswith("diffusers.quantizers.gguf")
 
 
 def is_bnb_param(tensor: torch.Tensor) -> bool:
@@ -31,7 +40,9 @@ def has_quantized_weights(module: nn.Module) -> bool:
 
 
 def logical_shape(param: torch.Tensor) -> list[int]:
-    """The shape the unquantised weight has (4-bit bitsandbytes weights are stored packed)."""
+    """The shape the unquantised weight has (4-bit bitsandbytes and GGUF weights are stored packed)."""
+    if is_gguf_param(param):
+        return list(param.quant_shape)
     state = getattr(param, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
         return list(state.shape)

@@ -18,7 +18,7 @@ from torch import nn
 from ppcl.errors import ConfigError
 from ppcl.modules import dispatch
 from ppcl.modules.offload import materialise_
-from ppcl.modules.quantized import dequantize_, replace_submodule
+from ppcl.modules.quantized import dequantize_, gguf_copy_memo, replace_submodule
 from ppcl.storage import logical_shape
 
 LAYERWISE_CASTING_HOOK = "layerwise_casting"
@@ -62,7 +62,7 @@ def has_adapter_layers(module: nn.Module) -> bool:
 
 def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -> nn.Module:
     """A detached deep copy of ``block`` without hooks, dispatchers or adapter layers; same dtype and device, with
-    quantised weights (torchao, bitsandbytes) dequantised (:func:`ppcl.modules.quantized.dequantize_`) and weights
+    quantised weights (torchao, bitsandbytes, GGUF) dequantised (:func:`ppcl.modules.quantized.dequantize_`) and weights
     offloaded by accelerate's sequential offload read back from its hooks (on the CPU).
 
     Args:
@@ -73,7 +73,10 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
     Raises:
         ConfigError: an adapter is merged into the base weights and ``allow_merged_adapters`` is false.
     """
-    clone = copy.deepcopy(block, _hookless_memo(block))
+    # The memo leaves hooks and the dispatcher (which reaches the whole model) behind, and makes the copy hold GGUF
+    # weights dequantised (they cannot be deep-copied).
+    memo = _hookless_memo(block) | dispatch.detached_copy_memo(block) | gguf_copy_memo(block)
+    clone = copy.deepcopy(block, memo)
     materialise_(clone, block)  # weights accelerate's sequential offload keeps in its hooks, not on the block
     for module in clone.modules():
         module.__dict__.pop(dispatch.COMPILE_ATTR, None)  # a copy is not compiled (uninstall would compile it)
@@ -99,7 +102,7 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
     for param in clone.parameters():
         param.grad = None
     _to_compute_dtypes(block, clone)
-    # A quantised teacher (torchao / bitsandbytes weights) runs as it is; the copy is trained, so it holds plain floats.
+    # A quantised teacher (torchao / bitsandbytes / GGUF weights) runs as it is; the copy is trained, so it holds plain floats.
     return dequantize_(clone)
 
 

@@ -123,9 +123,10 @@ def _toy(args: argparse.Namespace, seeds: tuple[int, ...]):
     from ppcl.toy.sampler import SamplerConfig
     from ppcl.toy.teacher import ToyTeacher
 
-    if args.negative_prompt is not None or args.num_frames is not None or args.quantize != "none":
+    toy_only = (args.negative_prompt, args.num_frames, args.gguf)
+    if any(v is not None for v in toy_only) or args.quantize != "none":
         raise ConfigError(
-            "--negative-prompt, --num-frames and --quantize do not apply to the toy world",
+            "--negative-prompt, --num-frames, --quantize and --gguf do not apply to the toy world",
             expected="--pipeline with a diffusers pipeline",
             found="the toy",
             fix="drop them (the toy's unconditional branch is the empty prompt)",
@@ -156,7 +157,8 @@ def _pipeline(args: argparse.Namespace, seeds: tuple[int, ...]):
     if args.num_frames is not None:  # checked on the folder's class, before minutes of loading
         _check_takes(pipeline_class(args.pipeline), "num_frames", "--num-frames")
         extra["num_frames"] = args.num_frames
-    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype), quantize=args.quantize).to(args.device)
+    pipe = load_pipeline_folder(args.pipeline, parse_dtype(args.dtype), quantize=args.quantize, gguf=args.gguf)
+    pipe = pipe.to(args.device)
     extra.update(guidance_kwargs(pipe, args.guidance, args.negative_prompt))
     return calibrate_pipeline(pipe, prompts, seeds, args.steps, args.timesteps, **extra)
 

@@ -22,13 +22,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
-    """``--quantize``: load the base transformer quantised (a frozen teacher or a base to sample from)."""
+    """``--quantize`` / ``--gguf``: load the base transformer quantised (a frozen teacher or a base to sample from)."""
     parser.add_argument(
         "--quantize",
         default="none",
         choices=QUANTIZE_CHOICES,
         help="load the base transformer quantised: torchao int8 / fp8 weight-only (CPU or GPU), bitsandbytes nf4 / "
         "bnb8 (GPU); students stay full precision; merge refuses a quantised base",
+    )
+    parser.add_argument(
+        "--gguf",
+        default=None,
+        metavar="FILE",
+        help="read the base transformer's weights from this GGUF file (e.g. a Q4_K_M / Q8_0 conversion), its config "
+        "from the model folder; computes in --dtype; like --quantize: students stay full precision, merge refuses it",
     )
 
 
@@ -54,20 +61,21 @@ def load_model(args: argparse.Namespace) -> Any:
 
     device = check_device(args.device)  # before the (possibly large) model loads
     dtype = parse_dtype(args.dtype)
-    quantize = getattr(args, "quantize", "none")
+    quantize, gguf = getattr(args, "quantize", "none"), getattr(args, "gguf", None)
     if args.model is None:
-        if quantize != "none":
+        if quantize != "none" or gguf is not None:
+            flag = "--gguf" if gguf is not None else "--quantize"
             raise ConfigError(
-                "--quantize needs a real model",
-                expected="--model (or --pipeline) with --quantize",
-                found=f"--quantize {quantize} on the toy teacher",
-                fix="drop --quantize for the toy world",
+                f"{flag} needs a real model",
+                expected=f"--model (or --pipeline) with {flag}",
+                found=f"{flag} {gguf if gguf is not None else quantize} on the toy teacher",
+                fix=f"drop {flag} for the toy world",
             )
         from ppcl.toy.teacher import ToyTeacher
 
         model = ToyTeacher.load(dtype=dtype).transformer
     else:
-        model = load_transformer(args.model, dtype, quantize=quantize)
+        model = load_transformer(args.model, dtype, quantize=quantize, gguf=gguf)
     import torch
 
     if any(p.device != torch.device(device) for p in model.parameters()):  # quantised models may refuse a no-op .to()

@@ -144,21 +144,25 @@ def _save_image(image: np.ndarray, path: Path) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    """The pipeline to sample from; ``--quantize`` loads the base transformer quantised (an add-on applies to it)."""
+    """The pipeline to sample from; ``--quantize`` / ``--gguf`` load the base transformer quantised (an add-on
+    applies to it)."""
     import ppcl
-    from ppcl.data.loading import parse_dtype, pipeline_quantization
+    from ppcl.data.loading import load_transformer, parse_dtype, pipeline_quantization
     from ppcl.pipeline import artefact_kind
 
     dtype = parse_dtype(args.dtype)
-    if args.quantize == "none":
+    if args.quantize == "none" and args.gguf is None:
         return ppcl.load_pipeline(args.pipeline, args.addon, level=args.level, dtype=dtype)
+    flag = "--gguf" if args.gguf is not None else "--quantize"
     if args.pipeline is None or (args.addon is not None and artefact_kind(args.addon) != "addon"):
         raise ConfigError(
-            "--quantize loads a base pipeline's transformer quantised",
+            f"{flag} loads a base pipeline's transformer quantised",
             expected="--pipeline, with an add-on (--addon ADDON --level NAME) or none",
             found="the toy world" if args.pipeline is None else f"the merged model {args.addon}",
-            fix="drop --quantize (a merged model is loaded as saved)",
+            fix=f"drop {flag} (a merged model is loaded as saved)",
         )
-    return ppcl.load_pipeline(
-        args.pipeline, args.addon, level=args.level, dtype=dtype, **pipeline_quantization(args.quantize, dtype)
-    )
+    if args.gguf is not None:
+        kwargs = {"transformer": load_transformer(args.pipeline, dtype, args.quantize, gguf=args.gguf)}
+    else:
+        kwargs = pipeline_quantization(args.quantize, dtype)
+    return ppcl.load_pipeline(args.pipeline, args.addon, level=args.level, dtype=dtype, **kwargs)

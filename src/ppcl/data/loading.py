@@ -72,11 +72,22 @@ def quantization_config(name: str, dtype: torch.dtype | None) -> Any:
 
 
 def load_transformer(
-    path: str | os.PathLike[str], dtype: torch.dtype | None = torch.float32, quantize: str = "none"
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | None = torch.float32,
+    quantize: str = "none",
+    gguf: str | os.PathLike[str] | None = None,
 ) -> Any:
     """A supported diffusers transformer from a local folder: a transformer folder or a pipeline folder (``dtype``
-    ``None``: diffusers' default), optionally loaded quantised (``quantize``, see :func:`quantization_config`): a
-    frozen teacher for add-ons and distillation, never a model to merge."""
+    ``None``: diffusers' default), optionally loaded quantised (``quantize``, see :func:`quantization_config`) or
+    with its weights read from a GGUF file (``gguf``: its config from ``path``; see :func:`load_gguf_transformer`):
+    a frozen teacher for add-ons and distillation, never a model to merge."""
+    if gguf is not None and quantize != "none":
+        raise ConfigError(
+            "--gguf and --quantize both say how the transformer is quantised",
+            expected="one of them",
+            found=f"--gguf {gguf} --quantize {quantize}",
+            fix="drop --quantize (the GGUF file is quantised already)",
+        )
     folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
@@ -102,11 +113,63 @@ def load_transformer(
             fix="point to the transformer of a supported pipeline",
         )
     get_spec(cls)  # fail early for unsupported classes
+    if gguf is not None:
+        return load_gguf_transformer(cls, folder, gguf, dtype)
     kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
     config = quantization_config(quantize, dtype)
     if config is not None:
         kwargs["quantization_config"] = config
     model = _gpu_needed(quantize, lambda: cls.from_pretrained(str(folder), local_files_only=True, **kwargs))
+    return model.eval().requires_grad_(False)
+
+
+def load_gguf_transformer(
+    cls: type, config_folder: Path, gguf: str | os.PathLike[str], dtype: torch.dtype | None
+) -> Any:
+    """``cls`` with the weights of the GGUF file ``gguf`` (e.g. a community ``Q4_K_M`` / ``Q8_0`` conversion of the
+    transformer) and the config of ``config_folder``, read by diffusers' ``from_single_file`` with
+    ``GGUFQuantizationConfig``: linear weights stay GGUF-quantised and are dequantised in each forward, in ``dtype``
+    (``None``: bfloat16). Frozen, in eval mode.
+
+    Raises:
+        ConfigError: the ``gguf`` package is missing.
+        ArtefactError: ``gguf`` is not a readable GGUF file, or not one of this model (other tensor names or shapes).
+    """
+    path = Path(gguf).expanduser()
+    if not path.is_file():
+        raise ArtefactError(
+            "no GGUF file here", expected="a .gguf file of the transformer", found=str(gguf), fix="pass its path"
+        )
+    try:
+        import gguf as gguf_package  # noqa: F401  (diffusers reads the file with it)
+    except ImportError as err:
+        raise ConfigError(
+            "--gguf needs the gguf package",
+            expected="gguf installed",
+            found=f"ImportError: {err}",
+            fix='pip install "ppcl[quant]" (or gguf)',
+        ) from err
+    from diffusers import GGUFQuantizationConfig
+
+    compute = dtype or torch.bfloat16
+    try:
+        model = cls.from_single_file(
+            str(path),
+            config=str(config_folder),
+            quantization_config=GGUFQuantizationConfig(compute_dtype=compute),
+            torch_dtype=compute,
+            local_files_only=True,
+        )
+    # What the gguf reader (bad magic), diffusers' file reading and its key conversion (another model's tensors)
+    # raise for a file that is not this model's GGUF; the original error stays chained.
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as err:
+        first_line = str(err).splitlines()[0].rstrip(". ") if str(err) else ""
+        raise ArtefactError(
+            "cannot load the GGUF file as this transformer",
+            expected=f"a GGUF file of a {cls.__name__} with the config in {config_folder}",
+            found=f"{type(err).__name__}: {first_line}",
+            fix="pass the GGUF file of this model's transformer (the pipeline it came from as --model / --pipeline)",
+        ) from err
     return model.eval().requires_grad_(False)
 
 
@@ -154,18 +217,23 @@ def pipeline_quantization(quantize: str, dtype: torch.dtype | None) -> dict[str,
 
 
 def load_pipeline_folder(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, quantize: str = "none"
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
+    gguf: str | os.PathLike[str] | None = None,
 ) -> Any:
     """A diffusers pipeline from a local folder (``local_files_only``: nothing is downloaded), its transformer
-    optionally quantised (``quantize``: :data:`QUANTIZE_CHOICES`)."""
+    optionally quantised (``quantize``: :data:`QUANTIZE_CHOICES`) or read from a GGUF file (``gguf``)."""
     from diffusers import DiffusionPipeline
 
     _require_pipeline_folder(path)
+    if gguf is not None:
+        kwargs = {"transformer": load_transformer(path, dtype, quantize, gguf=gguf)}
+    else:
+        kwargs = pipeline_quantization(quantize, dtype)
     pipe = _gpu_needed(
         quantize,
-        lambda: DiffusionPipeline.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, **pipeline_quantization(quantize, dtype)
-        ),
+        lambda: DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kwargs),
     )
     get_spec(pipe.transformer)
     return pipe

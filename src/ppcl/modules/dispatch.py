@@ -172,6 +172,21 @@ def uninstall(block: nn.Module) -> None:
         block.compile(*options[0], **options[1])
 
 
+def detached_copy_memo(block: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo under which a copy of ``block`` (a plain block copy, uninstalled right after)
+    does not follow its dispatcher: the dispatcher reaches the whole model (its state, every block, the students),
+    which would be copied with it. Empty for a block that is not dispatched."""
+    memo: dict[int, Any] = {}
+    for module in block.modules():
+        dispatcher = module.__dict__.get(DISPATCH_ATTR)
+        if dispatcher is not None:
+            memo[id(dispatcher)] = None
+        repointed = module.__dict__.get(_REPOINTED_ATTR)
+        if repointed is not None:  # hook objects whose saved forward was re-pointed: the copy drops its hooks
+            memo[id(repointed)] = type(repointed)()
+    return memo
+
+
 def is_dispatched(block: nn.Module) -> bool:
     """Whether ``block`` runs a ppcl dispatch."""
     return _BASE_ATTR in type(block).__dict__

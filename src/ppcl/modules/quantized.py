@@ -2,7 +2,9 @@
 
 A frozen teacher may be loaded with torchao (int8 / fp8 weight-only: each ``nn.Linear.weight`` becomes a
 ``TorchAOBaseTensor`` subclass) or bitsandbytes (``Linear8bitLt`` / ``Linear4bit`` modules with ``Int8Params`` /
-``Params4bit`` weights, 4-bit ones packed into a ``(n/2, 1)`` uint8 tensor). The teacher runs as it is; a student,
+``Params4bit`` weights, 4-bit ones packed into a ``(n/2, 1)`` uint8 tensor), or come from a GGUF file through diffusers
+(``from_single_file`` with ``GGUFQuantizationConfig``: ``GGUFLinear`` modules whose ``GGUFParameter`` weights are the
+file's raw block bytes). The teacher runs as it is; a student,
 which is trained, must not be quantised: :func:`dequantize_` turns a copied block back into plain modules with
 float weights (the quantised values, dequantised: the student starts exactly from the teacher it will be compared
 with). Neither library is imported unless such a weight is present.
@@ -13,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ppcl.storage import is_quantized_tensor
+from ppcl.storage import is_gguf_param, is_quantized_tensor
 
 _BNB_LINEARS = ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")
+_GGUF_LINEAR = "GGUFLinear"
 
 
 def dequantize_(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -31,16 +34,55 @@ def dequantize_(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
     """
     fallback = dtype or _plain_float_dtype(module)
     for name, child in list(module.named_modules()):
+        layer_dtype = dtype or getattr(child, "compute_dtype", None) or fallback
         if type(child).__name__ in _BNB_LINEARS and type(child).__module__.startswith("bitsandbytes"):
-            replace_submodule(
-                module, name, _bnb_to_linear(child, dtype or getattr(child, "compute_dtype", None) or fallback)
-            )
+            replace_submodule(module, name, _bnb_to_linear(child, layer_dtype))
+        elif _is_gguf_linear(child):
+            replace_submodule(module, name, _gguf_to_linear(child, layer_dtype))
     for child in module.modules():
         for key, param in list(child._parameters.items()):
-            if param is not None and is_quantized_tensor(param):
+            if param is not None and is_gguf_param(param):
+                child._parameters[key] = nn.Parameter(dequantize_gguf(param, fallback), requires_grad=False)
+            elif param is not None and is_quantized_tensor(param):
                 plain = param.data.dequantize()
                 child._parameters[key] = nn.Parameter(plain.to(dtype or plain.dtype), requires_grad=param.requires_grad)
     return module
+
+
+def gguf_copy_memo(module: nn.Module, dtype: torch.dtype | None = None) -> dict[int, nn.Parameter]:
+    """A ``copy.deepcopy`` memo under which a copy of ``module`` holds its GGUF weights dequantised.
+
+    diffusers' ``GGUFParameter`` cannot be deep-copied (the copy loses its quantisation type and fails), so a block
+    holding them is copied with this memo: each GGUF weight's copy is a plain float ``nn.Parameter`` in the compute
+    dtype of the ``GGUFLinear`` that owns it (``dtype`` when given). :func:`dequantize_` then turns the copied
+    ``GGUFLinear`` modules into ``nn.Linear``. Empty when ``module`` has no GGUF weight.
+    """
+    memo: dict[int, nn.Parameter] = {}
+    fallback = dtype or _plain_float_dtype(module)
+    for child in module.modules():
+        layer_dtype = dtype or getattr(child, "compute_dtype", None) or fallback
+        for param in child._parameters.values():
+            if param is not None and is_gguf_param(param) and id(param) not in memo:
+                memo[id(param)] = nn.Parameter(dequantize_gguf(param, layer_dtype), requires_grad=False)
+    return memo
+
+
+def dequantize_gguf(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float values of a ``GGUFParameter``, ``(out, in)`` in ``dtype`` (diffusers' own dequantisation)."""
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    with torch.no_grad():
+        return dequantize_gguf_tensor(param).to(dtype).clone()  # a plain tensor, never a view of the file's bytes
+
+
+def _is_gguf_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == _GGUF_LINEAR and type(module).__module__.startswith("diffusers.quantizers.gguf")
+
+
+def _gguf_to_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    weight = layer.weight
+    plain = dequantize_gguf(weight, dtype) if is_gguf_param(weight) else weight.detach().to(dtype)
+    return _linear_from(plain, layer.bias, dtype, training=layer.training)
 
 
 def _plain_float_dtype(module: nn.Module) -> torch.dtype:
@@ -66,12 +108,17 @@ def _bnb_to_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
         plain = weight.data.float() * weight.SCB.float().unsqueeze(1) / 127
     else:  # an 8-bit layer that still holds its float weights (has_fp16_weights=True)
         plain = weight.data
-    linear = nn.Linear(plain.shape[1], plain.shape[0], bias=layer.bias is not None, device=plain.device, dtype=dtype)
+    return _linear_from(plain, layer.bias, dtype, training=layer.training)
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, *, training: bool) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` ``(out, in)`` and ``bias`` ``(out,)`` in ``dtype``."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
-        linear.weight.copy_(plain.to(dtype))
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias.detach().to(dtype))
-    return linear.train(layer.training)
+        linear.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.detach().to(dtype))
+    return linear.train(training)
 
 
 def replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:

@@ -7,7 +7,8 @@
   ``(B, N_txt, D)`` are stored in the run's :class:`RunContext`; ``"pruned"``: text K/V read ``z_j = z_a + L_j(z_a)``,
   the text stream passes through; ``"last"``: like ``"pruned"`` but returns ``h + L_h(h)`` as text.
 * ``ffn``: streams whose second half is ``g + L(g)`` (``g`` = hidden state after the attention residual); their
-  second-half shift/scale/gate rows of the modulation linear are not computed (row slices are views: no copy).
+  second-half shift/scale/gate rows of the modulation linear are not computed (row slices are views: no copy; a
+  quantised, LoRA-wrapped or hooked modulation layer runs whole and its output is sliced).
 
 Text-pruned blocks never compute a text query they would need: the attention runs through a view of the block's own
 attention module in which the text query projection returns zeros and the text query norm / output projection are
@@ -114,10 +115,33 @@ class TextQueryFreeAttention:
         return processor(self, **kwargs)
 
 
-def _rows(linear: nn.Linear, x: Tensor, first: int, stop: int, d: int) -> Tensor:
-    """Chunks ``first..stop-1`` (each ``d`` rows) of ``linear(x)`` without computing the others: ``(B, (stop-first)·d)``."""
+def _rows(linear: nn.Module, x: Tensor, first: int, stop: int, d: int) -> Tensor:
+    """Chunks ``first..stop-1`` (each ``d`` rows) of ``linear(x)``: ``(B, (stop-first)·d)``.
+
+    A plain ``nn.Linear`` computes only those rows (weight slices are views). Any other layer runs whole and its output
+    is sliced: its weight may be quantised (torchao, bitsandbytes, GGUF), carry a LoRA (peft), or be cast / onloaded by
+    a hook (layerwise casting, offloading) that a direct read of ``.weight`` would bypass. ``x`` is ``(B, D)``: the
+    extra rows cost one small matrix-vector product per block.
+    """
+    if not _is_plain_linear(linear):
+        return linear(x)[:, first * d : stop * d]
     bias = None if linear.bias is None else linear.bias[first * d : stop * d]
     return F.linear(x, linear.weight[first * d : stop * d], bias)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a bare ``nn.Linear`` with a plain weight whose ``forward`` nothing wraps or hooks.
+
+    Only type checks (torch.compile traces them): a torchao weight is its tensor subclass, a bitsandbytes one
+    ``Int8Params`` / ``Params4bit``, never ``nn.Parameter`` itself; GGUF and peft layers are not ``nn.Linear``.
+    """
+    return (
+        type(module) is nn.Linear
+        and type(module.weight) is nn.Parameter
+        and "forward" not in module.__dict__  # diffusers' and accelerate's hooks replace the instance's forward
+        and not module._forward_pre_hooks
+        and not module._forward_hooks
+    )
 
 
 def _clip16(x: Tensor) -> Tensor:
