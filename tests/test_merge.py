@@ -197,3 +197,74 @@ def test_a_base_lora_gives_the_same_images_in_addon_and_merged_modes() -> None:
     expected = with_addon(**inputs, return_dict=False)[0]
     torch.testing.assert_close(merged(**inputs, return_dict=False)[0], expected, rtol=0, atol=1e-5)
     assert not torch.allclose(expected, case.forward(inputs))  # the LoRA matters
+
+
+WIDTH_LORA_TARGETS = {
+    "flux": ["to_q", "add_q_proj", "add_k_proj", "to_add_out", "norm1.linear", "norm1_context.linear",
+             "ff.net.0.proj", "ff_context.net.2", "proj_mlp"],
+    "qwenimage": ["to_q", "add_q_proj", "add_k_proj", "to_add_out", "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj",
+                  "txt_mlp.net.2"],
+    "sd3": ["to_q", "add_q_proj", "add_k_proj", "to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+            "ff_context.net.2"],
+}  # fmt: skip
+"""'All linear layers' LoRAs: on modules a width merge deletes (text query / output, text FFN, mapped FFNs), cuts
+(the modulation layers) and keeps."""
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3"])
+def test_a_base_lora_gives_the_same_images_on_a_width_merge(name: str, tmp_path: Path) -> None:
+    """One LoRA policy at width levels: a base LoRA on every kind of linear layer, with the add-on applied at the
+    depth + width level, and the same LoRA remapped onto the width merge (from the model and from its saved folder),
+    give the same output. Before, loading the remapped LoRA failed (``size mismatch`` on the cut modulation rows)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ppcl.runtime import load_merged, save_merged
+    from test_addon_width import _perturb, width_plan
+
+    case = build_tiny(name)
+    base, inputs = case.model.requires_grad_(False), case.make_inputs(0)
+    addon = PruningAddon.from_plan(base, width_plan(base))
+    _perturb(addon)
+    with_addon = copy.deepcopy(base)
+    with_addon.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, target_modules=WIDTH_LORA_TARGETS[name], init_lora_weights=False)
+    )
+    lora = get_peft_model_state_dict(with_addon)
+    apply_addon(with_addon, addon, "dw")
+    expected = with_addon(**inputs, return_dict=False)[0]
+    merged = merge(base, addon, "dw")
+    without = merged(**inputs, return_dict=False)[0]
+    folder = save_merged(merged, tmp_path / "merged")
+    dropped: list[str] = []
+    remapped = remap_lora_state_dict(lora, merged, dropped=dropped)
+    assert remap_lora_state_dict(lora, folder).keys() == remapped.keys()
+    assert any(".ff." in k or "_mlp." in k or "add_q_proj" in k for k in dropped)  # deleted modules' keys go
+    for target in (merged, load_merged(folder)):
+        target.load_lora_adapter(remap_lora_state_dict(lora, folder), prefix=None)
+        torch.testing.assert_close(target(**inputs, return_dict=False)[0], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected, without, atol=1e-3)  # the LoRA matters
+    with pytest.raises(ConfigError, match="prunes width"):
+        remap_lora_state_dict(lora, addon.plan, "dw")
+
+
+def test_lora_tensors_a_width_merge_cannot_cut_are_refused() -> None:
+    """On a cut modulation layer only lora_A / lora_B can follow the merge: a DoRA magnitude, or a lora_B whose
+    lora_A is missing (its input width says how many rows each chunk has), is a ConfigError naming the key."""
+    from test_addon_width import width_plan
+
+    case = build_tiny("qwenimage")
+    merged = merge(case.model, PruningAddon.from_plan(case.model, width_plan(case.model)), "w")
+    cut = next(n for n, m in merged.named_modules() if n.endswith("img_mod.1") and m.out_features == 3 * m.in_features)
+    d = merged.get_submodule(cut).in_features
+    with pytest.raises(ConfigError, match="lora_magnitude_vector"):
+        remap_lora_state_dict({f"{cut}.lora_magnitude_vector": torch.ones(6 * d)}, merged)
+    with pytest.raises(ConfigError, match="no lora_A"):
+        remap_lora_state_dict({f"{cut}.lora_B.weight": torch.ones(6 * d, 2)}, merged)
+    rows = remap_lora_state_dict(
+        {f"{cut}.lora_A.weight": torch.ones(2, d), f"{cut}.lora_B.bias": torch.arange(6 * d)}, merged
+    )
+    assert torch.equal(rows[f"{cut}.lora_B.bias"], torch.arange(3 * d))  # the attention-half rows 0-2 are kept

@@ -102,7 +102,8 @@ def plain_block_copy(block: nn.Module, *, allow_merged_adapters: bool = False) -
     for param in clone.parameters():
         param.grad = None
     _to_compute_dtypes(block, clone)
-    # A quantised teacher (torchao / bitsandbytes / GGUF weights) runs as it is; the copy is trained, so it holds plain floats.
+    # A quantised teacher (torchao / bitsandbytes / GGUF weights) runs as it is; the copy is trained, so it holds
+    # plain floats.
     return dequantize_(clone)
 
 

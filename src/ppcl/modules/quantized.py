@@ -7,7 +7,7 @@ A frozen teacher may be loaded with torchao (int8 / fp8 weight-only: each ``nn.L
 file's raw block bytes). The teacher runs as it is; a student,
 which is trained, must not be quantised: :func:`dequantize_` turns a copied block back into plain modules with
 float weights (the quantised values, dequantised: the student starts exactly from the teacher it will be compared
-with). Neither library is imported unless such a weight is present.
+with). No quantisation library is imported unless such a weight is present.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ In the merged model of a level, the survivors of each stack are renumbered conse
 ``transformer_blocks.3``. Keys of removed blocks are dropped, and so are those of a span's first block, where the
 student sits: with the add-on applied a student runs without the base LoRA (peft wraps only the base's layers), so
 both modes give the same images (``keep_students=True`` puts them on the student instead, an approximation). While the
-add-on is *applied* no remapping is needed: the base keeps every block and its indices.
+add-on is *applied* no remapping is needed: the base keeps every block and its indices. In a width merge, keys of the
+modules the merge deleted are dropped too, and cut modulation layers keep their kept rows
+(:mod:`ppcl.runtime.lora_width`): again the add-on's images.
 
 Keys are expected in diffusers / PEFT naming (with or without a ``transformer.`` or ``base_model.model.`` prefix);
 convert other formats (e.g. kohya ``lora_unet_...``) with diffusers' loaders first.
@@ -32,6 +34,7 @@ from ppcl.logging import get_logger
 from ppcl.plan import PruningPlan
 from ppcl.runtime.apply import addon_keys_visible
 from ppcl.runtime.block_map import BLOCK_MAP_ATTR, BlockMap
+from ppcl.runtime.lora_width import DROP, fit_to_width, width_substitutions
 
 _log = get_logger(__name__)
 V = TypeVar("V")
@@ -81,13 +84,16 @@ def remap_lora_state_dict(
 ) -> dict[str, V]:
     """The LoRA state dict renumbered for a merged model; keys of removed blocks are left out, and so are those of
     the blocks a student replaces (a span's first block): in add-on mode a student runs without the base LoRA, so the
-    merged model then gives the add-on's images (one policy for both modes).
+    merged model then gives the add-on's images (one policy for both modes). For a width merge, keys of the modules
+    it deleted are left out and ``lora_B`` of cut modulation layers keeps the kept rows
+    (:func:`~ppcl.runtime.lora_width.fit_to_width`).
 
     Args:
         lora_state_dict: LoRA tensors of the base model (any value type is passed through untouched).
-        merged: what describes the merged model: the add-on's plan (with ``level``), a merged-model folder written
-            by ``ppcl merge`` (its ``ppcl_blocks.json``), a merged model from :func:`~ppcl.runtime.merge` /
-            :func:`~ppcl.runtime.load_merged`, or its :class:`~ppcl.runtime.block_map.BlockMap`.
+        merged: what describes the merged model: the add-on's plan (with ``level``; depth levels only), a
+            merged-model folder written by ``ppcl merge`` (its ``ppcl_blocks.json`` and, for width merges,
+            ``ppcl_merged.json``), a merged model from :func:`~ppcl.runtime.merge` / :func:`~ppcl.runtime.load_merged`,
+            or its :class:`~ppcl.runtime.block_map.BlockMap` (which knows nothing of width: depth merges only).
         level: the merged level; required with a plan, ignored otherwise (the folder or model fixes it).
         dropped: if given, the keys left out are appended to it (they are also logged).
         keep_students: keep a span's first-block keys on its student instead (the merged model then differs from
@@ -98,10 +104,12 @@ def remap_lora_state_dict(
 
     Raises:
         ConfigError: a key names a block index the base model does not have (the LoRA is for another model), a plan
-            without a level, or a model without a block map.
+            without a level or with a width level, a model without a block map, or a LoRA tensor on a cut modulation
+            layer that cannot be cut (see :func:`~ppcl.runtime.lora_width.fit_to_width`).
         ArtefactError: a folder without (or with a malformed) ``ppcl_blocks.json``.
     """
     block_map = _block_map(merged, level)
+    width = width_substitutions(merged, level)
     renames = {
         stack.attr: {
             old: new for new, old in enumerate(stack.starts) if keep_students or new not in stack.students
@@ -132,10 +140,17 @@ def remap_lora_state_dict(
             gone.append(key)
             continue
         parts[at + 1] = str(new)
+        sub = width.get(f"{attr}.{new}")
+        if sub is not None:
+            value = fit_to_width(key, ".".join(parts[at + 2 :]), value, sub, lora_state_dict)
+            if value is DROP:
+                gone.append(key)
+                continue
         out[".".join(parts)] = value
     if gone:
         _log.info(
-            "remap_lora_state_dict: %d LoRA tensors of blocks removed or replaced by students at level %s dropped: %s",
+            "remap_lora_state_dict: %d LoRA tensors of blocks or modules removed, or of blocks replaced by students, "
+            "at level %s dropped: %s",
             len(gone),
             block_map.level,
             _preview(gone),
