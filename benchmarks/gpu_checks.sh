@@ -4,10 +4,10 @@
 #   2. benchmarks/real_size_distill_step.py peak memory and time of the real trainer's depth step at real size
 #   3. benchmarks/sharded_check.py          the FSDP2-sharded trainer vs the plain one on CUDA (NCCL), fp32 and bf16
 #   4. (issue 16) latency with the width maps in float32 (before) against step 1's bf16 maps (merge's default now),
-#      the distillation step with a quantised teacher (torchao int8 weight-only, bitsandbytes NF4), and
+#      the distillation step with a quantised teacher (torchao int8 weight-only, bitsandbytes NF4, GGUF Q8_0), and
 #      benchmarks/runtime_check.py: model / sequential CPU offload and inductor regional compilation with an add-on
 #      on the GPU (tiny models, ~1 min)
-# ONLY=issue16 runs step 4 alone (~5 min of GPU time; all four: ~10 min).
+# ONLY=issue16 runs step 4 alone (~6 min of GPU time; all four: ~11 min).
 # Each appends its section (command, machine, date) to benchmarks/RESULTS.md; a failing step does not stop the others.
 # Results land in $OUT (default runs/gpu): the JSON of each step, the whole log, and the updated RESULTS.md.
 #
@@ -37,7 +37,7 @@ if [ "${ONLY:-}" != issue16 ]; then
 fi
 step latency_fp32_maps "$PY" benchmarks/real_size_latency.py --device cuda --repeats 10 --warmup 3 \
   --projection-dtype float32 --json "$OUT/real_size_latency_fp32_maps.json"
-for q in int8 nf4; do
+for q in int8 nf4 q8_0; do
   step "distill_step_$q" "$PY" benchmarks/real_size_distill_step.py --device cuda --quantize "$q" --checkpointing on \
     --json "$OUT/real_size_distill_step_$q.json"
 done

@@ -34,7 +34,8 @@ GPU run (one command, a few minutes on one H100/H200 including start-up; appends
 
     .venv/bin/python benchmarks/real_size_distill_step.py --device cuda --json $OUT/distill_step.json
 
-With a quantised teacher (torchao int8 / fp8 weight-only, bitsandbytes NF4; the students stay fp32)::
+With a quantised teacher (torchao int8 / fp8 weight-only, bitsandbytes NF4, GGUF Q8_0 as diffusers' ``GGUFLinear``
+holds it; the students stay fp32)::
 
     .venv/bin/python benchmarks/real_size_distill_step.py --device cuda --quantize int8 --checkpointing on
 
@@ -174,10 +175,18 @@ def _step_seconds(metrics: Path) -> list[float]:
 
 def quantize_teacher(model: nn.Module, kind: str) -> None:
     """Quantise every linear layer of the teacher's blocks in place, as a quantised base would be loaded: torchao
-    int8 / fp8 weight-only (``quantize_``), or bitsandbytes NF4 (``Linear4bit``, quantised when moved to the GPU)."""
+    int8 / fp8 weight-only (``quantize_``), bitsandbytes NF4 (``Linear4bit``, quantised when moved to the GPU), or
+    GGUF Q8_0 (diffusers' ``GGUFLinear``, what ``from_single_file`` of a Q8_0 file builds; :func:`gguf_q8_0_linear`)."""
     if kind == "none":
         return
     blocks = get_spec(model).blocks(model)
+    if kind == "q8_0":
+        for block in blocks:
+            for name, linear in [(n, m) for n, m in block.named_modules() if type(m) is nn.Linear]:
+                parent_name, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent_name) if parent_name else block, child, gguf_q8_0_linear(linear))
+            _free(next(block.parameters()).device)
+        return
     if kind in ("int8", "fp8"):
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
@@ -200,6 +209,37 @@ def quantize_teacher(model: nn.Module, kind: str) -> None:
             parent_name, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent_name) if parent_name else block, child, layer.to(device).eval())
         _free(next(block.parameters()).device)
+
+
+def pack_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """GGUF ``Q8_0`` bytes of ``weight`` ``(out, in)`` (``in`` a multiple of 32): per 32 values one float16 scale
+    ``d = max|x| / 127`` and 32 int8 ``x · (1/d)`` rounded half away from zero, 34 bytes, the arithmetic of
+    ``gguf.quants.quantize`` step for step (float32); computed with torch on the weight's device (the numpy quantiser
+    would take minutes for 20B weights). ``(out, in / 32 · 34)``."""
+    out_features, in_features = weight.shape
+    blocks = weight.float().reshape(out_features, in_features // 32, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    scaled = blocks * torch.where(d == 0, 0.0, 1 / d)
+    magnitude = scaled.abs()
+    floor = magnitude.floor()
+    q = (scaled.sign() * (floor + (2 * (magnitude - floor)).floor())).to(torch.int8)
+    scale = d.to(torch.float16).view(torch.uint8).reshape(out_features, in_features // 32, 2)
+    return torch.cat([scale, q.view(torch.uint8)], dim=-1).reshape(out_features, -1)
+
+
+def gguf_q8_0_linear(linear: nn.Linear) -> nn.Module:
+    """diffusers' ``GGUFLinear`` holding ``linear``'s weight as Q8_0 bytes (:func:`pack_q8_0`), bias kept, computing
+    in the weight's dtype."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+    from gguf import GGMLQuantizationType
+
+    dtype = linear.weight.dtype
+    with torch.device("meta"):
+        layer = GGUFLinear(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=dtype)
+    layer.weight = GGUFParameter(pack_q8_0(linear.weight.data), quant_type=GGMLQuantizationType.Q8_0)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.requires_grad_(False).eval()
 
 
 def make_students(model: nn.Module, plan: PruningPlan) -> tuple[PruningAddon, str]:
@@ -426,8 +466,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "int8", "fp8", "nf4"],
-        help="quantise the teacher's block linears: torchao int8 / fp8 weight-only, bitsandbytes NF4 (default none)",
+        choices=["none", "int8", "fp8", "nf4", "q8_0"],
+        help="quantise the teacher's block linears: torchao int8 / fp8 weight-only, bitsandbytes NF4, GGUF Q8_0 "
+        "(default none)",
     )
     parser.add_argument("--tmp-root", default=None, help="where the temporary run folders go (default: the system's)")
     parser.add_argument("--json", default=None, help="also write the result here")

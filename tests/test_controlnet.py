@@ -93,6 +93,25 @@ def test_addon_and_merged_modes_add_the_same_residuals(name: str, count: int) ->
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3"])
+def test_width_merges_add_the_same_residuals_as_the_width_level(name: str) -> None:
+    """A depth + width level: the width merge (blocks with deleted modules, cut modulation, projections) adds each
+    residual to the block the add-on adds it to, as for depth-only merges."""
+    from test_addon_width import width_plan
+
+    case = build_tiny(name)
+    base, inputs = case.model, case.make_inputs(0)
+    addon = _addon(base, width_plan(base))
+    residuals = _residuals(case, 3)
+    merged = merge(base, addon, "dw")
+    applied = copy.deepcopy(base)
+    apply_addon(applied, addon, "dw")
+    expected = _run(applied, inputs, residuals)
+    torch.testing.assert_close(_run(merged, inputs, residuals), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected, applied(**inputs, return_dict=False)[0], atol=1e-3)  # residuals matter
+
+
+@torch.no_grad()
 def test_flux_repeat_mode_is_mapped_too() -> None:
     """FLUX.1's XLabs ControlNets (``controlnet_blocks_repeat=True``): residual ``i % L`` after double block ``i``."""
     case = build_tiny("flux")

@@ -251,6 +251,24 @@ def test_a_base_lora_gives_the_same_images_on_a_width_merge(name: str, tmp_path:
         remap_lora_state_dict(lora, addon.plan, "dw")
 
 
+def test_a_malformed_width_record_is_an_artefact_error(tmp_path: Path) -> None:
+    import json
+
+    from ppcl.errors import ArtefactError
+    from ppcl.runtime import MERGED_FILE, save_merged
+    from test_addon_width import width_plan
+
+    case = build_tiny("flux")
+    folder = save_merged(
+        merge(case.model, PruningAddon.from_plan(case.model, width_plan(case.model)), "w"), tmp_path / "m"
+    )
+    record = json.loads((folder / MERGED_FILE).read_text())
+    del record["substitutions"][0]["block_name"]
+    (folder / MERGED_FILE).write_text(json.dumps(record))
+    with pytest.raises(ArtefactError, match="incomplete"):
+        remap_lora_state_dict({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 32)}, folder)
+
+
 def test_lora_tensors_a_width_merge_cannot_cut_are_refused() -> None:
     """On a cut modulation layer only lora_A / lora_B can follow the merge: a DoRA magnitude, or a lora_B whose
     lora_A is missing (its input width says how many rows each chunk has), is a ConfigError naming the key."""

@@ -27,7 +27,7 @@ from ppcl.arch import get_spec
 from ppcl.data.calibration import assemble
 from ppcl.distill import CalibrationData, DistillConfig, distill_depth
 from ppcl.errors import ConfigError
-from ppcl.runtime import apply_addon, merge, set_level
+from ppcl.runtime import apply_addon, merge, remove_addon, set_level
 from ppcl.storage import has_quantized_weights, is_quantized_tensor
 from test_addon_width import _perturb, width_plan
 from tiny_models import build_tiny, two_span_plan
@@ -195,7 +195,20 @@ def test_width_levels_apply_to_a_quantized_base(kind: str, name: str) -> None:
         out = case.forward(inputs)
         error = (out - full(**inputs, return_dict=False)[0]).abs().max()
         assert torch.isfinite(out).all() and error <= 2 * base_error + 1e-3, (level, float(error), float(base_error))
-    PruningAddon.from_plan(case.model, width_plan(case.model))  # and one made on the quantised base, applied
+    own = PruningAddon.from_plan(case.model, width_plan(case.model))  # made on the quantised base: applies too
+    remove_addon(case.model)
+    apply_addon(case.model, own, "dw")
+    assert torch.isfinite(case.forward(inputs)).all()
+
+
+def test_a_gguf_weight_two_layers_share_stays_shared_in_the_student() -> None:
+    """Tied weights survive the dequantising copy: a GGUF weight held by two layers of a block is one float
+    parameter held by both layers of its student (as for a full-precision block)."""
+    case, _ = _quantized_case("gguf-q8_0")
+    attn = case.model.transformer_blocks[1].attn
+    attn.to_k.weight = attn.to_q.weight
+    student = PruningAddon.from_plan(case.model, two_span_plan(case.model)).students["depth_1_3"]
+    assert type(student.attn.to_q) is nn.Linear and student.attn.to_k.weight is student.attn.to_q.weight
 
 
 def test_merging_a_quantized_base_is_refused() -> None:
@@ -226,7 +239,9 @@ def test_the_cli_distils_and_plans_from_a_torchao_teacher_and_merge_refuses_it(t
                  str(tmp_path / "run" / "addon"), "--level", "b", "--out", str(tmp_path / "m2")]) == 2  # fmt: skip
 
 
-def test_the_cli_distils_from_a_gguf_transformer_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
+def test_the_cli_distils_from_a_gguf_transformer_and_refuses_what_does_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--gguf FILE`` reads the base transformer's weights from a GGUF file (config from ``--model``): distillation
     trains full-precision students that load onto the GGUF base; merge refuses it; a GGUF without a real model, with
     ``--quantize``, a file that is not GGUF and the GGUF of another model are refused with exit 2."""
@@ -250,13 +265,18 @@ def test_the_cli_distils_from_a_gguf_transformer_and_refuses_what_does_not_fit(t
     assert not (tmp_path / "merged").exists()
     (tmp_path / "notes.gguf").write_text("not a GGUF file")
     build_tiny("sd3").model.save_pretrained(tmp_path / "sd3")
+    build_tiny("hunyuanvideo15").model.save_pretrained(tmp_path / "hunyuan")  # no single-file loader in diffusers
     refused = {
         "toy": [*distill, "--gguf", str(gguf)],
         "both": [*distill, *model, "--gguf", str(gguf), "--quantize", "int8"],
         "missing": [*distill, *model, "--gguf", str(tmp_path / "none.gguf")],
         "not gguf": [*distill, *model, "--gguf", str(tmp_path / "notes.gguf")],
         "other model": [*distill, "--model", str(tmp_path / "sd3"), "--gguf", str(gguf)],
+        "no single-file loader": [*distill, "--model", str(tmp_path / "hunyuan"), "--gguf", str(gguf)],
     }
     for what, argv in refused.items():
+        capsys.readouterr()
         assert main([*argv, "--out", str(tmp_path / what)]) == 2, what
         assert not (tmp_path / what).exists(), what
+    # Said before the file is read, with what to use instead (not "pass this model's GGUF file": none would load).
+    assert "cannot load a HunyuanVideo15Transformer3DModel from a single" in capsys.readouterr().err

@@ -94,3 +94,20 @@ def test_full_size_needs_a_gpu(bench: ModuleType) -> None:
         pytest.skip("a GPU is present: the full-size run would start")
     with pytest.raises(SystemExit, match="needs a GPU"):
         bench.run(bench.parse_args(["--device", "cpu"]))
+
+
+def test_the_q8_0_teacher_is_what_a_gguf_file_holds(bench: ModuleType, tmp_path: Path) -> None:
+    """The benchmark's torch Q8_0 packer writes the bytes of the ``gguf`` package's own quantiser (ground truth;
+    seeded weights with an all-zero block), and the tiny run trains fp32 students from that GGUF teacher."""
+    import gguf
+
+    for seed in range(4):
+        weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(seed)) * 0.3
+        weight[2, 32:64] = 0
+        weight[3, :32] = torch.cat([torch.tensor([127.0]), torch.arange(31) - 15.5])  # d = 1: exact halves
+        expected = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        assert bench.pack_q8_0(weight).numpy().tobytes() == expected.tobytes(), seed
+    result = bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--checkpointing", "on", "--quantize", "q8_0",
+                         "--no-append", "--tmp-root", str(tmp_path)])  # fmt: skip
+    assert result["quantize"] == "q8_0" and result["student_dtype"] == "float32"
+    assert math.isfinite(result["runs"]["on"]["final_loss"])

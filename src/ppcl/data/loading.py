@@ -132,9 +132,18 @@ def load_gguf_transformer(
     (``None``: bfloat16). Frozen, in eval mode.
 
     Raises:
-        ConfigError: the ``gguf`` package is missing.
+        ConfigError: the ``gguf`` package is missing, or diffusers cannot read single files of ``cls``.
         ArtefactError: ``gguf`` is not a readable GGUF file, or not one of this model (other tensor names or shapes).
     """
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    if not any(c.__name__ in SINGLE_FILE_LOADABLE_CLASSES for c in cls.__mro__):
+        raise ConfigError(
+            f"diffusers cannot load a {cls.__name__} from a single (GGUF) file",
+            expected="a family diffusers' from_single_file reads (Qwen-Image, FLUX.1, FLUX.2, SD3/3.5, Wan)",
+            found=cls.__name__,
+            fix="drop --gguf and use --quantize int8 (torchao) or nf4 (bitsandbytes) for this model",
+        )
     path = Path(gguf).expanduser()
     if not path.is_file():
         raise ArtefactError(
@@ -163,6 +172,8 @@ def load_gguf_transformer(
     # What the gguf reader (bad magic), diffusers' file reading and its key conversion (another model's tensors)
     # raise for a file that is not this model's GGUF; the original error stays chained.
     except (OSError, ValueError, KeyError, IndexError, RuntimeError) as err:
+        if isinstance(err, (torch.OutOfMemoryError, NotImplementedError)):
+            raise  # not a property of the file
         first_line = str(err).splitlines()[0].rstrip(". ") if str(err) else ""
         raise ArtefactError(
             "cannot load the GGUF file as this transformer",

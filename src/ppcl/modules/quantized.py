@@ -40,9 +40,11 @@ def dequantize_(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Modul
         elif _is_gguf_linear(child):
             replace_submodule(module, name, _gguf_to_linear(child, layer_dtype))
     for child in module.modules():
+        layer_dtype = dtype or getattr(child, "compute_dtype", None) or fallback
         for key, param in list(child._parameters.items()):
             if param is not None and is_gguf_param(param):
-                child._parameters[key] = nn.Parameter(dequantize_gguf(param, fallback), requires_grad=False)
+                plain = dequantize_gguf(param, layer_dtype)
+                child._parameters[key] = nn.Parameter(plain, requires_grad=param.requires_grad)
             elif param is not None and is_quantized_tensor(param):
                 plain = param.data.dequantize()
                 child._parameters[key] = nn.Parameter(plain.to(dtype or plain.dtype), requires_grad=param.requires_grad)
@@ -81,8 +83,13 @@ def _is_gguf_linear(module: nn.Module) -> bool:
 
 def _gguf_to_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
     weight = layer.weight
-    plain = dequantize_gguf(weight, dtype) if is_gguf_param(weight) else weight.detach().to(dtype)
-    return _linear_from(plain, layer.bias, dtype, training=layer.training)
+    if is_gguf_param(weight):
+        return _linear_from(dequantize_gguf(weight, dtype), layer.bias, dtype, training=layer.training)
+    # Copied under gguf_copy_memo: a plain parameter already, which a tied layer may share: keep the object.
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    linear.weight = weight if weight.dtype == dtype else nn.Parameter(weight.detach().to(dtype), weight.requires_grad)
+    linear.bias = layer.bias
+    return linear.train(layer.training)
 
 
 def _plain_float_dtype(module: nn.Module) -> torch.dtype:

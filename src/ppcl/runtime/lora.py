@@ -89,7 +89,8 @@ def remap_lora_state_dict(
     (:func:`~ppcl.runtime.lora_width.fit_to_width`).
 
     Args:
-        lora_state_dict: LoRA tensors of the base model (any value type is passed through untouched).
+        lora_state_dict: LoRA tensors of the base model (values are passed through untouched, of any type, except
+            the ``lora_B`` tensors of modulation layers a width merge cut: torch tensors, whose rows are cut).
         merged: what describes the merged model: the add-on's plan (with ``level``; depth levels only), a
             merged-model folder written by ``ppcl merge`` (its ``ppcl_blocks.json`` and, for width merges,
             ``ppcl_merged.json``), a merged model from :func:`~ppcl.runtime.merge` / :func:`~ppcl.runtime.load_merged`,
@@ -106,7 +107,7 @@ def remap_lora_state_dict(
         ConfigError: a key names a block index the base model does not have (the LoRA is for another model), a plan
             without a level or with a width level, a model without a block map, or a LoRA tensor on a cut modulation
             layer that cannot be cut (see :func:`~ppcl.runtime.lora_width.fit_to_width`).
-        ArtefactError: a folder without (or with a malformed) ``ppcl_blocks.json``.
+        ArtefactError: a folder without (or with a malformed) ``ppcl_blocks.json``, or a malformed width record.
     """
     block_map = _block_map(merged, level)
     width = width_substitutions(merged, level)

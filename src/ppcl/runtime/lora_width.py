@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ppcl.errors import ConfigError
+from ppcl.errors import ArtefactError, ConfigError
 from ppcl.io import read_json
 from ppcl.kinds import kind_of
 from ppcl.plan import PruningPlan
@@ -51,14 +51,35 @@ def width_substitutions(
     if isinstance(merged, BlockMap):
         return {}
     if isinstance(merged, nn.Module):
-        record = getattr(merged, RECORD_ATTR, None)
+        record, where = getattr(merged, RECORD_ATTR, None), f"the {type(merged).__name__}'s merged record"
     else:
         blocks = saved_path(merged)
         path = None if blocks is None else Path(blocks).parent / MERGED_FILE
         record = read_json(path, "merged-model record") if path is not None and path.is_file() else None
+        where = str(path)
     if record is None:
         return {}
-    return {str(sub["block_name"]): sub for sub in record["substitutions"]}
+    return _by_block_name(record, where)
+
+
+def _by_block_name(record: Mapping[str, Any], where: str) -> dict[str, Mapping[str, Any]]:
+    """The record's substitutions by block name, each checked to have what :func:`fit_to_width` reads."""
+    subs = record.get("substitutions")
+    ok = isinstance(subs, list) and all(
+        isinstance(sub, dict)
+        and isinstance(sub.get("block_name"), str)
+        and isinstance(sub.get("drop"), list)
+        and isinstance(sub.get("cut_modulation"), dict)
+        for sub in subs
+    )
+    if not ok:
+        raise ArtefactError(
+            f"{where} is incomplete",
+            expected="substitutions: a list of {block_name (text), drop (list), cut_modulation (object)}",
+            found=repr(subs)[:200],
+            fix="re-save the merged model with ppcl.runtime.save_merged",
+        )
+    return {sub["block_name"]: sub for sub in subs}
 
 
 def fit_to_width(key: str, inner: str, value: V, sub: Mapping[str, Any], lora: Mapping[str, Any]) -> V | object:
@@ -85,8 +106,8 @@ def fit_to_width(key: str, inner: str, value: V, sub: Mapping[str, Any], lora: M
     if tensor != "lora_B" or not isinstance(value, torch.Tensor):
         raise ConfigError(
             f"LoRA tensor {key!r} is on a modulation layer the width merge cut to its attention rows",
-            expected="lora_A / lora_B tensors there",
-            found=tensor or inner,
+            expected="lora_A / lora_B tensors there (torch tensors: their rows are cut)",
+            found=tensor if tensor != "lora_B" else f"a {type(value).__name__}",
             fix="apply the add-on instead of merging, or train the LoRA without that layer",
         )
     down_key = key.replace(".lora_B.", ".lora_A.", 1)
