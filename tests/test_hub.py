@@ -216,3 +216,24 @@ def test_ppcl_push_uploads_an_addon_or_merged_folder_with_a_card_for_the_repo(
     assert main(["push", str(tmp_path / "other"), "--repo", "me/x"]) == 2
     assert main(["push", str(folder), "--repo", "not a repo"]) == 2
     assert len(commits) == 2
+
+
+def test_a_gguf_file_resolves_from_the_cache(offline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--gguf owner/name/file.gguf`` (``load_transformer(..., gguf=...)``) reads the file from the local cache, as
+    ``hf download owner/name file.gguf`` leaves it; a file that is not cached is refused with that command, offline."""
+    from ppcl.data.loading import load_transformer
+    from ppcl.storage import has_quantized_weights
+    from test_quantized import write_gguf
+
+    case = build_tiny("flux")
+    case.model.save_pretrained(tmp_path / "flux")
+    (tmp_path / "repo").mkdir()
+    write_gguf(case.model, tmp_path / "repo" / "flux-Q8_0.gguf", "Q8_0")
+    _prefill(offline, "someone/tiny-flux-gguf", tmp_path / "repo")
+    model = load_transformer(tmp_path / "flux", gguf="someone/tiny-flux-gguf/flux-Q8_0.gguf")
+    assert has_quantized_weights(model)
+    PruningAddon.from_plan(model, two_span_plan(model))  # students from the cached GGUF teacher
+    argv = ["-q", "eval", "--model", str(tmp_path / "flux"), "--gguf", "someone/tiny-flux-gguf/flux-Q4_0.gguf",
+            "--addon", str(tmp_path / "none"), "--out", str(tmp_path / "eval.json")]  # fmt: skip
+    assert main(argv) == 2
+    assert "hf download someone/tiny-flux-gguf flux-Q4_0.gguf" in capsys.readouterr().err

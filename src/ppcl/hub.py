@@ -12,8 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
+    EntryNotFoundError,
     GatedRepoError,
     HFValidationError,
     LocalEntryNotFoundError,
@@ -105,6 +106,63 @@ def resolve_folder(
         ) from err
     _log.info("%s %s: Hub snapshot %s", what, name, folder)
     return Path(folder)
+
+
+def resolve_file(
+    source: str | os.PathLike[str],
+    what: str,
+    *,
+    revision: str | None = None,
+    local_files_only: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """The local path of file ``source``: itself when it exists here, else ``owner/name/path/in/repo`` resolved to
+    the cached file of Hub repo ``owner/name`` (e.g. ``city96/Qwen-Image-gguf/qwen-image-Q4_K_M.gguf`` after
+    ``hf download city96/Qwen-Image-gguf qwen-image-Q4_K_M.gguf``). Other arguments as :func:`resolve_folder`.
+
+    Raises:
+        ArtefactError: no such file and not spelled ``owner/name/file``; a Hub file not in the cache (with
+            ``local_files_only``); a repo, revision or file the Hub does not have.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    name = str(source)
+    parts = name.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    if len(parts) < 3 or not filename or not is_hub_id(repo_id) or name.startswith((".", "/", "~")):
+        raise ArtefactError(
+            f"{what} not found: {name}",
+            expected=f"a local {what}, or owner/name/file of a Hub repo in the local cache",
+            found="no such file, and not spelled owner/name/file",
+            fix="check the path",
+        )
+    try:
+        cached = hf_hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            local_files_only=local_files_only,
+            token=token,
+        )
+    except LocalEntryNotFoundError as err:
+        raise ArtefactError(
+            f"No {what} {name!r} here, and no {filename!r} of the Hub repo {repo_id!r} in the local cache",
+            expected=f"a local file, or a Hub file already downloaded (revision {revision or 'main'})",
+            found=f"nothing at ./{name}; huggingface_hub: {str(err).splitlines()[0]}",
+            fix=f"`hf download {repo_id} {filename}` first (ppcl never downloads by default)",
+        ) from err
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError) as err:
+        raise ArtefactError(
+            f"The Hub cannot give {what} {name!r}",
+            expected=f"a readable file of a Hub repo (revision {revision or 'main'})",
+            found=f"{type(err).__name__}: {str(err).splitlines()[0]}",
+            fix="check the id, the file name, the revision and your token (`hf auth login`)",
+        ) from err
+    _log.info("%s %s: Hub file %s", what, name, cached)
+    return Path(cached)
 
 
 def upload_folder(

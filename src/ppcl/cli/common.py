@@ -34,8 +34,9 @@ def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
         "--gguf",
         default=None,
         metavar="FILE",
-        help="read the base transformer's weights from this GGUF file (e.g. a Q4_K_M / Q8_0 conversion), its config "
-        "from the model folder; computes in --dtype; like --quantize: students stay full precision, merge refuses it",
+        help="read the base transformer's weights from this GGUF file (e.g. a Q4_K_M / Q8_0 conversion; a path, or "
+        "owner/name/file.gguf of a Hub repo in the local cache), its config from the model folder; computes in "
+        "--dtype; like --quantize: students stay full precision, merge refuses it",
     )
 
 

@@ -127,13 +127,15 @@ def load_gguf_transformer(
     cls: type, config_folder: Path, gguf: str | os.PathLike[str], dtype: torch.dtype | None
 ) -> Any:
     """``cls`` with the weights of the GGUF file ``gguf`` (e.g. a community ``Q4_K_M`` / ``Q8_0`` conversion of the
-    transformer) and the config of ``config_folder``, read by diffusers' ``from_single_file`` with
+    transformer; a local path, or ``owner/name/file.gguf`` of a Hub repo in the local cache) and the config of
+    ``config_folder``, read by diffusers' ``from_single_file`` with
     ``GGUFQuantizationConfig``: linear weights stay GGUF-quantised and are dequantised in each forward, in ``dtype``
     (``None``: bfloat16). Frozen, in eval mode.
 
     Raises:
         ConfigError: the ``gguf`` package is missing, or diffusers cannot read single files of ``cls``.
-        ArtefactError: ``gguf`` is not a readable GGUF file, or not one of this model (other tensor names or shapes).
+        ArtefactError: ``gguf`` is neither a local file nor a cached Hub file, not a readable GGUF file, or not one
+            of this model (other tensor names or shapes).
     """
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
@@ -144,11 +146,9 @@ def load_gguf_transformer(
             found=cls.__name__,
             fix="drop --gguf and use --quantize int8 (torchao) or nf4 (bitsandbytes) for this model",
         )
-    path = Path(gguf).expanduser()
-    if not path.is_file():
-        raise ArtefactError(
-            "no GGUF file here", expected="a .gguf file of the transformer", found=str(gguf), fix="pass its path"
-        )
+    from ppcl.hub import resolve_file
+
+    path = resolve_file(gguf, "GGUF file")  # a local file, or owner/name/file.gguf from the Hugging Face cache
     try:
         import gguf as gguf_package  # noqa: F401  (diffusers reads the file with it)
     except ImportError as err:
