@@ -135,6 +135,34 @@ def test_layerwise_casting_before_the_addon_is_built() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["flux", "qwenimage"])
+@pytest.mark.parametrize("hook", ["cache", "group_offload_block", "group_offload_leaf"])
+def test_hooks_at_width_levels(hook: str, name: str) -> None:
+    """FirstBlockCache and group offloading (block level before applying, leaf level after: every modulation layer of
+    an FFN-mapped block then runs through its own hook) at the depth + width levels equal the unhooked model."""
+    from diffusers import FirstBlockCacheConfig
+
+    case = build_tiny(name)
+    model, inputs = case.model, case.make_inputs(0)
+    addon = PruningAddon.from_plan(model, width_plan(model))
+    _perturb(addon)
+    expected = _levels(model, addon, inputs, (None, "w", "dw"))
+    if hook == "group_offload_block":
+        model.enable_group_offload(
+            onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+        )
+    apply_addon(model, addon)
+    if hook == "group_offload_leaf":
+        model.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level")
+    if hook == "cache":
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    for level in ("w", "dw", None):
+        set_level(model, level)
+        context = "cond" if hook == "cache" else None
+        torch.testing.assert_close(_run(model, inputs, context), expected[level], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3"])
 def test_layerwise_casting_at_width_levels(name: str) -> None:
     """fp8 layerwise casting on a base with a depth + width add-on: the width levels run (FFN-mapped blocks of
