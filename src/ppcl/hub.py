@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
@@ -82,7 +84,8 @@ def resolve_folder(
             found="no such folder, and not spelled like a Hub id",
             fix="check the path",
         )
-    try:
+    missing = f"No {what} folder {name!r} here, and no snapshot of the Hub repo {name!r} in the local cache"
+    with _cache_lookup(what, name, revision, missing, "a local folder, or a Hub repo", f"hf download {name}"):
         folder = snapshot_download(
             name,
             revision=revision,
@@ -90,20 +93,6 @@ def resolve_folder(
             local_files_only=local_files_only,
             token=token,
         )
-    except LocalEntryNotFoundError as err:
-        raise ArtefactError(
-            f"No {what} folder {name!r} here, and no snapshot of the Hub repo {name!r} in the local cache",
-            expected=f"a local folder, or a Hub repo already downloaded (revision {revision or 'main'})",
-            found=f"nothing at ./{name}; huggingface_hub: {str(err).splitlines()[0]}",
-            fix=f"`hf download {name}` first (ppcl never downloads by default), or pass local_files_only=False",
-        ) from err
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
-        raise ArtefactError(
-            f"The Hub cannot give {what} {name!r}",
-            expected=f"a readable Hub repo (revision {revision or 'main'})",
-            found=f"{type(err).__name__}: {str(err).splitlines()[0]}",
-            fix="check the id, the revision and your token (`hf auth login`)",
-        ) from err
     _log.info("%s %s: Hub snapshot %s", what, name, folder)
     return Path(folder)
 
@@ -138,7 +127,10 @@ def resolve_file(
             found="no such file, and not spelled owner/name/file",
             fix="check the path",
         )
-    try:
+    missing = f"No {what} {name!r} here, and no {filename!r} of the Hub repo {repo_id!r} in the local cache"
+    with _cache_lookup(
+        what, name, revision, missing, "a local file, or a Hub file", f"hf download {repo_id} {filename}"
+    ):
         cached = hf_hub_download(
             repo_id,
             filename,
@@ -147,22 +139,32 @@ def resolve_file(
             local_files_only=local_files_only,
             token=token,
         )
+    _log.info("%s %s: Hub file %s", what, name, cached)
+    return Path(cached)
+
+
+@contextmanager
+def _cache_lookup(
+    what: str, name: str, revision: str | None, missing: str, wanted: str, download: str
+) -> Iterator[None]:
+    """``huggingface_hub``'s lookup errors inside the block as :class:`ArtefactError`: ``missing`` heads the message
+    when the cache lacks it (``wanted`` what would do, ``download`` the command that fills the cache)."""
+    try:
+        yield
     except LocalEntryNotFoundError as err:
         raise ArtefactError(
-            f"No {what} {name!r} here, and no {filename!r} of the Hub repo {repo_id!r} in the local cache",
-            expected=f"a local file, or a Hub file already downloaded (revision {revision or 'main'})",
+            missing,
+            expected=f"{wanted} already downloaded (revision {revision or 'main'})",
             found=f"nothing at ./{name}; huggingface_hub: {str(err).splitlines()[0]}",
-            fix=f"`hf download {repo_id} {filename}` first (ppcl never downloads by default)",
+            fix=f"`{download}` first (ppcl never downloads by default), or pass local_files_only=False",
         ) from err
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError) as err:
         raise ArtefactError(
             f"The Hub cannot give {what} {name!r}",
-            expected=f"a readable file of a Hub repo (revision {revision or 'main'})",
+            expected=f"a readable Hub repo (revision {revision or 'main'})",
             found=f"{type(err).__name__}: {str(err).splitlines()[0]}",
-            fix="check the id, the file name, the revision and your token (`hf auth login`)",
+            fix="check the id (and file name), the revision and your token (`hf auth login`)",
         ) from err
-    _log.info("%s %s: Hub file %s", what, name, cached)
-    return Path(cached)
 
 
 def upload_folder(
